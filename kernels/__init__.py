@@ -1,0 +1,1 @@
+"""Attention kernels over rBlocks: Triton kernels with torch references beside them."""

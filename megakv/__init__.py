@@ -1,0 +1,1 @@
+"""megakv: DistKV-LLM inference (arXiv 2401.02669)."""

@@ -1,0 +1,238 @@
+"""Configuration dataclasses, loaded once (from a checkpoint, YAML or flags) and never mutated.
+
+Each part of the system receives only the sub-config it needs: the model gets
+``ModelConfig``, the KV pool ``CacheConfig``, the scheduler ``SchedulerConfig``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map a dtype name (``float32``, ``bfloat16``, ``float16``) to a torch dtype."""
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+    canonical = aliases.get(name, name)
+    if canonical not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[canonical]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Inverse of :func:`parse_dtype`."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a LLaMA-family decoder (the unsharded model)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None, or {"rope_type": "linear"|"llama3", "factor": ..., ...} as in HF configs.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                    "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model config: {key} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})")
+        parse_dtype(self.dtype)
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"model config: rope_scaling type {rope_type!r} is not supported "
+                                 f"(supported: {', '.join(ROPE_TYPES)})")
+        for token_id in (*self.eos_token_ids, *(() if self.bos_token_id is None else (self.bos_token_id,))):
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"model config: special token id {token_id} is outside the vocabulary")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    def check_tensor_parallel_size(self, tp: int) -> None:
+        """Raise ValueError unless the heads split evenly over ``tp`` ranks."""
+        if tp <= 0:
+            raise ValueError(f"tensor parallel size must be positive, got {tp}")
+        if self.num_attention_heads % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            raise ValueError(f"tensor parallel size {tp} and num_kv_heads ({self.num_kv_heads}) must divide "
+                             f"one another (KV heads are split, or replicated when tp > num_kv_heads)")
+        if self.intermediate_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size "
+                             f"({self.intermediate_size})")
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Vocabulary rounded up so that every TP rank holds an equal slice."""
+        return -(-self.vocab_size // tp) * tp
+
+    def num_kv_heads_per_partition(self, tp: int) -> int:
+        """KV heads held by one rank; heads are replicated when tp exceeds num_kv_heads."""
+        return max(1, self.num_kv_heads // tp)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {', '.join(unknown)}")
+        values = dict(raw)
+        values["eos_token_ids"] = tuple(values.get("eos_token_ids", ()))
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ValueError(f"model config: {err}") from None
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Read a Hugging Face LLaMA ``config.json`` (transformers 4.x or 5.x field names)."""
+        if hf.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"unsupported model_type {hf.get('model_type')!r}: megakv reads LLaMA-family models")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in hf]
+        if missing:
+            raise ValueError(f"Hugging Face config is missing {', '.join(missing)}")
+        # transformers 5.x moves rope settings into rope_parameters; 4.x keeps rope_theta/rope_scaling.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if not rope and hf.get("rope_scaling"):
+            rope = dict(hf["rope_scaling"])
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        num_heads = hf["num_attention_heads"]
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            dtype=dtype if dtype in DTYPES else "float32",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The rBlock KV pool of one instance (per TP rank)."""
+
+    block_size: int = 16
+    # Exactly this many blocks, or (when None) as many as fit in kv_cache_memory_gb.
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"cache config: block_size must be a positive integer, got {self.block_size!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks <= 0):
+            raise ValueError(f"cache config: num_blocks must be a positive integer, got {self.num_blocks!r}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"cache config: kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits of one engine step."""
+
+    max_num_seqs: int = 64
+    # Token budget of one step; a longer prompt is prefilled in chunks of at most this many tokens.
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for key in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"scheduler config: {key} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are arranged: ``num_instances`` serving instances of ``tensor_parallel_size`` ranks."""
+
+    tensor_parallel_size: int = 1
+    num_instances: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("tensor_parallel_size", "num_instances"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"parallel config: {key} must be a positive integer, got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.num_instances
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the serving engine needs besides the model weights."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into a flat dict of option names (as the CLI spells them, with _)."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ValueError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
