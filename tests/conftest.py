@@ -31,3 +31,67 @@ def run_mpi():
         return proc
 
     return run
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny LLaMA shapes that still catch layout bugs: several queries per KV group, a
+# vocabulary that does not divide by the TP degree, ffn != hidden, untied embeddings.
+HF_MODEL_KINDS = {
+    "gqa": dict(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+    "mha": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}),
+}
+
+
+def make_hf_llama(path: Path, kind: str, seed: int = 0) -> Path:
+    """Save a random-weight Hugging Face LlamaForCausalLM (fixed seed, no EOS so decodes run to length)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(max_position_embeddings=1024, initializer_range=0.15, rms_norm_eps=1e-5,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None, **HF_MODEL_KINDS[kind])
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.save_pretrained(path)
+    return path
+
+
+def convert(hf_dir: Path, out_dir: Path, tp: int, *extra: str) -> Path:
+    """Run the real converter CLI."""
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "convert_checkpoint.py"), "--source", "hf",
+                    "--input", str(hf_dir), "--output", str(out_dir), "--tp", str(tp), *extra],
+                   check=True, capture_output=True, text=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory):
+    """kind -> folder of a saved random HF LLaMA, built once per session."""
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = make_hf_llama(tmp_path_factory.mktemp(f"hf-{kind}"), kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def megakv_checkpoint(hf_llama, tmp_path_factory):
+    """(kind, tp) -> folder of that HF model converted to megakv at that TP degree."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def get(kind: str, tp: int) -> Path:
+        if (kind, tp) not in cache:
+            cache[kind, tp] = convert(hf_llama(kind), tmp_path_factory.mktemp(f"ckpt-{kind}") / f"tp{tp}", tp)
+        return cache[kind, tp]
+
+    return get

@@ -1,0 +1,1 @@
+"""DistAttention: attention over a request's rBlocks as exactly merged micro-attentions."""

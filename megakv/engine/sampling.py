@@ -1,0 +1,81 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_new_tokens: int = 16
+    # 0 means greedy decoding.
+    temperature: float = 0.0
+    # 0 disables top-k filtering.
+    top_k: int = 0
+    top_p: float = 1.0
+    # Seed of the request's own generator: the same seed gives the same tokens whatever the batch.
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf the logits [vocab] outside the top-k and the top-p nucleus."""
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Picks the next token of each request from its logits row."""
+
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
+        """logits [num_requests, vocab] -> one token id per request."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, (request_id, request_params) in enumerate(zip(request_ids, params)):
+            if request_params.greedy:
+                continue
+            filtered = filter_logits(logits[row] / request_params.temperature, request_params.top_k,
+                                     request_params.top_p)
+            probs = filtered.softmax(-1)
+            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, request_params)))
+        return tokens
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+        if request_id not in self._generators:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+            self._generators[request_id] = generator
+        return self._generators[request_id]
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)

@@ -1,0 +1,112 @@
+"""Continuous batching with chunked prefill over the rBlock pool.
+
+Every step has a token budget. Running requests go first (a decode costs one
+token, an unfinished prefill its next chunk), then waiting requests are
+admitted while budget, batch slots and blocks last. Blocks are taken as the
+requests grow; when the pool runs dry the most recently admitted request is
+preempted (its blocks freed, its tokens recomputed later), as in vLLM.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from megakv.config import SchedulerConfig
+from megakv.engine.request import Request, RequestStatus
+from megakv.kvcache.block_manager import BlockManager
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens ``start:start + num_tokens`` of one request run in this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples_next_token(self) -> bool:
+        """True when the chunk reaches the request's last token, so its logits give the next one."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What one step runs, in batch order."""
+
+    chunks: list[ScheduledChunk]
+    # Requests that lost their blocks this step and will be recomputed.
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests run."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request not in self.running:
+                continue  # preempted earlier in this loop to make room
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow_or_preempt(request, request.num_computed_tokens + num_new, preempted):
+                continue
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.can_grow(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.block_manager.grow(request.request_id, request.num_computed_tokens + num_new)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+        return SchedulerOutput(chunks, preempted)
+
+    def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
+        """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""
+        while not self.block_manager.can_grow(request.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        self.block_manager.grow(request.request_id, num_tokens)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Retire a request and give its blocks back."""
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)

@@ -1,0 +1,48 @@
+"""The tensors of one rank's rBlock pool: keys and values of every layer.
+
+An rBlock holds ``block_size`` tokens of every layer's K and V for the KV heads
+of this rank's tensor-parallel shard (DistKV-LLM section 4.1).
+"""
+from __future__ import annotations
+
+import torch
+
+from megakv.config import CacheConfig, ModelConfig
+
+
+class KVCache:
+    """Per-layer key and value pools, each ``[num_blocks, num_kv_heads, block_size, head_dim]``."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # Heads before tokens: one head's block is a contiguous [block_size, head_dim] tile.
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(model: ModelConfig, tp: int, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one rBlock on one rank (K and V, all layers)."""
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return (2 * model.num_layers * block_size * model.num_kv_heads_per_partition(tp) * model.head_dim
+                * element_size)
+
+    @classmethod
+    def num_blocks_for(cls, model: ModelConfig, tp: int, cache: CacheConfig, dtype: torch.dtype) -> int:
+        """The pool size: ``cache.num_blocks``, or as many blocks as fit in the memory budget."""
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        num_blocks = int(cache.kv_cache_memory_gb * 2**30) // cls.bytes_per_block(model, tp, cache.block_size, dtype)
+        if num_blocks == 0:
+            raise ValueError(f"kv_cache_memory_gb={cache.kv_cache_memory_gb} holds no block of "
+                             f"{cache.block_size} tokens; raise it or lower block_size")
+        return num_blocks
+
+    @property
+    def num_layers(self) -> int:
+        return self.key_cache.shape[0]
+
+    def layer(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key_cache[layer_index], self.value_cache[layer_index]

@@ -1,0 +1,116 @@
+"""Greedy generation equals Hugging Face ``generate`` token for token, at TP=1 and TP=2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megakv.checkpoint.format import read_checkpoint_info
+from megakv.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from megakv.engine.llm_engine import LLMEngine
+from megakv.engine.sampling import SamplingParams
+
+MEGAKV = str(Path(sys.executable).with_name("megakv"))
+MAX_NEW_TOKENS = 32
+# Prompt lengths spanning one block, many blocks, and several 64-token prefill chunks.
+PROMPT_LENGTHS = [3, 40, 200, 333]
+
+
+def batch_prompts(vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_greedy(hf_dir: Path, prompts: list[list[int]], max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
+    """HF greedy decode of each prompt on its own (no padding in the reference)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                       min_new_tokens=0)
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
+def engine_for(checkpoint: Path, num_blocks: int = 128, model: ModelConfig | None = None) -> LLMEngine:
+    info = read_checkpoint_info(checkpoint)
+    if model is not None:
+        info = type(info)(model=model, tensor_parallel_size=info.tensor_parallel_size, path=info.path)
+    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=num_blocks),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
+    return LLMEngine(info, config)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_generate_greedy_batch_equals_hf_tp1(kind, hf_llama, megakv_checkpoint):
+    engine = engine_for(megakv_checkpoint(kind, 1))
+    prompts = batch_prompts(engine.model_config.vocab_size)
+    outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
+    assert [o.token_ids for o in outputs] == hf_greedy(hf_llama(kind), prompts)
+    assert all(o.finish_reason == "length" for o in outputs)
+    assert engine.block_manager.num_free_blocks == 128
+
+
+def test_generate_preemption_keeps_tokens(hf_llama, megakv_checkpoint):
+    # 40 blocks cannot hold the four requests at once: the scheduler must preempt and recompute.
+    engine = engine_for(megakv_checkpoint("gqa", 1), num_blocks=30)
+    prompts = batch_prompts(engine.model_config.vocab_size)
+    outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
+    assert [o.token_ids for o in outputs] == hf_greedy(hf_llama("gqa"), prompts)
+    assert engine.block_manager.num_free_blocks == 30
+
+
+def test_generate_stops_at_eos(megakv_checkpoint):
+    checkpoint = megakv_checkpoint("gqa", 1)
+    prompt = batch_prompts(301)[1]
+    free_run = engine_for(checkpoint).generate([prompt], [SamplingParams(max_new_tokens=12)])[0].token_ids
+    eos = free_run[5]
+    model = ModelConfig.from_dict({**read_checkpoint_info(checkpoint).model.to_dict(), "eos_token_ids": [eos]})
+    output = engine_for(checkpoint, model=model).generate([prompt], [SamplingParams(max_new_tokens=12)])[0]
+    assert output.finish_reason == "stop"
+    assert output.token_ids == free_run[:free_run.index(eos) + 1]
+    ignoring = engine_for(checkpoint, model=model).generate(
+        [prompt], [SamplingParams(max_new_tokens=12, ignore_eos=True)])[0]
+    assert ignoring.token_ids == free_run and ignoring.finish_reason == "length"
+
+
+def test_generate_seeded_sampling_is_reproducible(megakv_checkpoint):
+    engine = engine_for(megakv_checkpoint("gqa", 1))
+    prompts = batch_prompts(301)[:2]
+    params = [SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.9, seed=s) for s in (1, 2)]
+    first = [o.token_ids for o in engine.generate(prompts, params)]
+    second = [o.token_ids for o in engine.generate(prompts[::-1], params[::-1])][::-1]
+    assert first == second
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_generate_cli_greedy_equals_hf_tp2(kind, hf_llama, megakv_checkpoint, run_mpi, tmp_path):
+    checkpoint = megakv_checkpoint(kind, 2)
+    prompts = batch_prompts(read_checkpoint_info(checkpoint).model.vocab_size)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
+    proc = run_mpi(2, [MEGAKV, "generate", "--model", str(checkpoint), "--tp", "2", "--prompts-file",
+                       str(prompts_file), "--max-new-tokens", str(MAX_NEW_TOKENS), "--block-size", "16",
+                       "--num-blocks", "128", "--max-num-batched-tokens", "64", "--json"])
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["prompt_ids"] for r in records] == prompts
+    assert [r["token_ids"] for r in records] == hf_greedy(hf_llama(kind), prompts)
+    assert {r["finish_reason"] for r in records} == {"length"}
+
+
+def test_generate_cli_single_process_json(megakv_checkpoint):
+    checkpoint = megakv_checkpoint("gqa", 1)
+    proc = subprocess.run([MEGAKV, "generate", "--model", str(checkpoint), "--prompt-ids", "1,2,3",
+                           "--max-new-tokens", "5", "--temperature", "0", "--json"],
+                          capture_output=True, text=True, check=True)
+    record = json.loads(proc.stdout)
+    assert record["prompt_ids"] == [1, 2, 3] and len(record["token_ids"]) == 5
+    assert record["finish_reason"] == "length"

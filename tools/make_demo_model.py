@@ -1,0 +1,114 @@
+"""Build megakv's demo model: a tiny random LLaMA with a byte-level tokenizer, converted for TP ranks.
+
+The Hugging Face folder (``--hf-output``, default demo/hf) holds a seeded random
+``LlamaForCausalLM`` (4 layers, 4 query heads over 2 KV heads, vocabulary of 256
+bytes plus <s>, </s>, <pad>) and a tokenizer built offline; the megakv checkpoint
+(``--output``, default demo/ckpt) is its conversion with ``--tp`` ranks. Running it
+again keeps a valid existing checkpoint unless ``--overwrite`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from megakv.checkpoint.convert import convert_checkpoint
+from megakv.checkpoint.format import read_checkpoint_info
+
+PROG = "make_demo_model"
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+ROUND_TRIP_TEXT = "Hello, megakv! Grüße, 世界 \t\n"
+
+
+def byte_to_symbol() -> list[str]:
+    """GPT-2's printable stand-in for each byte, as used by the ByteLevel pre-tokenizer (index = byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {byte: chr(byte) for byte in printable}
+    # Bytes without a printable glyph are shifted past 255, in byte order.
+    unprintable = [byte for byte in range(256) if byte not in symbols]
+    symbols.update({byte: chr(256 + offset) for offset, byte in enumerate(unprintable)})
+    return [symbols[byte] for byte in range(256)]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: token id = byte value, then <s>, </s>, <pad>; prepends <s>."""
+    vocab = {symbol: byte for byte, symbol in enumerate(byte_to_symbol())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", BOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", clean_up_tokenization_spaces=False)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise RuntimeError unless special ids are as planned and text survives encode then decode."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS]
+    if ids != [BOS_ID, EOS_ID, PAD_ID]:
+        raise RuntimeError(f"special tokens got ids {ids}, expected {[BOS_ID, EOS_ID, PAD_ID]}")
+    encoded = tokenizer.encode(ROUND_TRIP_TEXT)
+    if encoded[0] != BOS_ID or encoded[1:] != list(ROUND_TRIP_TEXT.encode()):
+        raise RuntimeError(f"tokenizer does not map text to <s> + its bytes: got {encoded}")
+    decoded = tokenizer.decode(encoded, skip_special_tokens=True)
+    if decoded != ROUND_TRIP_TEXT:
+        raise RuntimeError(f"tokenizer round trip changed {ROUND_TRIP_TEXT!r} into {decoded!r}")
+
+
+def build_hf_model(hf_dir: Path, seed: int) -> None:
+    """Save the seeded random LLaMA and its tokenizer to ``hf_dir``."""
+    config = LlamaConfig(vocab_size=256 + len(SPECIAL_TOKENS), hidden_size=64, intermediate_size=176,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, initializer_range=0.2, rms_norm_eps=1e-6,
+                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                         tie_word_embeddings=False, dtype="float32")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(hf_dir)
+    tokenizer = build_tokenizer()
+    check_tokenizer(tokenizer)
+    tokenizer.save_pretrained(hf_dir)
+    check_tokenizer(PreTrainedTokenizerFast.from_pretrained(hf_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: build the Hugging Face demo model if needed, then convert it."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="demo/ckpt", help="megakv checkpoint folder (default demo/ckpt)")
+    parser.add_argument("--hf-output", default="demo/hf", help="Hugging Face model folder (default demo/hf)")
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks to shard for (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild both folders even if they exist")
+    args = parser.parse_args(argv)
+    output, hf_output = Path(args.output), Path(args.hf_output)
+    try:
+        if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+            info = read_checkpoint_info(output)
+            if info.tensor_parallel_size != args.tp:
+                raise ValueError(f"{output} holds the demo checkpoint for tp={info.tensor_parallel_size}, "
+                                 f"not tp={args.tp}: pass --overwrite to rebuild it")
+            print(f"demo checkpoint {output} already exists (tp={info.tensor_parallel_size}); "
+                  f"pass --overwrite to rebuild it")
+            return
+        if args.overwrite or not (hf_output / "config.json").is_file():
+            if hf_output.is_dir() and any(hf_output.iterdir()) and not args.overwrite:
+                raise ValueError(f"{hf_output} is not empty and holds no model: choose another --hf-output")
+            build_hf_model(hf_output, args.seed)
+            print(f"wrote Hugging Face demo model {hf_output}")
+        info = convert_checkpoint("hf", hf_output, output, args.tp, overwrite=args.overwrite,
+                                  progress=sys.stderr.isatty())
+    except (ValueError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote megakv demo checkpoint {info.path} (tp={info.tensor_parallel_size}, "
+          f"{info.model.num_layers} layers, vocab {info.model.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()
