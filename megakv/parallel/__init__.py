@@ -1,0 +1,1 @@
+"""Parallel state, Megatron autograd mapping pairs, and tensor-parallel layers."""

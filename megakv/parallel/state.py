@@ -1,0 +1,191 @@
+"""Process groups: tensor parallelism inside an instance, DistAttention across instances.
+
+Ranks are laid out instance-major: instance ``i`` owns global ranks
+``[i * tp, (i + 1) * tp)``. Besides Megatron's tensor-parallel group, each TP
+rank ``t`` belongs to the DistAttention group of rank ``t`` of every instance
+(DistKV-LLM section 5): a remote micro-attention for the heads of shard ``t``
+runs on rank ``t`` of the instance holding the blocks, while the MLP
+all-reduces only inside its own instance.
+
+Before :func:`initialize_model_parallel` every getter answers as a single
+process (world size 1, rank 0, group None), so single-process code needs no setup.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+MPI_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Who this process is, as its launcher told it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    # "mpi" (mpirun), "env" (deepspeed / torchrun variables) or "single".
+    launcher: str
+    device: torch.device
+
+
+@dataclass
+class _ParallelState:
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: dist.ProcessGroup | None = None
+    tp_src_rank: int = 0
+    instance_id: int = 0
+    num_instances: int = 1
+    dist_attention_group: dist.ProcessGroup | None = None
+    dist_attention_rank: int = 0
+    initialized: bool = False
+    created_process_group: bool = False
+
+
+_state = _ParallelState()
+
+
+def _is_mpi_launch() -> bool:
+    return any(variable in os.environ for variable in MPI_SIZE_VARIABLES)
+
+
+def _default_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _rendezvous_address(comm) -> str:
+    """Loopback when every rank is on this host; otherwise this host's address."""
+    hostnames = comm.allgather(socket.gethostname())
+    if len(set(hostnames)) == 1:
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
+def init_distributed(backend: str | None = None) -> DistributedEnv:
+    """Create the default process group from mpirun, the deepspeed/torchrun variables, or not at all."""
+    if dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, "env", _default_device(local_rank))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if _is_mpi_launch():
+        from mpi4py import MPI  # imported only under mpirun: MPI_Init is slow and noisy elsewhere
+
+        comm = MPI.COMM_WORLD
+        rank, world_size = comm.Get_rank(), comm.Get_size()
+        local_rank = next((int(os.environ[v]) for v in MPI_LOCAL_RANK_VARIABLES if v in os.environ), 0)
+        host = _rendezvous_address(comm)
+        address = comm.bcast((host, _free_port()) if rank == 0 else None, root=0)
+        launcher, init_method = "mpi", f"tcp://{address[0]}:{address[1]}"
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        launcher, init_method = "env", "env://"
+    else:
+        return DistributedEnv(0, 1, 0, "single", _default_device(0))
+    device = _default_device(local_rank)
+    if world_size > 1:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        _state.created_process_group = True
+    return DistributedEnv(rank, world_size, local_rank, launcher, device)
+
+
+def instance_ranks(instance_id: int, tp: int) -> list[int]:
+    """Global ranks of one instance's tensor-parallel group."""
+    return list(range(instance_id * tp, (instance_id + 1) * tp))
+
+
+def dist_attention_ranks(tp_rank: int, tp: int, num_instances: int) -> list[int]:
+    """Global ranks of the DistAttention group of TP rank ``tp_rank``: that rank of every instance."""
+    return [instance_id * tp + tp_rank for instance_id in range(num_instances)]
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances: int = 1) -> None:
+    """Build the TP group of every instance and the DistAttention group of every TP rank."""
+    tp = tensor_model_parallel_size
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world_size != tp * num_instances:
+        raise ValueError(f"world size {world_size} does not fit --tp {tp} x --instances {num_instances}: "
+                         f"launch {tp * num_instances} ranks")
+    _state.tp_size, _state.num_instances = tp, num_instances
+    _state.instance_id, _state.tp_rank = divmod(rank, tp)
+    _state.tp_src_rank = _state.instance_id * tp
+    _state.dist_attention_rank = _state.instance_id
+    _state.initialized = True
+    if world_size == 1:
+        return
+    # new_group is collective: every rank creates every group, in the same order.
+    for instance_id in range(num_instances):
+        group = dist.new_group(instance_ranks(instance_id, tp))
+        if instance_id == _state.instance_id:
+            _state.tp_group = group
+    for tp_rank in range(tp):
+        group = dist.new_group(dist_attention_ranks(tp_rank, tp, num_instances))
+        if tp_rank == _state.tp_rank:
+            _state.dist_attention_group = group
+
+
+def model_parallel_is_initialized() -> bool:
+    return _state.initialized
+
+
+def destroy_model_parallel() -> None:
+    """Drop every group (and the default process group if this module created it)."""
+    global _state
+    if _state.created_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _state = _ParallelState()
+
+
+def get_tensor_model_parallel_group() -> dist.ProcessGroup | None:
+    return _state.tp_group
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _state.tp_rank
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return _state.tp_size
+
+
+def get_tensor_model_parallel_src_rank() -> int:
+    """Global rank of TP rank 0 of this instance."""
+    return _state.tp_src_rank
+
+
+def get_instance_id() -> int:
+    return _state.instance_id
+
+
+def get_num_instances() -> int:
+    return _state.num_instances
+
+
+def get_dist_attention_group() -> dist.ProcessGroup | None:
+    return _state.dist_attention_group
+
+
+def get_dist_attention_rank() -> int:
+    """This rank's index in its DistAttention group, which is its instance id."""
+    return _state.dist_attention_rank
+
+
+def get_dist_attention_world_size() -> int:
+    return _state.num_instances
