@@ -46,6 +46,16 @@ def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dic
     return record
 
 
+def describe(record: dict) -> str:
+    """A human-readable account of one result."""
+    lines = [f"prompt ({len(record['prompt_ids'])} tokens) -> {len(record['token_ids'])} new tokens, "
+             f"finish_reason={record['finish_reason']}",
+             f"  token_ids: {record['token_ids']}"]
+    if "text" in record:
+        lines.append(f"  text: {record['text']!r}")
+    return "\n".join(lines)
+
+
 def run_generate(args: argparse.Namespace) -> None:
     """Validate everything that can be checked before a process group exists, then serve."""
     options = resolve_options(args)
@@ -76,7 +86,6 @@ def run_generate(args: argparse.Namespace) -> None:
                 if args.json:
                     print(json.dumps(record), flush=True)
                 else:
-                    shown = record.get("text", " ".join(map(str, output.token_ids)))
-                    print(f"[{output.request_id}] ({output.finish_reason}) {shown}", flush=True)
+                    print(describe(record), flush=True)
     finally:
         state.destroy_model_parallel()

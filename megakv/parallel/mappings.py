@@ -8,14 +8,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megakv.parallel.state import get_tensor_model_parallel_group, get_tensor_model_parallel_rank, \
-    get_tensor_model_parallel_world_size
+from megakv.parallel.state import (get_tensor_model_parallel_group, get_tensor_model_parallel_rank,
+                                   get_tensor_model_parallel_world_size)
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous()
-    dist.all_reduce(x, group=get_tensor_model_parallel_group())
-    return x
+    """Sum over the TP group into a new tensor."""
+    # Never in place: x may be a saved activation, or a gradient autograd also hands to
+    # another branch (an add passes one gradient tensor to both of its inputs).
+    summed = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(summed, group=get_tensor_model_parallel_group())
+    return summed
 
 
 def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
@@ -26,9 +29,10 @@ def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
     pieces = [torch.empty_like(x) for _ in range(get_tensor_model_parallel_world_size())]
-    dist.all_gather(pieces, x.contiguous(), group=get_tensor_model_parallel_group())
-    return torch.cat(pieces, dim=-1)
+    dist.all_gather(pieces, x, group=get_tensor_model_parallel_group())
+    return torch.cat(pieces, dim=-1)  # TP x [..., N] -> [..., TP * N]
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -44,7 +48,7 @@ class _CopyToRegion(torch.autograd.Function):
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _all_reduce(x.clone())
+        return _all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+# Any one of these means mpirun (Open MPI, MPICH/Hydra or a PMIx launcher) started us.
+MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS")
 MPI_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK")
 
 
@@ -37,15 +38,18 @@ class DistributedEnv:
 
 @dataclass
 class _ParallelState:
+    """Everything initialize_model_parallel decided; the defaults describe a single process."""
+
     tp_size: int = 1
     tp_rank: int = 0
     tp_group: dist.ProcessGroup | None = None
+    # Global rank of TP rank 0 of this instance.
     tp_src_rank: int = 0
     instance_id: int = 0
     num_instances: int = 1
     dist_attention_group: dist.ProcessGroup | None = None
-    dist_attention_rank: int = 0
     initialized: bool = False
+    # True when init_distributed created the default group, so destroy_model_parallel owns it.
     created_process_group: bool = False
 
 
@@ -53,7 +57,7 @@ _state = _ParallelState()
 
 
 def _is_mpi_launch() -> bool:
-    return any(variable in os.environ for variable in MPI_SIZE_VARIABLES)
+    return any(variable in os.environ for variable in MPI_LAUNCH_VARIABLES)
 
 
 def _default_device(local_rank: int) -> torch.device:
@@ -69,12 +73,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rendezvous_address(comm) -> str:
-    """Loopback when every rank is on this host; otherwise this host's address."""
-    hostnames = comm.allgather(socket.gethostname())
-    if len(set(hostnames)) == 1:
-        return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+def _host_address() -> str:
+    """An address of this host that other hosts can reach."""
+    address = socket.gethostbyname(socket.gethostname())
+    if not address.startswith("127."):
+        return address
+    # Debian maps the hostname to 127.0.1.1; ask the kernel which interface routes outwards
+    # (connecting a UDP socket sends nothing).
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("10.255.255.255", 1))
+            return sock.getsockname()[0]
+    except OSError:
+        return address
+
+
+def _mpi_rendezvous(comm) -> str:
+    """The tcp:// address of rank 0, agreed over MPI: loopback when every rank is on one host."""
+    single_host = len(set(comm.allgather(socket.gethostname()))) == 1
+    endpoint = None
+    if comm.Get_rank() == 0:
+        endpoint = ("127.0.0.1" if single_host else _host_address(), _free_port())
+    host, port = comm.bcast(endpoint, root=0)
+    return f"tcp://{host}:{port}"
 
 
 def init_distributed(backend: str | None = None) -> DistributedEnv:
@@ -89,9 +110,7 @@ def init_distributed(backend: str | None = None) -> DistributedEnv:
         comm = MPI.COMM_WORLD
         rank, world_size = comm.Get_rank(), comm.Get_size()
         local_rank = next((int(os.environ[v]) for v in MPI_LOCAL_RANK_VARIABLES if v in os.environ), 0)
-        host = _rendezvous_address(comm)
-        address = comm.bcast((host, _free_port()) if rank == 0 else None, root=0)
-        launcher, init_method = "mpi", f"tcp://{address[0]}:{address[1]}"
+        launcher, init_method = "mpi", _mpi_rendezvous(comm)
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -99,6 +118,7 @@ def init_distributed(backend: str | None = None) -> DistributedEnv:
     else:
         return DistributedEnv(0, 1, 0, "single", _default_device(0))
     device = _default_device(local_rank)
+    # One rank needs no group: every collective short-circuits at world size 1.
     if world_size > 1:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
         _state.created_process_group = True
@@ -118,6 +138,10 @@ def dist_attention_ranks(tp_rank: int, tp: int, num_instances: int) -> list[int]
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances: int = 1) -> None:
     """Build the TP group of every instance and the DistAttention group of every TP rank."""
     tp = tensor_model_parallel_size
+    if _state.initialized:
+        raise RuntimeError("model parallel state is already initialized: call destroy_model_parallel() first")
+    if tp < 1 or num_instances < 1:
+        raise ValueError(f"--tp ({tp}) and --instances ({num_instances}) must both be at least 1")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if world_size != tp * num_instances:
@@ -126,7 +150,6 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances
     _state.tp_size, _state.num_instances = tp, num_instances
     _state.instance_id, _state.tp_rank = divmod(rank, tp)
     _state.tp_src_rank = _state.instance_id * tp
-    _state.dist_attention_rank = _state.instance_id
     _state.initialized = True
     if world_size == 1:
         return
@@ -142,26 +165,36 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances
 
 
 def model_parallel_is_initialized() -> bool:
+    """Whether initialize_model_parallel has run (and destroy_model_parallel has not since)."""
     return _state.initialized
 
 
 def destroy_model_parallel() -> None:
-    """Drop every group (and the default process group if this module created it)."""
+    """Drop every group, and the default process group if init_distributed created it."""
     global _state
-    if _state.created_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized():
+        if _state.created_process_group:
+            # Destroying the default group also destroys every group made with new_group.
+            dist.destroy_process_group()
+        else:
+            for group in (_state.tp_group, _state.dist_attention_group):
+                if group is not None:
+                    dist.destroy_process_group(group)
     _state = _ParallelState()
 
 
 def get_tensor_model_parallel_group() -> dist.ProcessGroup | None:
+    """This instance's tensor-parallel group (None in a single process)."""
     return _state.tp_group
 
 
 def get_tensor_model_parallel_rank() -> int:
+    """This rank's index inside its instance's tensor-parallel group."""
     return _state.tp_rank
 
 
 def get_tensor_model_parallel_world_size() -> int:
+    """The tensor-parallel degree of every instance."""
     return _state.tp_size
 
 
@@ -171,21 +204,25 @@ def get_tensor_model_parallel_src_rank() -> int:
 
 
 def get_instance_id() -> int:
+    """Which instance this rank belongs to."""
     return _state.instance_id
 
 
 def get_num_instances() -> int:
+    """How many model instances the world holds."""
     return _state.num_instances
 
 
 def get_dist_attention_group() -> dist.ProcessGroup | None:
+    """The same TP rank of every instance (None in a single process)."""
     return _state.dist_attention_group
 
 
 def get_dist_attention_rank() -> int:
     """This rank's index in its DistAttention group, which is its instance id."""
-    return _state.dist_attention_rank
+    return _state.instance_id
 
 
 def get_dist_attention_world_size() -> int:
+    """The DistAttention group size, which is the number of instances."""
     return _state.num_instances
