@@ -31,6 +31,9 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free_block_ids)
 
+    def is_free(self, block_id: int) -> bool:
+        return self._is_free[block_id]
+
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free_block_ids)
 

@@ -1,0 +1,184 @@
+"""rManager (DistKV-LLM section 4.3): one instance's rBlock pool, its block tables, lending and borrowing.
+
+Requests grow locally first. When the pool is short, the missing blocks are
+recorded as PENDING and borrowed during the step's control round (the gManager
+names creditors, the creditors lend). An rManager lends only blocks of its own
+pool, up to ``lending_cap`` of it, so a borrowed block is never lent onward
+(no borrowing chains). When a request ends, its local blocks go back to the pool
+and its remote blocks back to their creditors.
+"""
+from __future__ import annotations
+
+import math
+
+from megakv.distkv.messages import PENDING, BlockRef, Heartbeat, Relocation, RemoteBlock, Transfer
+from megakv.kvcache.block_manager import num_blocks_for
+from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError
+
+
+class RManager:
+    """Block tables of the requests of one instance, over its own pool and blocks borrowed elsewhere."""
+
+    def __init__(self, instance_id: int, pool: BlockPool, block_size: int, lending_cap: float = 1.0) -> None:
+        if not 0.0 <= lending_cap <= 1.0:
+            raise ValueError(f"lending_cap must be between 0 and 1, got {lending_cap}")
+        self.instance_id = instance_id
+        self.pool = pool
+        self.block_size = block_size
+        self.lending_cap = lending_cap
+        self._tables: dict[str, list[BlockRef]] = {}
+        # debtor instance -> ids of this pool's blocks it holds
+        self._lent: dict[int, set[int]] = {}
+        # creditor instance -> ids of its blocks this instance has released but not yet handed back
+        self._returns: dict[int, list[int]] = {}
+        # What the other instances could lend, as of the last control round.
+        self.borrowable_estimate = 0
+        # Block copies this instance takes part in during the coming step (DGFM).
+        self.transfers: list[Transfer] = []
+
+    # -- what the scheduler uses ---------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._tables)
+
+    def block_table(self, request_id: str) -> list[BlockRef]:
+        return self._tables.get(request_id, [])
+
+    def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
+        return max(0, num_blocks_for(num_tokens, self.block_size) - len(self.block_table(request_id)))
+
+    @property
+    def num_pending_blocks(self) -> int:
+        return sum(table.count(PENDING) for table in self._tables.values())
+
+    def has_pending(self, request_id: str) -> bool:
+        return PENDING in self.block_table(request_id)
+
+    def can_grow(self, request_id: str, num_tokens: int) -> bool:
+        """True when the local pool plus what the cluster could lend covers the growth."""
+        borrowable = max(0, self.borrowable_estimate - self.num_pending_blocks)
+        return self.num_new_blocks(request_id, num_tokens) <= self.pool.num_free_blocks + borrowable
+
+    def grow(self, request_id: str, num_tokens: int) -> list[BlockRef]:
+        """Extend the table to hold num_tokens: local blocks first, the rest PENDING until borrowed."""
+        if not self.can_grow(request_id, num_tokens):
+            raise KVCacheExhaustedError(f"instance {self.instance_id}: no room for request {request_id} to grow "
+                                        f"to {num_tokens} tokens")
+        num_new = self.num_new_blocks(request_id, num_tokens)
+        num_local = min(num_new, self.pool.num_free_blocks)
+        table = self._tables.setdefault(request_id, [])
+        table.extend(BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local))
+        table.extend([PENDING] * (num_new - num_local))
+        return table
+
+    def free(self, request_id: str) -> None:
+        """Release every block of the request: local ones at once, remote ones at the next heartbeat."""
+        for ref in self._tables.pop(request_id, []):
+            if ref == PENDING:
+                continue
+            if ref.instance_id == self.instance_id:
+                self.pool.free([ref.block_id])
+            else:
+                self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
+
+    # -- lending side -----------------------------------------------------------------------------------
+
+    @property
+    def num_lent_blocks(self) -> int:
+        return sum(len(ids) for ids in self._lent.values())
+
+    @property
+    def num_lendable_blocks(self) -> int:
+        cap = math.floor(self.lending_cap * self.pool.num_blocks)
+        return max(0, min(self.pool.num_free_blocks, cap - self.num_lent_blocks))
+
+    def lent_to(self, debtor: int) -> set[int]:
+        return self._lent.get(debtor, set())
+
+    def lend(self, debtor: int, num_blocks: int) -> list[int]:
+        """Hand ``num_blocks`` of this pool to ``debtor``."""
+        if debtor == self.instance_id:
+            raise ValueError("an instance cannot lend to itself")
+        if num_blocks > self.num_lendable_blocks:
+            raise KVCacheExhaustedError(f"instance {self.instance_id} cannot lend {num_blocks} blocks "
+                                        f"({self.num_lendable_blocks} lendable)")
+        block_ids = self.pool.allocate(num_blocks)
+        self._lent.setdefault(debtor, set()).update(block_ids)
+        return block_ids
+
+    def take_back(self, debtor: int, block_ids: list[int]) -> None:
+        """Blocks a debtor returned go back to the free pool."""
+        lent = self._lent.get(debtor, set())
+        for block_id in block_ids:
+            assert block_id in lent, f"instance {debtor} returned block {block_id} it never borrowed"
+            lent.remove(block_id)
+        self.pool.free(block_ids)
+
+    # -- borrowing side ---------------------------------------------------------------------------------
+
+    def pending_needs(self) -> dict[str, int]:
+        return {rid: table.count(PENDING) for rid, table in self._tables.items() if PENDING in table}
+
+    def fill_pending(self, request_id: str, creditor: int, block_ids: list[int]) -> None:
+        """Put borrowed blocks into the request's PENDING slots, in logical order."""
+        table = self._tables[request_id]
+        slots = iter(i for i, ref in enumerate(table) if ref == PENDING)
+        for block_id in block_ids:
+            table[next(slots)] = BlockRef(creditor, block_id)
+
+    def remote_block_counts(self) -> dict[int, int]:
+        """Creditor -> blocks of this instance's requests it holds (what the ledger should say)."""
+        counts: dict[int, int] = {}
+        for table in self._tables.values():
+            for ref in table:
+                if ref != PENDING and ref.instance_id != self.instance_id:
+                    counts[ref.instance_id] = counts.get(ref.instance_id, 0) + 1
+        for creditor, block_ids in self._returns.items():
+            counts[creditor] = counts.get(creditor, 0) + len(block_ids)
+        return counts
+
+    def take_returns(self) -> dict[int, list[int]]:
+        returns, self._returns = self._returns, {}
+        return returns
+
+    def heartbeat(self, returned: dict[int, int], max_candidates: int, num_reserved_blocks: int) -> Heartbeat:
+        """This instance's state for the gManager, with up to max_candidates remote blocks per creditor."""
+        candidates: dict[int, list[RemoteBlock]] = {}
+        for request_id, table in self._tables.items():
+            for logical_index, ref in enumerate(table):
+                if ref == PENDING or ref.instance_id == self.instance_id:
+                    continue
+                bucket = candidates.setdefault(ref.instance_id, [])
+                if len(bucket) < max_candidates:
+                    bucket.append(RemoteBlock(request_id, logical_index, ref.block_id))
+        return Heartbeat(self.instance_id, self.pool.num_free_blocks, self.num_lendable_blocks,
+                         needs=self.pending_needs(), remote_blocks=candidates, returned=returned,
+                         num_reserved_blocks=num_reserved_blocks)
+
+    # -- DGFM -------------------------------------------------------------------------------------------
+
+    def apply_moves(self, relocations: list[Relocation]) -> None:
+        """Apply this instance's part of a DGFM move plan and record the block copies it takes part in."""
+        me = self.instance_id
+        self.transfers = []
+        for relocation in relocations:
+            old, new = relocation.old, relocation.new
+            if relocation.owner == me:
+                table = self._tables[relocation.request_id]
+                assert table[relocation.logical_index] == old, "DGFM moved a block that is not there"
+                if new.block_id < 0:
+                    # Pulled home: the destination is a free block this instance picks now.
+                    new = BlockRef(me, self.pool.allocate(1)[0])
+                table[relocation.logical_index] = new
+            if old.instance_id == me:
+                self._lent[relocation.owner].remove(old.block_id)
+                # In a rotation the block stays in use (by this instance's own request); otherwise it is free.
+                if not any(other.new == old for other in relocations):
+                    self.pool.free([old.block_id])
+            if me in (old.instance_id, new.instance_id):
+                self.transfers.append(Transfer(old.instance_id, old.block_id, new.instance_id, new.block_id))
