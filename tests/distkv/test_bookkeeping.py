@@ -124,6 +124,8 @@ def test_dgfm_cancels_two_cycle_by_swapping_home():
     assert cluster.gmanager.outstanding() == {"0->1": 1, "1->0": 1}
     check_invariants(cluster)
     cluster.gmanager.max_moves_per_step = 2
+    for node in cluster.nodes:
+        node.max_moves_per_step = 2
     cluster.run_round()
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {}
