@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from megakv.attention.metadata import AttentionMetadata
-from megakv.kernels.kv_store import store_kv_ref
-from megakv.kernels.merge import merge_partials_ref
-from megakv.kernels.micro_attention import micro_attention_ref
+from megakv.kernels.ops import merge_partials, micro_attention, store_kv
 
 
 def dist_attention(
@@ -24,13 +22,13 @@ def dist_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query [num_tokens, Hq, D] over its sequences' blocks; returns (out, lse)."""
     tables = metadata.micro_attention_tables or [metadata.block_tables]
-    partials = [micro_attention_ref(query, key_cache, value_cache, table, metadata.query_start_loc,
-                                    metadata.context_lens, scale) for table in tables]
+    partials = [micro_attention(query, key_cache, value_cache, table, metadata.query_start_loc,
+                                metadata.context_lens, scale) for table in tables]
     if len(partials) == 1:
         return partials[0]
     outs = torch.stack([out for out, _ in partials])
     lses = torch.stack([lse for _, lse in partials])
-    return merge_partials_ref(outs, lses)
+    return merge_partials(outs, lses)
 
 
 class DistAttention(torch.nn.Module):
@@ -45,6 +43,9 @@ class DistAttention(torch.nn.Module):
                 key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] of the new tokens -> out [T, Hq, D]."""
-        store_kv_ref(key, value, key_cache, value_cache, metadata.slot_mapping)
+        store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if metadata.remote is not None:
+            return metadata.remote.attend(self.layer_index, query, key, value, key_cache, value_cache, self.scale,
+                                          lambda: dist_attention(query, key_cache, value_cache, metadata, self.scale))
         out, _ = dist_attention(query, key_cache, value_cache, metadata, self.scale)
         return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +22,9 @@ class AttentionMetadata:
     # Partition of block_tables into micro-attentions, each a table in which the blocks of the
     # other groups are -1. None means one micro-attention over the whole table.
     micro_attention_tables: list[torch.Tensor] | None = None
+    # Cross-instance micro-attentions of this step (megakv.distkv.remote_attention.RemoteAttention),
+    # or None when every block the batch touches is local.
+    remote: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 
 from megakv.distkv.messages import PENDING, BlockRef, Heartbeat, Relocation, RemoteBlock, Transfer
-from megakv.kvcache.block_manager import num_blocks_for
-from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError
+from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
 
 
 class RManager:

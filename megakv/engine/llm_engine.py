@@ -15,7 +15,8 @@ from megakv.engine.model_runner import ModelRunner
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from megakv.kvcache.block_manager import BlockManager, BlockPool, num_blocks_for
+from megakv.distkv.rmanager import RManager
+from megakv.kvcache.block_pool import BlockPool, num_blocks_for
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
@@ -47,12 +48,12 @@ class LLMEngine:
         dtype = dtype or info.model.torch_dtype
         tp = state.get_tensor_model_parallel_world_size()
         num_blocks = KVCache.num_blocks_for(info.model, tp, config.cache, dtype)
-        self.block_manager = BlockManager(BlockPool(num_blocks), config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.rmanager)
         model = load_model(info, dtype, device)
         kv_cache = KVCache(info.model.num_layers, num_blocks, config.cache.block_size,
                            info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
-        self.model_runner = ModelRunner(model, kv_cache, self.block_manager, device)
+        self.model_runner = ModelRunner(model, kv_cache, self.rmanager, device)
         self._request_counter = itertools.count()
         self._finished: list[RequestOutput] = []
 
@@ -68,12 +69,12 @@ class LLMEngine:
         if total > model.max_position_embeddings:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
                              f"{total} exceeds the model's maximum position {model.max_position_embeddings}")
-        block_size = self.block_manager.block_size
+        block_size = self.rmanager.block_size
         needed = num_blocks_for(total - 1, block_size)
-        if needed > self.block_manager.pool.num_blocks:
+        if needed > self.rmanager.pool.num_blocks:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
                              f"{needed} KV blocks of {block_size} tokens, but the pool holds only "
-                             f"{self.block_manager.pool.num_blocks}")
+                             f"{self.rmanager.pool.num_blocks}")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request after validating it; returns its id."""
@@ -127,11 +128,11 @@ class LLMEngine:
         try:
             for start in range(0, len(prompt_ids), budget):
                 num_tokens = min(budget, len(prompt_ids) - start)
-                self.block_manager.grow(request.request_id, start + num_tokens)
+                self.rmanager.grow(request.request_id, start + num_tokens)
                 chunk = ScheduledChunk(request, start, num_tokens)
                 rows.append(self.model_runner.compute_logits(SchedulerOutput([chunk], []), every_token=True))
         finally:
-            self.block_manager.free(request.request_id)
+            self.rmanager.free(request.request_id)
         return torch.cat(rows)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:

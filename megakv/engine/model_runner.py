@@ -1,82 +1,123 @@
 """Turns a scheduled step into model inputs, runs the model, and samples.
 
-All ranks of a tensor-parallel group run the same schedule; TP rank 0 samples
-and broadcasts the tokens so that every rank appends exactly the same ones.
+With one instance, all ranks of the TP group run the same schedule and TP rank 0
+broadcasts the sampled tokens. With several instances, the instance's leader
+prepares the inputs (including which queries go to which creditor) and sends
+them to its TP group (see megakv.distkv.cluster_engine).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from megakv.attention.metadata import AttentionMetadata
+from megakv.distkv.remote_attention import OutgoingQueries, ServedQueries
+from megakv.distkv.rmanager import RManager
 from megakv.engine.sampling import Sampler
 from megakv.engine.scheduler import SchedulerOutput
-from megakv.kvcache.block_manager import BlockManager
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
 
 
+@dataclass
+class StepInputs:
+    """Everything a rank needs to run one step's forward pass."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    # Rows whose logits are sampled (the last token of each chunk that completes its request).
+    logits_indices: torch.Tensor
+    # Per creditor: which rows attend to blocks there and whose K/V are stored there.
+    outgoing: list[OutgoingQueries] = field(default_factory=list)
+    # Per creditor: the micro-attention it must run for this instance (sent in the control round).
+    served_by_creditor: dict[int, ServedQueries] = field(default_factory=dict)
+
+
 class ModelRunner:
     """Owns the model and this rank's KV pool tensors."""
 
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_manager: BlockManager,
-                 device: torch.device) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, rmanager: RManager, device: torch.device) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.block_manager = block_manager
+        self.rmanager = rmanager
         self.device = device
         self.sampler = Sampler()
 
-    def prepare(self, scheduled: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                           torch.Tensor]:
-        """Flatten the step's chunks into (input_ids, positions, metadata, logits_indices)."""
-        block_size = self.block_manager.block_size
+    def prepare(self, scheduled: SchedulerOutput) -> StepInputs:
+        """Flatten the step's chunks into model inputs; blocks on other instances become remote work."""
+        me, block_size = self.rmanager.instance_id, self.rmanager.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         query_start_loc = [0]
         context_lens: list[int] = []
         logits_indices: list[int] = []
-        tables = [self.block_manager.block_table(chunk.request.request_id) for chunk in scheduled.chunks]
-        max_blocks = max(len(table) for table in tables)
-        block_tables = torch.full((len(tables), max_blocks), -1, dtype=torch.int32)
+        slot_mapping: list[torch.Tensor] = []
+        tables = [self.rmanager.block_table(chunk.request.request_id) for chunk in scheduled.chunks]
+        local_tables = torch.full((len(tables), max(len(t) for t in tables)), -1, dtype=torch.int32)
+        outgoing: dict[int, OutgoingQueries] = {}
+        served: dict[int, ServedQueries] = {}
         for row, (chunk, table) in enumerate(zip(scheduled.chunks, tables)):
-            end = chunk.start + chunk.num_tokens
-            input_ids.extend(chunk.request.token_ids[chunk.start:end])
-            positions.extend(range(chunk.start, end))
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            first_row = len(input_ids)
+            input_ids.extend(chunk.request.token_ids[start:end])
+            positions.extend(range(start, end))
             query_start_loc.append(len(input_ids))
             context_lens.append(end)
-            block_tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
             if chunk.samples_next_token:
                 logits_indices.append(len(input_ids) - 1)
-        positions_tensor = torch.tensor(positions, dtype=torch.long)
-        rows = torch.repeat_interleave(torch.arange(len(tables)),
-                                       torch.tensor([chunk.num_tokens for chunk in scheduled.chunks]))
-        slot_mapping = block_tables[rows, positions_tensor // block_size].long() * block_size \
-            + positions_tensor % block_size
+            owners = torch.tensor([ref.instance_id for ref in table], dtype=torch.int32)
+            block_ids = torch.tensor([ref.block_id for ref in table], dtype=torch.int32)
+            local_tables[row, :len(table)] = torch.where(owners == me, block_ids, -1)
+            token_positions = torch.arange(start, end)
+            token_owners = owners[token_positions // block_size]
+            slots = block_ids[token_positions // block_size].long() * block_size + token_positions % block_size
+            slot_mapping.append(torch.where(token_owners == me, slots, -1))
+            num_context_blocks = -(-end // block_size)
+            for creditor in sorted(set(owners[:num_context_blocks].tolist()) - {me}):
+                out = outgoing.setdefault(creditor, OutgoingQueries(creditor, [], []))
+                out.query_indices.extend(range(first_row, len(input_ids)))
+                writes = (token_owners == creditor).nonzero().flatten()
+                out.write_indices.extend((writes + first_row).tolist())
+                work = served.setdefault(creditor, ServedQueries(me, [], [0], [], []))
+                work.write_slots.extend(slots[writes].tolist())
+                work.query_start_loc.append(work.query_start_loc[-1] + chunk.num_tokens)
+                work.context_lens.append(end)
+                work.block_tables.append(torch.where(owners == creditor, block_ids, -1).tolist())
         metadata = AttentionMetadata(query_start_loc=query_start_loc, context_lens=context_lens,
-                                     block_tables=block_tables.to(self.device),
-                                     slot_mapping=slot_mapping.to(self.device))
-        return (torch.tensor(input_ids, dtype=torch.long, device=self.device), positions_tensor.to(self.device),
-                metadata, torch.tensor(logits_indices, dtype=torch.long, device=self.device))
+                                     block_tables=local_tables.to(self.device),
+                                     slot_mapping=torch.cat(slot_mapping).to(self.device))
+        return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+                          torch.tensor(positions, dtype=torch.long, device=self.device), metadata,
+                          torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+                          list(outgoing.values()), served)
 
     @torch.inference_mode()
-    def compute_logits(self, scheduled: SchedulerOutput, every_token: bool = False) -> torch.Tensor:
-        """Run one step; logits [N, vocab] of the sampling chunks' last tokens, or of every token."""
-        input_ids, positions, metadata, logits_indices = self.prepare(scheduled)
-        return self.model(input_ids, positions, self.kv_cache, metadata, None if every_token else logits_indices)
+    def forward(self, inputs: StepInputs, every_token: bool = False) -> torch.Tensor:
+        """Logits [N, vocab] of the sampled rows, or of every token."""
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.metadata,
+                          None if every_token else inputs.logits_indices)
 
-    def execute(self, scheduled: SchedulerOutput) -> list[int]:
-        """Run one step; returns the next token of every chunk that samples, in batch order."""
-        logits = self.compute_logits(scheduled)
+    def compute_logits(self, scheduled: SchedulerOutput, every_token: bool = False) -> torch.Tensor:
+        return self.forward(self.prepare(scheduled), every_token)
+
+    def sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> list[int]:
+        """The next token of every chunk that samples, in batch order."""
         sampling = [chunk.request for chunk in scheduled.chunks if chunk.samples_next_token]
         if not sampling:
             return []
-        tokens = self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+
+    def execute(self, scheduled: SchedulerOutput) -> list[int]:
+        """Run one single-instance step; every TP rank returns the same tokens."""
+        tokens = self.sample(scheduled, self.compute_logits(scheduled))
         return self._broadcast_from_tp_rank0(tokens)
 
     def _broadcast_from_tp_rank0(self, tokens: list[int]) -> list[int]:
-        if state.get_tensor_model_parallel_world_size() == 1:
+        if state.get_tensor_model_parallel_world_size() == 1 or not tokens:
             return tokens
         tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
         dist.broadcast(tensor, src=state.get_tensor_model_parallel_src_rank(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from megakv.config import SchedulerConfig
 from megakv.engine.request import Request, RequestStatus
-from megakv.kvcache.block_manager import BlockManager
+from megakv.distkv.rmanager import RManager
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, step by step, which tokens of which requests run."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, rmanager: RManager) -> None:
         self.config = config
-        self.block_manager = block_manager
+        self.rmanager = rmanager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -76,9 +76,9 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.can_grow(request.request_id, request.num_computed_tokens + num_new):
+            if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new):
                 break
-            self.block_manager.grow(request.request_id, request.num_computed_tokens + num_new)
+            self.rmanager.grow(request.request_id, request.num_computed_tokens + num_new)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -88,18 +88,18 @@ class Scheduler:
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
         """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""
-        while not self.block_manager.can_grow(request.request_id, num_tokens):
+        while not self.rmanager.can_grow(request.request_id, num_tokens):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim)
             if victim is request:
                 return False
-        self.block_manager.grow(request.request_id, num_tokens)
+        self.rmanager.grow(request.request_id, num_tokens)
         return True
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.block_manager.free(request.request_id)
+        self.rmanager.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
@@ -109,4 +109,4 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.running.remove(request)
-        self.block_manager.free(request.request_id)
+        self.rmanager.free(request.request_id)

@@ -8,6 +8,11 @@ from __future__ import annotations
 from collections import deque
 
 
+def num_blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold ``num_tokens`` tokens."""
+    return -(-num_tokens // block_size)
+
+
 class KVCacheExhaustedError(RuntimeError):
     """Raised when a pool cannot supply the blocks asked for."""
 

@@ -55,7 +55,7 @@ def test_generate_greedy_batch_equals_hf_tp1(kind, hf_llama, megakv_checkpoint):
     outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
     assert [o.token_ids for o in outputs] == hf_greedy(hf_llama(kind), prompts)
     assert all(o.finish_reason == "length" for o in outputs)
-    assert engine.block_manager.num_free_blocks == 128
+    assert engine.rmanager.num_free_blocks == 128
 
 
 def test_generate_preemption_keeps_tokens(hf_llama, megakv_checkpoint):
@@ -64,7 +64,7 @@ def test_generate_preemption_keeps_tokens(hf_llama, megakv_checkpoint):
     prompts = batch_prompts(engine.model_config.vocab_size)
     outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
     assert [o.token_ids for o in outputs] == hf_greedy(hf_llama("gqa"), prompts)
-    assert engine.block_manager.num_free_blocks == 30
+    assert engine.rmanager.num_free_blocks == 30
 
 
 def test_generate_stops_at_eos(megakv_checkpoint):

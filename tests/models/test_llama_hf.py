@@ -42,7 +42,7 @@ def test_llama_logits_equal_hf_tp1(kind, hf_llama, megakv_checkpoint):
     for prompt in prompts_for(info.model.vocab_size):
         torch.testing.assert_close(engine.prompt_logits(prompt), hf_logits(hf_llama(kind), prompt),
                                    atol=1e-4, rtol=0)
-    assert engine.block_manager.num_free_blocks == 64
+    assert engine.rmanager.num_free_blocks == 64
 
 
 @pytest.mark.mpi
