@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path and the references need no triton
+    triton = None
+
 
 def visible_lengths(query_start_loc: list[int], context_lens: list[int]) -> list[torch.Tensor]:
     """Per sequence, how many context tokens each of its queries may see (causal masking)."""
@@ -78,3 +84,157 @@ def micro_attention_ref(
         out[start:end] = seq_out.permute(2, 0, 1, 3).reshape(num_seq_queries, num_q_heads, head_dim).to(query.dtype)
         lse[start:end] = seq_lse.permute(2, 0, 1).reshape(num_seq_queries, num_q_heads)
     return out, lse
+
+
+def query_layout(query_start_loc: list[int], context_lens: list[int],
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: the index of its sequence and how many context tokens it sees, both int32 [num_queries]."""
+    num_seq_queries = torch.tensor(query_start_loc[1:]) - torch.tensor(query_start_loc[:-1])  # [num_seqs]
+    query_seq = torch.repeat_interleave(torch.arange(len(context_lens)), num_seq_queries)  # [num_queries]
+    seq_ends = torch.tensor(query_start_loc[1:])[query_seq]
+    # The last query of a sequence sees the whole context; each earlier one sees one token less.
+    query_visible = torch.tensor(context_lens, dtype=torch.long)[query_seq] - (seq_ends - 1 - torch.arange(len(query_seq)))
+    return query_seq.to(device, torch.int32), query_visible.to(device, torch.int32)
+
+
+def check_micro_attention_args(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               block_tables: torch.Tensor, query_start_loc: list[int],
+                               context_lens: list[int]) -> None:
+    """Raise ValueError unless the arguments have the shapes and dtypes the kernels expect."""
+    if query.dim() != 3 or key_cache.dim() != 4:
+        raise ValueError(f"query must be [num_queries, Hq, D] and key_cache [num_blocks, Hkv, block_size, D]; "
+                         f"got {tuple(query.shape)} and {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache {tuple(value_cache.shape)} {value_cache.dtype} differs from key_cache "
+                         f"{tuple(key_cache.shape)} {key_cache.dtype}")
+    num_queries, num_q_heads, head_dim = query.shape
+    _, num_kv_heads, _, cache_head_dim = key_cache.shape
+    if cache_head_dim != head_dim or num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads x dim {num_q_heads}x{head_dim} do not fit KV heads x dim "
+                         f"{num_kv_heads}x{cache_head_dim} (need equal dims and Hq divisible by Hkv)")
+    if block_tables.dim() != 2 or block_tables.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_tables must be a 2-D int tensor, got {tuple(block_tables.shape)} {block_tables.dtype}")
+    if len(query_start_loc) != len(context_lens) + 1 or query_start_loc[-1] != num_queries:
+        raise ValueError(f"query_start_loc {query_start_loc} must hold num_seqs + 1 = {len(context_lens) + 1} "
+                         f"offsets ending at num_queries = {num_queries}")
+    if block_tables.shape[0] < len(context_lens):
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {len(context_lens)} sequences")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _micro_attention_kernel(
+        query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, query_seq_ptr, query_visible_ptr,
+        out_ptr, lse_ptr, scale, blocks_per_split,
+        stride_qn, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_table,
+        stride_os, stride_on, stride_oh, stride_ls, stride_ln,
+        GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        """One program: one query, one KV head (all its query heads), one split of the blocks; online softmax."""
+        query_index = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq = tl.load(query_seq_ptr + query_index).to(tl.int64)
+        visible = tl.load(query_visible_ptr + query_index)
+        first_block = split * blocks_per_split
+        last_block = tl.minimum(tl.cdiv(visible, BLOCK_SIZE), first_block + blocks_per_split)
+        heads = tl.arange(0, BLOCK_GROUP)
+        dims = tl.arange(0, HEAD_DIM)
+        tokens = tl.arange(0, BLOCK_SIZE)
+        head_ok = heads < GROUP
+        q_heads = kv_head * GROUP + heads
+        q = tl.load(query_ptr + query_index * stride_qn + q_heads[:, None] * stride_qh + dims[None, :],
+                    mask=head_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_GROUP, HEAD_DIM]
+        # A finite start keeps exp(m_old - m_new) defined when a whole block is masked.
+        run_max = tl.full([BLOCK_GROUP], -1.0e30, tl.float32)
+        run_sum = tl.zeros([BLOCK_GROUP], tl.float32)
+        acc = tl.zeros([BLOCK_GROUP, HEAD_DIM], tl.float32)
+        for block in range(first_block, last_block):
+            block_id = tl.load(block_tables_ptr + seq * stride_table + block).to(tl.int64)
+            # Masked loads never touch memory: slots past the context or in absent blocks are not read.
+            token_ok = (block * BLOCK_SIZE + tokens < visible) & (tl.full([BLOCK_SIZE], 0, tl.int64) <= block_id)
+            safe_block = tl.maximum(block_id, 0)
+            k = tl.load(key_cache_ptr + safe_block * stride_kb + kv_head * stride_kh + tokens[:, None] * stride_kt
+                        + dims[None, :], mask=token_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_SIZE, HEAD_DIM]
+            v = tl.load(value_cache_ptr + safe_block * stride_vb + kv_head * stride_vh + tokens[:, None] * stride_vt
+                        + dims[None, :], mask=token_ok[:, None], other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_GROUP, BLOCK_SIZE]
+            scores = tl.where(token_ok[None, :], scores, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+            correction = tl.exp(run_max - new_max)
+            probs = tl.exp(scores - new_max[:, None])
+            run_sum = run_sum * correction + tl.sum(probs, axis=1)
+            acc = acc * correction[:, None] + tl.dot(probs, v, input_precision="ieee")
+            run_max = new_max
+        seen = run_sum > 0
+        out = tl.where(seen[:, None], acc / tl.where(seen, run_sum, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, run_max + tl.log(tl.where(seen, run_sum, 1.0)), float("-inf"))
+        tl.store(out_ptr + split * stride_os + query_index * stride_on + q_heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        tl.store(lse_ptr + split * stride_ls + query_index * stride_ln + q_heads, lse, mask=head_ok)
+
+
+def _num_splits(num_programs: int, max_blocks: int, device: torch.device) -> int:
+    """Split the blocks so that about two waves of programs fill the device, each split >= 16 blocks."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(-(-target // max(num_programs, 1)), max_blocks // 16))
+
+
+def micro_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: list[int],
+    context_lens: list[int],
+    scale: float,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton micro-attention; same contract as :func:`micro_attention_ref`, split-KV when long."""
+    if triton is None:
+        raise RuntimeError("micro_attention_triton needs triton; install it or use the CPU path")
+    check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
+    num_queries, num_q_heads, head_dim = query.shape
+    _, num_kv_heads, block_size, _ = key_cache.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {head_dim}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernel, got {block_size}")
+    if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
+        raise ValueError("query, key_cache and value_cache must be contiguous in head_dim")
+    block_tables = block_tables.contiguous()
+    group = num_q_heads // num_kv_heads
+    query_seq, query_visible = query_layout(query_start_loc, context_lens, query.device)
+    max_blocks = -(-max(context_lens, default=0) // block_size)
+    if num_splits is None:
+        num_splits = _num_splits(num_queries * num_kv_heads, max_blocks, query.device)
+    blocks_per_split = max(1, -(-max_blocks // num_splits))
+    num_splits = max(1, -(-max_blocks // blocks_per_split))
+    lse = torch.empty(num_queries, num_q_heads, dtype=torch.float32, device=query.device)
+    if num_splits == 1:
+        out = torch.empty_like(query)
+        partial_out, partial_lse = out[None], lse[None]
+    else:
+        partial_out = torch.empty(num_splits, num_queries, num_q_heads, head_dim, dtype=torch.float32,
+                                  device=query.device)
+        partial_lse = torch.empty(num_splits, num_queries, num_q_heads, dtype=torch.float32, device=query.device)
+    if num_queries > 0:
+        _micro_attention_kernel[(num_queries, num_kv_heads, num_splits)](
+            query, key_cache, value_cache, block_tables, query_seq, query_visible, partial_out, partial_lse,
+            scale, blocks_per_split,
+            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+            partial_lse.stride(0), partial_lse.stride(1),
+            GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+        )
+    if num_splits == 1:
+        return out, lse
+    from megakv.kernels.merge import merge_partials_triton
+
+    return merge_partials_triton(partial_out, partial_lse, out_dtype=query.dtype)

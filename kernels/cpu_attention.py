@@ -1,0 +1,134 @@
+"""The CPU micro-attention: a small C++/OpenMP paged decode op, and a torch path for prefill and fallback.
+
+Decode on CPU is bound by memory bandwidth, and a torch gather (``key_cache[table]``) copies every block
+before it is read. The C++ op (``paged_attention_cpu.cpp``, built once with
+``torch.utils.cpp_extension.load_inline`` and cached) reads each block's K/V tiles in place, split-KV across
+threads, flash-decoding style. Sequences with many queries (chunked prefill) are compute bound: they gather
+their context once and run torch's flash attention for CPU, which returns the log-sum-exp too. Without a
+compiler, or with ``MEGAKV_CPU_EXTENSION=0``, the torch path serves every sequence.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from megakv.kernels.micro_attention import check_micro_attention_args, query_layout
+
+# A sequence with more queries than this goes to the torch (GEMM) path: re-reading K/V per query costs more.
+MAX_DECODE_QUERIES = 8
+_SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+
+
+@functools.cache
+def load_extension():
+    """The compiled C++ op module, or None when disabled or when the build fails (a warning says why)."""
+    if os.environ.get("MEGAKV_CPU_EXTENSION", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline("megakv_paged_attention_cpu", cpp_sources=[_SOURCE.read_text()],
+                           functions=["paged_attention"],
+                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no headers, read-only cache: the torch path still works
+        warnings.warn(f"megakv: CPU paged-attention op unavailable ({error}); using the slower torch path")
+        return None
+
+
+def _use_extension(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    return (query.dtype == key_cache.dtype == torch.float32 and query.shape[-1] in (64, 128)
+            and key_cache.is_contiguous() and load_extension() is not None)
+
+
+def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_seq: torch.Tensor, query_visible: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ op over any queries; splits the blocks so that every thread has work."""
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    max_blocks = -(-int(query_visible.max()) // block_size)
+    num_items = query.shape[0] * num_kv_heads
+    num_splits = max(1, min(-(-4 * torch.get_num_threads() // num_items), max_blocks // 32))
+    blocks_per_split = max(1, -(-max_blocks // num_splits))
+    num_splits = max(1, -(-max_blocks // blocks_per_split))
+    out, lse = load_extension().paged_attention(query.contiguous(), key_cache, value_cache.contiguous(),
+                                                block_tables.to(torch.int32).contiguous(), query_seq,
+                                                query_visible, scale, blocks_per_split, num_splits)
+    return out, lse
+
+
+def _sequence_torch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,
+                    visible: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence: gather its context once, then flash attention for CPU with a causal/presence mask.
+
+    query [n, Hq, D], table [num_blocks] (< 0 = absent), visible [n] -> out [n, Hq, D], lse [n, Hq].
+    """
+    num_queries, num_q_heads, head_dim = query.shape
+    _, num_kv_heads, block_size, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    context_len = int(visible.max())
+    table = table[:-(-context_len // block_size)].long()
+    present = table >= 0
+    # [nb, Hkv, bs, D] -> [1, Hkv, ctx, D]; reshape after transpose copies, so the fills below are safe.
+    keys = key_cache.index_select(0, table.clamp(min=0)).transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+    values = value_cache.index_select(0, table.clamp(min=0)).transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+    keys, values = keys[None, :, :context_len], values[None, :, :context_len]
+    token_present = present.repeat_interleave(block_size)[:context_len]  # [ctx]
+    if not bool(token_present.all()):
+        # Absent blocks' slots hold another micro-attention's data or garbage (even NaN): zero them.
+        keys.masked_fill_(~token_present[None, None, :, None], 0.0)
+        values.masked_fill_(~token_present[None, None, :, None], 0.0)
+    allowed = token_present[None, :] & (torch.arange(context_len)[None, :] < visible[:, None].long())  # [n, ctx]
+    # Each query row repeats for the `group` query heads of a KV head: [n, Hkv, g, D] -> [1, Hkv, n*g, D].
+    rows = query.view(num_queries, num_kv_heads, group, head_dim).transpose(0, 1)
+    rows = rows.reshape(1, num_kv_heads, num_queries * group, head_dim)
+    mask = torch.zeros(num_queries, context_len, dtype=query.dtype).masked_fill_(~allowed, float("-inf"))
+    mask = mask.repeat_interleave(group, dim=0)[None, None]  # [1, 1, n*g, ctx]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        rows, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scale)
+    out = out[0].view(num_kv_heads, num_queries, group, head_dim).transpose(0, 1).reshape(num_queries, num_q_heads,
+                                                                                          head_dim)
+    lse = lse[0].view(num_kv_heads, num_queries, group).transpose(0, 1).reshape(num_queries, num_q_heads)
+    # Flash attention reports out 0, lse 0 for a row that sees no key; the contract says lse -inf.
+    lse = lse.masked_fill(~allowed.any(dim=1)[:, None], float("-inf"))
+    return out, lse
+
+
+def micro_attention_cpu(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: list[int],
+    context_lens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fastest CPU micro-attention; same contract as :func:`micro_attention_ref`."""
+    check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
+    num_queries, num_q_heads, head_dim = query.shape
+    out = torch.zeros_like(query)
+    lse = torch.full((num_queries, num_q_heads), float("-inf"), dtype=torch.float32)
+    query_seq, query_visible = query_layout(query_start_loc, context_lens)
+    num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+    use_extension = _use_extension(query, key_cache)
+    decode_seq = torch.tensor([0 < n <= MAX_DECODE_QUERIES and use_extension for n in num_seq_queries],
+                              dtype=torch.bool)
+    decode_rows = (decode_seq[query_seq.long()] & (query_visible > 0)).nonzero().flatten()  # [num_decode]
+    if len(decode_rows) > 0:
+        out[decode_rows], lse[decode_rows] = _decode_extension(
+            query[decode_rows], key_cache, value_cache, block_tables, query_seq[decode_rows],
+            query_visible[decode_rows], scale)
+    for seq_index, num_seq in enumerate(num_seq_queries):
+        start = query_start_loc[seq_index]
+        if num_seq == 0 or bool(decode_seq[seq_index]) or context_lens[seq_index] <= 0:
+            continue
+        visible = query_visible[start:start + num_seq]
+        if int(visible.max()) <= 0:
+            continue
+        out[start:start + num_seq], lse[start:start + num_seq] = _sequence_torch(
+            query[start:start + num_seq], key_cache, value_cache, block_tables[seq_index], visible, scale)
+    return out, lse

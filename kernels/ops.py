@@ -1,0 +1,47 @@
+"""The attention ops the engine calls: Triton kernels on CUDA tensors, the fastest torch/C++ path on CPU."""
+from __future__ import annotations
+
+import torch
+
+from megakv.kernels.cpu_attention import micro_attention_cpu
+from megakv.kernels.kv_store import store_kv_ref, store_kv_triton
+from megakv.kernels.merge import merge_partials_ref, merge_partials_triton
+from megakv.kernels.micro_attention import micro_attention_ref, micro_attention_triton, triton
+
+
+def _on_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and triton is not None
+
+
+def micro_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: list[int],
+    context_lens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` over the blocks in ``block_tables``; see :func:`micro_attention_ref`."""
+    if _on_triton(query):
+        return micro_attention_triton(query, key_cache, value_cache, block_tables.to(query.device),
+                                      query_start_loc, context_lens, scale)
+    if query.is_cuda:
+        return micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
+    return micro_attention_cpu(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partials outs [P, N, H, D], lses [P, N, H] by log-sum-exp; see :func:`merge_partials_ref`."""
+    if _on_triton(outs):
+        return merge_partials_triton(outs, lses.float())
+    return merge_partials_ref(outs, lses)
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into the pool at ``slot_mapping`` (< 0 skips); see :func:`store_kv_ref`."""
+    if _on_triton(key):
+        store_kv_triton(key, value, key_cache, value_cache, slot_mapping.to(key.device))
+    else:
+        store_kv_ref(key, value, key_cache, value_cache, slot_mapping)

@@ -1,0 +1,172 @@
+// Paged decode attention on CPU (megakv.kernels.cpu_attention), fp32, head_dim 64 or 128.
+// One work item = (query, KV head, split of its blocks): an online softmax over the split's blocks for the
+// query heads of that KV head, reading each K/V tile of a block in place; the splits are merged by
+// log-sum-exp at the end. Slots past a query's visible length and absent blocks (id < 0) are never read.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+static inline float hsum(vec16 x) {
+  float total = 0.f;
+  for (int i = 0; i < 16; ++i) total += x[i];
+  return total;
+}
+
+// scores[t] = scale * q . k[t] for the block's tokens; q [D], k [num_tokens, D].
+template <int D>
+static inline void block_scores(const float* q, const float* k, float* scores, int64_t num_tokens, float scale) {
+  constexpr int C = D / 16;
+  vec16 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = *reinterpret_cast<const vec16*>(q + 16 * c);
+  int64_t t = 0;
+  for (; t + 4 <= num_tokens; t += 4) {
+    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const float* k0 = k + t * D;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      a0 += qv[c] * *reinterpret_cast<const vec16*>(k0 + 16 * c);
+      a1 += qv[c] * *reinterpret_cast<const vec16*>(k0 + D + 16 * c);
+      a2 += qv[c] * *reinterpret_cast<const vec16*>(k0 + 2 * D + 16 * c);
+      a3 += qv[c] * *reinterpret_cast<const vec16*>(k0 + 3 * D + 16 * c);
+    }
+    scores[t] = hsum(a0) * scale;
+    scores[t + 1] = hsum(a1) * scale;
+    scores[t + 2] = hsum(a2) * scale;
+    scores[t + 3] = hsum(a3) * scale;
+  }
+  for (; t < num_tokens; ++t) {
+    vec16 a0 = {};
+    for (int c = 0; c < C; ++c) a0 += qv[c] * *reinterpret_cast<const vec16*>(k + t * D + 16 * c);
+    scores[t] = hsum(a0) * scale;
+  }
+}
+
+// acc[D] = acc * correction + sum_t p[t] * v[t]; v [num_tokens, D].
+template <int D>
+static inline void block_accumulate(const float* p, const float* v, float* acc, float correction, int64_t num_tokens) {
+  constexpr int C = D / 16;
+  vec16 a[C];
+  for (int c = 0; c < C; ++c) a[c] = *reinterpret_cast<const vec16*>(acc + 16 * c) * correction;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const float weight = p[t];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[c] += weight * *reinterpret_cast<const vec16*>(v + t * D + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) *reinterpret_cast<vec16*>(acc + 16 * c) = a[c];
+}
+
+template <int D>
+std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                                           torch::Tensor block_tables, torch::Tensor query_seq,
+                                           torch::Tensor query_visible, double scale, int64_t blocks_per_split,
+                                           int64_t num_splits) {
+  const int64_t num_queries = query.size(0), num_q_heads = query.size(1), head_dim = D;
+  const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
+  const int64_t group = num_q_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const float* q_ptr = query.data_ptr<float>();
+  const float* k_ptr = key_cache.data_ptr<float>();
+  const float* v_ptr = value_cache.data_ptr<float>();
+  const int32_t* table_ptr = block_tables.data_ptr<int32_t>();
+  const int32_t* seq_ptr = query_seq.data_ptr<int32_t>();
+  const int32_t* visible_ptr = query_visible.data_ptr<int32_t>();
+  auto options = query.options();
+  // Unnormalised partial outputs, running maxima and sums per split.
+  auto acc_all = torch::empty({num_splits, num_queries, num_q_heads, head_dim}, options);
+  auto max_all = torch::empty({num_splits, num_queries, num_q_heads}, options);
+  auto sum_all = torch::empty({num_splits, num_queries, num_q_heads}, options);
+  float* acc_base = acc_all.data_ptr<float>();
+  float* max_base = max_all.data_ptr<float>();
+  float* sum_base = sum_all.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, num_queries * num_kv_heads * num_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * block_size);
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t split = work % num_splits, kv_head = (work / num_splits) % num_kv_heads;
+      const int64_t q_index = work / (num_splits * num_kv_heads);
+      const int64_t seq = seq_ptr[q_index], visible = visible_ptr[q_index];
+      const int64_t num_blocks = std::min<int64_t>((visible + block_size - 1) / block_size, max_blocks);
+      const int64_t first = split * blocks_per_split, last = std::min(num_blocks, first + blocks_per_split);
+      const int64_t row = (split * num_queries + q_index) * num_q_heads + kv_head * group;
+      float* acc = acc_base + row * head_dim;
+      float* run_max = max_base + row;
+      float* run_sum = sum_base + row;
+      const float* q = q_ptr + (q_index * num_q_heads + kv_head * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        run_max[g] = -1e30f;
+        run_sum[g] = 0.f;
+        for (int64_t d = 0; d < head_dim; ++d) acc[g * head_dim + d] = 0.f;
+      }
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t block_id = table_ptr[seq * max_blocks + b];
+        if (block_id < 0) continue;
+        const int64_t num_tokens = std::min(block_size, visible - b * block_size);
+        const float* k = k_ptr + (block_id * num_kv_heads + kv_head) * block_size * head_dim;
+        const float* v = v_ptr + (block_id * num_kv_heads + kv_head) * block_size * head_dim;
+        for (int64_t g = 0; g < group; ++g)
+          block_scores<D>(q + g * D, k, scores.data() + g * block_size, num_tokens, fscale);
+        for (int64_t g = 0; g < group; ++g) {
+          float* s = scores.data() + g * block_size;
+          float block_max = run_max[g];
+          for (int64_t t = 0; t < num_tokens; ++t) block_max = std::max(block_max, s[t]);
+          const float correction = std::exp(run_max[g] - block_max);
+          float block_sum = 0.f;
+          for (int64_t t = 0; t < num_tokens; ++t) {
+            s[t] = std::exp(s[t] - block_max);
+            block_sum += s[t];
+          }
+          run_sum[g] = run_sum[g] * correction + block_sum;
+          run_max[g] = block_max;
+          block_accumulate<D>(s, v, acc + g * D, correction, num_tokens);
+        }
+      }
+    }
+  });
+  auto out = torch::empty({num_queries, num_q_heads, head_dim}, options);
+  auto lse = torch::empty({num_queries, num_q_heads}, options);
+  float* out_base = out.data_ptr<float>();
+  float* lse_base = lse.data_ptr<float>();
+  const int64_t num_rows = num_queries * num_q_heads;
+  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float merged_max = -1e30f;
+      for (int64_t j = 0; j < num_splits; ++j)
+        if (sum_base[j * num_rows + r] > 0.f) merged_max = std::max(merged_max, max_base[j * num_rows + r]);
+      float total = 0.f;
+      float* out_row = out_base + r * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
+      for (int64_t j = 0; j < num_splits; ++j) {
+        const float partial_sum = sum_base[j * num_rows + r];
+        if (!(partial_sum > 0.f)) continue;
+        const float weight = std::exp(max_base[j * num_rows + r] - merged_max);
+        total += partial_sum * weight;
+        const float* acc_row = acc_base + (j * num_rows + r) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) out_row[d] += weight * acc_row[d];
+      }
+      if (total > 0.f) {
+        const float inv = 1.f / total;
+        for (int64_t d = 0; d < head_dim; ++d) out_row[d] *= inv;
+        lse_base[r] = merged_max + std::log(total);
+      } else {
+        lse_base[r] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<torch::Tensor> paged_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                                           torch::Tensor block_tables, torch::Tensor query_seq,
+                                           torch::Tensor query_visible, double scale, int64_t blocks_per_split,
+                                           int64_t num_splits) {
+  if (query.size(2) == 64)
+    return paged_attention_impl<64>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
+                                    blocks_per_split, num_splits);
+  TORCH_CHECK(query.size(2) == 128, "paged_attention: head_dim must be 64 or 128");
+  return paged_attention_impl<128>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
+                                   blocks_per_split, num_splits);
+}

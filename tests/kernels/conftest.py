@@ -1,0 +1,92 @@
+"""Kernel tests run the Triton kernels in the interpreter on CPU (TRITON_INTERPRET=1), natively on a GPU.
+
+Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when a megakv.kernels module
+is imported (importing triton itself earlier does not matter). So the variable is set here, before the test
+modules import the kernels, and kernel modules that an earlier test directory already imported are
+reloaded so that their kernels are decorated again in interpreter mode.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+KERNEL_MODULES = ("megakv.kernels.micro_attention", "megakv.kernels.merge", "megakv.kernels.kv_store")
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in KERNEL_MODULES:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_paged_batch(seed: int, num_kv_heads: int, group: int, block_size: int, head_dim: int,
+                     dtype: torch.dtype, num_queries: list[int], max_context: int,
+                     absent_fraction: float = 0.0):
+    """Random sequences scattered over a NaN-filled pool larger than they need.
+
+    num_queries[s] new tokens for sequence s (1 = decode); context lengths are random in
+    [num_queries[s], max_context]; slots past a context and unused blocks hold NaN; a fraction of each
+    table's entries is set to -1 (blocks of another micro-attention). Returns
+    (query, key_cache, value_cache, block_tables, query_start_loc, context_lens).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    context_lens = [int(torch.randint(n, max_context + 1, (1,), generator=gen)) for n in num_queries]
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_pool_blocks = 2 * sum(blocks_per_seq) + 3
+    key_cache = torch.full((num_pool_blocks, num_kv_heads, block_size, head_dim), float("nan"), dtype=dtype)
+    value_cache = torch.full_like(key_cache, float("nan"))
+    physical = torch.randperm(num_pool_blocks, generator=gen)
+    block_tables = torch.full((len(num_queries), max(blocks_per_seq) + 2), -1, dtype=torch.int32)
+    next_block = 0
+    for seq, (context_len, num_blocks) in enumerate(zip(context_lens, blocks_per_seq)):
+        table = physical[next_block:next_block + num_blocks]
+        next_block += num_blocks
+        block_tables[seq, :num_blocks] = table.to(torch.int32)
+        for logical, block_id in enumerate(table.tolist()):
+            num_tokens = min(block_size, context_len - logical * block_size)
+            shape = (num_kv_heads, num_tokens, head_dim)
+            key_cache[block_id, :, :num_tokens] = torch.randn(shape, generator=gen).to(dtype)
+            value_cache[block_id, :, :num_tokens] = torch.randn(shape, generator=gen).to(dtype)
+    if absent_fraction > 0:
+        absent = torch.rand(block_tables.shape, generator=gen) < absent_fraction
+        block_tables = block_tables.masked_fill(absent, -1)
+    query = torch.randn(sum(num_queries), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    query_start_loc = [0]
+    for n in num_queries:
+        query_start_loc.append(query_start_loc[-1] + n)
+    return query, key_cache, value_cache, block_tables, query_start_loc, context_lens
+
+
+def assert_attention_close(out: torch.Tensor, lse: torch.Tensor, expected_out: torch.Tensor,
+                           expected_lse: torch.Tensor, dtype: torch.dtype) -> None:
+    """Outputs match within the dtype's tolerance; lse matches, -inf exactly where expected."""
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float().cpu(), expected_out.float().cpu(), atol=tolerance, rtol=tolerance)
+    empty = torch.isinf(expected_lse)
+    assert torch.equal(torch.isinf(lse.cpu()), empty.cpu())
+    torch.testing.assert_close(lse.cpu()[~empty], expected_lse.cpu()[~empty], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def paged_batch():
+    """The batch builder (see make_paged_batch)."""
+    return make_paged_batch
+
+
+@pytest.fixture
+def attention_close():
+    """The comparison of (out, lse) with the reference (see assert_attention_close)."""
+    return assert_attention_close
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the Triton kernels run: the GPU when there is one, else the interpreter on CPU."""
+    return DEVICE

@@ -1,0 +1,65 @@
+"""The CPU micro-attention (C++ decode op and torch flash path) against the torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megakv.kernels import cpu_attention
+from megakv.kernels.cpu_attention import MAX_DECODE_QUERIES, micro_attention_cpu
+from megakv.kernels.micro_attention import micro_attention_ref
+from megakv.kernels.ops import micro_attention
+
+# Decode sequences, a short chunk (still the decode op) and a long chunk (the torch path) in one batch.
+NUM_QUERIES = [1, 3, 1, MAX_DECODE_QUERIES + 4]
+CASES = [  # (num_kv_heads, group, block_size, head_dim, dtype)
+    (2, 1, 16, 64, torch.float32),
+    (2, 4, 32, 128, torch.float32),
+    (1, 8, 64, 64, torch.float32),
+    (2, 4, 16, 128, torch.bfloat16),
+    (1, 8, 16, 32, torch.float32),
+]
+
+
+@pytest.fixture(params=["extension", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run each test with the C++ op (skipped if it cannot build) and with the pure-torch fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_attention, "load_extension", lambda: None)
+    elif cpu_attention.load_extension() is None:
+        pytest.skip("the C++ CPU op did not build here")
+    return request.param
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("absent_fraction", [0.0, 0.3])
+def test_micro_attention_cpu_matches_reference(paged_batch, attention_close, cpu_path, case, absent_fraction):
+    num_kv_heads, group, block_size, head_dim, dtype = CASES[case]
+    query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
+        case, num_kv_heads, group, block_size, head_dim, dtype, num_queries=NUM_QUERIES,
+        max_context=5 * block_size, absent_fraction=absent_fraction)
+    scale = head_dim ** -0.5
+    expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
+                                                     context_lens, scale)
+    out, lse = micro_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
+    attention_close(out, lse, expected_out, expected_lse, dtype)
+
+
+@pytest.mark.parametrize("num_kv_heads,group", [(1, 1), (2, 4), (1, 8)])
+def test_micro_attention_cpu_long_decode_splits_match_reference(paged_batch, attention_close, cpu_path,
+                                                                 num_kv_heads, group):
+    query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
+        11, num_kv_heads, group, 16, 128, torch.float32, num_queries=[1, 1], max_context=3000,
+        absent_fraction=0.1)
+    expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
+                                                     context_lens, 128 ** -0.5)
+    out, lse = micro_attention_cpu(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
+                                   128 ** -0.5)
+    attention_close(out, lse, expected_out, expected_lse, torch.float32)
+
+
+def test_micro_attention_cpu_sequence_without_blocks_is_empty(paged_batch, cpu_path):
+    query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
+        5, 1, 4, 16, 64, torch.float32, num_queries=[1, MAX_DECODE_QUERIES + 2, 1], max_context=60)
+    block_tables[1:] = -1
+    out, lse = micro_attention_cpu(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, 0.1)
+    assert torch.isneginf(lse[1:]).all() and (out[1:] == 0).all() and torch.isfinite(lse[0]).all()
