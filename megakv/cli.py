@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from megakv.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, load_yaml
+from megakv.config import CacheConfig, DistKVConfig, EngineConfig, ParallelConfig, SchedulerConfig, load_yaml
 
 # Option name -> default, for every option that may also be set in a YAML config.
 DEFAULTS: dict[str, Any] = {
@@ -31,7 +31,13 @@ DEFAULTS: dict[str, Any] = {
     "kv_cache_memory_gb": 1.0,
     "max_num_seqs": 64,
     "max_num_batched_tokens": 512,
+    "lending_cap": 1.0,
+    "max_moves_per_step": 8,
 }
+
+
+# Other spellings accepted for an option in YAML files.
+OPTION_ALIASES = {"kv_blocks_per_instance": "num_blocks"}
 
 
 class UsageError(ValueError):
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompts.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
     prompts.add_argument("--prompts-file", help="JSONL: one {\"prompt_ids\": [...]} or {\"prompt\": \"...\"} "
-                                                "per line, optional max_new_tokens")
+                                                "per line, optional max_new_tokens and instance")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
     gen.add_argument("--instances", type=int, help="serving instances (default 1)")
@@ -60,17 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="sampling seed")
     gen.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at EOS")
     gen.add_argument("--block-size", type=int, help="tokens per rBlock (default 16)")
-    gen.add_argument("--num-blocks", type=int, help="rBlocks in each instance's pool (default: from memory)")
+    gen.add_argument("--num-blocks", "--kv-blocks-per-instance", dest="num_blocks", type=int,
+                     help="rBlocks in each instance's pool (default: as many as fit in --kv-cache-memory-gb)")
     gen.add_argument("--kv-cache-memory-gb", type=float, help="KV pool budget per rank in GiB (default 1)")
     gen.add_argument("--max-num-seqs", type=int, help="requests per step (default 64)")
     gen.add_argument("--max-num-batched-tokens", type=int,
                      help="token budget per step; longer prompts prefill in chunks of this size (default 512)")
+    gen.add_argument("--lending-cap", type=float,
+                     help="fraction of an instance's pool it may lend to other instances, 0 to 1 (default 1)")
+    gen.add_argument("--max-moves-per-step", type=int,
+                     help="DGFM: blocks moved home (cycle swaps, pulls) per step at most (default 8)")
     return parser
 
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Merge flags over the YAML config over defaults; unknown YAML keys are an error."""
     from_file = load_yaml(args.config) if args.config else {}
+    from_file = {OPTION_ALIASES.get(key, key): value for key, value in from_file.items()}
     unknown = sorted(set(from_file) - set(DEFAULTS))
     if unknown:
         raise UsageError(f"config file {args.config}: unknown option(s) {', '.join(unknown)} "
@@ -87,6 +99,8 @@ class PromptSpec:
     prompt_ids: list[int] | None
     text: str | None
     overrides: dict[str, Any]
+    # The instance that serves the request (None: round robin).
+    instance: int | None = None
 
 
 PROMPT_OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -115,13 +129,17 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
             raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or ("prompt_ids" in record) == ("prompt" in record):
             raise UsageError(f"{where}: each line needs exactly one of prompt_ids or prompt")
-        unknown = sorted(set(record) - {"prompt_ids", "prompt", *PROMPT_OVERRIDES})
+        unknown = sorted(set(record) - {"prompt_ids", "prompt", "instance", *PROMPT_OVERRIDES})
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
         ids = record.get("prompt_ids")
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids)):
             raise UsageError(f"{where}: prompt_ids must be a list of integers")
-        specs.append(PromptSpec(ids, record.get("prompt"), {k: record[k] for k in PROMPT_OVERRIDES if k in record}))
+        instance = record.get("instance")
+        if instance is not None and (not isinstance(instance, int) or instance < 0):
+            raise UsageError(f"{where}: instance must be an integer >= 0")
+        specs.append(PromptSpec(ids, record.get("prompt"), {k: record[k] for k in PROMPT_OVERRIDES if k in record},
+                                instance))
     if not specs:
         raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt")
     return specs
@@ -134,6 +152,7 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=options["max_num_seqs"],
                                   max_num_batched_tokens=options["max_num_batched_tokens"]),
         parallel=ParallelConfig(tensor_parallel_size=options["tp"], num_instances=options["instances"]),
+        distkv=DistKVConfig(lending_cap=options["lending_cap"], max_moves_per_step=options["max_moves_per_step"]),
     )
 
 

@@ -216,12 +216,30 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class DistKVConfig:
+    """How instances lend KV memory to one another (DistKV-LLM section 4.3-4.4)."""
+
+    # Fraction of an instance's pool it may lend to other instances.
+    lending_cap: float = 1.0
+    # DGFM: blocks moved (cycle swaps and pulls home) per step, at most.
+    max_moves_per_step: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lending_cap, (int, float)) or not 0.0 <= self.lending_cap <= 1.0:
+            raise ValueError(f"distkv config: lending_cap must be between 0 and 1, got {self.lending_cap!r}")
+        if not isinstance(self.max_moves_per_step, int) or self.max_moves_per_step < 0:
+            raise ValueError(f"distkv config: max_moves_per_step must be an integer >= 0, "
+                             f"got {self.max_moves_per_step!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the serving engine needs besides the model weights."""
 
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distkv: DistKVConfig = field(default_factory=DistKVConfig)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -41,6 +41,12 @@ def sampling_params(options: dict, overrides: dict) -> SamplingParams:
 
 def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dict:
     record = {"prompt_ids": output.prompt_ids, "token_ids": output.token_ids, "finish_reason": output.finish_reason}
+    if output.error is not None:
+        record["error"] = output.error
+    if output.placement is not None:
+        record.update(num_local_blocks=output.placement.num_local_blocks,
+                      num_remote_blocks=output.placement.num_remote_blocks,
+                      block_instances=output.placement.instances)
     if tokenizer is not None:
         record["text"] = tokenizer.decode(output.token_ids)
     return record
@@ -51,6 +57,9 @@ def describe(record: dict) -> str:
     lines = [f"prompt ({len(record['prompt_ids'])} tokens) -> {len(record['token_ids'])} new tokens, "
              f"finish_reason={record['finish_reason']}",
              f"  token_ids: {record['token_ids']}"]
+    if "block_instances" in record:
+        lines.append(f"  KV blocks: {record['num_local_blocks']} local, {record['num_remote_blocks']} remote; "
+                     f"held by instances {record['block_instances']}")
     if "text" in record:
         lines.append(f"  text: {record['text']!r}")
     return "\n".join(lines)
@@ -72,20 +81,50 @@ def run_generate(args: argparse.Namespace) -> None:
     prompts = tokenize(specs, tokenizer, args.model)
     params = [sampling_params(options, spec.overrides) for spec in specs]
 
+    num_instances = config.parallel.num_instances
+    for index, spec in enumerate(specs):
+        if spec.instance is not None and spec.instance >= num_instances:
+            raise UsageError(f"prompt {index} asks for instance {spec.instance}, but there are {num_instances}")
+    instances = [spec.instance if spec.instance is not None else index % num_instances
+                 for index, spec in enumerate(specs)]
+
     env = state.init_distributed()
+    if num_instances > 1 and env.launcher != "mpi":
+        raise UsageError("--instances > 1 runs the DistKV control plane over MPI: launch with mpirun")
     try:
-        state.initialize_model_parallel(config.parallel.tensor_parallel_size, config.parallel.num_instances)
+        state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
+        engine_class = LLMEngine
+        if num_instances > 1:
+            from megakv.distkv.cluster_engine import ClusterEngine
+            engine_class = ClusterEngine
         try:
-            engine = LLMEngine(info, config, dtype=dtype, device=env.device)
+            engine = engine_class(info, config, dtype=dtype, device=env.device)
         except (ValueError, RuntimeError, OSError) as err:
             raise RankLocalError(f"[rank {env.rank}] {err}") from err
-        outputs = engine.generate(prompts, params)
+        if num_instances == 1:
+            outputs, report = engine.generate(prompts, params), None
+        else:
+            mine = [(str(index), prompt, request_params) for index, (prompt, request_params, instance)
+                    in enumerate(zip(prompts, params, instances)) if instance == state.get_instance_id()]
+            outputs = engine.serve(mine)
+            gathered = engine.leaders_comm.gather(outputs, root=0) if engine.is_leader else None
+            report = engine.cluster_report()
+            if gathered is not None:
+                outputs = sorted((o for part in gathered for o in part), key=lambda o: int(o.request_id))
         if env.rank == 0:
-            for output in outputs:
-                record = format_output(output, tokenizer)
-                if args.json:
-                    print(json.dumps(record), flush=True)
-                else:
-                    print(describe(record), flush=True)
+            print_outputs(outputs, instances, tokenizer, report, args.json)
     finally:
         state.destroy_model_parallel()
+
+
+def print_outputs(outputs: list[RequestOutput], instances: list[int], tokenizer: TextTokenizer | None,
+                  report: dict | None, as_json: bool) -> None:
+    for index, output in enumerate(outputs):
+        record = format_output(output, tokenizer)
+        if report is not None:
+            record["instance"] = instances[index]
+        if output.error is not None:
+            print(f"megakv: error: request {index}: {output.error}", file=sys.stderr, flush=True)
+        print(json.dumps(record) if as_json else describe(record), flush=True)
+    if report is not None:
+        print(json.dumps({"cluster": report}) if as_json else f"cluster: {json.dumps(report)}", flush=True)

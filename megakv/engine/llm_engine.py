@@ -12,7 +12,7 @@ import torch
 from megakv.checkpoint.format import CheckpointInfo, load_shard
 from megakv.config import EngineConfig, ModelConfig, dtype_name
 from megakv.engine.model_runner import ModelRunner
-from megakv.engine.request import Request, RequestOutput
+from megakv.engine.request import Placement, Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from megakv.distkv.rmanager import RManager
@@ -48,14 +48,18 @@ class LLMEngine:
         dtype = dtype or info.model.torch_dtype
         tp = state.get_tensor_model_parallel_world_size()
         num_blocks = KVCache.num_blocks_for(info.model, tp, config.cache, dtype)
-        self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size)
+        self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size,
+                                 config.distkv.lending_cap)
         self.scheduler = Scheduler(config.scheduler, self.rmanager)
         model = load_model(info, dtype, device)
         kv_cache = KVCache(info.model.num_layers, num_blocks, config.cache.block_size,
                            info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
         self.model_runner = ModelRunner(model, kv_cache, self.rmanager, device)
         self._request_counter = itertools.count()
-        self._finished: list[RequestOutput] = []
+
+    def kv_capacity_blocks(self) -> int:
+        """The most blocks one request may ever hold: this instance's pool."""
+        return self.rmanager.pool.num_blocks
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the problem when a request can never be served."""
@@ -71,10 +75,10 @@ class LLMEngine:
                              f"{total} exceeds the model's maximum position {model.max_position_embeddings}")
         block_size = self.rmanager.block_size
         needed = num_blocks_for(total - 1, block_size)
-        if needed > self.rmanager.pool.num_blocks:
+        capacity = self.kv_capacity_blocks()
+        if needed > capacity:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
-                             f"{needed} KV blocks of {block_size} tokens, but the pool holds only "
-                             f"{self.rmanager.pool.num_blocks}")
+                             f"{needed} KV blocks of {block_size} tokens, but the pool holds only {capacity}")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request after validating it; returns its id."""
@@ -106,10 +110,19 @@ class LLMEngine:
             request.output_ids.append(token)
             reason = self._finish_reason(request, token)
             if reason is not None:
+                placement = self.placement(request)
                 self.scheduler.finish(request, reason)
                 self.model_runner.sampler.release(request.request_id)
-                finished.append(RequestOutput(request.request_id, request.prompt_ids, request.output_ids, reason))
+                finished.append(RequestOutput(request.request_id, request.prompt_ids, request.output_ids, reason,
+                                              placement))
         return finished
+
+    def placement(self, request: Request) -> Placement:
+        """Where the request's blocks are now, and every instance that has held one."""
+        table = self.rmanager.block_table(request.request_id)
+        num_local = sum(ref.instance_id == self.rmanager.instance_id for ref in table)
+        instances = request.block_instances | {ref.instance_id for ref in table}
+        return Placement(num_local, len(table) - num_local, sorted(instances))
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         if not request.params.ignore_eos and token in self.model_config.eos_token_ids:

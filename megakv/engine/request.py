@@ -25,6 +25,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # "stop" (an EOS token) or "length" (max_new_tokens or the model's maximum position).
     finish_reason: str | None = None
+    # Instances that have held blocks of this request.
+    block_instances: set[int] = field(default_factory=set)
 
     @property
     def token_ids(self) -> list[int]:
@@ -41,10 +43,22 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a request's KV lived: blocks at the end, and every instance that ever held one."""
+
+    num_local_blocks: int
+    num_remote_blocks: int
+    instances: list[int]
+
+
+@dataclass(frozen=True)
 class RequestOutput:
-    """The result of a finished request."""
+    """The result of a finished (or rejected) request."""
 
     request_id: str
     prompt_ids: list[int]
     token_ids: list[int]
+    # "stop", "length", or "error" for a request that could not be served (see error).
     finish_reason: str
+    placement: Placement | None = None
+    error: str | None = None

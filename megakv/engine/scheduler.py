@@ -90,14 +90,15 @@ class Scheduler:
         """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""
         while not self.rmanager.can_grow(request.request_id, num_tokens):
             victim = self.running[-1]
-            self._preempt(victim)
+            self.preempt(victim)
             preempted.append(victim)
             if victim is request:
                 return False
         self.rmanager.grow(request.request_id, num_tokens)
         return True
 
-    def _preempt(self, request: Request) -> None:
+    def preempt(self, request: Request) -> None:
+        """Free a running request's blocks and queue it first for recomputation."""
         self.running.remove(request)
         self.rmanager.free(request.request_id)
         request.num_computed_tokens = 0
