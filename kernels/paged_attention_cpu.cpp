@@ -107,6 +107,16 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
         const int64_t num_tokens = std::min(block_size, visible - b * block_size);
         const float* k = k_ptr + (block_id * num_kv_heads + kv_head) * block_size * head_dim;
         const float* v = v_ptr + (block_id * num_kv_heads + kv_head) * block_size * head_dim;
+        // Blocks sit in random pool order, out of the hardware prefetcher's sight: fetch the next one now.
+        const int64_t next_id = b + 1 < last ? table_ptr[seq * max_blocks + b + 1] : -1;
+        if (next_id >= 0) {
+          const float* next_k = k_ptr + (next_id * num_kv_heads + kv_head) * block_size * head_dim;
+          const float* next_v = v_ptr + (next_id * num_kv_heads + kv_head) * block_size * head_dim;
+          for (int64_t line = 0; line < block_size * head_dim; line += 16) {
+            __builtin_prefetch(next_k + line);
+            __builtin_prefetch(next_v + line);
+          }
+        }
         for (int64_t g = 0; g < group; ++g)
           block_scores<D>(q + g * D, k, scores.data() + g * block_size, num_tokens, fscale);
         for (int64_t g = 0; g < group; ++g) {

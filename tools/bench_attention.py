@@ -1,0 +1,149 @@
+"""Benchmark megakv's paged (rBlock) attention on CPU against torch SDPA on contiguous KV; prints JSON.
+
+Decode: for each context and batch, KV bytes read per second by megakv's paged micro-attention
+(``megakv.kernels.ops.micro_attention``, block tables a random permutation of the pool), by
+``scaled_dot_product_attention`` on the same KV stored contiguously, and the machine's memory read
+bandwidth (a sum over a 1 GiB tensor). Prefill: one chunk of queries over a long context against SDPA with a
+bottom-right causal mask. fp32 throughout.
+
+Default model shapes: 8 query heads, 2 KV heads, head_dim 128 (one tensor-parallel rank of a GQA model
+such as LLaMA-3-8B at TP=4): 2 KiB of K+V per token, so batch 8 x 128K tokens is 2 GiB paged plus 2 GiB
+contiguous.
+
+    python tools/bench_attention.py                       # everything (about 3 minutes, 5 GiB peak)
+    python tools/bench_attention.py --contexts 16384 --batches 1 --no-prefill
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from megakv.kernels.cpu_attention import load_extension
+from megakv.kernels.ops import micro_attention
+
+
+def best_seconds(*fns, repeats: int) -> list[float]:
+    """The fastest of ``repeats`` timed calls of each function, after one warm-up call each.
+
+    The functions take turns, so that load from other processes on a shared machine hits them alike.
+    """
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for index, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
+
+
+def read_bandwidth_gbps(repeats: int) -> float:
+    """Memory read bandwidth: GB/s of a sum over a 1 GiB float32 tensor."""
+    data = torch.rand(2**28)
+    [seconds] = best_seconds(lambda: data.sum(), repeats=repeats)
+    return data.numel() * 4 / seconds / 1e9
+
+
+def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scatter contiguous K/V [B, Hkv, ctx, D] over a pool in random block order.
+
+    Returns (key_cache, value_cache [B * ctx / block_size, Hkv, block_size, D], block_tables int32 [B, nb]).
+    """
+    batch, num_kv_heads, context, head_dim = keys.shape
+    blocks_per_seq = context // block_size
+    block_tables = torch.randperm(batch * blocks_per_seq, generator=generator).view(batch, blocks_per_seq)
+    caches = []
+    for contiguous in (keys, values):
+        cache = torch.empty(batch * blocks_per_seq, num_kv_heads, block_size, head_dim)
+        # [B, Hkv, nb, bs, D] -> [B, nb, Hkv, bs, D] -> [B * nb, Hkv, bs, D]
+        blocks = contiguous.view(batch, num_kv_heads, blocks_per_seq, block_size, head_dim).transpose(1, 2)
+        cache[block_tables.flatten()] = blocks.reshape(-1, num_kv_heads, block_size, head_dim)
+        caches.append(cache)
+    return caches[0], caches[1], block_tables.to(torch.int32)
+
+
+def bench_decode(context: int, batch: int, args, generator: torch.Generator) -> dict:
+    """One decode step of ``batch`` sequences of ``context`` tokens: paged path vs contiguous SDPA."""
+    num_q_heads = args.num_kv_heads * args.group
+    keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator)
+    values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator)
+    key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
+    query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator)
+    scale = args.head_dim ** -0.5
+    query_start_loc = list(range(batch + 1))
+    context_lens = [context] * batch
+    kv_bytes = 2 * keys.numel() * keys.element_size()
+    # SDPA reads each KV head once when the query heads of a group are its rows: [B, Hkv, group, D].
+    grouped_query = query.view(batch, args.num_kv_heads, args.group, args.head_dim)
+    paged, sdpa = best_seconds(
+        lambda: micro_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale),
+        lambda: F.scaled_dot_product_attention(grouped_query, keys, values, scale=scale), repeats=args.repeats)
+    return dict(case="decode", context=context, batch=batch, kv_bytes=kv_bytes, paged_gbps=kv_bytes / paged / 1e9,
+                sdpa_contiguous_gbps=kv_bytes / sdpa / 1e9, paged_ms=paged * 1e3, sdpa_ms=sdpa * 1e3)
+
+
+def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
+    """A chunk of ``num_queries`` new tokens at the end of ``context``: paged path vs SDPA causal."""
+    num_q_heads = args.num_kv_heads * args.group
+    keys = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator)
+    values = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator)
+    key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
+    query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator)
+    scale = args.head_dim ** -0.5
+    # Query i sees context - num_queries + 1 + i keys: a bottom-right aligned causal mask.
+    visible = torch.arange(context - num_queries + 1, context + 1)
+    mask = torch.arange(context)[None, :] < visible[:, None]  # [n, ctx]
+    sdpa_query = query.transpose(0, 1)[None]  # [1, Hq, n, D]
+    paged, sdpa = best_seconds(
+        lambda: micro_attention(query, key_cache, value_cache, block_tables, [0, num_queries], [context], scale),
+        lambda: F.scaled_dot_product_attention(sdpa_query, keys, values, attn_mask=mask, scale=scale,
+                                               enable_gqa=True), repeats=args.repeats)
+    return dict(case="prefill", context=context, batch=1, num_queries=num_queries, paged_ms=paged * 1e3,
+                sdpa_causal_ms=sdpa * 1e3, paged_vs_sdpa=sdpa / paged)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--prefill-queries", type=int, default=512)
+    parser.add_argument("--prefill-context", type=int, default=16384)
+    parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--no-decode", action="store_true")
+    args = parser.parse_args()
+    generator = torch.Generator().manual_seed(0)
+    load_extension()  # build (or load) the C++ op before timing
+    bandwidth = read_bandwidth_gbps(args.repeats)
+    results = []
+    if not args.no_decode:
+        for context in args.contexts:
+            for batch in args.batches:
+                row = bench_decode(context, batch, args, generator)
+                row.update(read_bandwidth_gbps=bandwidth, paged_vs_sdpa=row["paged_gbps"] / row["sdpa_contiguous_gbps"],
+                           paged_vs_bandwidth=row["paged_gbps"] / bandwidth)
+                results.append(row)
+    if not args.no_prefill:
+        results.append(bench_prefill(args.prefill_context, args.prefill_queries, args, generator))
+    report = dict(
+        machine=dict(processor=platform.processor() or platform.machine(), num_threads=torch.get_num_threads(),
+                     torch=torch.__version__, cpu_extension=load_extension() is not None),
+        shapes=dict(num_q_heads=args.num_kv_heads * args.group, num_kv_heads=args.num_kv_heads,
+                    head_dim=args.head_dim, block_size=args.block_size, dtype="float32"),
+        read_bandwidth_gbps=bandwidth, results=results)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
