@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         from megakv.generate import run_generate
-        run_generate(args)
+        status = run_generate(args)
     except (ValueError, RuntimeError, OSError) as err:
         if launcher_rank() == 0 or getattr(err, "rank_local", False):
             print(f"megakv: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(status)

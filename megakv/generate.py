@@ -65,8 +65,11 @@ def describe(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_generate(args: argparse.Namespace) -> None:
-    """Validate everything that can be checked before a process group exists, then serve."""
+def run_generate(args: argparse.Namespace) -> int:
+    """Validate what can be checked before a process group exists, then serve; returns the exit status.
+
+    The status is 1 when some request was rejected (the others were still served), else 0.
+    """
     options = resolve_options(args)
     config = engine_config(options)
     info = read_checkpoint_info(args.model)
@@ -115,6 +118,7 @@ def run_generate(args: argparse.Namespace) -> None:
             print_outputs(outputs, instances, tokenizer, report, args.json)
     finally:
         state.destroy_model_parallel()
+    return 1 if any(output.error is not None for output in outputs) else 0
 
 
 def print_outputs(outputs: list[RequestOutput], instances: list[int], tokenizer: TextTokenizer | None,

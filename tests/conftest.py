@@ -95,3 +95,23 @@ def megakv_checkpoint(hf_llama, tmp_path_factory):
         return cache[kind, tp]
 
     return get
+
+
+def hf_greedy_tokens(hf_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Hugging Face greedy decode of each prompt on its own (no padding in the reference)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """The Hugging Face greedy reference: hf_greedy(hf_dir, prompts, max_new_tokens)."""
+    return hf_greedy_tokens

@@ -25,20 +25,6 @@ def batch_prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def hf_greedy(hf_dir: Path, prompts: list[list[int]], max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
-    """HF greedy decode of each prompt on its own (no padding in the reference)."""
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    outputs = []
-    for prompt in prompts:
-        with torch.no_grad():
-            generated = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                                       min_new_tokens=0)
-        outputs.append(generated[0, len(prompt):].tolist())
-    return outputs
-
-
 def engine_for(checkpoint: Path, num_blocks: int = 128, model: ModelConfig | None = None) -> LLMEngine:
     info = read_checkpoint_info(checkpoint)
     if model is not None:
@@ -49,21 +35,21 @@ def engine_for(checkpoint: Path, num_blocks: int = 128, model: ModelConfig | Non
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_generate_greedy_batch_equals_hf_tp1(kind, hf_llama, megakv_checkpoint):
+def test_generate_greedy_batch_equals_hf_tp1(kind, hf_llama, megakv_checkpoint, hf_greedy):
     engine = engine_for(megakv_checkpoint(kind, 1))
     prompts = batch_prompts(engine.model_config.vocab_size)
     outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
-    assert [o.token_ids for o in outputs] == hf_greedy(hf_llama(kind), prompts)
+    assert [o.token_ids for o in outputs] == hf_greedy(hf_llama(kind), prompts, MAX_NEW_TOKENS)
     assert all(o.finish_reason == "length" for o in outputs)
     assert engine.rmanager.num_free_blocks == 128
 
 
-def test_generate_preemption_keeps_tokens(hf_llama, megakv_checkpoint):
+def test_generate_preemption_keeps_tokens(hf_llama, megakv_checkpoint, hf_greedy):
     # 40 blocks cannot hold the four requests at once: the scheduler must preempt and recompute.
     engine = engine_for(megakv_checkpoint("gqa", 1), num_blocks=30)
     prompts = batch_prompts(engine.model_config.vocab_size)
     outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
-    assert [o.token_ids for o in outputs] == hf_greedy(hf_llama("gqa"), prompts)
+    assert [o.token_ids for o in outputs] == hf_greedy(hf_llama("gqa"), prompts, MAX_NEW_TOKENS)
     assert engine.rmanager.num_free_blocks == 30
 
 
@@ -92,7 +78,7 @@ def test_generate_seeded_sampling_is_reproducible(megakv_checkpoint):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_generate_cli_greedy_equals_hf_tp2(kind, hf_llama, megakv_checkpoint, run_mpi, tmp_path):
+def test_generate_cli_greedy_equals_hf_tp2(kind, hf_llama, megakv_checkpoint, run_mpi, tmp_path, hf_greedy):
     checkpoint = megakv_checkpoint(kind, 2)
     prompts = batch_prompts(read_checkpoint_info(checkpoint).model.vocab_size)
     prompts_file = tmp_path / "prompts.jsonl"
@@ -102,7 +88,7 @@ def test_generate_cli_greedy_equals_hf_tp2(kind, hf_llama, megakv_checkpoint, ru
                        "--num-blocks", "128", "--max-num-batched-tokens", "64", "--json"])
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["prompt_ids"] for r in records] == prompts
-    assert [r["token_ids"] for r in records] == hf_greedy(hf_llama(kind), prompts)
+    assert [r["token_ids"] for r in records] == hf_greedy(hf_llama(kind), prompts, MAX_NEW_TOKENS)
     assert {r["finish_reason"] for r in records} == {"length"}
 
 

@@ -1,0 +1,99 @@
+"""DistKV clusters under mpirun: requests larger than one instance's pool generate what HF generates."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+MEGAKV = str(Path(sys.executable).with_name("megakv"))
+BLOCK_SIZE = 16
+POOL_BLOCKS = 10
+MAX_NEW_TOKENS = 32
+
+
+def random_prompt(length: int, seed: int, vocab_size: int = 301) -> list[int]:
+    return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_cluster(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, records: list[dict],
+                *extra: str, check: bool = True):
+    """Run megakv generate on a cluster; returns (request records, cluster report, process)."""
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps(record) + "\n" for record in records))
+    proc = run_mpi(tp * instances, [MEGAKV, "generate", "--model", str(checkpoint), "--tp", str(tp),
+                                    "--instances", str(instances), "--block-size", str(BLOCK_SIZE),
+                                    "--kv-blocks-per-instance", str(POOL_BLOCKS), "--max-num-batched-tokens", "64",
+                                    "--max-new-tokens", str(MAX_NEW_TOKENS), "--lending-cap", "1.0",
+                                    "--prompts-file", str(prompts_file), "--json", *extra], check=check)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [line for line in lines if "cluster" not in line], lines[-1]["cluster"], proc
+
+
+def assert_cluster_clean(report: dict, instances: int) -> None:
+    assert report["ledger_outstanding"] == {}
+    assert report["free_blocks"] == {str(i): POOL_BLOCKS for i in range(instances)}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("tp,instances", [(1, 2), (2, 2), pytest.param(1, 3, marks=pytest.mark.slow),
+                                          pytest.param(2, 3, marks=pytest.mark.slow)])
+def test_cluster_request_beyond_instance_pool_equals_hf(tp, instances, hf_llama, megakv_checkpoint, hf_greedy,
+                                                         run_mpi, tmp_path):
+    # 2 instances: 20 blocks, the whole cluster; 3 instances: 29 blocks, 2.9x one pool.
+    prompt = random_prompt({2: 280, 3: 420}[instances], seed=instances)
+    records, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", tp), tp, instances,
+                                     [{"prompt_ids": prompt}])
+    (record,) = records
+    assert record["token_ids"] == hf_greedy(hf_llama("gqa"), [prompt], MAX_NEW_TOKENS)[0]
+    assert record["num_local_blocks"] == POOL_BLOCKS
+    assert record["num_local_blocks"] + record["num_remote_blocks"] > 2 * POOL_BLOCKS - 1
+    assert record["block_instances"] == list(range(instances))
+    assert report["borrow_events"] > 0
+    assert_cluster_clean(report, instances)
+
+
+@pytest.mark.mpi
+def test_cluster_mixed_batch_borrows_both_ways_and_dgfm_keeps_tokens(hf_llama, megakv_checkpoint, hf_greedy,
+                                                                     run_mpi, tmp_path):
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230, 120, 30])]
+    records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 8},
+               {"prompt_ids": prompts[1], "instance": 0},
+               {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 48},
+               {"prompt_ids": prompts[3], "instance": 1}]
+    # A pool of 14 blocks and one DGFM move per step: both long requests borrow, and moves happen.
+    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, records,
+                                     "--kv-blocks-per-instance", "14", "--max-moves-per-step", "1")
+    hf_dir = hf_llama("gqa")
+    for record, result in zip(records, results):
+        expected = hf_greedy(hf_dir, [record["prompt_ids"]], record.get("max_new_tokens", MAX_NEW_TOKENS))[0]
+        assert result["token_ids"] == expected
+    assert 1 in results[1]["block_instances"] and 0 in results[2]["block_instances"]
+    assert report["blocks_moved_by_dgfm"] > 0
+    assert report["ledger_outstanding"] == {}
+    assert report["free_blocks"] == {"0": 14, "1": 14}
+
+
+@pytest.mark.mpi
+def test_cluster_request_larger_than_cluster_errors_others_continue(hf_llama, megakv_checkpoint, hf_greedy,
+                                                                    run_mpi, tmp_path):
+    short = random_prompt(50, seed=5)
+    records, report, proc = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2,
+                                        [{"prompt_ids": random_prompt(400, seed=4)}, {"prompt_ids": short}],
+                                        check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert records[0]["finish_reason"] == "error" and "needs 27 KV blocks" in records[0]["error"]
+    assert "request 0: prompt (400 tokens)" in proc.stderr
+    assert records[1]["token_ids"] == hf_greedy(hf_llama("gqa"), [short], MAX_NEW_TOKENS)[0]
+    assert_cluster_clean(report, 2)
+
+
+@pytest.mark.mpi
+def test_cluster_wrong_rank_count_errors_before_loading(megakv_checkpoint, run_mpi):
+    proc = run_mpi(3, [MEGAKV, "generate", "--model", str(megakv_checkpoint("gqa", 2)), "--tp", "2",
+                       "--instances", "2", "--prompt-ids", "1,2"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "world size 3 does not fit --tp 2 x --instances 2: launch 4 ranks" in proc.stderr
