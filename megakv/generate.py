@@ -54,7 +54,8 @@ def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dic
 
 def describe(record: dict) -> str:
     """A human-readable account of one result."""
-    lines = [f"prompt ({len(record['prompt_ids'])} tokens) -> {len(record['token_ids'])} new tokens, "
+    served_by = f" on instance {record['instance']}" if "instance" in record else ""
+    lines = [f"prompt ({len(record['prompt_ids'])} tokens){served_by} -> {len(record['token_ids'])} new tokens, "
              f"finish_reason={record['finish_reason']}",
              f"  token_ids: {record['token_ids']}"]
     if "block_instances" in record:
