@@ -10,6 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megakv", "megakv.*"]) + ["megakv.kernels"],
     package_dir={"megakv.kernels": "kernels"},
+    # The CPU attention op is compiled from this source at first use.
+    package_data={"megakv.kernels": ["*.cpp"]},
     install_requires=[
         "torch",
         "numpy",

@@ -9,6 +9,10 @@ failed conversion leaves nothing half-written.
 Command line (``tools/convert_checkpoint.py``)::
 
     convert_checkpoint --source hf --input HF_DIR --output CKPT_DIR --tp 2 [--dtype bfloat16]
+    convert_checkpoint --source megatron --input CKPT_ROOT [--iteration N] --output CKPT_DIR --tp 2
+    convert_checkpoint --source deepspeed --input CKPT_ROOT [--tag global_stepN] --output CKPT_DIR --tp 2
+    convert_checkpoint --source megakv --input CKPT_DIR --output CKPT_DIR2 --tp 4      # reshard
+    convert_checkpoint --source megakv --input CKPT_DIR --output HF_DIR --to hf       # export
 """
 from __future__ import annotations
 
@@ -28,7 +32,12 @@ from tqdm import tqdm
 
 from megakv.checkpoint.format import (TOKENIZER_FILES, CheckpointInfo, read_checkpoint_info, shard_file_name,
                                       write_checkpoint_config)
+from megakv.checkpoint.deepspeed_source import DeepSpeedReader
 from megakv.checkpoint.hf import HFReader
+from megakv.checkpoint.hf_export import write_hf_folder
+from megakv.checkpoint.megakv_source import MegakvReader
+from megakv.checkpoint.megatron import open_megatron
+from megakv.checkpoint.options import SourceOptions, parse_model_arg
 from megakv.checkpoint.safetensors_writer import SafetensorsWriter
 from megakv.checkpoint.sharding import (EMBEDDING, FINAL_NORM, OUTPUT_LAYER, layer_prefix, shard_layer,
                                         shard_shapes, shard_vocab)
@@ -54,7 +63,13 @@ class SourceReader(Protocol):
 
 
 # Source name on the command line -> reader of a source folder.
-SOURCES: dict[str, Callable[[Path], SourceReader]] = {"hf": HFReader}
+SOURCES: dict[str, Callable[[Path, SourceOptions], SourceReader]] = {
+    "hf": lambda path, options: HFReader(path),
+    "megatron": open_megatron,
+    "deepspeed": DeepSpeedReader,
+    "megakv": MegakvReader,
+}
+TARGETS = ("megakv", "hf")
 
 
 def _check_output(output_dir: Path, input_dir: Path, overwrite: bool) -> None:
@@ -98,29 +113,41 @@ def _write_shards(reader: SourceReader, cfg: ModelConfig, tp: int, folder: Path,
             write_vocab(OUTPUT_LAYER, lm_head)
 
 
-def convert_checkpoint(source: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, tp: int,
-                       dtype: str | None = None, overwrite: bool = False, progress: bool = False) -> CheckpointInfo:
-    """Convert the ``source``-format checkpoint in ``input_dir`` into a megakv checkpoint for ``tp`` ranks."""
+def convert_checkpoint(source: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, tp: int | None,
+                       dtype: str | None = None, overwrite: bool = False, progress: bool = False,
+                       options: SourceOptions | None = None, to: str = "megakv") -> CheckpointInfo | Path:
+    """Convert the ``source``-format checkpoint in ``input_dir`` into a megakv checkpoint for ``tp`` ranks.
+
+    With ``to="hf"`` write a Hugging Face LLaMA folder instead (``tp`` is ignored) and return its path.
+    """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: expected one of {', '.join(SOURCES)}")
+    if to not in TARGETS:
+        raise ValueError(f"unknown target format {to!r}: expected one of {', '.join(TARGETS)}")
+    if to == "megakv" and tp is None:
+        raise ValueError("--tp is required when converting to a megakv checkpoint")
     input_path, output_path = Path(input_dir), Path(output_dir)
-    reader = SOURCES[source](input_path)
+    reader = SOURCES[source](input_path, options or SourceOptions())
     try:
         cfg = reader.config
         if dtype is not None:
             cfg = dataclasses.replace(cfg, dtype=dtype_name(parse_dtype(dtype)))
-        cfg.check_tensor_parallel_size(tp)
+        if to == "megakv":
+            cfg.check_tensor_parallel_size(tp)
         _check_output(output_path, input_path, overwrite)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         # mkdir rather than tempfile.mkdtemp, whose 0700 mode would stick to the renamed output.
         temp_path = output_path.parent / f"{output_path.name}.tmp-{secrets.token_hex(4)}"
         temp_path.mkdir()
         try:
-            _write_shards(reader, cfg, tp, temp_path, progress)
+            if to == "megakv":
+                _write_shards(reader, cfg, tp, temp_path, progress)
+                write_checkpoint_config(temp_path, cfg, tp)
+            else:
+                write_hf_folder(reader, cfg, temp_path, progress)
             for name in TOKENIZER_FILES:
                 if (input_path / name).is_file():
                     shutil.copy2(input_path / name, temp_path / name)
-            write_checkpoint_config(temp_path, cfg, tp)
             # Move the old output aside before renaming, so it is only deleted once the new one is in place.
             old_path = temp_path.with_name(temp_path.name + ".old")
             if output_path.exists():
@@ -137,7 +164,7 @@ def convert_checkpoint(source: str, input_dir: str | os.PathLike, output_dir: st
             raise
     finally:
         reader.close()
-    return read_checkpoint_info(output_path)
+    return read_checkpoint_info(output_path) if to == "megakv" else output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Convert a checkpoint into megakv's TP-sharded format.")
     parser.add_argument("--source", choices=sorted(SOURCES), required=True, help="format of the input checkpoint")
     parser.add_argument("--input", required=True, help="input checkpoint folder")
-    parser.add_argument("--output", required=True, help="megakv checkpoint folder to create")
-    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel ranks to shard for")
+    parser.add_argument("--output", required=True, help="folder to create")
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks to shard for (required unless --to hf)")
+    parser.add_argument("--to", choices=TARGETS, default="megakv",
+                        help="output format: a megakv checkpoint (default) or a Hugging Face LLaMA folder")
     parser.add_argument("--dtype", help="stored dtype: float32, bfloat16 or float16 (default: the source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument("--iteration", type=int, help="megatron: iteration to read (default: the latest)")
+    parser.add_argument("--tag", help="deepspeed: tag folder to read (default: the one named in 'latest')")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="megatron: a hyper-parameter by Megatron-LM argument name (num_query_groups=8, "
+                             "rotary_interleaved=true, ...), supplying or overriding the checkpoint's args")
+    parser.add_argument("--hf-config", type=Path, help="deepspeed: the wrapped model's Hugging Face config.json")
     return parser
 
 
@@ -156,10 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: convert, or print one ``error:`` line and exit 2 on a bad input."""
     args = build_parser().parse_args(argv)
     try:
+        options = SourceOptions(iteration=args.iteration, tag=args.tag, hf_config=args.hf_config,
+                                model_args=dict(parse_model_arg(text) for text in args.model_arg))
         info = convert_checkpoint(args.source, args.input, args.output, args.tp, dtype=args.dtype,
-                                  overwrite=args.overwrite, progress=sys.stderr.isatty())
+                                  overwrite=args.overwrite, progress=sys.stderr.isatty(), options=options,
+                                  to=args.to)
     except (ValueError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(info, Path):
+        print(f"wrote Hugging Face LLaMA folder {info}")
+        return
     print(f"wrote megakv checkpoint {info.path} (tp={info.tensor_parallel_size}, {info.model.dtype}, "
           f"{info.model.num_layers} layers)")

@@ -10,6 +10,7 @@ instance with no tokens of its own still serves the blocks it lends.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,23 @@ from megakv.parallel import state
 
 # Steps in a row in which no instance could run anything before the cluster gives up.
 MAX_STALLED_STEPS = 3
+
+
+@dataclass(frozen=True)
+class LeaderStatus:
+    """What each leader tells the others at the start of a step."""
+
+    unfinished: bool
+    # Whether this instance scheduled tokens of its own this step.
+    has_chunks: bool
+    # Blocks to borrow or to hand back: the control round must run.
+    needs_round: bool
+    num_lendable_blocks: int
+    holds_remote_blocks: bool
+    # Free blocks beyond one per running request: room to pull blocks home.
+    free_room: int
+    # The micro-attentions this instance's batch asks of each creditor (when no round is due).
+    served: dict[int, ServedQueries]
 
 
 @dataclass
@@ -70,32 +88,64 @@ class ClusterEngine(LLMEngine):
 
     # -- the leader's side of a step ------------------------------------------------------------------
 
+    def _status(self, scheduled: SchedulerOutput, inputs: StepInputs | None) -> LeaderStatus:
+        rmanager = self.rmanager
+        return LeaderStatus(unfinished=self.scheduler.has_unfinished(), has_chunks=bool(scheduled.chunks),
+                            needs_round=bool(rmanager.pending_needs() or rmanager.has_returns),
+                            num_lendable_blocks=rmanager.num_lendable_blocks,
+                            holds_remote_blocks=bool(rmanager.remote_block_counts()),
+                            free_room=rmanager.num_free_blocks - len(self.scheduler.running),
+                            served=inputs.served_by_creditor if inputs is not None else {})
+
+    def _round_needed(self, statuses: list[LeaderStatus]) -> bool:
+        """A control round is due for borrowing, returns, or DGFM moves that could happen."""
+        if any(status.needs_round for status in statuses):
+            return True
+        if self.config.distkv.max_moves_per_step == 0:
+            return False
+        debtors = [status for status in statuses if status.holds_remote_blocks]
+        return len(debtors) >= 2 or any(status.free_room > 0 for status in debtors)
+
     def _schedule_step(self) -> tuple[SchedulerOutput, StepPlan]:
+        """Schedule, agree with the other leaders on what this step needs, and build the plan.
+
+        Usually one small all-gather per step carries everything (including the queries each
+        creditor must answer); the control round and a second exchange run only when blocks
+        must be borrowed, returned or moved.
+        """
         scheduled = self.scheduler.schedule()
-        self.control.run_round(num_reserved_blocks=len(self.scheduler.running))
+        ready = scheduled.chunks and not self.rmanager.pending_needs()
+        inputs = self.model_runner.prepare(scheduled) if ready else None
+        statuses = self.leaders_comm.allgather(self._status(scheduled, inputs))
+        if not any(status.unfinished for status in statuses):
+            return scheduled, StepPlan(None, stop=True)
+        self._check_progress(statuses)
+        self.rmanager.borrowable_estimate = sum(status.num_lendable_blocks for index, status in enumerate(statuses)
+                                                if index != self.instance_id)
+        self.rmanager.transfers = []
+        if not self._round_needed(statuses):
+            incoming = [status.served[self.instance_id] for status in statuses if self.instance_id in status.served]
+        else:
+            self.control.run_round(num_reserved_blocks=len(self.scheduler.running))
+            for chunk in scheduled.chunks:
+                if self.rmanager.has_pending(chunk.request.request_id):
+                    # The cluster had less room than the estimate: retry the request later.
+                    self.scheduler.preempt(chunk.request)
+            chunks = [chunk for chunk in scheduled.chunks if chunk.request in self.scheduler.running]
+            scheduled = SchedulerOutput(chunks, scheduled.preempted)
+            inputs = self.model_runner.prepare(scheduled) if chunks else None
+            for creditor, served in (inputs.served_by_creditor.items() if inputs else ()):
+                self.transport.post(creditor, served)
+            incoming = [message for message in self.transport.exchange() if isinstance(message, ServedQueries)]
         for chunk in scheduled.chunks:
-            if self.rmanager.has_pending(chunk.request.request_id):
-                # The cluster had less room than the estimate: retry the request later.
-                self.scheduler.preempt(chunk.request)
-        chunks = [chunk for chunk in scheduled.chunks if chunk.request in self.scheduler.running]
-        scheduled = SchedulerOutput(chunks, scheduled.preempted)
-        inputs = self.model_runner.prepare(scheduled) if chunks else None
-        for chunk in chunks:
             chunk.request.block_instances.update(ref.instance_id
                                                  for ref in self.rmanager.block_table(chunk.request.request_id))
-        for creditor, served in (inputs.served_by_creditor.items() if inputs else ()):
-            self.transport.post(creditor, served)
-        incoming = [message for message in self.transport.exchange() if isinstance(message, ServedQueries)]
         if inputs is not None:
             inputs.served_by_creditor = {}
         return scheduled, StepPlan(inputs, incoming, list(self.rmanager.transfers))
 
-    def _cluster_is_done(self) -> bool:
-        return self.leaders_comm.allreduce(not self.scheduler.has_unfinished(), op=MPI.LAND)
-
-    def _check_progress(self, plan: StepPlan) -> None:
-        progressed = self.leaders_comm.allreduce(plan.inputs is not None, op=MPI.LOR)
-        self._stalled_steps = 0 if progressed else self._stalled_steps + 1
+    def _check_progress(self, statuses: list[LeaderStatus]) -> None:
+        self._stalled_steps = 0 if any(status.has_chunks for status in statuses) else self._stalled_steps + 1
         if self._stalled_steps >= MAX_STALLED_STEPS:
             raise RuntimeError("the cluster made no progress: waiting requests fit in no instance's pool")
 
@@ -135,12 +185,9 @@ class ClusterEngine(LLMEngine):
                     continue
                 self.scheduler.add(Request(request_id, list(prompt_ids), params))
         while True:
+            started = time.perf_counter()
             if self.is_leader:
-                if self._cluster_is_done():
-                    plan = StepPlan(None, stop=True)
-                else:
-                    scheduled, plan = self._schedule_step()
-                    self._check_progress(plan)
+                scheduled, plan = self._schedule_step()
                 plan = self.instance_comm.bcast(plan, root=0)
             else:
                 plan = self.instance_comm.bcast(None, root=0)
@@ -149,6 +196,7 @@ class ClusterEngine(LLMEngine):
             logits = self._run_plan(plan)
             if self.is_leader and plan.inputs is not None:
                 outputs.extend(self.postprocess(scheduled, self.model_runner.sample(scheduled, logits)))
+                self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
         if self.is_leader:
             # One more round hands the last finished requests' blocks back to their creditors.
             self.control.run_round()

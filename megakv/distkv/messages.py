@@ -5,11 +5,14 @@ Small typed records; the MPI transport pickles them, the in-process fake passes 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class BlockRef:
-    """Where one logical block of a request lives: an instance and a physical block id there."""
+class BlockRef(NamedTuple):
+    """Where one logical block of a request lives: an instance and a physical block id there.
+
+    A named tuple rather than a dataclass: tables hold thousands of them and are scanned every step.
+    """
 
     instance_id: int
     block_id: int

@@ -19,9 +19,7 @@ import torch.distributed as dist
 
 from megakv.attention.metadata import AttentionMetadata
 from megakv.distkv.messages import Transfer
-from megakv.kernels.kv_store import store_kv_ref
-from megakv.kernels.merge import merge_partials_ref
-from megakv.kernels.micro_attention import micro_attention_ref
+from megakv.kernels.ops import merge_partials, micro_attention, store_kv
 from megakv.parallel import state
 
 
@@ -119,10 +117,10 @@ class RemoteAttention:
                                               num_writes * self.num_kv_heads * self.head_dim,
                                               num_writes * self.num_kv_heads * self.head_dim])
             query = query.view(served.num_queries, self.num_q_heads, self.head_dim)
-            store_kv_ref(key.view(num_writes, self.num_kv_heads, self.head_dim),
+            store_kv(key.view(num_writes, self.num_kv_heads, self.head_dim),
                          value.view(num_writes, self.num_kv_heads, self.head_dim), key_cache, value_cache,
                          metadata.slot_mapping)
-            out, lse = micro_attention_ref(query, key_cache, value_cache, metadata.block_tables,
+            out, lse = micro_attention(query, key_cache, value_cache, metadata.block_tables,
                                            metadata.query_start_loc, metadata.context_lens, scale)
             reply = torch.cat([out.float().flatten(), lse.flatten()])
             sends.append((reply, _isend(reply, served.debtor, 2 * layer_index + 1)))
@@ -170,7 +168,7 @@ class RemoteAttention:
             lses.append(lse)
         for _, handle in sends:
             handle.wait()
-        merged, _ = merge_partials_ref(torch.stack(outs), torch.stack(lses))
+        merged, _ = merge_partials(torch.stack(outs), torch.stack(lses))
         return merged
 
 

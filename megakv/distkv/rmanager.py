@@ -141,6 +141,10 @@ class RManager:
             counts[creditor] = counts.get(creditor, 0) + len(block_ids)
         return counts
 
+    @property
+    def has_returns(self) -> bool:
+        return bool(self._returns)
+
     def take_returns(self) -> dict[int, list[int]]:
         returns, self._returns = self._returns, {}
         return returns

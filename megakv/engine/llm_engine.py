@@ -6,6 +6,7 @@ The step loop reads like the design: ``schedule()`` -> ``model_runner.execute()`
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
@@ -56,6 +57,8 @@ class LLMEngine:
                            info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
         self.model_runner = ModelRunner(model, kv_cache, self.rmanager, device)
         self._request_counter = itertools.count()
+        # (tokens run, wall seconds) of every step, for monitoring and benchmarks.
+        self.step_log: list[tuple[int, float]] = []
 
     def kv_capacity_blocks(self) -> int:
         """The most blocks one request may ever hold: this instance's pool."""
@@ -92,11 +95,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the requests that finished in it."""
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             raise RuntimeError("scheduler made no progress: no request fits in the KV pool")
         tokens = self.model_runner.execute(scheduled)
-        return self.postprocess(scheduled, tokens)
+        finished = self.postprocess(scheduled, tokens)
+        self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
+        return finished
 
     def postprocess(self, scheduled: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
         finished = []

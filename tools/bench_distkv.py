@@ -1,0 +1,154 @@
+"""DistKV benchmark: longest request per cluster size, and the cost of remote micro-attention.
+
+Prints one JSON object. In one run it measures
+
+* max context: for I = 1, 2, 4 instances with the same per-instance pool and a
+  lending cap of 100%, the longest single request (in KV tokens) that completes,
+  against the physical limit I x pool tokens (without borrowing it stays at 1 x pool);
+* remote overhead: decode tokens/s of one request at a long context held on one
+  instance, against the same context spread over 2 instances (TP=1 each).
+
+    python tools/bench_distkv.py [--context 16384] [--pool-blocks 32] [--decode-tokens 16]
+
+The model is a random LLaMA built here (transformers, fixed seed) and converted with
+tools/convert_checkpoint.py. Each configuration runs under mpirun as a worker
+(``--worker``) that prints its own JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BIN_DIR = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BLOCK_SIZE = 16
+
+
+def build_model(folder: Path, max_positions: int) -> Path:
+    """A random LLaMA (4 KV heads of 64 dims, 2 layers) converted to a megakv checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
+                         initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder / "hf")
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "convert_checkpoint.py"), "--source", "hf",
+                    "--input", str(folder / "hf"), "--output", str(folder / "ckpt"), "--tp", "1"],
+                   check=True, capture_output=True)
+    return folder / "ckpt"
+
+
+def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, new_tokens: int) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(model),
+            "--instances", str(instances), "--pool-blocks", str(pool_blocks), "--prompt-len", str(prompt_len),
+            "--decode-tokens", str(new_tokens)]
+    if instances > 1:
+        argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+                "-n", str(instances), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One configuration, inside mpirun: serve one request and time its decode steps."""
+    import torch
+
+    from megakv.checkpoint.format import read_checkpoint_info
+    from megakv.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from megakv.engine.llm_engine import LLMEngine
+    from megakv.engine.sampling import SamplingParams
+    from megakv.parallel import state
+
+    torch.set_num_threads(1)
+    env = state.init_distributed()
+    state.initialize_model_parallel(1, args.instances)
+    info = read_checkpoint_info(args.model)
+    config = EngineConfig(cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=args.pool_blocks),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=512),
+                          parallel=ParallelConfig(1, args.instances))
+    prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_new_tokens=args.decode_tokens)
+    error = None
+    if args.instances == 1:
+        engine = LLMEngine(info, config, device=env.device)
+        try:
+            output = engine.generate([prompt], [params])[0]
+        except ValueError as err:
+            output = None
+            error = str(err)
+    else:
+        from megakv.distkv.cluster_engine import ClusterEngine
+
+        engine = ClusterEngine(info, config, device=env.device)
+        outputs = engine.serve([("0", prompt, params)] if state.get_instance_id() == 0 else [])
+        output = outputs[0] if outputs else None
+        error = output.error if output is not None else None
+        output = output if output is not None and output.error is None else None
+    if env.rank == 0:
+        decode = [seconds for num_tokens, seconds in engine.step_log if num_tokens == 1]
+        # The first decode step also pays for warm-up; leave it out.
+        timed = decode[1:] or decode
+        print(json.dumps({
+            "completed": output is not None,
+            "error": None if output is not None else error,
+            "kv_tokens": args.prompt_len + args.decode_tokens - 1,
+            "num_remote_blocks": output.placement.num_remote_blocks if output else None,
+            "decode_tokens_per_s": len(timed) / sum(timed) if timed else None,
+        }), flush=True)
+    state.destroy_model_parallel()
+
+
+def max_context(model: Path, instances: int, pool_blocks: int, new_tokens: int) -> dict:
+    """The longest request that completes: the full I x pool fits, one more block does not."""
+    limit = instances * pool_blocks * BLOCK_SIZE
+    fits = run_worker(model, instances, pool_blocks, limit - new_tokens + 1, new_tokens)
+    beyond = run_worker(model, instances, pool_blocks, limit - new_tokens + 1 + BLOCK_SIZE, new_tokens)
+    longest = fits["kv_tokens"] if fits["completed"] else 0
+    return {"instances": instances, "pool_tokens_per_instance": pool_blocks * BLOCK_SIZE,
+            "max_context_tokens": longest, "physical_limit_tokens": limit,
+            "ratio_to_physical_limit": longest / limit, "one_block_more_rejected": not beyond["completed"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=16384, help="context of the remote-overhead run")
+    parser.add_argument("--pool-blocks", type=int, default=32, help="per-instance pool of the max-context runs")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--instances-list", default="1,2,4")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--instances", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-len", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_model(Path(folder), max_positions=max(args.context * 2, 8192))
+        results = {"block_size": BLOCK_SIZE, "max_context": [
+            max_context(model, int(n), args.pool_blocks, 4) for n in args.instances_list.split(",")]}
+        context_blocks = -(-(args.context + args.decode_tokens) // BLOCK_SIZE)
+        local = run_worker(model, 1, context_blocks + 4, args.context, args.decode_tokens)
+        # Two instances whose pools each hold a bit more than half the context: it must spread.
+        spread = run_worker(model, 2, context_blocks // 2 + 4, args.context, args.decode_tokens)
+        results["remote_overhead"] = {
+            "context": args.context, "local_decode_tokens_per_s": local["decode_tokens_per_s"],
+            "spread_decode_tokens_per_s": spread["decode_tokens_per_s"],
+            "spread_num_remote_blocks": spread["num_remote_blocks"],
+            "slowdown": local["decode_tokens_per_s"] / spread["decode_tokens_per_s"]}
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
