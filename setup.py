@@ -23,7 +23,7 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "deepspeed", "triton"],
+        "test": ["pytest", "hypothesis", "transformers", "deepspeed", "triton", "megatron-core"],
     },
     entry_points={"console_scripts": ["megakv = megakv.cli:main"]},
 )

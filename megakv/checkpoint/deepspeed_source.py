@@ -13,8 +13,10 @@ tag folder or the checkpoint root, or named with ``--hf-config``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +65,11 @@ class DeepSpeedReader:
         if sorted(self.path.glob(ZERO_OPTIM_PATTERN)):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            # Lazy: each entry materialises with .contiguous() when its layer is read.
-            self._weights = get_fp32_state_dict_from_zero_checkpoint(str(self.path.parent), tag=self.path.name,
-                                                                     lazy_mode=True)
+            # Lazy: each entry materialises with .contiguous() when its layer is read. Its progress prints
+            # go to stderr so stdout stays the converter's own.
+            with contextlib.redirect_stdout(sys.stderr):
+                self._weights = get_fp32_state_dict_from_zero_checkpoint(str(self.path.parent),
+                                                                         tag=self.path.name, lazy_mode=True)
         else:
             self._weights = states["module"]
         self._weights = {name.removeprefix("module."): weight for name, weight in self._weights.items()}

@@ -5,11 +5,11 @@
 Writes ``OUT_DIR/legacy`` (``iter_0000010/mp_rank_0R/model_optim_rng.pt`` and
 ``latest_checkpointed_iteration.txt``), ``OUT_DIR/torch_dist`` (``iter_0000010/``
 written by ``megatron.core.dist_checkpointing``) and ``OUT_DIR/logits.pt``: the
-full-vocabulary logits of Megatron's own forward pass over the prompt.
+full-vocabulary logits of Megatron's own forward pass over the prompt, and
+``OUT_DIR/greedy.json``: the tokens its greedy decoding appends to the prompt.
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ DIMS = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_head
 VOCAB_SIZE = 302
 MAX_POSITIONS = 128
 ROTARY_BASE = 10000
+NUM_GREEDY_TOKENS = 6  # as tests/checkpoint/conftest.py
 
 
 def patch_cuda_calls() -> None:
@@ -49,6 +50,15 @@ def build_model(interleaved: bool, tied: bool):
             if "layernorm" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def forward(model, token_ids: list[int]) -> torch.Tensor:
+    """Megatron's own forward pass: [S, vocab] logits, with an explicit causal mask (its default is on CUDA)."""
+    tokens = torch.tensor([token_ids])
+    positions = torch.arange(len(token_ids)).unsqueeze(0)
+    causal_mask = torch.triu(torch.ones(1, 1, len(token_ids), len(token_ids), dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        return model(tokens, positions, causal_mask)[0].clone()  # [S, vocab]
 
 
 def checkpoint_args(interleaved: bool, tied: bool) -> argparse.Namespace:
@@ -100,16 +110,16 @@ def main() -> None:
                             str(dist_dir))
 
     prompt = json.loads(Path(args.prompt_json).read_text())
-    tokens = torch.tensor([prompt])
-    positions = torch.arange(len(prompt)).unsqueeze(0)
-    causal_mask = torch.triu(torch.ones(1, 1, len(prompt), len(prompt), dtype=torch.bool), diagonal=1)
-    with torch.no_grad():
-        logits = model(tokens, positions, causal_mask)  # [1, S, vocab]
+    logits = forward(model, prompt)
+    greedy = list(prompt)
+    for _ in range(NUM_GREEDY_TOKENS):  # no KV cache: re-run the whole sequence each step
+        greedy.append(int(forward(model, greedy)[-1].argmax()))
     if env.rank == 0:
-        torch.save(logits[0].clone(), out / "logits.pt")
+        torch.save(logits, out / "logits.pt")
+        (out / "greedy.json").write_text(json.dumps(greedy[len(prompt):]))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
-    os._exit(0)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
