@@ -1,4 +1,4 @@
-"""Shared fixtures: launching mpirun jobs from tests."""
+"""Shared fixtures: launching mpirun jobs, tiny Hugging Face reference models, converted checkpoints."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, that is when a megakv.kernels module is
+# first imported: set it before any test imports one, so that without a GPU the kernels run in the interpreter.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 BIN_DIR = Path(sys.executable).parent
 

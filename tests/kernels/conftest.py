@@ -1,26 +1,9 @@
-"""Kernel tests run the Triton kernels in the interpreter on CPU (TRITON_INTERPRET=1), natively on a GPU.
-
-Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, i.e. when a megakv.kernels module
-is imported (importing triton itself earlier does not matter). So the variable is set here, before the test
-modules import the kernels, and kernel modules that an earlier test directory already imported are
-reloaded so that their kernels are decorated again in interpreter mode.
-"""
+"""Kernel test helpers. The Triton kernels run natively on a GPU and in the interpreter on CPU
+(tests/conftest.py sets TRITON_INTERPRET=1 before anything imports them)."""
 from __future__ import annotations
-
-import importlib
-import os
-import sys
 
 import pytest
 import torch
-
-KERNEL_MODULES = ("megakv.kernels.micro_attention", "megakv.kernels.merge", "megakv.kernels.kv_store")
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
-    for name in KERNEL_MODULES:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
