@@ -1,43 +1,23 @@
-"""Session fixtures: checkpoints written by the real training frameworks, and helpers to compare with them.
+"""Session fixtures: checkpoints written by the real training frameworks.
 
 Megatron-core (TP=2, gloo) and DeepSpeed (ZeRO-0/1 on 2 data-parallel ranks, gloo)
 run under mpirun once per session; each fixture folder holds the checkpoint and the
-framework's own logits and greedy tokens on :data:`PROMPT`. Nothing is committed.
+framework's own logits and greedy tokens on ``framework_oracle.PROMPT``. Nothing is committed.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
-from megakv.checkpoint.format import CheckpointInfo
-from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
-from megakv.engine.llm_engine import LLMEngine
-from megakv.engine.sampling import SamplingParams
+from framework_oracle import PROMPT, run_mpirun
 
 HERE = Path(__file__).resolve().parent
-BIN_DIR = Path(sys.executable).parent
-# Every id below the fixtures' smallest vocabulary (301), long enough to span a 16-token rBlock.
-PROMPT = [5, 17, 250, 3, 99, 300, 0, 42, 7, 123, 64, 1, 200, 31, 8, 77, 150, 2, 260, 11]
-NUM_GREEDY_TOKENS = 6
 # Megatron fixture variants: worker flags. "halves": rotary_interleaved=False, untied output layer.
 MEGATRON_VARIANTS = {"halves_untied": [], "interleaved_tied": ["--interleaved", "--tied"]}
-
-
-def run_mpirun(num_ranks: int, argv: list[str], timeout: float = 300) -> None:
-    """Run ``argv`` on ``num_ranks`` local MPI ranks; fail the test with the output on a non-zero exit."""
-    command = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-               "-n", str(num_ranks), *argv]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        pytest.fail(f"mpirun exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -77,31 +57,3 @@ def deepspeed_fixture(tmp_path_factory, prompt_file) -> Callable[[int], Path]:
         return cache[stage]
 
     return get
-
-
-def framework_outputs(fixture_dir: Path) -> tuple[torch.Tensor, list[int]]:
-    """The framework's own [len, vocab] logits on PROMPT and its greedy continuation."""
-    return torch.load(fixture_dir / "logits.pt"), json.loads((fixture_dir / "greedy.json").read_text())
-
-
-def megakv_outputs(info: CheckpointInfo) -> tuple[torch.Tensor, list[int]]:
-    """megakv's logits on PROMPT and greedy continuation, in this process (TP=1)."""
-    engine = LLMEngine(info, EngineConfig(cache=CacheConfig(block_size=16, num_blocks=16),
-                                          scheduler=SchedulerConfig(max_num_batched_tokens=64)))
-    logits = engine.prompt_logits(PROMPT)
-    params = SamplingParams(max_new_tokens=NUM_GREEDY_TOKENS, ignore_eos=True)
-    return logits, engine.generate([PROMPT], [params])[0].token_ids
-
-
-def check_matches_framework(info: CheckpointInfo, fixture_dir: Path) -> None:
-    """megakv on the converted checkpoint gives the framework's logits (fp32, atol 1e-4) and greedy tokens."""
-    expected_logits, expected_greedy = framework_outputs(fixture_dir)
-    logits, greedy = megakv_outputs(info)
-    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
-    assert greedy == expected_greedy
-
-
-@pytest.fixture
-def matches_framework() -> Callable[[CheckpointInfo, Path], None]:
-    """``matches_framework(info, fixture_dir)``: assert megakv reproduces the framework's outputs."""
-    return check_matches_framework

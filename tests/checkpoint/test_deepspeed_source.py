@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from framework_oracle import check_matches_framework
 from megakv.checkpoint.convert import convert_checkpoint
 from megakv.checkpoint.format import CheckpointError
 from megakv.checkpoint.options import SourceOptions
@@ -18,14 +19,14 @@ pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-def test_deepspeed_logits_equal_deepspeed_tp1(deepspeed_fixture, matches_framework, tmp_path, stage):
+def test_deepspeed_logits_equal_deepspeed_tp1(deepspeed_fixture, tmp_path, stage):
     fixture = deepspeed_fixture(stage)
     assert bool(list((fixture / "ckpt" / "global_step1").glob("*optim_states.pt"))) == (stage == 1)
     info = convert_checkpoint("deepspeed", fixture / "ckpt", tmp_path / "out", 1)
-    matches_framework(info, fixture)
+    check_matches_framework(info, fixture)
 
 
-def test_deepspeed_tag_and_hf_config_flags(deepspeed_fixture, matches_framework, tmp_path):
+def test_deepspeed_tag_and_hf_config_flags(deepspeed_fixture, tmp_path):
     fixture = deepspeed_fixture(1)
     root = tmp_path / "ckpt"
     shutil.copytree(fixture / "ckpt", root)
@@ -37,4 +38,4 @@ def test_deepspeed_tag_and_hf_config_flags(deepspeed_fixture, matches_framework,
     with pytest.raises(CheckpointError, match="--hf-config"):
         convert_checkpoint("deepspeed", root, tmp_path / "out", 1, options=SourceOptions(tag="global_step1"))
     options = SourceOptions(tag="global_step1", hf_config=config)
-    matches_framework(convert_checkpoint("deepspeed", root, tmp_path / "out", 1, options=options), fixture)
+    check_matches_framework(convert_checkpoint("deepspeed", root, tmp_path / "out", 1, options=options), fixture)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from framework_oracle import check_matches_framework
 from megakv.checkpoint.convert import convert_checkpoint
 from megakv.checkpoint.format import CheckpointError
 from megakv.checkpoint.options import SourceOptions
@@ -37,25 +38,25 @@ def save_rank(root: Path, rank_dir: str, state: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("layout", ["legacy", "torch_dist"])
 @pytest.mark.parametrize("variant", ["halves_untied", "interleaved_tied"])
-def test_megatron_logits_equal_megatron_tp1(megatron_fixture, matches_framework, tmp_path, variant, layout):
+def test_megatron_logits_equal_megatron_tp1(megatron_fixture, tmp_path, variant, layout):
     fixture = megatron_fixture(variant)
     info = convert_checkpoint("megatron", fixture / layout, tmp_path / "out", 1)
     assert info.model.tie_word_embeddings == (variant == "interleaved_tied")
     assert (info.model.num_attention_heads, info.model.num_kv_heads) == (8, 2)
-    matches_framework(info, fixture)
+    check_matches_framework(info, fixture)
 
 
-def test_megatron_iteration_flag_and_iteration_folder(megatron_fixture, matches_framework, tmp_path):
+def test_megatron_iteration_flag_and_iteration_folder(megatron_fixture, tmp_path):
     fixture = megatron_fixture("halves_untied")
     info = convert_checkpoint("megatron", fixture / "legacy", tmp_path / "a", 1, options=SourceOptions(iteration=10))
-    matches_framework(info, fixture)
+    check_matches_framework(info, fixture)
     info = convert_checkpoint("megatron", fixture / "legacy" / "iter_0000010", tmp_path / "b", 1)
-    matches_framework(info, fixture)
+    check_matches_framework(info, fixture)
     with pytest.raises(CheckpointError, match="no iter_0000020 folder"):
         convert_checkpoint("megatron", fixture / "legacy", tmp_path / "c", 1, options=SourceOptions(iteration=20))
 
 
-def test_megatron_pipeline_stages_merge(megatron_fixture, matches_framework, tmp_path):
+def test_megatron_pipeline_stages_merge(megatron_fixture, tmp_path):
     """TP=2 x PP=2: stage 0 holds the embedding and layers 0-1, stage 1 layers 2-3 (numbered 0-1 locally)."""
     fixture = megatron_fixture("halves_untied")
     root = tmp_path / "pp2"
@@ -72,7 +73,7 @@ def test_megatron_pipeline_stages_merge(megatron_fixture, matches_framework, tmp
                 stages[0 if name.startswith("embedding") else 1][name] = tensor
         for stage, model in enumerate(stages):
             save_rank(root, f"mp_rank_{tp_rank:02d}_{stage:03d}", dict(state, model=model))
-    matches_framework(convert_checkpoint("megatron", root, tmp_path / "out", 1), fixture)
+    check_matches_framework(convert_checkpoint("megatron", root, tmp_path / "out", 1), fixture)
 
 
 MEGATRON_LM_NAMES = [
@@ -91,7 +92,7 @@ MEGATRON_LM_NAMES = [
 ]
 
 
-def test_megatron_lm_legacy_names(megatron_fixture, matches_framework, tmp_path):
+def test_megatron_lm_legacy_names(megatron_fixture, tmp_path):
     """Legacy (non-core) Megatron-LM names, nested as its state_dict_for_save_checkpoint nests them."""
     fixture = megatron_fixture("halves_untied")
     root = tmp_path / "megatron-lm"
@@ -110,10 +111,10 @@ def test_megatron_lm_legacy_names(megatron_fixture, matches_framework, tmp_path)
             else:
                 language_model["output_layer"] = {"weight": tensor}
         save_rank(root, f"mp_rank_{tp_rank:02d}", dict(state, model={"language_model": language_model}))
-    matches_framework(convert_checkpoint("megatron", root, tmp_path / "out", 1), fixture)
+    check_matches_framework(convert_checkpoint("megatron", root, tmp_path / "out", 1), fixture)
 
 
-def test_megatron_without_args_needs_model_args(megatron_fixture, matches_framework, tmp_path):
+def test_megatron_without_args_needs_model_args(megatron_fixture, tmp_path):
     fixture = megatron_fixture("interleaved_tied")
     root = tmp_path / "no-args"
     for tp_rank in range(2):
@@ -126,7 +127,7 @@ def test_megatron_without_args_needs_model_args(megatron_fixture, matches_framew
     model_args = {"num_attention_heads": 8, "num_query_groups": 2, "rotary_interleaved": True,
                   "norm_epsilon": 1e-5}
     info = convert_checkpoint("megatron", root, tmp_path / "out", 1, options=SourceOptions(model_args=model_args))
-    matches_framework(info, fixture)
+    check_matches_framework(info, fixture)
 
 
 def test_megatron_dtype_flag(megatron_fixture, tmp_path):
