@@ -3,7 +3,8 @@
 Layout (``engine.save_checkpoint``): ``CKPT_ROOT/latest`` names the tag folder
 (``global_stepN``, or ``--tag``), which holds ``mp_rank_00_model_states.pt`` (the
 wrapped module's state dict under ``module``) and, with ZeRO, the optimizer
-partitions ``*zero_pp_rank_R_mp_rank_00_optim_states.pt``. With ZeRO the fp32 master
+partitions ``*zero_pp_rank_R_mp_rank_00_optim_states.pt`` (ZeRO-3 names its module file
+``zero_pp_rank_0_mp_rank_00_model_states.pt``). With ZeRO the fp32 master
 weights are the truth (stage 3 leaves ``module`` empty), so they are rebuilt by
 DeepSpeed's own ``zero_to_fp32`` in lazy mode: each tensor materialises only when
 its layer is read. Without ZeRO the module file is opened with ``mmap=True``.
@@ -30,7 +31,14 @@ from megakv.config import ModelConfig
 
 LATEST_FILE = "latest"
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one per data-parallel rank
 ZERO_OPTIM_PATTERN = "*zero_pp_rank_*_optim_states.pt"
+
+
+def model_states_file(folder: Path) -> Path | None:
+    """The module-states file of a tag folder (ZeRO-0/1/2 or ZeRO-3 naming), or None."""
+    return next((folder / name for name in (MODEL_STATES.format(0), ZERO3_MODEL_STATES)
+                 if (folder / name).is_file()), None)
 
 
 def tag_folder(root: Path, tag: str | None) -> Path:
@@ -38,14 +46,14 @@ def tag_folder(root: Path, tag: str | None) -> Path:
     if not root.is_dir():
         raise CheckpointError(f"input folder {root} does not exist")
     if tag is None:
-        if (root / MODEL_STATES.format(0)).is_file():
+        if model_states_file(root) is not None:
             return root
         if not (root / LATEST_FILE).is_file():
             raise CheckpointError(f"{root} is not a DeepSpeed checkpoint: looked for a '{LATEST_FILE}' file and "
                                   f"TAG/{MODEL_STATES.format(0)} (pass --tag when there is no '{LATEST_FILE}')")
         tag = (root / LATEST_FILE).read_text().strip()
     folder = root / tag
-    if not (folder / MODEL_STATES.format(0)).is_file():
+    if model_states_file(folder) is None:
         raise CheckpointError(f"DeepSpeed checkpoint {root} is missing rank file {tag}/{MODEL_STATES.format(0)}")
     return folder
 
@@ -57,12 +65,12 @@ class DeepSpeedReader:
         root = Path(path)
         self.path = tag_folder(root, options.tag)
         self.config = self._read_config(root, options.hf_config)
-        states = torch.load(self.path / MODEL_STATES.format(0), map_location="cpu", mmap=True, weights_only=False)
+        states = torch.load(model_states_file(self.path), map_location="cpu", mmap=True, weights_only=False)
         if states.get("mp_world_size", 1) != 1:
             raise CheckpointError(f"DeepSpeed checkpoint {self.path} is model-parallel "
                                   f"(mp_world_size={states['mp_world_size']}); megakv reads DeepSpeed checkpoints "
                                   f"of a whole Hugging Face module (use --source megatron for Megatron-DeepSpeed)")
-        if sorted(self.path.glob(ZERO_OPTIM_PATTERN)):
+        if any(self.path.glob(ZERO_OPTIM_PATTERN)):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             # Lazy: each entry materialises with .contiguous() when its layer is read. Its progress prints

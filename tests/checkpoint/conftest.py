@@ -1,6 +1,6 @@
 """Session fixtures: checkpoints written by the real training frameworks.
 
-Megatron-core (TP=2, gloo) and DeepSpeed (ZeRO-0/1 on 2 data-parallel ranks, gloo)
+Megatron-core (TP=2, gloo) and DeepSpeed (ZeRO-0 to 3 on 2 data-parallel ranks, gloo)
 run under mpirun once per session; each fixture folder holds the checkpoint and the
 framework's own logits and greedy tokens on ``framework_oracle.PROMPT``. Nothing is committed.
 """

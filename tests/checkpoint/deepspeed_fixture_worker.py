@@ -45,14 +45,15 @@ def main(out_dir: str, prompt_json: str, stage: str) -> None:
     engine.step()
     root = Path(out_dir) / "ckpt"
     engine.save_checkpoint(str(root))
+    # Every rank runs the forward passes: under ZeRO-3 each one gathers parameters from all ranks.
+    prompt = json.loads(Path(prompt_json).read_text())
+    with torch.no_grad():
+        logits = engine.module(torch.tensor([prompt])).logits[0]
+        greedy = list(prompt)
+        for _ in range(NUM_GREEDY_TOKENS):
+            greedy.append(int(engine.module(torch.tensor([greedy])).logits[0, -1].argmax()))
     if env.rank == 0:
         model.config.save_pretrained(root)
-        prompt = json.loads(Path(prompt_json).read_text())
-        with torch.no_grad():
-            logits = engine.module(torch.tensor([prompt])).logits[0]
-            greedy = list(prompt)
-            for _ in range(NUM_GREEDY_TOKENS):
-                greedy.append(int(engine.module(torch.tensor([greedy])).logits[0, -1].argmax()))
         torch.save(logits.float().clone(), Path(out_dir) / "logits.pt")
         (Path(out_dir) / "greedy.json").write_text(json.dumps(greedy[len(prompt):]))
     torch.distributed.barrier()
