@@ -91,6 +91,8 @@ class Transfer:
     src_block: int
     dst_instance: int
     dst_block: int
+    # Position of the move in the cluster-wide plan: both ends tag the copy with it.
+    plan_index: int
 
 
 @dataclass(frozen=True)

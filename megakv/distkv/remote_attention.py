@@ -181,13 +181,15 @@ def execute_transfers(transfers: list[Transfer], key_cache: torch.Tensor, value_
     key_cache/value_cache: [num_layers, num_blocks, Hkv, block_size, D].
     """
     sends, receives = [], []
-    for index, transfer in enumerate(transfers):
+    for transfer in transfers:
         if transfer.src_instance == instance_id:
             payload = torch.stack([key_cache[:, transfer.src_block], value_cache[:, transfer.src_block]]).contiguous()
-            sends.append((payload, _isend(payload, transfer.dst_instance, TRANSFER_TAG_BASE + index)))
+            tag = TRANSFER_TAG_BASE + transfer.plan_index
+            sends.append((payload, _isend(payload, transfer.dst_instance, tag)))
         if transfer.dst_instance == instance_id:
             buffer = torch.empty_like(torch.stack([key_cache[:, 0], value_cache[:, 0]]))
-            receives.append((transfer, buffer, _irecv(buffer, transfer.src_instance, TRANSFER_TAG_BASE + index)))
+            tag = TRANSFER_TAG_BASE + transfer.plan_index
+            receives.append((transfer, buffer, _irecv(buffer, transfer.src_instance, tag)))
     for transfer, buffer, handle in receives:
         handle.wait()
     for transfer, buffer, _ in receives:

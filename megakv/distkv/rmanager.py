@@ -169,7 +169,7 @@ class RManager:
         """Apply this instance's part of a DGFM move plan and record the block copies it takes part in."""
         me = self.instance_id
         self.transfers = []
-        for relocation in relocations:
+        for plan_index, relocation in enumerate(relocations):
             old, new = relocation.old, relocation.new
             if relocation.owner == me:
                 table = self._tables[relocation.request_id]
@@ -184,4 +184,5 @@ class RManager:
                 if not any(other.new == old for other in relocations):
                     self.pool.free([old.block_id])
             if me in (old.instance_id, new.instance_id):
-                self.transfers.append(Transfer(old.instance_id, old.block_id, new.instance_id, new.block_id))
+                self.transfers.append(Transfer(old.instance_id, old.block_id, new.instance_id, new.block_id,
+                                               plan_index))

@@ -1,6 +1,8 @@
 """Property tests of rManager / gManager / ledger / DGFM with the in-process transport."""
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,8 +15,22 @@ from megakv.kvcache.block_pool import BlockPool
 BLOCK_SIZE = 4
 
 
+def check_transfers_agree(rmanagers: list[RManager]) -> None:
+    """Both ends of every DGFM copy hold the same record of it (they tag the copy with its plan index)."""
+    by_index: dict[int, list] = {}
+    for rm in rmanagers:
+        for transfer in rm.transfers:
+            assert rm.instance_id in (transfer.src_instance, transfer.dst_instance)
+            by_index.setdefault(transfer.plan_index, []).append(transfer)
+    for records in by_index.values():
+        assert len(records) == 2, records
+        src_view, dst_view = sorted(records, key=lambda t: t.dst_block)
+        assert dataclasses.replace(src_view, dst_block=dst_view.dst_block) == dst_view
+
+
 def check_invariants(cluster: InProcessCluster) -> None:
     rmanagers = [node.rmanager for node in cluster.nodes]
+    check_transfers_agree(rmanagers)
     for creditor in rmanagers:
         owners: dict[int, str] = {}
         for rm in rmanagers:
