@@ -164,6 +164,15 @@ def launcher_rank() -> int:
     return 0
 
 
+def abort_other_ranks(status: int) -> None:
+    """Stop every rank of an MPI job: the others may be waiting in a collective this rank never reaches."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``megakv`` console command."""
     args = build_parser().parse_args(argv)
@@ -171,8 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         from megakv.generate import run_generate
         status = run_generate(args)
     except (ValueError, RuntimeError, OSError) as err:
-        if launcher_rank() == 0 or getattr(err, "rank_local", False):
-            print(f"megakv: error: {err}", file=sys.stderr)
+        rank_local = getattr(err, "rank_local", False)
+        if launcher_rank() == 0 or rank_local:
+            print(f"megakv: error: {err}", file=sys.stderr, flush=True)
+        if rank_local:
+            abort_other_ranks(2)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -16,7 +16,7 @@ from megakv.tokenizer import TextTokenizer
 
 
 class RankLocalError(RuntimeError):
-    """An error only this rank saw (its own shard, say): every rank reports its own."""
+    """An error only some ranks saw (a rank's own shard, say): each reports its own, and the job is aborted."""
 
     rank_local = True
 
@@ -110,7 +110,11 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             mine = [(str(index), prompt, request_params) for index, (prompt, request_params, instance)
                     in enumerate(zip(prompts, params, instances)) if instance == state.get_instance_id()]
-            outputs = engine.serve(mine)
+            try:
+                outputs = engine.serve(mine)
+            except (ValueError, RuntimeError) as err:
+                # Raised on some ranks only (the leaders, say): the others must be stopped too.
+                raise RankLocalError(f"[rank {env.rank}] {err}") from err
             gathered = engine.leaders_comm.gather(outputs, root=0) if engine.is_leader else None
             report = engine.cluster_report()
             if gathered is not None:

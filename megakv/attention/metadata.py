@@ -25,7 +25,3 @@ class AttentionMetadata:
     # Cross-instance micro-attentions of this step (megakv.distkv.remote_attention.RemoteAttention),
     # or None when every block the batch touches is local.
     remote: Any = None
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)

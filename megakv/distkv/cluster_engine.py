@@ -30,7 +30,7 @@ from megakv.engine.scheduler import SchedulerOutput
 from megakv.parallel import state
 
 # Steps in a row in which no instance could run anything before the cluster gives up.
-MAX_STALLED_STEPS = 3
+MAX_STALLED_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,10 @@ class LeaderStatus:
     """What each leader tells the others at the start of a step."""
 
     unfinished: bool
-    # Whether this instance scheduled tokens of its own this step.
-    has_chunks: bool
+    # Whether this instance ran tokens of its own in the previous step.
+    ran_last_step: bool
+    # Whether a request of this instance is waiting for room the cluster could not lend.
+    has_requests_waiting_for_room: bool
     # Blocks to borrow or to hand back: the control round must run.
     needs_round: bool
     num_lendable_blocks: int
@@ -80,6 +82,8 @@ class ClusterEngine(LLMEngine):
             self.control = ControlNode(self.rmanager, self.transport, self.gmanager,
                                        config.distkv.max_moves_per_step)
         self._stalled_steps = 0
+        # Starts True: the first step has not had the chance to run anything yet.
+        self._ran_last_step = True
 
     def kv_capacity_blocks(self) -> int:
         """This pool plus what every other instance may lend (same pool size and cap everywhere)."""
@@ -88,13 +92,20 @@ class ClusterEngine(LLMEngine):
 
     # -- the leader's side of a step ------------------------------------------------------------------
 
-    def _status(self, scheduled: SchedulerOutput, inputs: StepInputs | None) -> LeaderStatus:
-        rmanager = self.rmanager
-        return LeaderStatus(unfinished=self.scheduler.has_unfinished(), has_chunks=bool(scheduled.chunks),
+    @property
+    def _num_reserved_blocks(self) -> int:
+        """Free blocks kept for the running requests' next growth: one each."""
+        return len(self.scheduler.running)
+
+    def _status(self, inputs: StepInputs | None) -> LeaderStatus:
+        rmanager, scheduler = self.rmanager, self.scheduler
+        waiting_for_room = any(r.waits_for_room for r in (*scheduler.waiting, *scheduler.running))
+        return LeaderStatus(unfinished=scheduler.has_unfinished(), ran_last_step=self._ran_last_step,
+                            has_requests_waiting_for_room=waiting_for_room,
                             needs_round=bool(rmanager.pending_needs() or rmanager.has_returns),
                             num_lendable_blocks=rmanager.num_lendable_blocks,
                             holds_remote_blocks=bool(rmanager.remote_block_counts()),
-                            free_room=rmanager.num_free_blocks - len(self.scheduler.running),
+                            free_room=rmanager.num_free_blocks - self._num_reserved_blocks,
                             served=inputs.served_by_creditor if inputs is not None else {})
 
     def _round_needed(self, statuses: list[LeaderStatus]) -> bool:
@@ -116,24 +127,29 @@ class ClusterEngine(LLMEngine):
         scheduled = self.scheduler.schedule()
         ready = scheduled.chunks and not self.rmanager.pending_needs()
         inputs = self.model_runner.prepare(scheduled) if ready else None
-        statuses = self.leaders_comm.allgather(self._status(scheduled, inputs))
+        statuses = self.leaders_comm.allgather(self._status(inputs))
         if not any(status.unfinished for status in statuses):
             return scheduled, StepPlan(None, stop=True)
         self._check_progress(statuses)
+        # Requests the cluster could not lend to go one instance at a time, lowest id first, so that
+        # two of them never keep preempting each other.
+        self.scheduler.hold_requests_waiting_for_room = any(
+            status.has_requests_waiting_for_room for status in statuses[:self.instance_id])
         self.rmanager.borrowable_estimate = sum(status.num_lendable_blocks for index, status in enumerate(statuses)
                                                 if index != self.instance_id)
         self.rmanager.transfers = []
         if not self._round_needed(statuses):
             incoming = [status.served[self.instance_id] for status in statuses if self.instance_id in status.served]
         else:
-            self.control.run_round(num_reserved_blocks=len(self.scheduler.running))
+            self.control.run_round(num_reserved_blocks=self._num_reserved_blocks)
             for chunk in scheduled.chunks:
                 if self.rmanager.has_pending(chunk.request.request_id):
                     # The cluster had less room than the estimate: retry the request later.
+                    chunk.request.waits_for_room = True
                     self.scheduler.preempt(chunk.request)
-            chunks = [chunk for chunk in scheduled.chunks if chunk.request in self.scheduler.running]
-            scheduled = SchedulerOutput(chunks, scheduled.preempted)
-            inputs = self.model_runner.prepare(scheduled) if chunks else None
+            scheduled = SchedulerOutput([chunk for chunk in scheduled.chunks
+                                         if chunk.request in self.scheduler.running])
+            inputs = self.model_runner.prepare(scheduled) if scheduled.chunks else None
             for creditor, served in (inputs.served_by_creditor.items() if inputs else ()):
                 self.transport.post(creditor, served)
             incoming = [message for message in self.transport.exchange() if isinstance(message, ServedQueries)]
@@ -142,10 +158,11 @@ class ClusterEngine(LLMEngine):
                                                  for ref in self.rmanager.block_table(chunk.request.request_id))
         if inputs is not None:
             inputs.served_by_creditor = {}
+        self._ran_last_step = inputs is not None
         return scheduled, StepPlan(inputs, incoming, list(self.rmanager.transfers))
 
     def _check_progress(self, statuses: list[LeaderStatus]) -> None:
-        self._stalled_steps = 0 if any(status.has_chunks for status in statuses) else self._stalled_steps + 1
+        self._stalled_steps = 0 if any(status.ran_last_step for status in statuses) else self._stalled_steps + 1
         if self._stalled_steps >= MAX_STALLED_STEPS:
             raise RuntimeError("the cluster made no progress: waiting requests fit in no instance's pool")
 

@@ -86,9 +86,10 @@ class ControlNode:
     def run_round(self, num_reserved_blocks: int = 0) -> None:
         """Run every phase, exchanging messages in between (each instance calls this in lockstep)."""
         inbox: list = []
-        for index, phase in enumerate(self.phases(num_reserved_blocks)):
+        phases = self.phases(num_reserved_blocks)
+        for index, phase in enumerate(phases):
             phase(inbox)
-            inbox = self.transport.exchange() if index < 4 else []
+            inbox = self.transport.exchange() if index < len(phases) - 1 else []
 
 
 class InProcessCluster:

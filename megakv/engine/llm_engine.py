@@ -149,7 +149,7 @@ class LLMEngine:
                 num_tokens = min(budget, len(prompt_ids) - start)
                 self.rmanager.grow(request.request_id, start + num_tokens)
                 chunk = ScheduledChunk(request, start, num_tokens)
-                rows.append(self.model_runner.compute_logits(SchedulerOutput([chunk], []), every_token=True))
+                rows.append(self.model_runner.compute_logits(SchedulerOutput([chunk]), every_token=True))
         finally:
             self.rmanager.free(request.request_id)
         return torch.cat(rows)

@@ -8,6 +8,8 @@ from megakv.engine.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    """Where a request is in its life."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -27,6 +29,9 @@ class Request:
     finish_reason: str | None = None
     # Instances that have held blocks of this request.
     block_instances: set[int] = field(default_factory=set)
+    # Set when the cluster could not lend the blocks it needed: such requests are admitted in a
+    # cluster-wide order (see megakv.distkv.cluster_engine) so that two cannot starve each other.
+    waits_for_room: bool = False
 
     @property
     def token_ids(self) -> list[int]:
@@ -35,11 +40,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def max_kv_tokens(self) -> int:
-        """Tokens whose K/V the request may ever store (the last generated token is never fed back)."""
-        return len(self.prompt_ids) + self.params.max_new_tokens - 1
 
 
 @dataclass(frozen=True)

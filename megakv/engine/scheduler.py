@@ -35,8 +35,6 @@ class SchedulerOutput:
     """What one step runs, in batch order."""
 
     chunks: list[ScheduledChunk]
-    # Requests that lost their blocks this step and will be recomputed.
-    preempted: list[Request]
 
     @property
     def num_tokens(self) -> int:
@@ -51,14 +49,19 @@ class Scheduler:
         self.rmanager = rmanager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # When set, a request that waits for room in the cluster stays queued (another instance goes first).
+        self.hold_requests_waiting_for_room = False
 
     def add(self, request: Request) -> None:
+        """Queue a new request."""
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
+        """True while any request waits or runs."""
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks: running requests first, then admit waiting ones."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
@@ -75,6 +78,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.waits_for_room and self.hold_requests_waiting_for_room:
+                break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new):
                 break
@@ -84,7 +89,7 @@ class Scheduler:
             self.running.append(request)
             chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
             budget -= num_new
-        return SchedulerOutput(chunks, preempted)
+        return SchedulerOutput(chunks)
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
         """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""

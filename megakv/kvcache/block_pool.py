@@ -39,9 +39,6 @@ class BlockPool:
     def is_free(self, block_id: int) -> bool:
         return self._is_free[block_id]
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free_block_ids)
-
     def allocate(self, num_blocks: int) -> list[int]:
         """Take ``num_blocks`` free blocks; all or nothing."""
         if num_blocks > len(self._free_block_ids):

@@ -97,3 +97,15 @@ def test_cluster_wrong_rank_count_errors_before_loading(megakv_checkpoint, run_m
                        "--instances", "2", "--prompt-ids", "1,2"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "world size 3 does not fit --tp 2 x --instances 2: launch 4 ranks" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_cluster_two_requests_that_fit_only_one_at_a_time_both_complete(hf_llama, megakv_checkpoint, hf_greedy,
+                                                                          run_mpi, tmp_path):
+    # Each needs 16 of the cluster's 20 blocks: together they cannot fit, so they must take turns.
+    prompts = [random_prompt(220, seed=6), random_prompt(220, seed=7)]
+    records, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2,
+                                     [{"prompt_ids": prompts[0], "instance": 0},
+                                      {"prompt_ids": prompts[1], "instance": 1}])
+    assert [r["token_ids"] for r in records] == hf_greedy(hf_llama("gqa"), prompts, MAX_NEW_TOKENS)
+    assert_cluster_clean(report, 2)
