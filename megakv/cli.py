@@ -45,6 +45,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``megakv`` argument parser."""
     parser = argparse.ArgumentParser(prog="megakv", description="megakv: distributed-KV LLM inference")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate tokens for one or more prompts")
@@ -89,6 +90,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
                          f"(known: {', '.join(sorted(DEFAULTS))})")
     options = dict(DEFAULTS, **from_file)
     options.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None})
+    if not isinstance(options["ignore_eos"], bool):
+        raise UsageError(f"ignore_eos must be true or false, got {options['ignore_eos']!r}")
     return options
 
 
@@ -107,6 +110,7 @@ PROMPT_OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
 
 def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
+    """The prompts of --prompt-ids, --prompt or --prompts-file, checked line by line."""
     if args.prompt_ids is not None:
         try:
             ids = [int(part) for part in args.prompt_ids.split(",") if part.strip()]
@@ -146,6 +150,7 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
 
 
 def engine_config(options: dict[str, Any]) -> EngineConfig:
+    """The engine's configuration from the resolved options (each part validates its own keys)."""
     return EngineConfig(
         cache=CacheConfig(block_size=options["block_size"], num_blocks=options["num_blocks"],
                           kv_cache_memory_gb=options["kv_cache_memory_gb"]),

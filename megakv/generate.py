@@ -6,7 +6,7 @@ import json
 import sys
 
 from megakv.checkpoint.format import read_checkpoint_info
-from megakv.cli import UsageError, engine_config, read_prompts, resolve_options
+from megakv.cli import PromptSpec, UsageError, engine_config, read_prompts, resolve_options
 from megakv.config import parse_dtype
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import RequestOutput
@@ -21,7 +21,8 @@ class RankLocalError(RuntimeError):
     rank_local = True
 
 
-def tokenize(specs, tokenizer: TextTokenizer | None, model_dir: str) -> list[list[int]]:
+def tokenize(specs: list[PromptSpec], tokenizer: TextTokenizer | None, model_dir: str) -> list[list[int]]:
+    """Token ids of every prompt; text prompts need the checkpoint's tokenizer."""
     prompts = []
     for spec in specs:
         if spec.prompt_ids is not None:
@@ -34,9 +35,10 @@ def tokenize(specs, tokenizer: TextTokenizer | None, model_dir: str) -> list[lis
 
 
 def sampling_params(options: dict, overrides: dict) -> SamplingParams:
+    """The request's sampling parameters: its own overrides over the command's options."""
     merged = {key: overrides.get(key, options[key]) for key in
               ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
-    return SamplingParams(ignore_eos=bool(options["ignore_eos"]), **merged)
+    return SamplingParams(ignore_eos=options["ignore_eos"], **merged)
 
 
 def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dict:
@@ -69,7 +71,7 @@ def describe(record: dict) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     """Validate what can be checked before a process group exists, then serve; returns the exit status.
 
-    The status is 1 when some request was rejected (the others were still served), else 0.
+    The status is 2 when every request was rejected, 1 when some were (the others were served), else 0.
     """
     options = resolve_options(args)
     config = engine_config(options)
@@ -123,7 +125,8 @@ def run_generate(args: argparse.Namespace) -> int:
             print_outputs(outputs, instances, tokenizer, report, args.json)
     finally:
         state.destroy_model_parallel()
-    return 1 if any(output.error is not None for output in outputs) else 0
+    num_errors = sum(output.error is not None for output in outputs)
+    return 0 if num_errors == 0 else 2 if num_errors == len(outputs) else 1
 
 
 def print_outputs(outputs: list[RequestOutput], instances: list[int], tokenizer: TextTokenizer | None,
@@ -133,7 +136,8 @@ def print_outputs(outputs: list[RequestOutput], instances: list[int], tokenizer:
         if report is not None:
             record["instance"] = instances[index]
         if output.error is not None:
-            print(f"megakv: error: request {index}: {output.error}", file=sys.stderr, flush=True)
+            where = f"request {index}: " if len(outputs) > 1 else ""
+            print(f"megakv: error: {where}{output.error}", file=sys.stderr, flush=True)
         print(json.dumps(record) if as_json else describe(record), flush=True)
     if report is not None:
         print(json.dumps({"cluster": report}) if as_json else f"cluster: {json.dumps(report)}", flush=True)

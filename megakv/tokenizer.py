@@ -10,7 +10,10 @@ class TextTokenizer:
     """Encodes prompts and decodes generated ids with the tokenizer shipped in a checkpoint."""
 
     def __init__(self, path: str) -> None:
-        self._tokenizer = Tokenizer.from_file(path)
+        try:
+            self._tokenizer = Tokenizer.from_file(path)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"cannot read tokenizer {path}: {err}") from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str) -> TextTokenizer | None:

@@ -155,11 +155,22 @@ class LLMEngine:
         return torch.cat(rows)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        """Serve a batch of prompts to completion; outputs in prompt order."""
-        for prompt_ids, request_params in zip(prompts, params):
-            self.validate(prompt_ids, request_params)
-        ids = [self.add_request(prompt_ids, request_params) for prompt_ids, request_params in zip(prompts, params)]
+        """Serve a batch of prompts to completion; outputs in prompt order.
+
+        A prompt that can never be served gets an output with finish_reason "error" and the reason
+        in ``error``; the others are served.
+        """
         outputs: dict[str, RequestOutput] = {}
+        ids = []
+        for prompt_ids, request_params in zip(prompts, params):
+            request_id = str(next(self._request_counter))
+            ids.append(request_id)
+            try:
+                self.validate(prompt_ids, request_params)
+            except ValueError as err:
+                outputs[request_id] = RequestOutput(request_id, list(prompt_ids), [], "error", error=str(err))
+                continue
+            self.scheduler.add(Request(request_id, list(prompt_ids), request_params))
         while self.has_unfinished():
             for output in self.step():
                 outputs[output.request_id] = output

@@ -59,6 +59,22 @@ def test_generate_bad_prompts_file_clear_error(megakv_checkpoint, tmp_path):
                        "prompts.jsonl:2: unknown key(s) colour")
 
 
+def test_generate_bad_values_in_files_clear_error(megakv_checkpoint, tmp_path):
+    checkpoint = megakv_checkpoint("gqa", 1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 2], "temperature": "hot"}\n')
+    assert_clean_error(run_megakv("--model", str(checkpoint), "--prompts-file", str(prompts)),
+                       "temperature must be a number, got 'hot'")
+    config = tmp_path / "eos.yaml"
+    config.write_text("ignore_eos: maybe\n")
+    assert_clean_error(run_megakv("--model", str(checkpoint), "--config", str(config), "--prompt-ids", "1"),
+                       "ignore_eos must be true or false")
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    assert_clean_error(run_megakv("--model", str(broken), "--prompt", "hi"), "cannot read tokenizer")
+
+
 def test_generate_bad_yaml_config_clear_error(megakv_checkpoint, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("block_size: 16\nblok_size: 32\n")
