@@ -109,3 +109,23 @@ def test_cluster_two_requests_that_fit_only_one_at_a_time_both_complete(hf_llama
                                       {"prompt_ids": prompts[1], "instance": 1}])
     assert [r["token_ids"] for r in records] == hf_greedy(hf_llama("gqa"), prompts, MAX_NEW_TOKENS)
     assert_cluster_clean(report, 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_cluster_three_instances_dgfm_moves_keep_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi, tmp_path):
+    # Instances 0 and 1 each run a short and a long request; instance 2 only lends. When the short
+    # requests finish, both debtors pull blocks home in the same steps: copies between three instances.
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([60, 150, 50, 160], start=10)]
+    records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 8},
+               {"prompt_ids": prompts[1], "instance": 0},
+               {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 6},
+               {"prompt_ids": prompts[3], "instance": 1}]
+    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 3, records,
+                                     "--max-moves-per-step", "4")
+    hf_dir = hf_llama("gqa")
+    for record, result in zip(records, results):
+        expected = hf_greedy(hf_dir, [record["prompt_ids"]], record.get("max_new_tokens", MAX_NEW_TOKENS))[0]
+        assert result["token_ids"] == expected
+    assert report["blocks_moved_by_dgfm"] > 0
+    assert_cluster_clean(report, 3)
