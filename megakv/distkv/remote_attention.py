@@ -72,12 +72,22 @@ def _peer(instance_id: int) -> int:
     return instance_id * state.get_tensor_model_parallel_world_size() + state.get_tensor_model_parallel_rank()
 
 
-def _isend(tensor: torch.Tensor, instance_id: int, tag: int):
-    return dist.isend(tensor, dst=_peer(instance_id), group=state.get_dist_attention_group(), tag=tag)
+def _exchange(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[torch.Tensor, int, int]]) -> list:
+    """Post (tensor, instance, tag) sends and receives as one batch; returns the requests to wait on.
+
+    One batch per phase keeps the exchange deadlock-free where point-to-point operations between
+    two ranks match in posting order whatever their tags (NCCL), even when two instances are each
+    other's debtor and creditor.
+    """
+    group = state.get_dist_attention_group()
+    ops = [dist.P2POp(dist.isend, tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in sends]
+    ops += [dist.P2POp(dist.irecv, tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in receives]
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _irecv(tensor: torch.Tensor, instance_id: int, tag: int):
-    return dist.irecv(tensor, src=_peer(instance_id), group=state.get_dist_attention_group(), tag=tag)
+def _wait(requests: list) -> None:
+    for request in requests:
+        request.wait()
 
 
 def _served_metadata(served: ServedQueries, device: torch.device) -> AttentionMetadata:
@@ -91,7 +101,12 @@ def _served_metadata(served: ServedQueries, device: torch.device) -> AttentionMe
 
 
 class RemoteAttention:
-    """Runs one layer's remote micro-attentions for a step's RemotePlan."""
+    """Runs each layer's remote micro-attentions of a step's RemotePlan, in two phases.
+
+    Phase 1 sends this instance's queries (and remote K/V writes) to its creditors and
+    receives its debtors' queries; the local micro-attention runs meanwhile. Phase 2 sends
+    the answers to the debtors and receives the creditors' partials, which are merged.
+    """
 
     def __init__(self, plan: RemotePlan, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -100,74 +115,68 @@ class RemoteAttention:
         self.dtype, self.device = dtype, device
         self._served_metadata = [_served_metadata(served, device) for served in plan.incoming]
 
-    def _request_size(self, num_queries: int, num_writes: int) -> int:
-        return num_queries * self.num_q_heads * self.head_dim + 2 * num_writes * self.num_kv_heads * self.head_dim
+    def _query_buffers(self) -> list[torch.Tensor]:
+        """Receive buffers for the debtors' queries and K/V writes."""
+        sizes = [served.num_queries * self.num_q_heads * self.head_dim
+                 + 2 * len(served.write_slots) * self.num_kv_heads * self.head_dim for served in self.plan.incoming]
+        return [torch.empty(size, dtype=self.dtype, device=self.device) for size in sizes]
 
-    def _reply_size(self, num_queries: int) -> int:
-        return num_queries * self.num_q_heads * (self.head_dim + 1)
-
-    def _serve(self, layer_index: int, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
-               requests: list) -> list:
-        """Answer the debtors' queries of this layer from the blocks held here; returns the pending sends."""
-        sends = []
-        for served, metadata, (buffer, handle) in zip(self.plan.incoming, self._served_metadata, requests):
-            handle.wait()
+    def _answer(self, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
+                buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Store the debtors' new K/V, attend their queries over the blocks held here; the replies."""
+        replies = []
+        for served, metadata, buffer in zip(self.plan.incoming, self._served_metadata, buffers):
             num_writes = len(served.write_slots)
-            query, key, value = buffer.split([served.num_queries * self.num_q_heads * self.head_dim,
-                                              num_writes * self.num_kv_heads * self.head_dim,
-                                              num_writes * self.num_kv_heads * self.head_dim])
-            query = query.view(served.num_queries, self.num_q_heads, self.head_dim)
+            kv_size = num_writes * self.num_kv_heads * self.head_dim
+            query, key, value = buffer.split([buffer.numel() - 2 * kv_size, kv_size, kv_size])
             store_kv(key.view(num_writes, self.num_kv_heads, self.head_dim),
-                         value.view(num_writes, self.num_kv_heads, self.head_dim), key_cache, value_cache,
-                         metadata.slot_mapping)
-            out, lse = micro_attention(query, key_cache, value_cache, metadata.block_tables,
-                                           metadata.query_start_loc, metadata.context_lens, scale)
-            reply = torch.cat([out.float().flatten(), lse.flatten()])
-            sends.append((reply, _isend(reply, served.debtor, 2 * layer_index + 1)))
-        return sends
-
-    def _post_incoming(self, layer_index: int) -> list:
-        requests = []
-        for served in self.plan.incoming:
-            buffer = torch.empty(self._request_size(served.num_queries, len(served.write_slots)), dtype=self.dtype,
-                                 device=self.device)
-            requests.append((buffer, _irecv(buffer, served.debtor, 2 * layer_index)))
-        return requests
+                     value.view(num_writes, self.num_kv_heads, self.head_dim), key_cache, value_cache,
+                     metadata.slot_mapping)
+            out, lse = micro_attention(query.view(served.num_queries, self.num_q_heads, self.head_dim), key_cache,
+                                       value_cache, metadata.block_tables, metadata.query_start_loc,
+                                       metadata.context_lens, scale)
+            replies.append(torch.cat([out.float().flatten(), lse.flatten()]))
+        return replies
 
     def serve_only(self, layer_index: int, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float) -> None:
         """A layer on an instance with no tokens of its own this step: only answer the debtors."""
-        for _, handle in self._serve(layer_index, key_cache, value_cache, scale, self._post_incoming(layer_index)):
-            handle.wait()
+        self.attend(layer_index, None, None, None, key_cache, value_cache, scale, None)
 
-    def attend(self, layer_index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
-               local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Send queries out, compute the local partial meanwhile, serve debtors, merge the partials."""
-        incoming = self._post_incoming(layer_index)
-        sends, replies = [], []
-        for outgoing in self.plan.outgoing:
-            payload = torch.cat([query[outgoing.query_indices].flatten(), key[outgoing.write_indices].flatten(),
-                                 value[outgoing.write_indices].flatten()]).to(self.dtype)
-            sends.append((payload, _isend(payload, outgoing.creditor, 2 * layer_index)))
-            reply = torch.empty(self._reply_size(len(outgoing.query_indices)), dtype=torch.float32,
-                                device=self.device)
-            replies.append((outgoing, reply, _irecv(reply, outgoing.creditor, 2 * layer_index + 1)))
-        local_out, local_lse = local_attention()
-        sends.extend(self._serve(layer_index, key_cache, value_cache, scale, incoming))
+    def attend(self, layer_index: int, query: torch.Tensor | None, key: torch.Tensor | None,
+               value: torch.Tensor | None, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
+               local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor | None:
+        """One layer: send queries out, compute the local partial meanwhile, answer debtors, merge partials.
+
+        query [T, Hq, D] and key/value [T, Hkv, D] are this step's new tokens (None when serving only).
+        """
+        query_tag, reply_tag = 2 * layer_index, 2 * layer_index + 1
+        payloads = [torch.cat([query[out.query_indices].flatten(), key[out.write_indices].flatten(),
+                               value[out.write_indices].flatten()]).to(self.dtype) for out in self.plan.outgoing]
+        buffers = self._query_buffers()
+        phase1 = _exchange([(payload, out.creditor, query_tag) for payload, out in zip(payloads, self.plan.outgoing)],
+                           [(buffer, served.debtor, query_tag)
+                            for buffer, served in zip(buffers, self.plan.incoming)])
+        local = local_attention() if local_attention is not None else None
+        _wait(phase1)
+        answers = self._answer(key_cache, value_cache, scale, buffers)
+        partials = [torch.empty(len(out.query_indices) * self.num_q_heads * (self.head_dim + 1),
+                                dtype=torch.float32, device=self.device) for out in self.plan.outgoing]
+        _wait(_exchange([(answer, served.debtor, reply_tag) for answer, served in zip(answers, self.plan.incoming)],
+                        [(partial, out.creditor, reply_tag) for partial, out in zip(partials, self.plan.outgoing)]))
+        if local is None:
+            return None
+        local_out, local_lse = local
         outs, lses = [local_out], [local_lse]
-        for outgoing, reply, handle in replies:
-            handle.wait()
-            num_queries = len(outgoing.query_indices)
-            out_part, lse_part = reply.split([num_queries * self.num_q_heads * self.head_dim,
-                                              num_queries * self.num_q_heads])
+        for out_plan, partial in zip(self.plan.outgoing, partials):
+            num_queries = len(out_plan.query_indices)
+            out_part, lse_part = partial.split([num_queries * self.num_q_heads * self.head_dim,
+                                                num_queries * self.num_q_heads])
             out = torch.zeros_like(local_out)
             lse = torch.full_like(local_lse, float("-inf"))
-            out[outgoing.query_indices] = out_part.view(num_queries, self.num_q_heads, self.head_dim).to(out.dtype)
-            lse[outgoing.query_indices] = lse_part.view(num_queries, self.num_q_heads)
+            out[out_plan.query_indices] = out_part.view(num_queries, self.num_q_heads, self.head_dim).to(out.dtype)
+            lse[out_plan.query_indices] = lse_part.view(num_queries, self.num_q_heads)
             outs.append(out)
             lses.append(lse)
-        for _, handle in sends:
-            handle.wait()
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses))
         return merged
 
@@ -180,20 +189,13 @@ def execute_transfers(transfers: list[Transfer], key_cache: torch.Tensor, value_
     that sends a block out of the slot it receives into stays correct.
     key_cache/value_cache: [num_layers, num_blocks, Hkv, block_size, D].
     """
-    sends, receives = [], []
-    for transfer in transfers:
-        if transfer.src_instance == instance_id:
-            payload = torch.stack([key_cache[:, transfer.src_block], value_cache[:, transfer.src_block]]).contiguous()
-            tag = TRANSFER_TAG_BASE + transfer.plan_index
-            sends.append((payload, _isend(payload, transfer.dst_instance, tag)))
-        if transfer.dst_instance == instance_id:
-            buffer = torch.empty_like(torch.stack([key_cache[:, 0], value_cache[:, 0]]))
-            tag = TRANSFER_TAG_BASE + transfer.plan_index
-            receives.append((transfer, buffer, _irecv(buffer, transfer.src_instance, tag)))
-    for transfer, buffer, handle in receives:
-        handle.wait()
-    for transfer, buffer, _ in receives:
+    block_shape = (2, *key_cache[:, 0].shape)  # [K/V, num_layers, Hkv, block_size, D]
+    sends = [(torch.stack([key_cache[:, t.src_block], value_cache[:, t.src_block]]), t.dst_instance,
+              TRANSFER_TAG_BASE + t.plan_index) for t in transfers if t.src_instance == instance_id]
+    incoming = [t for t in transfers if t.dst_instance == instance_id]
+    buffers = [key_cache.new_empty(block_shape) for _ in incoming]
+    _wait(_exchange(sends, [(buffer, t.src_instance, TRANSFER_TAG_BASE + t.plan_index)
+                            for buffer, t in zip(buffers, incoming)]))
+    for transfer, buffer in zip(incoming, buffers):
         key_cache[:, transfer.dst_block] = buffer[0]
         value_cache[:, transfer.dst_block] = buffer[1]
-    for _, handle in sends:
-        handle.wait()
