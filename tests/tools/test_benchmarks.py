@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on tiny sizes and print the JSON their readers expect."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def run_tool(*argv: str) -> dict:
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_bench_distkv_tiny_run_reaches_the_physical_limit():
+    result = run_tool(str(TOOLS / "bench_distkv.py"), "--context", "512", "--pool-blocks", "4",
+                      "--instances-list", "1,2", "--decode-tokens", "4")
+    for row in result["max_context"]:
+        assert row["ratio_to_physical_limit"] >= 0.95 and row["one_block_more_rejected"]
+    overhead = result["remote_overhead"]
+    assert overhead["spread_num_remote_blocks"] > 0 and overhead["slowdown"] > 0
+
+
+@pytest.mark.slow
+def test_bench_attention_tiny_run_prints_every_key():
+    result = run_tool(str(TOOLS / "bench_attention.py"), "--contexts", "256", "--batches", "1",
+                      "--prefill-queries", "16", "--prefill-context", "256", "--repeats", "1")
+    text = json.dumps(result)
+    for key in ("context", "batch", "paged_gbps", "sdpa_contiguous_gbps", "read_bandwidth_gbps"):
+        assert f'"{key}"' in text
