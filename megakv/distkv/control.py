@@ -8,12 +8,15 @@ unit tests run a whole cluster in one process.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import (ClusterView, Grant, Heartbeat, LendReply, LendRequest, MovePlan,
                                     ReturnBlocks)
 from megakv.distkv.rmanager import RManager
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 GMANAGER_INSTANCE = 0
 
@@ -128,7 +131,7 @@ class _InProcessTransport:
 class MPITransport:
     """Bulk-synchronous messaging among the instances' leader ranks over an mpi4py communicator."""
 
-    def __init__(self, comm) -> None:
+    def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
         self._outbox: list[list] = [[] for _ in range(comm.Get_size())]
 

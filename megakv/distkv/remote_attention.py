@@ -48,6 +48,7 @@ class ServedQueries:
 
     @property
     def num_queries(self) -> int:
+        """Queries the debtor sends, all its sequences together."""
         return self.query_start_loc[-1]
 
 
@@ -60,6 +61,7 @@ class RemotePlan:
 
     @property
     def is_empty(self) -> bool:
+        """True when this step needs no cross-instance traffic."""
         return not self.outgoing and not self.incoming
 
 

@@ -39,23 +39,29 @@ class RManager:
 
     @property
     def num_free_blocks(self) -> int:
+        """Free blocks of this instance's own pool."""
         return self.pool.num_free_blocks
 
     @property
     def request_ids(self) -> list[str]:
+        """Requests that hold blocks here."""
         return list(self._tables)
 
     def block_table(self, request_id: str) -> list[BlockRef]:
+        """Where each logical block of the request lives (PENDING until borrowed)."""
         return self._tables.get(request_id, [])
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
+        """Blocks to add so that the request's table holds num_tokens tokens."""
         return max(0, num_blocks_for(num_tokens, self.block_size) - len(self.block_table(request_id)))
 
     @property
     def num_pending_blocks(self) -> int:
+        """Blocks promised to requests but not yet borrowed."""
         return sum(table.count(PENDING) for table in self._tables.values())
 
     def has_pending(self, request_id: str) -> bool:
+        """Whether the request still waits for borrowed blocks."""
         return PENDING in self.block_table(request_id)
 
     def can_grow(self, request_id: str, num_tokens: int) -> bool:
@@ -89,14 +95,17 @@ class RManager:
 
     @property
     def num_lent_blocks(self) -> int:
+        """Blocks of this pool held by other instances."""
         return sum(len(ids) for ids in self._lent.values())
 
     @property
     def num_lendable_blocks(self) -> int:
+        """Blocks this instance may still lend: free ones, within the lending cap."""
         cap = math.floor(self.lending_cap * self.pool.num_blocks)
         return max(0, min(self.pool.num_free_blocks, cap - self.num_lent_blocks))
 
     def lent_to(self, debtor: int) -> set[int]:
+        """Ids of this pool's blocks that ``debtor`` holds."""
         return self._lent.get(debtor, set())
 
     def lend(self, debtor: int, num_blocks: int) -> list[int]:
@@ -121,6 +130,7 @@ class RManager:
     # -- borrowing side ---------------------------------------------------------------------------------
 
     def pending_needs(self) -> dict[str, int]:
+        """Request id -> blocks it still has to borrow."""
         return {rid: table.count(PENDING) for rid, table in self._tables.items() if PENDING in table}
 
     def fill_pending(self, request_id: str, creditor: int, block_ids: list[int]) -> None:
@@ -143,9 +153,11 @@ class RManager:
 
     @property
     def has_returns(self) -> bool:
+        """Whether released remote blocks wait to be handed back."""
         return bool(self._returns)
 
     def take_returns(self) -> dict[int, list[int]]:
+        """Creditor -> released block ids, emptied: they go back at this heartbeat."""
         returns, self._returns = self._returns, {}
         return returns
 

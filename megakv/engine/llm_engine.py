@@ -91,6 +91,7 @@ class LLMEngine:
         return request_id
 
     def has_unfinished(self) -> bool:
+        """True while any request waits or runs."""
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
@@ -105,6 +106,7 @@ class LLMEngine:
         return finished
 
     def postprocess(self, scheduled: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+        """Append the sampled tokens, retire finished requests; returns their outputs."""
         finished = []
         next_tokens = iter(tokens)
         for chunk in scheduled.chunks:

@@ -102,6 +102,7 @@ class ModelRunner:
                           None if every_token else inputs.logits_indices)
 
     def compute_logits(self, scheduled: SchedulerOutput, every_token: bool = False) -> torch.Tensor:
+        """Prepare and run one step (see forward)."""
         return self.forward(self.prepare(scheduled), every_token)
 
     def sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> list[int]:

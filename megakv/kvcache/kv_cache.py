@@ -45,4 +45,5 @@ class KVCache:
         return self.key_cache.shape[0]
 
     def layer(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (key, value) pools."""
         return self.key_cache[layer_index], self.value_cache[layer_index]
