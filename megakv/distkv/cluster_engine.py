@@ -29,6 +29,8 @@ from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.parallel import state
 
+# How long a leader that finished its step early sleeps between checks on the others.
+IDLE_POLL_SECONDS = 50e-6
 # Steps in a row in which no instance could run anything before the cluster gives up.
 MAX_STALLED_STEPS = 4
 
@@ -127,6 +129,11 @@ class ClusterEngine(LLMEngine):
         scheduled = self.scheduler.schedule()
         ready = scheduled.chunks and not self.rmanager.pending_needs()
         inputs = self.model_runner.prepare(scheduled) if ready else None
+        # Wait for the other leaders without spinning: MPI's blocking collectives busy-poll, which takes
+        # a core from the instances still computing (the CPU cluster shares a few cores).
+        barrier = self.leaders_comm.Ibarrier()
+        while not barrier.Test():
+            time.sleep(IDLE_POLL_SECONDS)
         statuses = self.leaders_comm.allgather(self._status(inputs))
         if not any(status.unfinished for status in statuses):
             return scheduled, StepPlan(None, stop=True)
