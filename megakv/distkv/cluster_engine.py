@@ -212,7 +212,9 @@ class ClusterEngine(LLMEngine):
             started = time.perf_counter()
             if self.is_leader:
                 scheduled, plan = self._schedule_step()
-                plan = self.instance_comm.bcast(plan, root=0)
+                if self.instance_comm.Get_size() > 1:
+                    # Pickling the plan's tensors costs close to a millisecond: skip it without TP peers.
+                    self.instance_comm.bcast(plan, root=0)
             else:
                 plan = self.instance_comm.bcast(None, root=0)
             if plan.stop:
