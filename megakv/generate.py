@@ -131,6 +131,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def print_outputs(outputs: list[RequestOutput], instances: list[int], tokenizer: TextTokenizer | None,
                   report: dict | None, as_json: bool) -> None:
+    """Print each request's result in prompt order (errors also on stderr), then the cluster report."""
     for index, output in enumerate(outputs):
         record = format_output(output, tokenizer)
         if report is not None:
