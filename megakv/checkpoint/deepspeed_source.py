@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from megakv.checkpoint.format import CheckpointError
-from megakv.checkpoint.hf import HF_CONFIG_FILE, HF_LAYER_NAMES
+from megakv.checkpoint.hf import HF_CONFIG_FILE, HFNamedWeights
 from megakv.checkpoint.options import SourceOptions
-from megakv.checkpoint.sharding import hf_layer_shapes
 from megakv.config import ModelConfig
 
 LATEST_FILE = "latest"
@@ -58,7 +57,7 @@ def tag_folder(root: Path, tag: str | None) -> Path:
     return folder
 
 
-class DeepSpeedReader:
+class DeepSpeedReader(HFNamedWeights):
     """A DeepSpeed checkpoint whose module is a Hugging Face LlamaForCausalLM."""
 
     def __init__(self, path: str | os.PathLike, options: SourceOptions) -> None:
@@ -106,26 +105,6 @@ class DeepSpeedReader:
             raise CheckpointError(f"DeepSpeed weight {name!r} has shape {tuple(weight.shape)}, expected {shape} "
                                   f"from {HF_CONFIG_FILE}")
         return weight
-
-    def embedding(self) -> torch.Tensor:
-        """The [vocab_size, H] token embedding."""
-        return self.tensor("model.embed_tokens.weight", (self.config.vocab_size, self.config.hidden_size))
-
-    def layer(self, layer_index: int) -> dict[str, torch.Tensor]:
-        """Layer ``layer_index`` under megakv's canonical keys."""
-        shapes = hf_layer_shapes(self.config)
-        prefix = f"model.layers.{layer_index}."
-        return {key: self.tensor(prefix + name, shapes[key]) for key, name in HF_LAYER_NAMES.items()}
-
-    def final_norm(self) -> torch.Tensor:
-        """The [H] final RMSNorm weight."""
-        return self.tensor("model.norm.weight", (self.config.hidden_size,))
-
-    def lm_head(self) -> torch.Tensor | None:
-        """The [vocab_size, H] output layer, or None when tied to the embedding."""
-        if self.config.tie_word_embeddings:
-            return None
-        return self.tensor("lm_head.weight", (self.config.vocab_size, self.config.hidden_size))
 
     def close(self) -> None:
         """Drop the (memory-mapped or lazy) weights."""

@@ -48,7 +48,43 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from None
 
 
-class HFReader:
+class HFNamedWeights:
+    """The pieces of a model stored under Hugging Face LLaMA names, read through ``tensor(name, shape)``.
+
+    Shared by the readers of every source that holds an HF-named state dict (HF folders, DeepSpeed).
+    """
+
+    config: ModelConfig
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor called ``name``, checked against ``shape``."""
+        raise NotImplementedError
+
+    def embedding(self) -> torch.Tensor:
+        """The [vocab_size, H] token embedding."""
+        return self.tensor("model.embed_tokens.weight", (self.config.vocab_size, self.config.hidden_size))
+
+    def layer(self, layer_index: int) -> dict[str, torch.Tensor]:
+        """Layer ``layer_index``'s weights under the canonical keys of ``sharding.LAYER_KEYS``."""
+        if not 0 <= layer_index < self.config.num_layers:
+            raise ValueError(f"layer {layer_index} is outside 0..{self.config.num_layers - 1}")
+        shapes = hf_layer_shapes(self.config)
+        prefix = f"model.layers.{layer_index}."
+        return {key: self.tensor(prefix + name, shapes[key]) for key, name in HF_LAYER_NAMES.items()}
+
+    def final_norm(self) -> torch.Tensor:
+        """The [H] final RMSNorm weight."""
+        return self.tensor("model.norm.weight", (self.config.hidden_size,))
+
+    def lm_head(self) -> torch.Tensor | None:
+        """The [vocab_size, H] output layer, or None when it is tied to the embedding."""
+        if self.config.tie_word_embeddings:
+            return None
+        return self.tensor("lm_head.weight", (self.config.vocab_size, self.config.hidden_size))
+
+
+
+class HFReader(HFNamedWeights):
     """A Hugging Face LLaMA checkpoint folder, read lazily tensor by tensor."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -108,28 +144,6 @@ class HFReader:
             return weights.get_tensor(name)
         except SafetensorError as err:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.path / file_name}: {err}") from None
-
-    def embedding(self) -> torch.Tensor:
-        """The [vocab_size, H] token embedding."""
-        return self.tensor("model.embed_tokens.weight", (self.config.vocab_size, self.config.hidden_size))
-
-    def layer(self, layer_index: int) -> dict[str, torch.Tensor]:
-        """Layer ``layer_index``'s weights under the canonical keys of ``sharding.LAYER_KEYS``."""
-        if not 0 <= layer_index < self.config.num_layers:
-            raise ValueError(f"layer {layer_index} is outside 0..{self.config.num_layers - 1}")
-        shapes = hf_layer_shapes(self.config)
-        prefix = f"model.layers.{layer_index}."
-        return {key: self.tensor(prefix + name, shapes[key]) for key, name in HF_LAYER_NAMES.items()}
-
-    def final_norm(self) -> torch.Tensor:
-        """The [H] final RMSNorm weight."""
-        return self.tensor("model.norm.weight", (self.config.hidden_size,))
-
-    def lm_head(self) -> torch.Tensor | None:
-        """The [vocab_size, H] output layer, or None when it is tied to the embedding."""
-        if self.config.tie_word_embeddings:
-            return None
-        return self.tensor("lm_head.weight", (self.config.vocab_size, self.config.hidden_size))
 
     def close(self) -> None:
         """Release the open weight files."""
