@@ -100,15 +100,20 @@ def _check_rank(tp: int, rank: int) -> None:
         raise ValueError(f"tensor parallel rank {rank} is outside 0..{tp - 1}")
 
 
+def _check_weights(weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Raise ValueError naming the first missing or mis-shaped tensor."""
+    for key, shape in expected.items():
+        if key not in weights:
+            raise ValueError(f"{what} are missing {key!r}")
+        if tuple(weights[key].shape) != shape:
+            raise ValueError(f"{what}: {key!r} has shape {tuple(weights[key].shape)}, expected {shape}")
+
+
 def shard_layer(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s megakv tensors of one layer (keys relative to :func:`layer_prefix`)."""
     cfg.check_tensor_parallel_size(tp)
     _check_rank(tp, rank)
-    for key, shape in hf_layer_shapes(cfg).items():
-        if key not in full:
-            raise ValueError(f"layer weights are missing {key!r}")
-        if tuple(full[key].shape) != shape:
-            raise ValueError(f"layer weight {key!r} has shape {tuple(full[key].shape)}, expected {shape}")
+    _check_weights(full, hf_layer_shapes(cfg), "layer weights")
     head_dim = cfg.head_dim
     q_per_rank = cfg.num_attention_heads // tp * head_dim
     kv_start, kv_end = _kv_head_range(cfg, tp, rank)
@@ -132,11 +137,7 @@ def unshard_layer(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> di
     cfg.check_tensor_parallel_size(tp)
     expected = layer_shard_shapes(cfg, tp)
     for rank, shard in enumerate(shards):
-        for key, shape in expected.items():
-            if key not in shard:
-                raise ValueError(f"rank {rank}'s layer weights are missing {key!r}")
-            if tuple(shard[key].shape) != shape:
-                raise ValueError(f"rank {rank}'s {key!r} has shape {tuple(shard[key].shape)}, expected {shape}")
+        _check_weights(shard, expected, f"rank {rank}'s layer weights")
     head_dim = cfg.head_dim
     q_rows = cfg.num_attention_heads // tp * head_dim
     kv_rows = cfg.num_kv_heads_per_partition(tp) * head_dim
