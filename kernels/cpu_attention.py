@@ -1,4 +1,4 @@
-"""The CPU micro-attention: a small C++/OpenMP paged decode op, and a torch path for prefill and fallback.
+"""The CPU attention ops: a small C++/OpenMP paged decode op and merge, and torch paths for prefill and fallback.
 
 Decode on CPU is bound by memory bandwidth, and a torch gather (``key_cache[table]``) copies every block
 before it is read. The C++ op (``paged_attention_cpu.cpp``, built once with
@@ -32,7 +32,7 @@ def load_extension():
         from torch.utils.cpp_extension import load_inline
 
         return load_inline("megakv_paged_attention_cpu", cpp_sources=[_SOURCE.read_text()],
-                           functions=["paged_attention"],
+                           functions=["paged_attention", "merge_partials"],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no headers, read-only cache: the torch path still works
@@ -47,10 +47,10 @@ def _use_extension(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
 
 def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_seq: torch.Tensor, query_visible: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_visible: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ op over any queries; splits the blocks so that every thread has work."""
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
-    max_blocks = -(-int(query_visible.max()) // block_size)
+    max_blocks = -(-max_visible // block_size)
     num_items = query.shape[0] * num_kv_heads
     num_splits = max(1, min(-(-4 * torch.get_num_threads() // num_items), max_blocks // 32))
     blocks_per_split = max(1, -(-max_blocks // num_splits))
@@ -109,19 +109,30 @@ def micro_attention_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fastest CPU micro-attention; same contract as :func:`micro_attention_ref`."""
     check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
+    num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+    use_extension = _use_extension(query, key_cache)
+    if use_extension and all(n <= MAX_DECODE_QUERIES for n in num_seq_queries):
+        # A decode batch: one call over every query, its layout built in Python (a few small lists are
+        # cheaper than the tensor ops of query_layout; this runs per layer, per instance).
+        query_seq = [seq for seq, n in enumerate(num_seq_queries) for _ in range(n)]
+        query_visible = [context_len - n + 1 + i for context_len, n in zip(context_lens, num_seq_queries)
+                         for i in range(n)]
+        if not query_seq:
+            return torch.zeros_like(query), torch.full(query.shape[:2], float("-inf"), dtype=torch.float32)
+        return _decode_extension(query, key_cache, value_cache, block_tables,
+                                 torch.tensor(query_seq, dtype=torch.int32),
+                                 torch.tensor(query_visible, dtype=torch.int32), max(query_visible), scale)
     num_queries, num_q_heads, head_dim = query.shape
     out = torch.zeros_like(query)
     lse = torch.full((num_queries, num_q_heads), float("-inf"), dtype=torch.float32)
     query_seq, query_visible = query_layout(query_start_loc, context_lens)
-    num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
-    use_extension = _use_extension(query, key_cache)
     decode_seq = torch.tensor([0 < n <= MAX_DECODE_QUERIES and use_extension for n in num_seq_queries],
                               dtype=torch.bool)
     decode_rows = (decode_seq[query_seq.long()] & (query_visible > 0)).nonzero().flatten()  # [num_decode]
     if len(decode_rows) > 0:
         out[decode_rows], lse[decode_rows] = _decode_extension(
             query[decode_rows], key_cache, value_cache, block_tables, query_seq[decode_rows],
-            query_visible[decode_rows], scale)
+            query_visible[decode_rows], int(query_visible[decode_rows].max()), scale)
     for seq_index, num_seq in enumerate(num_seq_queries):
         start = query_start_loc[seq_index]
         if num_seq == 0 or bool(decode_seq[seq_index]) or context_lens[seq_index] <= 0:
@@ -131,4 +142,12 @@ def micro_attention_cpu(
             continue
         out[start:start + num_seq], lse[start:start + num_seq] = _sequence_torch(
             query[start:start + num_seq], key_cache, value_cache, block_tables[seq_index], visible, scale)
+    return out, lse
+
+
+def merge_partials_cpu(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The C++ merge for fp32 partials (see merge_partials_ref); None when the op cannot take them."""
+    if outs.dtype != torch.float32 or outs.dim() != 4 or lses.shape != outs.shape[:3] or load_extension() is None:
+        return None
+    out, lse = load_extension().merge_partials(outs.contiguous(), lses.float().contiguous())
     return out, lse

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from megakv.kernels.cpu_attention import micro_attention_cpu
+from megakv.kernels.cpu_attention import merge_partials_cpu, micro_attention_cpu
 from megakv.kernels.kv_store import store_kv_ref, store_kv_triton
 from megakv.kernels.merge import merge_partials_ref, merge_partials_triton
 from megakv.kernels.micro_attention import micro_attention_ref, micro_attention_triton, triton
@@ -35,7 +35,8 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     """Merge partials outs [P, N, H, D], lses [P, N, H] by log-sum-exp; see :func:`merge_partials_ref`."""
     if _on_triton(outs):
         return merge_partials_triton(outs, lses.float())
-    return merge_partials_ref(outs, lses)
+    merged = merge_partials_cpu(outs, lses) if outs.device.type == "cpu" else None
+    return merged if merged is not None else merge_partials_ref(outs, lses)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -1,4 +1,5 @@
-// Paged decode attention on CPU (megakv.kernels.cpu_attention), fp32, head_dim 64 or 128.
+// Paged decode attention on CPU (megakv.kernels.cpu_attention), fp32, head_dim 64 or 128, and the
+// log-sum-exp merge of partial (out, lse) pairs.
 // One work item = (query, KV head, split of its blocks): an online softmax over the split's blocks for the
 // query heads of that KV head, reading each K/V tile of a block in place; the splits are merged by
 // log-sum-exp at the end. Slots past a query's visible length and absent blocks (id < 0) are never read.
@@ -179,4 +180,42 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor query, torch::Tensor ke
   TORCH_CHECK(query.size(2) == 128, "paged_attention: head_dim must be 64 or 128");
   return paged_attention_impl<128>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
                                    blocks_per_split, num_splits);
+}
+
+// outs [P, N, H, D], lses [P, N, H] (fp32, contiguous) -> out [N, H, D], lse [N, H]; an empty partial has
+// lse -inf and weight 0, and a row no partial saw gets out 0 and lse -inf. One call instead of the ten
+// small torch ops of the reference: a remote decode step merges every layer on its critical path.
+std::vector<torch::Tensor> merge_partials(torch::Tensor outs, torch::Tensor lses) {
+  TORCH_CHECK(outs.dim() == 4 && lses.dim() == 3 && outs.is_contiguous() && lses.is_contiguous() &&
+                  outs.scalar_type() == torch::kFloat && lses.scalar_type() == torch::kFloat,
+              "merge_partials: outs [P, N, H, D] and lses [P, N, H] must be contiguous float32");
+  const int64_t num_partials = outs.size(0), num_rows = outs.size(1) * outs.size(2), head_dim = outs.size(3);
+  auto out = torch::empty({outs.size(1), outs.size(2), head_dim}, outs.options());
+  auto lse = torch::empty({outs.size(1), outs.size(2)}, lses.options());
+  const float* outs_base = outs.data_ptr<float>();
+  const float* lses_base = lses.data_ptr<float>();
+  float* out_base = out.data_ptr<float>();
+  float* lse_base = lse.data_ptr<float>();
+  for (int64_t r = 0; r < num_rows; ++r) {
+    float merged_max = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < num_partials; ++j) merged_max = std::max(merged_max, lses_base[j * num_rows + r]);
+    float* out_row = out_base + r * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
+    if (merged_max == -std::numeric_limits<float>::infinity()) {
+      lse_base[r] = merged_max;
+      continue;
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < num_partials; ++j) {
+      const float weight = std::exp(lses_base[j * num_rows + r] - merged_max);
+      if (weight == 0.f) continue;
+      total += weight;
+      const float* partial = outs_base + (j * num_rows + r) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) out_row[d] += weight * partial[d];
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < head_dim; ++d) out_row[d] *= inv;
+    lse_base[r] = merged_max + std::log(total);
+  }
+  return {out, lse};
 }

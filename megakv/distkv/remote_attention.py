@@ -82,6 +82,10 @@ def _exchange(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[t
     other's debtor and creditor.
     """
     group = state.get_dist_attention_group()
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        # Gloo matches by tag and never blocks a posted send, so plain calls are safe and cost less.
+        return ([dist.isend(tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in sends]
+                + [dist.irecv(tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in receives])
     ops = [dist.P2POp(dist.isend, tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in sends]
     ops += [dist.P2POp(dist.irecv, tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in receives]
     return dist.batch_isend_irecv(ops) if ops else []
@@ -173,12 +177,16 @@ class RemoteAttention:
             num_queries = len(out_plan.query_indices)
             out_part, lse_part = partial.split([num_queries * self.num_q_heads * self.head_dim,
                                                 num_queries * self.num_q_heads])
-            out = torch.zeros_like(local_out)
-            lse = torch.full_like(local_lse, float("-inf"))
-            out[out_plan.query_indices] = out_part.view(num_queries, self.num_q_heads, self.head_dim).to(out.dtype)
-            lse[out_plan.query_indices] = lse_part.view(num_queries, self.num_q_heads)
-            outs.append(out)
-            lses.append(lse)
+            out_part = out_part.view(num_queries, self.num_q_heads, self.head_dim).to(local_out.dtype)
+            lse_part = lse_part.view(num_queries, self.num_q_heads)
+            if num_queries < len(local_out):
+                # Rows without blocks on this creditor get an empty partial.
+                out = torch.zeros_like(local_out)
+                lse = torch.full_like(local_lse, float("-inf"))
+                out[out_plan.query_indices], lse[out_plan.query_indices] = out_part, lse_part
+                out_part, lse_part = out, lse
+            outs.append(out_part)
+            lses.append(lse_part)
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses))
         return merged
 

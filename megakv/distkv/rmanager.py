@@ -9,10 +9,48 @@ and its remote blocks back to their creditors.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 
 from megakv.distkv.messages import PENDING, BlockRef, Heartbeat, Relocation, RemoteBlock, Transfer
 from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
+
+
+class BlockTable:
+    """One request's blocks by logical index.
+
+    Every change goes through ``extend`` and ``set``, which keep the per-instance block counts
+    (read by every step's status and scheduling, so they must not rescan thousands of refs) and
+    stamp a version that is unique across the rManager's tables: whoever builds tensors from a
+    table can reuse them while the version holds.
+    """
+
+    def __init__(self, version: int) -> None:
+        self.refs: list[BlockRef] = []
+        # instance id (PENDING's -1 for promised blocks) -> blocks there; instances with none are absent
+        self.counts: dict[int, int] = {}
+        self.version = version
+
+    def extend(self, refs: Iterable[BlockRef], version: int) -> None:
+        for ref in refs:
+            self.refs.append(ref)
+            self.counts[ref.instance_id] = self.counts.get(ref.instance_id, 0) + 1
+        self.version = version
+
+    def set(self, logical_index: int, ref: BlockRef, version: int) -> None:
+        old = self.refs[logical_index].instance_id
+        self.counts[old] -= 1
+        if not self.counts[old]:
+            del self.counts[old]
+        self.refs[logical_index] = ref
+        self.counts[ref.instance_id] = self.counts.get(ref.instance_id, 0) + 1
+        self.version = version
+
+    @property
+    def num_pending(self) -> int:
+        """Blocks promised but not yet borrowed."""
+        return self.counts.get(PENDING.instance_id, 0)
 
 
 class RManager:
@@ -25,7 +63,8 @@ class RManager:
         self.pool = pool
         self.block_size = block_size
         self.lending_cap = lending_cap
-        self._tables: dict[str, list[BlockRef]] = {}
+        self._tables: dict[str, BlockTable] = {}
+        self._versions = itertools.count(1)
         # debtor instance -> ids of this pool's blocks it holds
         self._lent: dict[int, set[int]] = {}
         # creditor instance -> ids of its blocks this instance has released but not yet handed back
@@ -48,8 +87,19 @@ class RManager:
         return list(self._tables)
 
     def block_table(self, request_id: str) -> list[BlockRef]:
-        """Where each logical block of the request lives (PENDING until borrowed)."""
-        return self._tables.get(request_id, [])
+        """Where each logical block of the request lives (PENDING until borrowed); do not modify."""
+        table = self._tables.get(request_id)
+        return table.refs if table is not None else []
+
+    def table_version(self, request_id: str) -> int:
+        """Changes whenever the request's block table does; 0 for a request without blocks."""
+        table = self._tables.get(request_id)
+        return table.version if table is not None else 0
+
+    def block_counts(self, request_id: str) -> dict[int, int]:
+        """Instance id -> blocks of the request there (-1: promised, not yet borrowed); do not modify."""
+        table = self._tables.get(request_id)
+        return table.counts if table is not None else {}
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         """Blocks to add so that the request's table holds num_tokens tokens."""
@@ -58,11 +108,11 @@ class RManager:
     @property
     def num_pending_blocks(self) -> int:
         """Blocks promised to requests but not yet borrowed."""
-        return sum(table.count(PENDING) for table in self._tables.values())
+        return sum(table.num_pending for table in self._tables.values())
 
     def has_pending(self, request_id: str) -> bool:
         """Whether the request still waits for borrowed blocks."""
-        return PENDING in self.block_table(request_id)
+        return PENDING.instance_id in self.block_counts(request_id)
 
     def can_grow(self, request_id: str, num_tokens: int) -> bool:
         """True when the local pool plus what the cluster could lend covers the growth."""
@@ -76,14 +126,15 @@ class RManager:
                                         f"to {num_tokens} tokens")
         num_new = self.num_new_blocks(request_id, num_tokens)
         num_local = min(num_new, self.pool.num_free_blocks)
-        table = self._tables.setdefault(request_id, [])
-        table.extend(BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local))
-        table.extend([PENDING] * (num_new - num_local))
-        return table
+        table = self._tables.setdefault(request_id, BlockTable(next(self._versions)))
+        new_refs = [BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local)]
+        table.extend(new_refs + [PENDING] * (num_new - num_local), next(self._versions))
+        return table.refs
 
     def free(self, request_id: str) -> None:
         """Release every block of the request: local ones at once, remote ones at the next heartbeat."""
-        for ref in self._tables.pop(request_id, []):
+        table = self._tables.pop(request_id, None)
+        for ref in table.refs if table is not None else []:
             if ref == PENDING:
                 continue
             if ref.instance_id == self.instance_id:
@@ -131,22 +182,22 @@ class RManager:
 
     def pending_needs(self) -> dict[str, int]:
         """Request id -> blocks it still has to borrow."""
-        return {rid: table.count(PENDING) for rid, table in self._tables.items() if PENDING in table}
+        return {rid: table.num_pending for rid, table in self._tables.items() if table.num_pending}
 
     def fill_pending(self, request_id: str, creditor: int, block_ids: list[int]) -> None:
         """Put borrowed blocks into the request's PENDING slots, in logical order."""
         table = self._tables[request_id]
-        slots = iter(i for i, ref in enumerate(table) if ref == PENDING)
+        slots = iter(i for i, ref in enumerate(table.refs) if ref == PENDING)
         for block_id in block_ids:
-            table[next(slots)] = BlockRef(creditor, block_id)
+            table.set(next(slots), BlockRef(creditor, block_id), next(self._versions))
 
     def remote_block_counts(self) -> dict[int, int]:
         """Creditor -> blocks of this instance's requests it holds (what the ledger should say)."""
         counts: dict[int, int] = {}
         for table in self._tables.values():
-            for ref in table:
-                if ref != PENDING and ref.instance_id != self.instance_id:
-                    counts[ref.instance_id] = counts.get(ref.instance_id, 0) + 1
+            for instance_id, count in table.counts.items():
+                if instance_id not in (PENDING.instance_id, self.instance_id):
+                    counts[instance_id] = counts.get(instance_id, 0) + count
         for creditor, block_ids in self._returns.items():
             counts[creditor] = counts.get(creditor, 0) + len(block_ids)
         return counts
@@ -165,7 +216,9 @@ class RManager:
         """This instance's state for the gManager, with up to max_candidates remote blocks per creditor."""
         candidates: dict[int, list[RemoteBlock]] = {}
         for request_id, table in self._tables.items():
-            for logical_index, ref in enumerate(table):
+            if table.counts.keys() <= {PENDING.instance_id, self.instance_id}:
+                continue
+            for logical_index, ref in enumerate(table.refs):
                 if ref == PENDING or ref.instance_id == self.instance_id:
                     continue
                 bucket = candidates.setdefault(ref.instance_id, [])
@@ -185,11 +238,11 @@ class RManager:
             old, new = relocation.old, relocation.new
             if relocation.owner == me:
                 table = self._tables[relocation.request_id]
-                assert table[relocation.logical_index] == old, "DGFM moved a block that is not there"
+                assert table.refs[relocation.logical_index] == old, "DGFM moved a block that is not there"
                 if new.block_id < 0:
                     # Pulled home: the destination is a free block this instance picks now.
                     new = BlockRef(me, self.pool.allocate(1)[0])
-                table[relocation.logical_index] = new
+                table.set(relocation.logical_index, new, next(self._versions))
             if old.instance_id == me:
                 self._lent[relocation.owner].remove(old.block_id)
                 # In a rotation the block stays in use (by this instance's own request); otherwise it is free.

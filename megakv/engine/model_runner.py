@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megakv.attention.metadata import AttentionMetadata
+from megakv.distkv.messages import BlockRef
 from megakv.distkv.remote_attention import OutgoingQueries, ServedQueries
 from megakv.distkv.rmanager import RManager
 from megakv.engine.sampling import Sampler
@@ -58,6 +59,36 @@ class StepInputs:
 _TENSOR_FIELDS = ("input_ids", "positions", "logits_indices")
 
 
+class _TableView:
+    """Tensors of one version of a request's block table, reused by every step until the table changes.
+
+    Rebuilding them from the table's refs each step costs about as much as a decode step's
+    attention at short context once tables hold thousands of blocks.
+    """
+
+    def __init__(self, refs: list[BlockRef], version: int, instance_id: int) -> None:
+        self.version = version
+        self.owners = torch.tensor([ref.instance_id for ref in refs], dtype=torch.int32)
+        self.block_ids = torch.tensor([ref.block_id for ref in refs], dtype=torch.int32)
+        # This instance's block ids by logical index, -1 where the block lives elsewhere.
+        self.local_row = torch.where(self.owners == instance_id, self.block_ids, -1)
+        self._instance_id = instance_id
+        self._is_local = bool((self.owners == instance_id).all())
+        self._rows: dict[int, list[int]] = {}
+
+    def creditors(self, num_blocks: int) -> list[int]:
+        """Other instances holding some of the first num_blocks blocks."""
+        if self._is_local:
+            return []
+        return sorted(set(self.owners[:num_blocks].tolist()) - {self._instance_id})
+
+    def row_for(self, creditor: int) -> list[int]:
+        """The creditor's block ids by logical index, -1 elsewhere (what the creditor attends over)."""
+        if creditor not in self._rows:
+            self._rows[creditor] = torch.where(self.owners == creditor, self.block_ids, -1).tolist()
+        return self._rows[creditor]
+
+
 class ModelRunner:
     """Owns the model and this rank's KV pool tensors."""
 
@@ -67,6 +98,14 @@ class ModelRunner:
         self.rmanager = rmanager
         self.device = device
         self.sampler = Sampler()
+        self._views: dict[str, _TableView] = {}
+
+    def _table_view(self, request_id: str) -> _TableView:
+        view = self._views.get(request_id)
+        version = self.rmanager.table_version(request_id)
+        if view is None or view.version != version:
+            view = _TableView(self.rmanager.block_table(request_id), version, self.rmanager.instance_id)
+        return view
 
     def prepare(self, scheduled: SchedulerOutput) -> StepInputs:
         """Flatten the step's chunks into model inputs; blocks on other instances become remote work."""
@@ -77,11 +116,15 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_indices: list[int] = []
         slot_mapping: list[torch.Tensor] = []
-        tables = [self.rmanager.block_table(chunk.request.request_id) for chunk in scheduled.chunks]
-        local_tables = torch.full((len(tables), max(len(t) for t in tables)), -1, dtype=torch.int32)
+        views = {chunk.request.request_id: self._table_view(chunk.request.request_id) for chunk in scheduled.chunks}
+        # Only this step's requests stay cached: a finished request's views go with it.
+        self._views = views
+        local_tables = torch.full((len(views), max(len(view.owners) for view in views.values())), -1,
+                                  dtype=torch.int32)
         outgoing: dict[int, OutgoingQueries] = {}
         served: dict[int, ServedQueries] = {}
-        for row, (chunk, table) in enumerate(zip(scheduled.chunks, tables)):
+        for row, chunk in enumerate(scheduled.chunks):
+            view = views[chunk.request.request_id]
             start, end = chunk.start, chunk.start + chunk.num_tokens
             first_row = len(input_ids)
             input_ids.extend(chunk.request.token_ids[start:end])
@@ -90,15 +133,12 @@ class ModelRunner:
             context_lens.append(end)
             if chunk.samples_next_token:
                 logits_indices.append(len(input_ids) - 1)
-            owners = torch.tensor([ref.instance_id for ref in table], dtype=torch.int32)
-            block_ids = torch.tensor([ref.block_id for ref in table], dtype=torch.int32)
-            local_tables[row, :len(table)] = torch.where(owners == me, block_ids, -1)
+            local_tables[row, :len(view.owners)] = view.local_row
             token_positions = torch.arange(start, end)
-            token_owners = owners[token_positions // block_size]
-            slots = block_ids[token_positions // block_size].long() * block_size + token_positions % block_size
+            token_owners = view.owners[token_positions // block_size]
+            slots = view.block_ids[token_positions // block_size].long() * block_size + token_positions % block_size
             slot_mapping.append(torch.where(token_owners == me, slots, -1))
-            num_context_blocks = -(-end // block_size)
-            for creditor in sorted(set(owners[:num_context_blocks].tolist()) - {me}):
+            for creditor in view.creditors(-(-end // block_size)):
                 out = outgoing.setdefault(creditor, OutgoingQueries(creditor, [], []))
                 out.query_indices.extend(range(first_row, len(input_ids)))
                 writes = (token_owners == creditor).nonzero().flatten()
@@ -107,7 +147,7 @@ class ModelRunner:
                 work.write_slots.extend(slots[writes].tolist())
                 work.query_start_loc.append(work.query_start_loc[-1] + chunk.num_tokens)
                 work.context_lens.append(end)
-                work.block_tables.append(torch.where(owners == creditor, block_ids, -1).tolist())
+                work.block_tables.append(view.row_for(creditor))
         metadata = AttentionMetadata(query_start_loc=query_start_loc, context_lens=context_lens,
                                      block_tables=local_tables.to(self.device),
                                      slot_mapping=torch.cat(slot_mapping).to(self.device))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,7 +35,9 @@ def check_invariants(cluster: InProcessCluster) -> None:
     for creditor in rmanagers:
         owners: dict[int, str] = {}
         for rm in rmanagers:
-            for request_id, table in rm._tables.items():
+            for request_id in rm.request_ids:
+                table = rm.block_table(request_id)
+                assert rm.block_counts(request_id) == Counter(ref.instance_id for ref in table), "stale counts"
                 for ref in table:
                     if ref.instance_id == creditor.instance_id:
                         assert ref.block_id not in owners, "block owned twice"

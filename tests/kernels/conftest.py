@@ -57,6 +57,24 @@ def assert_attention_close(out: torch.Tensor, lse: torch.Tensor, expected_out: t
     torch.testing.assert_close(lse.cpu()[~empty], expected_lse.cpu()[~empty], atol=1e-4, rtol=1e-4)
 
 
+def make_random_partials(seed: int, num_partials: int, dtype: torch.dtype,
+                         head_dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials [P, N, H, D] with random lses; some partials empty (-inf), and one row empty everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = torch.randn(num_partials, 5, 4, head_dim, generator=gen).to(dtype)
+    lses = torch.randn(num_partials, 5, 4, generator=gen) * 3
+    lses = lses.masked_fill(torch.rand(lses.shape, generator=gen) < 0.3, float("-inf"))
+    lses[:, 0, 0] = float("-inf")
+    outs[:, 0, 0] = 0
+    return outs, lses
+
+
+@pytest.fixture
+def random_partials():
+    """The partials builder (see make_random_partials)."""
+    return make_random_partials
+
+
 @pytest.fixture
 def paged_batch():
     """The batch builder (see make_paged_batch)."""

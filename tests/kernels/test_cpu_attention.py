@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from megakv.kernels import cpu_attention
-from megakv.kernels.cpu_attention import MAX_DECODE_QUERIES, micro_attention_cpu
+from megakv.kernels.cpu_attention import MAX_DECODE_QUERIES, merge_partials_cpu, micro_attention_cpu
+from megakv.kernels.merge import merge_partials_ref
 from megakv.kernels.micro_attention import micro_attention_ref
 from megakv.kernels.ops import micro_attention
 
-# Decode sequences, a short chunk (still the decode op) and a long chunk (the torch path) in one batch.
-NUM_QUERIES = [1, 3, 1, MAX_DECODE_QUERIES + 4]
+# Decode sequences, a short chunk (still the decode op) and a long chunk (the torch path) in one batch;
+# and a batch of decode sequences only, which takes the one-call path.
+NUM_QUERIES = {"mixed": [1, 3, 1, MAX_DECODE_QUERIES + 4], "decode": [1, 3, 1, MAX_DECODE_QUERIES]}
 CASES = [  # (num_kv_heads, group, block_size, head_dim, dtype)
     (2, 1, 16, 64, torch.float32),
     (2, 4, 32, 128, torch.float32),
@@ -32,10 +34,11 @@ def cpu_path(request, monkeypatch):
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("absent_fraction", [0.0, 0.3])
-def test_micro_attention_cpu_matches_reference(paged_batch, attention_close, cpu_path, case, absent_fraction):
+@pytest.mark.parametrize("batch", NUM_QUERIES)
+def test_micro_attention_cpu_matches_reference(paged_batch, attention_close, cpu_path, case, absent_fraction, batch):
     num_kv_heads, group, block_size, head_dim, dtype = CASES[case]
     query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
-        case, num_kv_heads, group, block_size, head_dim, dtype, num_queries=NUM_QUERIES,
+        case, num_kv_heads, group, block_size, head_dim, dtype, num_queries=NUM_QUERIES[batch],
         max_context=5 * block_size, absent_fraction=absent_fraction)
     scale = head_dim ** -0.5
     expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
@@ -57,9 +60,24 @@ def test_micro_attention_cpu_long_decode_splits_match_reference(paged_batch, att
     attention_close(out, lse, expected_out, expected_lse, torch.float32)
 
 
-def test_micro_attention_cpu_sequence_without_blocks_is_empty(paged_batch, cpu_path):
+@pytest.mark.parametrize("num_queries", [[1, MAX_DECODE_QUERIES + 2, 1], [1, MAX_DECODE_QUERIES, 1]])
+def test_micro_attention_cpu_sequence_without_blocks_is_empty(paged_batch, cpu_path, num_queries):
     query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
-        5, 1, 4, 16, 64, torch.float32, num_queries=[1, MAX_DECODE_QUERIES + 2, 1], max_context=60)
+        5, 1, 4, 16, 64, torch.float32, num_queries=num_queries, max_context=60)
     block_tables[1:] = -1
     out, lse = micro_attention_cpu(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, 0.1)
     assert torch.isneginf(lse[1:]).all() and (out[1:] == 0).all() and torch.isfinite(lse[0]).all()
+
+
+@pytest.mark.parametrize("num_partials", [1, 2, 5])
+def test_merge_partials_cpu_matches_reference(random_partials, cpu_path, num_partials):
+    outs, lses = random_partials(num_partials, num_partials, torch.float32)
+    merged = merge_partials_cpu(outs, lses)
+    if cpu_path == "torch":
+        assert merged is None
+        return
+    expected_out, expected_lse = merge_partials_ref(outs, lses)
+    out, lse = merged
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse)
+    assert torch.isneginf(lse[0, 0]) and (out[0, 0] == 0).all() and not torch.isnan(out).any()

@@ -11,20 +11,9 @@ from megakv.kernels.micro_attention import micro_attention_ref  # noqa: E402
 from megakv.kernels.ops import merge_partials  # noqa: E402
 
 
-def random_partials(seed: int, num_partials: int, dtype: torch.dtype, head_dim: int = 64):
-    """Partials [P, N, H, D] with random lses; some partials empty (-inf), and one row empty everywhere."""
-    gen = torch.Generator().manual_seed(seed)
-    outs = torch.randn(num_partials, 5, 4, head_dim, generator=gen).to(dtype)
-    lses = torch.randn(num_partials, 5, 4, generator=gen) * 3
-    lses = lses.masked_fill(torch.rand(lses.shape, generator=gen) < 0.3, float("-inf"))
-    lses[:, 0, 0] = float("-inf")
-    outs[:, 0, 0] = 0
-    return outs, lses
-
-
 @pytest.mark.parametrize("num_partials", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_partials_triton_matches_reference(num_partials, dtype, device):
+def test_merge_partials_triton_matches_reference(random_partials, num_partials, dtype, device):
     outs, lses = random_partials(num_partials, num_partials, dtype)
     expected_out, expected_lse = merge_partials_ref(outs, lses)
     out, lse = merge_partials_triton(outs.to(device), lses.to(device))
