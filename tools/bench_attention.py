@@ -3,8 +3,8 @@
 Decode: for each context and batch, KV bytes read per second by megakv's paged micro-attention
 (``megakv.kernels.ops.micro_attention``, block tables a random permutation of the pool), by
 ``scaled_dot_product_attention`` on the same KV stored contiguously, and the machine's memory read
-bandwidth (a sum over a 1 GiB tensor). Prefill: one chunk of queries over a long context against SDPA with a
-bottom-right causal mask. fp32 throughout.
+bandwidth (a sum over a 1 GiB tensor), the three timed in turn. Prefill: one chunk of queries over a long
+context against SDPA with a bottom-right causal mask. fp32 throughout.
 
 Default model shapes: 8 query heads, 2 KV heads, head_dim 128 (one tensor-parallel rank of a GQA model
 such as LLaMA-3-8B at TP=4): 2 KiB of K+V per token, so batch 8 x 128K tokens is 2 GiB paged plus 2 GiB
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from megakv.kernels.cpu_attention import load_extension
 from megakv.kernels.ops import micro_attention
+from megakv.kvcache.kv_cache import pool_tensor
 
 
 def best_seconds(*fns, repeats: int) -> list[float]:
@@ -43,16 +44,27 @@ def best_seconds(*fns, repeats: int) -> list[float]:
     return best
 
 
-def read_bandwidth_gbps(repeats: int) -> float:
-    """Memory read bandwidth: GB/s of a sum over a 1 GiB float32 tensor."""
-    data = torch.rand(2**28)
-    [seconds] = best_seconds(lambda: data.sum(), repeats=repeats)
-    return data.numel() * 4 / seconds / 1e9
+class ReadBandwidth:
+    """The machine's memory read bandwidth: a sum over a 1 GiB float32 tensor.
+
+    Each decode case times it in turn with the attention calls: on a shared machine the bandwidth
+    swings by half within minutes, and a figure taken once at the start would not describe the case.
+    """
+
+    def __init__(self) -> None:
+        self.data = torch.rand(2**28)
+
+    def __call__(self) -> None:
+        self.data.sum()
+
+    def gbps(self, seconds: float) -> float:
+        return self.data.numel() * 4 / seconds / 1e9
 
 
 def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scatter contiguous K/V [B, Hkv, ctx, D] over a pool in random block order.
+    """Scatter contiguous K/V [B, Hkv, ctx, D] over a pool (allocated as the engine allocates its own) in
+    random block order: the worst case, the order a long-running server's free list ends up in.
 
     Returns (key_cache, value_cache [B * ctx / block_size, Hkv, block_size, D], block_tables int32 [B, nb]).
     """
@@ -61,7 +73,7 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
     block_tables = torch.randperm(batch * blocks_per_seq, generator=generator).view(batch, blocks_per_seq)
     caches = []
     for contiguous in (keys, values):
-        cache = torch.empty(batch * blocks_per_seq, num_kv_heads, block_size, head_dim)
+        cache = pool_tensor((batch * blocks_per_seq, num_kv_heads, block_size, head_dim), torch.float32)
         # [B, Hkv, nb, bs, D] -> [B, nb, Hkv, bs, D] -> [B * nb, Hkv, bs, D]
         blocks = contiguous.view(batch, num_kv_heads, blocks_per_seq, block_size, head_dim).transpose(1, 2)
         cache[block_tables.flatten()] = blocks.reshape(-1, num_kv_heads, block_size, head_dim)
@@ -69,8 +81,8 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
     return caches[0], caches[1], block_tables.to(torch.int32)
 
 
-def bench_decode(context: int, batch: int, args, generator: torch.Generator) -> dict:
-    """One decode step of ``batch`` sequences of ``context`` tokens: paged path vs contiguous SDPA."""
+def bench_decode(context: int, batch: int, args, generator: torch.Generator, bandwidth: ReadBandwidth) -> dict:
+    """One decode step of ``batch`` sequences of ``context`` tokens: paged path vs contiguous SDPA vs a plain read."""
     num_q_heads = args.num_kv_heads * args.group
     keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator)
     values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator)
@@ -82,11 +94,14 @@ def bench_decode(context: int, batch: int, args, generator: torch.Generator) -> 
     kv_bytes = 2 * keys.numel() * keys.element_size()
     # SDPA reads each KV head once when the query heads of a group are its rows: [B, Hkv, group, D].
     grouped_query = query.view(batch, args.num_kv_heads, args.group, args.head_dim)
-    paged, sdpa = best_seconds(
+    paged, sdpa, read = best_seconds(
         lambda: micro_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale),
-        lambda: F.scaled_dot_product_attention(grouped_query, keys, values, scale=scale), repeats=args.repeats)
-    return dict(case="decode", context=context, batch=batch, kv_bytes=kv_bytes, paged_gbps=kv_bytes / paged / 1e9,
-                sdpa_contiguous_gbps=kv_bytes / sdpa / 1e9, paged_ms=paged * 1e3, sdpa_ms=sdpa * 1e3)
+        lambda: F.scaled_dot_product_attention(grouped_query, keys, values, scale=scale), bandwidth,
+        repeats=args.repeats)
+    paged_gbps, sdpa_gbps, read_gbps = kv_bytes / paged / 1e9, kv_bytes / sdpa / 1e9, bandwidth.gbps(read)
+    return dict(case="decode", context=context, batch=batch, kv_bytes=kv_bytes, paged_gbps=paged_gbps,
+                sdpa_contiguous_gbps=sdpa_gbps, read_bandwidth_gbps=read_gbps, paged_ms=paged * 1e3,
+                sdpa_ms=sdpa * 1e3, paged_vs_sdpa=paged_gbps / sdpa_gbps, paged_vs_bandwidth=paged_gbps / read_gbps)
 
 
 def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
@@ -125,15 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     load_extension()  # build (or load) the C++ op before timing
-    bandwidth = read_bandwidth_gbps(args.repeats)
     results = []
     if not args.no_decode:
-        for context in args.contexts:
-            for batch in args.batches:
-                row = bench_decode(context, batch, args, generator)
-                row.update(read_bandwidth_gbps=bandwidth, paged_vs_sdpa=row["paged_gbps"] / row["sdpa_contiguous_gbps"],
-                           paged_vs_bandwidth=row["paged_gbps"] / bandwidth)
-                results.append(row)
+        bandwidth = ReadBandwidth()
+        results += [bench_decode(context, batch, args, generator, bandwidth)
+                    for context in args.contexts for batch in args.batches]
+        del bandwidth
     if not args.no_prefill:
         results.append(bench_prefill(args.prefill_context, args.prefill_queries, args, generator))
     report = dict(
@@ -141,7 +153,7 @@ def main() -> None:
                      torch=torch.__version__, cpu_extension=load_extension() is not None),
         shapes=dict(num_q_heads=args.num_kv_heads * args.group, num_kv_heads=args.num_kv_heads,
                     head_dim=args.head_dim, block_size=args.block_size, dtype="float32"),
-        read_bandwidth_gbps=bandwidth, results=results)
+        results=results)
     print(json.dumps(report, indent=1))
 
 

@@ -6,9 +6,10 @@ Prints one JSON object. In one run it measures
   lending cap of 100%, the longest single request (in KV tokens) that completes,
   against the physical limit I x pool tokens (without borrowing it stays at 1 x pool);
 * remote overhead: decode tokens/s (from the median decode step) of one request at a long
-  context held on one instance, against the same context spread over 2 instances (TP=1 each).
+  context held on one instance, against the same context spread over 2 instances (TP=1 each),
+  in back-to-back pairs; the median slowdown of the pairs is the figure.
 
-    python tools/bench_distkv.py [--context 16384] [--pool-blocks 32] [--decode-tokens 48]
+    python tools/bench_distkv.py [--context 16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
 
 The model is a random LLaMA built here (transformers, fixed seed) and converted with
 tools/convert_checkpoint.py. Each configuration runs under mpirun as a worker
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--pool-blocks", type=int, default=32, help="per-instance pool of the max-context runs")
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--instances-list", default="1,2,4")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="local/spread pairs of the remote-overhead run (each pair back to back, so that a "
+                             "change in the machine's load hits both sides; the median slowdown is reported)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--instances", type=int, default=1, help=argparse.SUPPRESS)
@@ -133,14 +138,19 @@ def main() -> None:
         results = {"block_size": BLOCK_SIZE, "max_context": [
             max_context(model, int(n), args.pool_blocks, 4) for n in args.instances_list.split(",")]}
         context_blocks = -(-(args.context + args.decode_tokens) // BLOCK_SIZE)
-        local = run_worker(model, 1, context_blocks + 4, args.context, args.decode_tokens)
-        # Two instances whose pools each hold a bit more than half the context: it must spread.
-        spread = run_worker(model, 2, context_blocks // 2 + 4, args.context, args.decode_tokens)
+        runs = []
+        for _ in range(args.repeats):
+            local = run_worker(model, 1, context_blocks + 4, args.context, args.decode_tokens)
+            # Two instances whose pools each hold a bit more than half the context: it must spread.
+            spread = run_worker(model, 2, context_blocks // 2 + 4, args.context, args.decode_tokens)
+            runs.append({"local_decode_tokens_per_s": local["decode_tokens_per_s"],
+                         "spread_decode_tokens_per_s": spread["decode_tokens_per_s"],
+                         "spread_num_remote_blocks": spread["num_remote_blocks"],
+                         "slowdown": local["decode_tokens_per_s"] / spread["decode_tokens_per_s"]})
         results["remote_overhead"] = {
-            "context": args.context, "local_decode_tokens_per_s": local["decode_tokens_per_s"],
-            "spread_decode_tokens_per_s": spread["decode_tokens_per_s"],
-            "spread_num_remote_blocks": spread["num_remote_blocks"],
-            "slowdown": local["decode_tokens_per_s"] / spread["decode_tokens_per_s"]}
+            "context": args.context, "runs": runs,
+            **{key: statistics.median(run[key] for run in runs)
+               for key in ("local_decode_tokens_per_s", "spread_decode_tokens_per_s", "slowdown")}}
     print(json.dumps(results, indent=1))
 
 
