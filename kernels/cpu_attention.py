@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from megakv.kernels.micro_attention import check_micro_attention_args, query_layout
+from megakv.kernels.micro_attention import MAX_DECODE_QUERIES, check_micro_attention_args, query_layout
 
-# A sequence with more queries than this goes to the torch (GEMM) path: re-reading K/V per query costs more.
-MAX_DECODE_QUERIES = 8
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
 
 

@@ -18,6 +18,12 @@ try:
 except ImportError:  # the CPU path and the references need no triton
     triton = None
 
+# A sequence with more queries than this is a prefill chunk: its K/V is read once per tile of queries rather
+# than once per query, as the decode kernels do.
+MAX_DECODE_QUERIES = 8
+# Rows (queries x query heads of one KV head) of one prefill tile on the GPU.
+PREFILL_TILE_ROWS = 64
+
 
 def visible_lengths(query_start_loc: list[int], context_lens: list[int]) -> list[torch.Tensor]:
     """Per sequence, how many context tokens each of its queries may see (causal masking)."""
@@ -175,6 +181,103 @@ if triton is not None:
         tl.store(lse_ptr + split * stride_ls + query_index * stride_ln + q_heads, lse, mask=head_ok)
 
 
+    @triton.jit
+    def _prefill_kernel(
+        query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, tile_seq_ptr, tile_start_ptr, tile_end_ptr,
+        query_visible_ptr, out_ptr, lse_ptr, scale,
+        stride_qn, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_table,
+        stride_on, stride_oh, stride_ln,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, EXACT: tl.constexpr,
+    ):
+        """One program: a tile of BLOCK_M queries of one sequence x the GROUP query heads of one KV head.
+
+        The tile's rows share every K/V block they load (one pass over the context per tile, not per
+        query); each row masks the keys past its own visible length. EXACT (fp32 inputs) keeps the dots in
+        IEEE fp32; half inputs are widened and dotted in TF32 on the tensor cores, which keeps more mantissa
+        than a bf16 dot (and Triton's interpreter mishandles bf16 dots).
+        """
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        seq = tl.load(tile_seq_ptr + tile).to(tl.int64)
+        first_query = tl.load(tile_start_ptr + tile)
+        end_query = tl.load(tile_end_ptr + tile)
+        rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+        query_index = first_query + rows // GROUP_PAD
+        head = rows % GROUP_PAD
+        row_ok = (query_index < end_query) & (head < GROUP)
+        q_heads = kv_head * GROUP + head
+        dims = tl.arange(0, HEAD_DIM)
+        tokens = tl.arange(0, BLOCK_SIZE)
+        visible = tl.load(query_visible_ptr + query_index, mask=row_ok, other=0)
+        # Queries of a sequence see one more token each: the tile's last one sees the most.
+        tile_visible = tl.load(query_visible_ptr + end_query - 1)
+        q = tl.load(query_ptr + query_index[:, None] * stride_qn + q_heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)  # [ROWS, HEAD_DIM]
+        run_max = tl.full([BLOCK_M * GROUP_PAD], -1.0e30, tl.float32)
+        run_sum = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], tl.float32)
+        for block in range(0, tl.cdiv(tile_visible, BLOCK_SIZE)):
+            block_id = tl.load(block_tables_ptr + seq * stride_table + block).to(tl.int64)
+            positions = block * BLOCK_SIZE + tokens
+            token_ok = (positions < tile_visible) & (tl.full([BLOCK_SIZE], 0, tl.int64) <= block_id)
+            safe_block = tl.maximum(block_id, 0)
+            k = tl.load(key_cache_ptr + safe_block * stride_kb + kv_head * stride_kh + tokens[:, None] * stride_kt
+                        + dims[None, :], mask=token_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_SIZE, HEAD_DIM]
+            v = tl.load(value_cache_ptr + safe_block * stride_vb + kv_head * stride_vh + tokens[:, None] * stride_vt
+                        + dims[None, :], mask=token_ok[:, None], other=0.0).to(tl.float32)
+            if EXACT:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            allowed = token_ok[None, :] & (positions[None, :] < visible[:, None])
+            scores = tl.where(allowed, scores * scale, float("-inf"))  # [ROWS, BLOCK_SIZE]
+            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+            correction = tl.exp(run_max - new_max)
+            probs = tl.exp(scores - new_max[:, None])
+            run_sum = run_sum * correction + tl.sum(probs, axis=1)
+            if EXACT:
+                acc = acc * correction[:, None] + tl.dot(probs, v, input_precision="ieee")
+            else:
+                acc = acc * correction[:, None] + tl.dot(probs, v)
+            run_max = new_max
+        seen = run_sum > 0
+        out = tl.where(seen[:, None], acc / tl.where(seen, run_sum, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, run_max + tl.log(tl.where(seen, run_sum, 1.0)), float("-inf"))
+        tl.store(out_ptr + query_index[:, None] * stride_on + q_heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + query_index * stride_ln + q_heads, lse, mask=row_ok)
+
+
+def _prefill_tiles(query_start_loc: list[int], prefill_seqs: list[int], block_m: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sequence, first query, end query) of every tile of block_m queries of the prefill sequences."""
+    tiles = [(seq, start, min(start + block_m, query_start_loc[seq + 1])) for seq in prefill_seqs
+             for start in range(query_start_loc[seq], query_start_loc[seq + 1], block_m)]
+    seqs, starts, ends = zip(*tiles)
+    return tuple(torch.tensor(column, dtype=torch.int32, device=device) for column in (seqs, starts, ends))
+
+
+def _prefill_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: list[int], prefill_seqs: list[int],
+                    query_visible: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Write out/lse rows of the prefill sequences' queries with the tiled kernel."""
+    _, num_q_heads, head_dim = query.shape
+    _, num_kv_heads, block_size, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(1, PREFILL_TILE_ROWS // group_pad)
+    tile_seq, tile_start, tile_end = _prefill_tiles(query_start_loc, prefill_seqs, block_m, query.device)
+    _prefill_kernel[(len(tile_seq), num_kv_heads)](
+        query, key_cache, value_cache, block_tables, tile_seq, tile_start, tile_end, query_visible, out, lse, scale,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        EXACT=query.dtype == torch.float32,
+    )
+
+
 def _num_splits(num_programs: int, max_blocks: int, device: torch.device) -> int:
     """Split the blocks so that about two waves of programs fill the device, each split >= 16 blocks."""
     if device.type == "cuda":
@@ -194,7 +297,11 @@ def micro_attention_triton(
     scale: float,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton micro-attention; same contract as :func:`micro_attention_ref`, split-KV when long."""
+    """The Triton micro-attention; same contract as :func:`micro_attention_ref`.
+
+    Decode sequences (up to MAX_DECODE_QUERIES queries) run split-KV, one program per query, KV head and
+    split; longer ones (chunked prefill) run in tiles of queries that share each K/V block they load.
+    """
     if triton is None:
         raise RuntimeError("micro_attention_triton needs triton; install it or use the CPU path")
     check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
@@ -207,9 +314,34 @@ def micro_attention_triton(
     if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
         raise ValueError("query, key_cache and value_cache must be contiguous in head_dim")
     block_tables = block_tables.contiguous()
-    group = num_q_heads // num_kv_heads
     query_seq, query_visible = query_layout(query_start_loc, context_lens, query.device)
-    max_blocks = -(-max(context_lens, default=0) // block_size)
+    num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+    prefill_seqs = [seq for seq, n in enumerate(num_seq_queries) if n > MAX_DECODE_QUERIES]
+    if not prefill_seqs:
+        return _decode_triton(query, key_cache, value_cache, block_tables, query_seq, query_visible,
+                              max(context_lens, default=0), scale, num_splits)
+    out = torch.empty_like(query)
+    lse = torch.empty(num_queries, num_q_heads, dtype=torch.float32, device=query.device)
+    _prefill_triton(query, key_cache, value_cache, block_tables, query_start_loc, prefill_seqs, query_visible,
+                    scale, out, lse)
+    decode_seqs = [seq for seq, n in enumerate(num_seq_queries) if 0 < n <= MAX_DECODE_QUERIES]
+    if decode_seqs:
+        rows = torch.cat([torch.arange(query_start_loc[seq], query_start_loc[seq + 1]) for seq in decode_seqs])
+        rows = rows.to(query.device)
+        out[rows], lse[rows] = _decode_triton(query[rows], key_cache, value_cache, block_tables, query_seq[rows],
+                                              query_visible[rows], max(context_lens[seq] for seq in decode_seqs),
+                                              scale, num_splits)
+    return out, lse
+
+
+def _decode_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   block_tables: torch.Tensor, query_seq: torch.Tensor, query_visible: torch.Tensor,
+                   max_context: int, scale: float, num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One program per (query, KV head, split of the blocks), the splits merged by log-sum-exp."""
+    num_queries, num_q_heads, head_dim = query.shape
+    _, num_kv_heads, block_size, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    max_blocks = -(-max_context // block_size)
     if num_splits is None:
         num_splits = _num_splits(num_queries * num_kv_heads, max_blocks, query.device)
     blocks_per_split = max(1, -(-max_blocks // num_splits))

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from megakv.kernels.micro_attention import micro_attention_ref, micro_attention_triton  # noqa: E402
+from megakv.kernels.micro_attention import (  # noqa: E402
+    MAX_DECODE_QUERIES, micro_attention_ref, micro_attention_triton)
 
 # (num_kv_heads, group, block_size, head_dim, dtype, num_splits): every GQA ratio, block size, head_dim
 # and dtype appears at least once; the slow sweep takes the full product.
@@ -24,10 +25,17 @@ SLOW_CASES = [(heads, group, block_size, head_dim, dtype, splits) for (heads, gr
                                    [torch.float32, torch.float16, torch.bfloat16], [None, 3])]
 
 
-def run_case(paged_batch, attention_close, device, seed, num_kv_heads, group, block_size, head_dim, dtype, num_splits, absent_fraction):
+# Decode sequences only (the split-KV kernel), and decode sequences beside prefill chunks of one and of
+# several query tiles (the tiled kernel takes the chunks).
+DECODE_BATCH = [1, 3, 1]
+PREFILL_BATCH = [1, MAX_DECODE_QUERIES + 12, 3, 70]
+
+
+def run_case(paged_batch, attention_close, device, seed, num_kv_heads, group, block_size, head_dim, dtype, num_splits,
+             absent_fraction, num_queries=DECODE_BATCH):
     query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
-        seed, num_kv_heads, group, block_size, head_dim, dtype, num_queries=[1, 3, 1],
-        max_context=4 * block_size, absent_fraction=absent_fraction)
+        seed, num_kv_heads, group, block_size, head_dim, dtype, num_queries=num_queries,
+        max_context=max(4 * block_size, 2 * max(num_queries)), absent_fraction=absent_fraction)
     scale = head_dim ** -0.5
     expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
                                                      context_lens, scale)
@@ -44,10 +52,19 @@ def test_micro_attention_triton_matches_reference(paged_batch, attention_close, 
     run_case(paged_batch, attention_close, device, case, *QUICK_CASES[case], absent_fraction)
 
 
+@pytest.mark.parametrize("case", range(len(QUICK_CASES)))
+def test_micro_attention_triton_prefill_tiles_match_reference(paged_batch, attention_close, device, case):
+    absent_fraction = 0.3 if case % 2 else 0.0
+    run_case(paged_batch, attention_close, device, 50 + case, *QUICK_CASES[case], absent_fraction,
+             num_queries=PREFILL_BATCH)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(SLOW_CASES)))
-def test_micro_attention_triton_sweep_matches_reference(paged_batch, attention_close, device, case):
-    run_case(paged_batch, attention_close, device, 100 + case, *SLOW_CASES[case], absent_fraction=0.25)
+@pytest.mark.parametrize("batch", ["decode", "prefill"])
+def test_micro_attention_triton_sweep_matches_reference(paged_batch, attention_close, device, case, batch):
+    run_case(paged_batch, attention_close, device, 100 + case, *SLOW_CASES[case], absent_fraction=0.25,
+             num_queries=DECODE_BATCH if batch == "decode" else PREFILL_BATCH)
 
 
 def test_micro_attention_triton_all_blocks_absent_gives_empty_partial(paged_batch, device):
@@ -69,11 +86,12 @@ def test_micro_attention_triton_rejects_mismatched_heads():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_micro_attention_dispatch_uses_triton_on_cuda(paged_batch, attention_close):
+@pytest.mark.parametrize("num_queries", [[1] * 8, [1] * 4 + [300]])
+def test_micro_attention_dispatch_uses_triton_on_cuda(paged_batch, attention_close, num_queries):
     from megakv.kernels.ops import micro_attention
 
     query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
-        3, 2, 4, 16, 128, torch.bfloat16, num_queries=[1] * 8, max_context=4096, absent_fraction=0.1)
+        3, 2, 4, 16, 128, torch.bfloat16, num_queries=num_queries, max_context=4096, absent_fraction=0.1)
     expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
                                                      context_lens, 128 ** -0.5)
     out, lse = micro_attention(query.cuda(), key_cache.cuda(), value_cache.cuda(), block_tables.cuda(),
