@@ -2,8 +2,8 @@
 
 Decode on CPU is bound by memory bandwidth, and a torch gather (``key_cache[table]``) copies every block
 before it is read. The C++ op (``paged_attention_cpu.cpp``, built once with
-``torch.utils.cpp_extension.load_inline`` and cached) reads each block's K/V tiles in place, split-KV across
-threads, flash-decoding style. Sequences with many queries (chunked prefill) are compute bound: they gather
+``torch.utils.cpp_extension.load_inline`` and cached) reads each block's K/V tiles in place (fp32, bf16 or
+fp16, computing in fp32), split-KV across threads, flash-decoding style. Sequences with many queries (chunked prefill) are compute bound: they gather
 their context once and run torch's flash attention for CPU, which returns the log-sum-exp too. Without a
 compiler, or with ``MEGAKV_CPU_EXTENSION=0``, the torch path serves every sequence.
 """
@@ -39,8 +39,8 @@ def load_extension():
 
 
 def _use_extension(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    return (query.dtype == key_cache.dtype == torch.float32 and query.shape[-1] in (64, 128)
-            and key_cache.is_contiguous() and load_extension() is not None)
+    return (query.dtype == key_cache.dtype and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and query.shape[-1] in (64, 128) and key_cache.is_contiguous() and load_extension() is not None)
 
 
 def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -53,10 +53,11 @@ def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_splits = max(1, min(-(-4 * torch.get_num_threads() // num_items), max_blocks // 32))
     blocks_per_split = max(1, -(-max_blocks // num_splits))
     num_splits = max(1, -(-max_blocks // blocks_per_split))
-    out, lse = load_extension().paged_attention(query.contiguous(), key_cache, value_cache.contiguous(),
+    # The op computes in fp32 over K/V in their own dtype; only the small query and output are converted.
+    out, lse = load_extension().paged_attention(query.float().contiguous(), key_cache, value_cache.contiguous(),
                                                 block_tables.to(torch.int32).contiguous(), query_seq,
                                                 query_visible, scale, blocks_per_split, num_splits)
-    return out, lse
+    return out.to(query.dtype), lse
 
 
 def _sequence_torch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,

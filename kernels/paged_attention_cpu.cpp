@@ -1,5 +1,5 @@
-// Paged decode attention on CPU (megakv.kernels.cpu_attention), fp32, head_dim 64 or 128, and the
-// log-sum-exp merge of partial (out, lse) pairs.
+// Paged decode attention on CPU (megakv.kernels.cpu_attention): K/V in fp32, bf16 or fp16, queries and all
+// arithmetic in fp32, head_dim 64 or 128; and the log-sum-exp merge of partial (out, lse) pairs.
 // One work item = (query, KV head, split of its blocks): an online softmax over the split's blocks for the
 // query heads of that KV head, reading each K/V tile of a block in place; the splits are merged by
 // log-sum-exp at the end. Slots past a query's visible length and absent blocks (id < 0) are never read.
@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,14 +23,42 @@ constexpr int64_t KICK_AHEAD = 4;
 constexpr int64_t KICK_LINES = 8;
 
 // Prefetch into L2 the first `num_lines` 64-byte lines of a block's K and V tiles.
-static inline void prefetch_tiles(const float* k, const float* v, int64_t num_lines) {
+static inline void prefetch_tiles(const void* k, const void* v, int64_t num_lines) {
   for (int64_t line = 0; line < num_lines; ++line) {
-    __builtin_prefetch(k + 16 * line, 0, 1);
-    __builtin_prefetch(v + 16 * line, 0, 1);
+    __builtin_prefetch(static_cast<const char*>(k) + 64 * line, 0, 1);
+    __builtin_prefetch(static_cast<const char*>(v) + 64 * line, 0, 1);
   }
 }
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+// 16 consecutive K/V elements widened to fp32. Half-precision caches halve the bytes a decode step reads,
+// which is what bounds it.
+static inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline vec16 load16(const at::BFloat16* p) {
+  // A bf16 is the upper half of the fp32 with the same value.
+  const u32x16 bits = __builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16;
+  vec16 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+#if defined(__FLT16_MAX__)
+typedef _Float16 f16x16 __attribute__((vector_size(32), aligned(2), may_alias));
+static inline vec16 load16(const at::Half* p) {
+  return __builtin_convertvector(*reinterpret_cast<const f16x16*>(p), vec16);
+}
+#else  // compilers without _Float16 (GCC < 12 on x86): one conversion per element
+static inline vec16 load16(const at::Half* p) {
+  vec16 out;
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(p[i]);
+  return out;
+}
+#endif
 
 static inline float hsum(vec16 x) {
   float total = 0.f;
@@ -38,21 +67,21 @@ static inline float hsum(vec16 x) {
 }
 
 // scores[t] = scale * q . k[t] for the block's tokens; q [D], k [num_tokens, D].
-template <int D>
-static inline void block_scores(const float* q, const float* k, float* scores, int64_t num_tokens, float scale) {
+template <int D, typename T>
+static inline void block_scores(const float* q, const T* k, float* scores, int64_t num_tokens, float scale) {
   constexpr int C = D / 16;
   vec16 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = *reinterpret_cast<const vec16*>(q + 16 * c);
   int64_t t = 0;
   for (; t + 4 <= num_tokens; t += 4) {
     vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    const float* k0 = k + t * D;
+    const T* k0 = k + t * D;
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      a0 += qv[c] * *reinterpret_cast<const vec16*>(k0 + 16 * c);
-      a1 += qv[c] * *reinterpret_cast<const vec16*>(k0 + D + 16 * c);
-      a2 += qv[c] * *reinterpret_cast<const vec16*>(k0 + 2 * D + 16 * c);
-      a3 += qv[c] * *reinterpret_cast<const vec16*>(k0 + 3 * D + 16 * c);
+      a0 += qv[c] * load16(k0 + 16 * c);
+      a1 += qv[c] * load16(k0 + D + 16 * c);
+      a2 += qv[c] * load16(k0 + 2 * D + 16 * c);
+      a3 += qv[c] * load16(k0 + 3 * D + 16 * c);
     }
     scores[t] = hsum(a0) * scale;
     scores[t + 1] = hsum(a1) * scale;
@@ -61,7 +90,7 @@ static inline void block_scores(const float* q, const float* k, float* scores, i
   }
   for (; t < num_tokens; ++t) {
     vec16 a0 = {};
-    for (int c = 0; c < C; ++c) a0 += qv[c] * *reinterpret_cast<const vec16*>(k + t * D + 16 * c);
+    for (int c = 0; c < C; ++c) a0 += qv[c] * load16(k + t * D + 16 * c);
     scores[t] = hsum(a0) * scale;
   }
 }
@@ -89,8 +118,8 @@ static inline vec16 lane_sums16(const vec16* a) {
 
 // scores[0..15] = scale * q . k[t] for 16 consecutive tokens; q [D], k [16, D]. Tokens past the visible
 // length still lie inside the block and only fill lanes nobody reads.
-template <int D>
-static inline void block_scores16(const float* q, const float* k, float* scores, float scale) {
+template <int D, typename T>
+static inline void block_scores16(const float* q, const T* k, float* scores, float scale) {
   constexpr int C = D / 16;
   vec16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = vec16{};
@@ -98,26 +127,26 @@ static inline void block_scores16(const float* q, const float* k, float* scores,
   for (int c = 0; c < C; ++c) {
     const vec16 qc = *reinterpret_cast<const vec16*>(q + 16 * c);
 #pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) acc[t] += qc * *reinterpret_cast<const vec16*>(k + t * D + 16 * c);
+    for (int t = 0; t < 16; ++t) acc[t] += qc * load16(k + t * D + 16 * c);
   }
   *reinterpret_cast<vec16*>(scores) = lane_sums16(acc) * scale;
 }
 
 // acc[D] = acc * correction + sum_t p[t] * v[t]; v [num_tokens, D].
-template <int D>
-static inline void block_accumulate(const float* p, const float* v, float* acc, float correction, int64_t num_tokens) {
+template <int D, typename T>
+static inline void block_accumulate(const float* p, const T* v, float* acc, float correction, int64_t num_tokens) {
   constexpr int C = D / 16;
   vec16 a[C];
   for (int c = 0; c < C; ++c) a[c] = *reinterpret_cast<const vec16*>(acc + 16 * c) * correction;
   for (int64_t t = 0; t < num_tokens; ++t) {
     const float weight = p[t];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) a[c] += weight * *reinterpret_cast<const vec16*>(v + t * D + 16 * c);
+    for (int c = 0; c < C; ++c) a[c] += weight * load16(v + t * D + 16 * c);
   }
   for (int c = 0; c < C; ++c) *reinterpret_cast<vec16*>(acc + 16 * c) = a[c];
 }
 
-template <int D>
+template <int D, typename T>
 std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                                            torch::Tensor block_tables, torch::Tensor query_seq,
                                            torch::Tensor query_visible, double scale, int64_t blocks_per_split,
@@ -126,8 +155,8 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
   const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
   const int64_t group = num_q_heads / num_kv_heads, max_blocks = block_tables.size(1);
   const float* q_ptr = query.data_ptr<float>();
-  const float* k_ptr = key_cache.data_ptr<float>();
-  const float* v_ptr = value_cache.data_ptr<float>();
+  const T* k_ptr = key_cache.data_ptr<T>();
+  const T* v_ptr = value_cache.data_ptr<T>();
   const int32_t* table_ptr = block_tables.data_ptr<int32_t>();
   const int32_t* seq_ptr = query_seq.data_ptr<int32_t>();
   const int32_t* visible_ptr = query_visible.data_ptr<int32_t>();
@@ -158,12 +187,13 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
         run_sum[g] = 0.f;
         for (int64_t d = 0; d < head_dim; ++d) acc[g * head_dim + d] = 0.f;
       }
-      const int64_t tile_floats = block_size * head_dim, tile_lines = tile_floats / 16;
+      const int64_t tile_elements = block_size * head_dim;
+      const int64_t tile_lines = tile_elements * static_cast<int64_t>(sizeof(T)) / 64;
       const bool stream = group == 1;
       const int64_t kick_lines = std::min(KICK_LINES, tile_lines);
       const int64_t ahead = stream ? KICK_AHEAD : PREFETCH_AHEAD;
-      auto tile_of = [&](const float* base, int64_t block_id) {
-        return base + (block_id * num_kv_heads + kv_head) * tile_floats;
+      auto tile_of = [&](const T* base, int64_t block_id) {
+        return base + (block_id * num_kv_heads + kv_head) * tile_elements;
       };
       // The loop below fetches `ahead` blocks on; the first ones are requested now.
       for (int64_t b = first; b < std::min(last, first + ahead); ++b) {
@@ -175,20 +205,21 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
         const int64_t block_id = table_ptr[seq * max_blocks + b];
         if (block_id < 0) continue;
         const int64_t num_tokens = std::min(block_size, visible - b * block_size);
-        const float* k = tile_of(k_ptr, block_id);
-        const float* v = tile_of(v_ptr, block_id);
+        const T* k = tile_of(k_ptr, block_id);
+        const T* v = tile_of(v_ptr, block_id);
         const int64_t next_id = b + ahead < last ? table_ptr[seq * max_blocks + b + ahead] : -1;
         if (stream && next_id >= 0) prefetch_tiles(tile_of(k_ptr, next_id), tile_of(v_ptr, next_id), kick_lines);
-        const float* next_k = !stream && next_id >= 0 ? tile_of(k_ptr, next_id) : nullptr;
-        const float* next_v = next_k != nullptr ? tile_of(v_ptr, next_id) : nullptr;
-        const int64_t slice = (tile_floats + 2 * group - 1) / (2 * group);
+        const char* next_k = !stream && next_id >= 0 ? reinterpret_cast<const char*>(tile_of(k_ptr, next_id)) : nullptr;
+        const char* next_v = next_k != nullptr ? reinterpret_cast<const char*>(tile_of(v_ptr, next_id)) : nullptr;
+        const int64_t slice_lines = (tile_lines + group - 1) / group;
         int64_t fetched = 0;
-        // A slice of the whole-tile prefetch per compute step: issued at once it would stall on the miss buffers.
+        // A slice of the whole-tile prefetch per compute step (2 x group of them per block): issued at once it
+        // would stall on the miss buffers.
         auto prefetch_slice = [&]() {
           if (next_k == nullptr) return;
-          const int64_t stop = std::min(fetched + 2 * slice, 2 * tile_floats);
-          for (; fetched < stop; fetched += 16)
-            __builtin_prefetch(fetched < tile_floats ? next_k + fetched : next_v + (fetched - tile_floats), 0, 1);
+          const int64_t stop = std::min(fetched + slice_lines, 2 * tile_lines);
+          for (; fetched < stop; ++fetched)
+            __builtin_prefetch(fetched < tile_lines ? next_k + 64 * fetched : next_v + 64 * (fetched - tile_lines), 0, 1);
         };
         // Whole 16-token runs through the lane-sum tree; a block size that is no multiple of 16 ends token by token.
         const int64_t num_runs = std::min((num_tokens + 15) / 16, block_size / 16);
@@ -196,9 +227,10 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
           prefetch_slice();
           float* s = scores.data() + g * block_size;
           for (int64_t run = 0; run < num_runs; ++run)
-            block_scores16<D>(q + g * D, k + run * 16 * D, s + run * 16, fscale);
+            block_scores16<D, T>(q + g * D, k + run * 16 * D, s + run * 16, fscale);
           if (num_tokens > num_runs * 16)
-            block_scores<D>(q + g * D, k + num_runs * 16 * D, s + num_runs * 16, num_tokens - num_runs * 16, fscale);
+            block_scores<D, T>(q + g * D, k + num_runs * 16 * D, s + num_runs * 16, num_tokens - num_runs * 16,
+                               fscale);
         }
         for (int64_t g = 0; g < group; ++g) {
           prefetch_slice();
@@ -213,7 +245,7 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
           }
           run_sum[g] = run_sum[g] * correction + block_sum;
           run_max[g] = block_max;
-          block_accumulate<D>(s, v, acc.data() + g * D, correction, num_tokens);
+          block_accumulate<D, T>(s, v, acc.data() + g * D, correction, num_tokens);
         }
       }
       std::copy(acc.begin(), acc.end(), acc_base + row * head_dim);
@@ -254,16 +286,38 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
   return {out, lse};
 }
 
+template <typename T>
+std::vector<torch::Tensor> paged_attention_typed(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                                                 torch::Tensor block_tables, torch::Tensor query_seq,
+                                                 torch::Tensor query_visible, double scale, int64_t blocks_per_split,
+                                                 int64_t num_splits) {
+  if (query.size(2) == 64)
+    return paged_attention_impl<64, T>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
+                                       blocks_per_split, num_splits);
+  TORCH_CHECK(query.size(2) == 128, "paged_attention: head_dim must be 64 or 128");
+  return paged_attention_impl<128, T>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
+                                      blocks_per_split, num_splits);
+}
+
 std::vector<torch::Tensor> paged_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                                            torch::Tensor block_tables, torch::Tensor query_seq,
                                            torch::Tensor query_visible, double scale, int64_t blocks_per_split,
                                            int64_t num_splits) {
-  if (query.size(2) == 64)
-    return paged_attention_impl<64>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
-                                    blocks_per_split, num_splits);
-  TORCH_CHECK(query.size(2) == 128, "paged_attention: head_dim must be 64 or 128");
-  return paged_attention_impl<128>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
-                                   blocks_per_split, num_splits);
+  TORCH_CHECK(query.scalar_type() == torch::kFloat, "paged_attention: the query must be float32");
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), "paged_attention: K and V dtypes differ");
+  switch (key_cache.scalar_type()) {
+    case torch::kFloat:
+      return paged_attention_typed<float>(query, key_cache, value_cache, block_tables, query_seq, query_visible,
+                                          scale, blocks_per_split, num_splits);
+    case torch::kBFloat16:
+      return paged_attention_typed<at::BFloat16>(query, key_cache, value_cache, block_tables, query_seq,
+                                                 query_visible, scale, blocks_per_split, num_splits);
+    case torch::kHalf:
+      return paged_attention_typed<at::Half>(query, key_cache, value_cache, block_tables, query_seq, query_visible,
+                                             scale, blocks_per_split, num_splits);
+    default:
+      TORCH_CHECK(false, "paged_attention: K/V must be float32, bfloat16 or float16");
+  }
 }
 
 // outs [P, N, H, D], lses [P, N, H] (fp32, contiguous) -> out [N, H, D], lse [N, H]; an empty partial has

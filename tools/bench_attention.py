@@ -4,7 +4,7 @@ Decode: for each context and batch, KV bytes read per second by megakv's paged m
 (``megakv.kernels.ops.micro_attention``, block tables a random permutation of the pool), by
 ``scaled_dot_product_attention`` on the same KV stored contiguously, and the machine's memory read
 bandwidth (a sum over a 1 GiB tensor), the three timed in turn. Prefill: one chunk of queries over a long
-context against SDPA with a bottom-right causal mask. fp32 throughout.
+context against SDPA with a bottom-right causal mask. fp32 unless ``--dtype`` says otherwise.
 
 Default model shapes: 8 query heads, 2 KV heads, head_dim 128 (one tensor-parallel rank of a GQA model
 such as LLaMA-3-8B at TP=4): 2 KiB of K+V per token, so batch 8 x 128K tokens is 2 GiB paged plus 2 GiB
@@ -73,7 +73,7 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
     block_tables = torch.randperm(batch * blocks_per_seq, generator=generator).view(batch, blocks_per_seq)
     caches = []
     for contiguous in (keys, values):
-        cache = pool_tensor((batch * blocks_per_seq, num_kv_heads, block_size, head_dim), torch.float32)
+        cache = pool_tensor((batch * blocks_per_seq, num_kv_heads, block_size, head_dim), keys.dtype)
         # [B, Hkv, nb, bs, D] -> [B, nb, Hkv, bs, D] -> [B * nb, Hkv, bs, D]
         blocks = contiguous.view(batch, num_kv_heads, blocks_per_seq, block_size, head_dim).transpose(1, 2)
         cache[block_tables.flatten()] = blocks.reshape(-1, num_kv_heads, block_size, head_dim)
@@ -84,10 +84,10 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
 def bench_decode(context: int, batch: int, args, generator: torch.Generator, bandwidth: ReadBandwidth) -> dict:
     """One decode step of ``batch`` sequences of ``context`` tokens: paged path vs contiguous SDPA vs a plain read."""
     num_q_heads = args.num_kv_heads * args.group
-    keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator)
-    values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator)
+    keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
+    values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
     key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
-    query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator)
+    query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator).to(args.dtype)
     scale = args.head_dim ** -0.5
     query_start_loc = list(range(batch + 1))
     context_lens = [context] * batch
@@ -107,10 +107,10 @@ def bench_decode(context: int, batch: int, args, generator: torch.Generator, ban
 def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
     """A chunk of ``num_queries`` new tokens at the end of ``context``: paged path vs SDPA causal."""
     num_q_heads = args.num_kv_heads * args.group
-    keys = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator)
-    values = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator)
+    keys = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
+    values = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
     key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
-    query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator)
+    query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator).to(args.dtype)
     scale = args.head_dim ** -0.5
     # Query i sees context - num_queries + 1 + i keys: a bottom-right aligned causal mask.
     visible = torch.arange(context - num_queries + 1, context + 1)
@@ -137,7 +137,10 @@ def main() -> None:
     parser.add_argument("--prefill-context", type=int, default=16384)
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="of the query and K/V (the targets are set for float32)")
     args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     load_extension()  # build (or load) the C++ op before timing
     results = []
@@ -152,7 +155,7 @@ def main() -> None:
         machine=dict(processor=platform.processor() or platform.machine(), num_threads=torch.get_num_threads(),
                      torch=torch.__version__, cpu_extension=load_extension() is not None),
         shapes=dict(num_q_heads=args.num_kv_heads * args.group, num_kv_heads=args.num_kv_heads,
-                    head_dim=args.head_dim, block_size=args.block_size, dtype="float32"),
+                    head_dim=args.head_dim, block_size=args.block_size, dtype=str(args.dtype).removeprefix("torch.")),
         results=results)
     print(json.dumps(report, indent=1))
 

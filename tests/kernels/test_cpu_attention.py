@@ -18,6 +18,7 @@ CASES = [  # (num_kv_heads, group, block_size, head_dim, dtype)
     (2, 4, 32, 128, torch.float32),
     (1, 8, 64, 64, torch.float32),
     (2, 4, 16, 128, torch.bfloat16),
+    (2, 1, 32, 64, torch.float16),
     (1, 8, 16, 32, torch.float32),
 ]
 
