@@ -53,6 +53,9 @@ HF_MODEL_KINDS = {
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 64}),
+    # head_dim 64: the CPU decode op (C++) takes attention, where the smaller heads above take the torch path.
+    "gqa64": dict(vocab_size=301, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False),
 }
 
 

@@ -34,11 +34,18 @@ def engine_for(checkpoint: Path, num_blocks: int = 128, model: ModelConfig | Non
     return LLMEngine(info, config)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_generate_greedy_batch_equals_hf_tp1(kind, hf_llama, megakv_checkpoint, hf_greedy):
+@pytest.mark.parametrize("kind", ["gqa", "mha", "gqa64"])
+def test_generate_greedy_batch_equals_hf_tp1(kind, hf_llama, megakv_checkpoint, hf_greedy, monkeypatch):
+    from megakv.kernels import cpu_attention
+
     engine = engine_for(megakv_checkpoint(kind, 1))
     prompts = batch_prompts(engine.model_config.vocab_size)
+    decode_op = cpu_attention._decode_extension
+    calls = []
+    monkeypatch.setattr(cpu_attention, "_decode_extension", lambda *args: calls.append(1) or decode_op(*args))
     outputs = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)] * len(prompts))
+    # The decode steps of head_dim 64 go through the C++ op wherever it builds.
+    assert bool(calls) == (kind == "gqa64" and cpu_attention.load_extension() is not None)
     assert [o.token_ids for o in outputs] == hf_greedy(hf_llama(kind), prompts, MAX_NEW_TOKENS)
     assert all(o.finish_reason == "length" for o in outputs)
     assert engine.rmanager.num_free_blocks == 128

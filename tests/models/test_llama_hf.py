@@ -22,12 +22,12 @@ def prompts_for(vocab_size: int) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def hf_logits(hf_dir: Path, prompt: list[int]) -> torch.Tensor:
+def hf_logits(hf_dir: Path, prompt: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
     with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0]
+        return model(torch.tensor([prompt])).logits[0].float()
 
 
 def small_engine_config() -> EngineConfig:
@@ -57,3 +57,26 @@ def test_llama_logits_equal_hf_tp2(kind, hf_llama, megakv_checkpoint, run_mpi, t
     logits = torch.load(out_file)
     for prompt, got in zip(prompts, logits):
         torch.testing.assert_close(got, hf_logits(hf_llama(kind), prompt), atol=1e-4, rtol=0)
+
+
+def test_llama_bf16_cpu_decode_op_logits_close_to_hf(hf_llama, megakv_checkpoint, monkeypatch):
+    """A bf16 pool read in place by the CPU decode op stays within bf16 noise of HF's fp32 logits."""
+    from megakv.kernels import cpu_attention
+
+    if cpu_attention.load_extension() is None:
+        pytest.skip("the C++ CPU op did not build here")
+    info = read_checkpoint_info(megakv_checkpoint("gqa64", 1))
+    # Chunks of at most 8 tokens: every attention call of the prompt takes the decode op.
+    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=64),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=cpu_attention.MAX_DECODE_QUERIES))
+    prompt = prompts_for(info.model.vocab_size)[1]
+    calls = []
+    decode_op = cpu_attention._decode_extension
+    monkeypatch.setattr(cpu_attention, "_decode_extension", lambda *args: calls.append(1) or decode_op(*args))
+    got = LLMEngine(info, config, dtype=torch.bfloat16).prompt_logits(prompt).float()
+    assert len(calls) == info.model.num_layers * -(-len(prompt) // cpu_attention.MAX_DECODE_QUERIES)
+    expected = hf_logits(hf_llama("gqa64"), prompt)
+    # bf16 weights and activations drift from fp32 whatever the attention does: the bound is HF's own bf16 drift.
+    hf_drift = (hf_logits(hf_llama("gqa64"), prompt, torch.bfloat16) - expected).abs()
+    drift = (got - expected).abs()
+    assert drift.max() < 1.5 * hf_drift.max() and drift.mean() < 1.5 * hf_drift.mean()
