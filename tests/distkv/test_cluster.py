@@ -38,16 +38,19 @@ def assert_cluster_clean(report: dict, instances: int) -> None:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("tp,instances", [(1, 2), (2, 2), pytest.param(1, 3, marks=pytest.mark.slow),
-                                          pytest.param(2, 3, marks=pytest.mark.slow)])
-def test_cluster_request_beyond_instance_pool_equals_hf(tp, instances, hf_llama, megakv_checkpoint, hf_greedy,
+# "gqa64" (head_dim 64) runs local and remote micro-attentions through the C++ CPU decode op.
+@pytest.mark.parametrize("tp,instances,kind", [(1, 2, "gqa"), (2, 2, "gqa"), (1, 2, "gqa64"),
+                                               pytest.param(2, 2, "gqa64", marks=pytest.mark.slow),
+                                               pytest.param(1, 3, "gqa", marks=pytest.mark.slow),
+                                               pytest.param(2, 3, "gqa", marks=pytest.mark.slow)])
+def test_cluster_request_beyond_instance_pool_equals_hf(tp, instances, kind, hf_llama, megakv_checkpoint, hf_greedy,
                                                          run_mpi, tmp_path):
     # 2 instances: 20 blocks, the whole cluster; 3 instances: 29 blocks, 2.9x one pool.
     prompt = random_prompt({2: 280, 3: 420}[instances], seed=instances)
-    records, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", tp), tp, instances,
+    records, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint(kind, tp), tp, instances,
                                      [{"prompt_ids": prompt}])
     (record,) = records
-    assert record["token_ids"] == hf_greedy(hf_llama("gqa"), [prompt], MAX_NEW_TOKENS)[0]
+    assert record["token_ids"] == hf_greedy(hf_llama(kind), [prompt], MAX_NEW_TOKENS)[0]
     assert record["num_local_blocks"] == POOL_BLOCKS
     assert record["num_local_blocks"] + record["num_remote_blocks"] > 2 * POOL_BLOCKS - 1
     assert record["block_instances"] == list(range(instances))
