@@ -1,4 +1,4 @@
-"""Benchmark megakv's paged (rBlock) attention on CPU against torch SDPA on contiguous KV; prints JSON.
+"""Benchmark megakv's paged (rBlock) attention (CPU, or a GPU) against torch SDPA on contiguous KV; prints JSON.
 
 Decode: for each context and batch, KV bytes read per second by megakv's paged micro-attention
 (``megakv.kernels.ops.micro_attention``, block tables a random permutation of the pool), by
@@ -12,6 +12,7 @@ contiguous.
 
     python tools/bench_attention.py                       # everything (about 3 minutes, 5 GiB peak)
     python tools/bench_attention.py --contexts 16384 --batches 1 --no-prefill
+    python tools/bench_attention.py --device cuda --dtype bfloat16 --contexts 32768 131072   # the GPU target
 """
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ from megakv.kernels.ops import micro_attention
 from megakv.kvcache.kv_cache import pool_tensor
 
 
-def best_seconds(*fns, repeats: int) -> list[float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer around a call measures the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(*fns, repeats: int, device: torch.device) -> list[float]:
     """The fastest of ``repeats`` timed calls of each function, after one warm-up call each.
 
     The functions take turns, so that load from other processes on a shared machine hits them alike.
@@ -38,21 +45,23 @@ def best_seconds(*fns, repeats: int) -> list[float]:
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for index, fn in enumerate(fns):
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             best[index] = min(best[index], time.perf_counter() - start)
     return best
 
 
 class ReadBandwidth:
-    """The machine's memory read bandwidth: a sum over a 1 GiB float32 tensor.
+    """The device's memory read bandwidth: a sum over a 1 GiB float32 tensor.
 
     Each decode case times it in turn with the attention calls: on a shared machine the bandwidth
     swings by half within minutes, and a figure taken once at the start would not describe the case.
     """
 
-    def __init__(self) -> None:
-        self.data = torch.rand(2**28)
+    def __init__(self, device: torch.device) -> None:
+        self.data = torch.rand(2**28, device=device)
 
     def __call__(self) -> None:
         self.data.sum()
@@ -73,21 +82,21 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
     block_tables = torch.randperm(batch * blocks_per_seq, generator=generator).view(batch, blocks_per_seq)
     caches = []
     for contiguous in (keys, values):
-        cache = pool_tensor((batch * blocks_per_seq, num_kv_heads, block_size, head_dim), keys.dtype)
+        cache = pool_tensor((batch * blocks_per_seq, num_kv_heads, block_size, head_dim), keys.dtype, keys.device)
         # [B, Hkv, nb, bs, D] -> [B, nb, Hkv, bs, D] -> [B * nb, Hkv, bs, D]
         blocks = contiguous.view(batch, num_kv_heads, blocks_per_seq, block_size, head_dim).transpose(1, 2)
-        cache[block_tables.flatten()] = blocks.reshape(-1, num_kv_heads, block_size, head_dim)
+        cache[block_tables.flatten().to(keys.device)] = blocks.reshape(-1, num_kv_heads, block_size, head_dim)
         caches.append(cache)
-    return caches[0], caches[1], block_tables.to(torch.int32)
+    return caches[0], caches[1], block_tables.to(keys.device, torch.int32)
 
 
 def bench_decode(context: int, batch: int, args, generator: torch.Generator, bandwidth: ReadBandwidth) -> dict:
     """One decode step of ``batch`` sequences of ``context`` tokens: paged path vs contiguous SDPA vs a plain read."""
     num_q_heads = args.num_kv_heads * args.group
-    keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
-    values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
+    keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
+    values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
     key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
-    query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator).to(args.dtype)
+    query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
     query_start_loc = list(range(batch + 1))
     context_lens = [context] * batch
@@ -97,7 +106,7 @@ def bench_decode(context: int, batch: int, args, generator: torch.Generator, ban
     paged, sdpa, read = best_seconds(
         lambda: micro_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale),
         lambda: F.scaled_dot_product_attention(grouped_query, keys, values, scale=scale), bandwidth,
-        repeats=args.repeats)
+        repeats=args.repeats, device=args.device)
     paged_gbps, sdpa_gbps, read_gbps = kv_bytes / paged / 1e9, kv_bytes / sdpa / 1e9, bandwidth.gbps(read)
     return dict(case="decode", context=context, batch=batch, kv_bytes=kv_bytes, paged_gbps=paged_gbps,
                 sdpa_contiguous_gbps=sdpa_gbps, read_bandwidth_gbps=read_gbps, paged_ms=paged * 1e3,
@@ -107,19 +116,19 @@ def bench_decode(context: int, batch: int, args, generator: torch.Generator, ban
 def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
     """A chunk of ``num_queries`` new tokens at the end of ``context``: paged path vs SDPA causal."""
     num_q_heads = args.num_kv_heads * args.group
-    keys = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
-    values = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.dtype)
+    keys = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
+    values = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
     key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
-    query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator).to(args.dtype)
+    query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
     # Query i sees context - num_queries + 1 + i keys: a bottom-right aligned causal mask.
-    visible = torch.arange(context - num_queries + 1, context + 1)
-    mask = torch.arange(context)[None, :] < visible[:, None]  # [n, ctx]
+    visible = torch.arange(context - num_queries + 1, context + 1, device=args.device)
+    mask = torch.arange(context, device=args.device)[None, :] < visible[:, None]  # [n, ctx]
     sdpa_query = query.transpose(0, 1)[None]  # [1, Hq, n, D]
     paged, sdpa = best_seconds(
         lambda: micro_attention(query, key_cache, value_cache, block_tables, [0, num_queries], [context], scale),
         lambda: F.scaled_dot_product_attention(sdpa_query, keys, values, attn_mask=mask, scale=scale,
-                                               enable_gqa=True), repeats=args.repeats)
+                                               enable_gqa=True), repeats=args.repeats, device=args.device)
     return dict(case="prefill", context=context, batch=1, num_queries=num_queries, paged_ms=paged * 1e3,
                 sdpa_causal_ms=sdpa * 1e3, paged_vs_sdpa=sdpa / paged)
 
@@ -139,13 +148,19 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="of the query and K/V (the targets are set for float32)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda to time the Triton kernels (with --dtype bfloat16 for the GPU target)")
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     generator = torch.Generator().manual_seed(0)
-    load_extension()  # build (or load) the C++ op before timing
+    if args.device.type == "cpu":
+        load_extension()  # build (or load) the C++ op before timing
     results = []
     if not args.no_decode:
-        bandwidth = ReadBandwidth()
+        bandwidth = ReadBandwidth(args.device)
         results += [bench_decode(context, batch, args, generator, bandwidth)
                     for context in args.contexts for batch in args.batches]
         del bandwidth
@@ -153,7 +168,8 @@ def main() -> None:
         results.append(bench_prefill(args.prefill_context, args.prefill_queries, args, generator))
     report = dict(
         machine=dict(processor=platform.processor() or platform.machine(), num_threads=torch.get_num_threads(),
-                     torch=torch.__version__, cpu_extension=load_extension() is not None),
+                     torch=torch.__version__, cpu_extension=load_extension() is not None, device=str(args.device),
+                     gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None),
         shapes=dict(num_q_heads=args.num_kv_heads * args.group, num_kv_heads=args.num_kv_heads,
                     head_dim=args.head_dim, block_size=args.block_size, dtype=str(args.dtype).removeprefix("torch.")),
         results=results)
