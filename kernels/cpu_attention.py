@@ -1,11 +1,12 @@
-"""The CPU attention ops: a small C++/OpenMP paged decode op and merge, and torch paths for prefill and fallback.
+"""The CPU attention ops: a C++/OpenMP paged decode op and merge, and torch paths for prefill and fallback.
 
 Decode on CPU is bound by memory bandwidth, and a torch gather (``key_cache[table]``) copies every block
 before it is read. The C++ op (``paged_attention_cpu.cpp``, built once with
 ``torch.utils.cpp_extension.load_inline`` and cached) reads each block's K/V tiles in place (fp32, bf16 or
-fp16, computing in fp32), split-KV across threads, flash-decoding style. Sequences with many queries (chunked prefill) are compute bound: they gather
-their context once and run torch's flash attention for CPU, which returns the log-sum-exp too. Without a
-compiler, or with ``MEGAKV_CPU_EXTENSION=0``, the torch path serves every sequence.
+fp16, computing in fp32), split-KV across threads, flash-decoding style. Sequences with many queries
+(chunked prefill) are compute bound: they gather their context once and run torch's flash attention for
+CPU, which returns the log-sum-exp too. Without a compiler, or with ``MEGAKV_CPU_EXTENSION=0``, the torch
+path serves every sequence.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from megakv.kernels.micro_attention import MAX_DECODE_QUERIES, check_micro_attention_args, query_layout
+from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, check_micro_attention_args, query_layout,
+                                            query_layout_lists)
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
 
@@ -111,11 +113,8 @@ def micro_attention_cpu(
     num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
     use_extension = _use_extension(query, key_cache)
     if use_extension and all(n <= MAX_DECODE_QUERIES for n in num_seq_queries):
-        # A decode batch: one call over every query, its layout built in Python (a few small lists are
-        # cheaper than the tensor ops of query_layout; this runs per layer, per instance).
-        query_seq = [seq for seq, n in enumerate(num_seq_queries) for _ in range(n)]
-        query_visible = [context_len - n + 1 + i for context_len, n in zip(context_lens, num_seq_queries)
-                         for i in range(n)]
+        # A decode batch: one call over every query, with no scatter of partial results.
+        query_seq, query_visible = query_layout_lists(query_start_loc, context_lens)
         if not query_seq:
             return torch.zeros_like(query), torch.full(query.shape[:2], float("-inf"), dtype=torch.float32)
         return _decode_extension(query, key_cache, value_cache, block_tables,
@@ -148,5 +147,4 @@ def merge_partials_cpu(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Te
     """The C++ merge for fp32 partials (see merge_partials_ref); None when the op cannot take them."""
     if outs.dtype != torch.float32 or outs.dim() != 4 or lses.shape != outs.shape[:3] or load_extension() is None:
         return None
-    out, lse = load_extension().merge_partials(outs.contiguous(), lses.float().contiguous())
-    return out, lse
+    return tuple(load_extension().merge_partials(outs.contiguous(), lses.float().contiguous()))

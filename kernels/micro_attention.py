@@ -18,8 +18,9 @@ try:
 except ImportError:  # the CPU path and the references need no triton
     triton = None
 
-# A sequence with more queries than this is a prefill chunk: its K/V is read once per tile of queries rather
-# than once per query, as the decode kernels do.
+# A sequence with more queries than this is a prefill chunk: it is compute bound, so rather than the decode
+# kernels, which read the K/V once per query, it takes a path that reads it once per group of queries (the
+# tiled Triton kernel on GPU, a gather and torch's flash attention on CPU).
 MAX_DECODE_QUERIES = 8
 # Rows (queries x query heads of one KV head) of one prefill tile on the GPU.
 PREFILL_TILE_ROWS = 64
@@ -92,15 +93,28 @@ def micro_attention_ref(
     return out, lse
 
 
+def query_layout_lists(query_start_loc: list[int], context_lens: list[int]) -> tuple[list[int], list[int]]:
+    """Per query: the index of its sequence and how many context tokens it sees.
+
+    Plain lists: building them costs a few microseconds, less than the tensor ops that would compute them,
+    and the CPU decode path runs this per layer.
+    """
+    query_seq: list[int] = []
+    query_visible: list[int] = []
+    for seq, context_len in enumerate(context_lens):
+        num_queries = query_start_loc[seq + 1] - query_start_loc[seq]
+        query_seq.extend([seq] * num_queries)
+        # The last query of a sequence sees the whole context; each earlier one sees one token less.
+        query_visible.extend(range(context_len - num_queries + 1, context_len + 1))
+    return query_seq, query_visible
+
+
 def query_layout(query_start_loc: list[int], context_lens: list[int],
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query: the index of its sequence and how many context tokens it sees, both int32 [num_queries]."""
-    num_seq_queries = torch.tensor(query_start_loc[1:]) - torch.tensor(query_start_loc[:-1])  # [num_seqs]
-    query_seq = torch.repeat_interleave(torch.arange(len(context_lens)), num_seq_queries)  # [num_queries]
-    seq_ends = torch.tensor(query_start_loc[1:])[query_seq]
-    # The last query of a sequence sees the whole context; each earlier one sees one token less.
-    query_visible = torch.tensor(context_lens, dtype=torch.long)[query_seq] - (seq_ends - 1 - torch.arange(len(query_seq)))
-    return query_seq.to(device, torch.int32), query_visible.to(device, torch.int32)
+    """:func:`query_layout_lists` as int32 tensors [num_queries] on ``device``."""
+    query_seq, query_visible = query_layout_lists(query_start_loc, context_lens)
+    return (torch.tensor(query_seq, dtype=torch.int32, device=device),
+            torch.tensor(query_visible, dtype=torch.int32, device=device))
 
 
 def check_micro_attention_args(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -195,7 +195,8 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
       auto tile_of = [&](const T* base, int64_t block_id) {
         return base + (block_id * num_kv_heads + kv_head) * tile_elements;
       };
-      // The loop below fetches `ahead` blocks on; the first ones are requested now.
+      // The loop below fetches `ahead` blocks on; the first ones are requested now, at once: a stall here is
+      // paid once per work item, and costs less than computing those blocks from cold memory.
       for (int64_t b = first; b < std::min(last, first + ahead); ++b) {
         const int64_t block_id = table_ptr[seq * max_blocks + b];
         if (block_id >= 0)
@@ -203,12 +204,12 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
       }
       for (int64_t b = first; b < last; ++b) {
         const int64_t block_id = table_ptr[seq * max_blocks + b];
+        const int64_t next_id = b + ahead < last ? table_ptr[seq * max_blocks + b + ahead] : -1;
+        if (stream && next_id >= 0) prefetch_tiles(tile_of(k_ptr, next_id), tile_of(v_ptr, next_id), kick_lines);
         if (block_id < 0) continue;
         const int64_t num_tokens = std::min(block_size, visible - b * block_size);
         const T* k = tile_of(k_ptr, block_id);
         const T* v = tile_of(v_ptr, block_id);
-        const int64_t next_id = b + ahead < last ? table_ptr[seq * max_blocks + b + ahead] : -1;
-        if (stream && next_id >= 0) prefetch_tiles(tile_of(k_ptr, next_id), tile_of(v_ptr, next_id), kick_lines);
         const char* next_k = !stream && next_id >= 0 ? reinterpret_cast<const char*>(tile_of(k_ptr, next_id)) : nullptr;
         const char* next_v = next_k != nullptr ? reinterpret_cast<const char*>(tile_of(v_ptr, next_id)) : nullptr;
         const int64_t slice_lines = (tile_lines + group - 1) / group;
@@ -219,7 +220,8 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
           if (next_k == nullptr) return;
           const int64_t stop = std::min(fetched + slice_lines, 2 * tile_lines);
           for (; fetched < stop; ++fetched)
-            __builtin_prefetch(fetched < tile_lines ? next_k + 64 * fetched : next_v + 64 * (fetched - tile_lines), 0, 1);
+            __builtin_prefetch(fetched < tile_lines ? next_k + 64 * fetched : next_v + 64 * (fetched - tile_lines), 0,
+                               1);
         };
         // Whole 16-token runs through the lane-sum tree; a block size that is no multiple of 16 ends token by token.
         const int64_t num_runs = std::min((num_tokens + 15) / 16, block_size / 16);
@@ -287,10 +289,10 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
 }
 
 template <typename T>
-std::vector<torch::Tensor> paged_attention_typed(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-                                                 torch::Tensor block_tables, torch::Tensor query_seq,
-                                                 torch::Tensor query_visible, double scale, int64_t blocks_per_split,
-                                                 int64_t num_splits) {
+std::vector<torch::Tensor> paged_attention_typed(torch::Tensor query, torch::Tensor key_cache,
+                                                 torch::Tensor value_cache, torch::Tensor block_tables,
+                                                 torch::Tensor query_seq, torch::Tensor query_visible, double scale,
+                                                 int64_t blocks_per_split, int64_t num_splits) {
   if (query.size(2) == 64)
     return paged_attention_impl<64, T>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
                                        blocks_per_split, num_splits);
@@ -324,7 +326,8 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor query, torch::Tensor ke
 // lse -inf and weight 0, and a row no partial saw gets out 0 and lse -inf. One call instead of the ten
 // small torch ops of the reference: a remote decode step merges every layer on its critical path.
 std::vector<torch::Tensor> merge_partials(torch::Tensor outs, torch::Tensor lses) {
-  TORCH_CHECK(outs.dim() == 4 && lses.dim() == 3 && outs.is_contiguous() && lses.is_contiguous() &&
+  TORCH_CHECK(outs.dim() == 4 && lses.dim() == 3 && lses.size(0) == outs.size(0) && lses.size(1) == outs.size(1) &&
+                  lses.size(2) == outs.size(2) && outs.is_contiguous() && lses.is_contiguous() &&
                   outs.scalar_type() == torch::kFloat && lses.scalar_type() == torch::kFloat,
               "merge_partials: outs [P, N, H, D] and lses [P, N, H] must be contiguous float32");
   const int64_t num_partials = outs.size(0), num_rows = outs.size(1) * outs.size(2), head_dim = outs.size(3);
@@ -335,12 +338,13 @@ std::vector<torch::Tensor> merge_partials(torch::Tensor outs, torch::Tensor lses
   float* out_base = out.data_ptr<float>();
   float* lse_base = lse.data_ptr<float>();
   for (int64_t r = 0; r < num_rows; ++r) {
-    float merged_max = -std::numeric_limits<float>::infinity();
+    // A finite floor rather than -inf: -ffast-math lets the compiler assume no infinities in comparisons.
+    float merged_max = -1e30f;
     for (int64_t j = 0; j < num_partials; ++j) merged_max = std::max(merged_max, lses_base[j * num_rows + r]);
     float* out_row = out_base + r * head_dim;
     for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
-    if (merged_max == -std::numeric_limits<float>::infinity()) {
-      lse_base[r] = merged_max;
+    if (!(merged_max > -1e30f)) {
+      lse_base[r] = -std::numeric_limits<float>::infinity();
       continue;
     }
     float total = 0.f;

@@ -67,6 +67,7 @@ class ReadBandwidth:
         self.data.sum()
 
     def gbps(self, seconds: float) -> float:
+        """GB/s of one sum that took ``seconds``."""
         return self.data.numel() * 4 / seconds / 1e9
 
 
@@ -91,10 +92,11 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
 
 
 def bench_decode(context: int, batch: int, args, generator: torch.Generator, bandwidth: ReadBandwidth) -> dict:
-    """One decode step of ``batch`` sequences of ``context`` tokens: paged path vs contiguous SDPA vs a plain read."""
+    """One decode step of ``batch`` sequences of ``context`` tokens: paged path, contiguous SDPA, a plain read."""
     num_q_heads = args.num_kv_heads * args.group
-    keys = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
-    values = torch.randn(batch, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
+    shape = (batch, args.num_kv_heads, context, args.head_dim)
+    keys = torch.randn(shape, generator=generator).to(args.device, args.dtype)
+    values = torch.randn(shape, generator=generator).to(args.device, args.dtype)
     key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
     query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
@@ -116,8 +118,9 @@ def bench_decode(context: int, batch: int, args, generator: torch.Generator, ban
 def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
     """A chunk of ``num_queries`` new tokens at the end of ``context``: paged path vs SDPA causal."""
     num_q_heads = args.num_kv_heads * args.group
-    keys = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
-    values = torch.randn(1, args.num_kv_heads, context, args.head_dim, generator=generator).to(args.device, args.dtype)
+    shape = (1, args.num_kv_heads, context, args.head_dim)
+    keys = torch.randn(shape, generator=generator).to(args.device, args.dtype)
+    values = torch.randn(shape, generator=generator).to(args.device, args.dtype)
     key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
     query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
@@ -168,7 +171,8 @@ def main() -> None:
         results.append(bench_prefill(args.prefill_context, args.prefill_queries, args, generator))
     report = dict(
         machine=dict(processor=platform.processor() or platform.machine(), num_threads=torch.get_num_threads(),
-                     torch=torch.__version__, cpu_extension=load_extension() is not None, device=str(args.device),
+                     torch=torch.__version__, device=str(args.device),
+                     cpu_extension=load_extension() is not None if args.device.type == "cpu" else None,
                      gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None),
         shapes=dict(num_q_heads=args.num_kv_heads * args.group, num_kv_heads=args.num_kv_heads,
                     head_dim=args.head_dim, block_size=args.block_size, dtype=str(args.dtype).removeprefix("torch.")),

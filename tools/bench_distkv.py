@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.worker:
         worker(args)
         return

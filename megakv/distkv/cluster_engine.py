@@ -33,18 +33,20 @@ from megakv.parallel import state
 
 # How long a leader that finished its step early sleeps between checks on the others.
 IDLE_POLL_SECONDS = 50e-6
-# prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h).
+# prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h), and the slack the
+# leaders ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
+TIMER_SLACK_NS = 1000
 # Steps in a row in which no instance could run anything before the cluster gives up.
 MAX_STALLED_STEPS = 4
 
 
 def _tighten_timer_slack() -> None:
     """Let a short sleep end on time: Linux adds up to 50 us of timer slack to each, which the leaders'
-    wait for one another would pay every step."""
+    wait for one another would pay every step. Where prctl refuses, sleeps only run long; nothing breaks."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+        libc.prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
 
 
 @dataclass(frozen=True)

@@ -172,23 +172,25 @@ class RemoteAttention:
         if local is None:
             return None
         local_out, local_lse = local
-        outs, lses = [local_out], [local_lse]
+        # Partials merge in fp32 (the creditors send them so), and only the merged rows take the model's dtype.
+        outs, lses = [local_out.float()], [local_lse]
         for out_plan, partial in zip(self.plan.outgoing, partials):
             num_queries = len(out_plan.query_indices)
             out_part, lse_part = partial.split([num_queries * self.num_q_heads * self.head_dim,
                                                 num_queries * self.num_q_heads])
-            out_part = out_part.view(num_queries, self.num_q_heads, self.head_dim).to(local_out.dtype)
+            out_part = out_part.view(num_queries, self.num_q_heads, self.head_dim)
             lse_part = lse_part.view(num_queries, self.num_q_heads)
+            # query_indices ascend without repeats (ModelRunner.prepare), so as many as the batch has rows
+            # means every row, in order; otherwise rows without blocks on this creditor get an empty partial.
             if num_queries < len(local_out):
-                # Rows without blocks on this creditor get an empty partial.
-                out = torch.zeros_like(local_out)
+                out = torch.zeros_like(outs[0])
                 lse = torch.full_like(local_lse, float("-inf"))
                 out[out_plan.query_indices], lse[out_plan.query_indices] = out_part, lse_part
                 out_part, lse_part = out, lse
             outs.append(out_part)
             lses.append(lse_part)
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses))
-        return merged
+        return merged.to(local_out.dtype)
 
 
 def execute_transfers(transfers: list[Transfer], key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 from megakv.distkv.messages import PENDING, BlockRef, Heartbeat, Relocation, RemoteBlock, Transfer
 from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
@@ -33,12 +34,16 @@ class BlockTable:
         self.version = version
 
     def extend(self, refs: Iterable[BlockRef], version: int) -> None:
+        """Append blocks at the next logical indices; the table takes ``version`` if any were added."""
+        num_refs = len(self.refs)
         for ref in refs:
             self.refs.append(ref)
             self.counts[ref.instance_id] = self.counts.get(ref.instance_id, 0) + 1
-        self.version = version
+        if len(self.refs) > num_refs:
+            self.version = version
 
     def set(self, logical_index: int, ref: BlockRef, version: int) -> None:
+        """Replace the block at ``logical_index``; the table takes ``version``."""
         old = self.refs[logical_index].instance_id
         self.counts[old] -= 1
         if not self.counts[old]:
@@ -96,10 +101,10 @@ class RManager:
         table = self._tables.get(request_id)
         return table.version if table is not None else 0
 
-    def block_counts(self, request_id: str) -> dict[int, int]:
-        """Instance id -> blocks of the request there (-1: promised, not yet borrowed); do not modify."""
+    def block_counts(self, request_id: str) -> Mapping[int, int]:
+        """Instance id -> blocks of the request there (-1: promised, not yet borrowed); a read-only view."""
         table = self._tables.get(request_id)
-        return table.counts if table is not None else {}
+        return MappingProxyType(table.counts if table is not None else {})
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         """Blocks to add so that the request's table holds num_tokens tokens."""
@@ -126,9 +131,12 @@ class RManager:
                                         f"to {num_tokens} tokens")
         num_new = self.num_new_blocks(request_id, num_tokens)
         num_local = min(num_new, self.pool.num_free_blocks)
-        table = self._tables.setdefault(request_id, BlockTable(next(self._versions)))
-        new_refs = [BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local)]
-        table.extend(new_refs + [PENDING] * (num_new - num_local), next(self._versions))
+        if request_id not in self._tables:
+            self._tables[request_id] = BlockTable(next(self._versions))
+        table = self._tables[request_id]
+        if num_new:
+            new_refs = [BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local)]
+            table.extend(new_refs + [PENDING] * (num_new - num_local), next(self._versions))
         return table.refs
 
     def free(self, request_id: str) -> None:

@@ -70,10 +70,11 @@ class _TableView:
         self.version = version
         self.owners = torch.tensor([ref.instance_id for ref in refs], dtype=torch.int32)
         self.block_ids = torch.tensor([ref.block_id for ref in refs], dtype=torch.int32)
+        here = self.owners == instance_id
         # This instance's block ids by logical index, -1 where the block lives elsewhere.
-        self.local_row = torch.where(self.owners == instance_id, self.block_ids, -1)
+        self.local_row = torch.where(here, self.block_ids, -1)
         self._instance_id = instance_id
-        self._is_local = bool((self.owners == instance_id).all())
+        self._is_local = bool(here.all())
         self._rows: dict[int, list[int]] = {}
 
     def creditors(self, num_blocks: int) -> list[int]:

@@ -13,7 +13,8 @@ import torch
 from megakv.config import CacheConfig, ModelConfig
 
 
-# madvise advice asking for transparent huge pages (linux/mman.h), and their size on x86-64 and arm64.
+# madvise advice asking for transparent huge pages (linux/mman.h), and their size on x86-64 (and on arm64
+# with 4 KiB base pages; elsewhere the advice covers whole 2 MiB ranges, which still holds larger pages).
 MADV_HUGEPAGE = 14
 HUGE_PAGE_BYTES = 2 << 20
 

@@ -11,14 +11,15 @@ from megakv.kernels.micro_attention import micro_attention_ref
 from megakv.kernels.ops import micro_attention
 
 # Decode sequences, a short chunk (still the decode op) and a long chunk (the torch path) in one batch;
-# and a batch of decode sequences only, which takes the one-call path.
-NUM_QUERIES = {"mixed": [1, 3, 1, MAX_DECODE_QUERIES + 4], "decode": [1, 3, 1, MAX_DECODE_QUERIES]}
+# and a batch of decode sequences only (one without queries among them), which takes the one-call path.
+NUM_QUERIES = {"mixed": [1, 3, 1, MAX_DECODE_QUERIES + 4], "decode": [1, 3, 0, 1, MAX_DECODE_QUERIES]}
 CASES = [  # (num_kv_heads, group, block_size, head_dim, dtype)
     (2, 1, 16, 64, torch.float32),
     (2, 4, 32, 128, torch.float32),
     (1, 8, 64, 64, torch.float32),
     (2, 4, 16, 128, torch.bfloat16),
     (2, 1, 32, 64, torch.float16),
+    (1, 4, 24, 64, torch.float32),  # no multiple of 16: the op ends each block token by token
     (1, 8, 16, 32, torch.float32),
 ]
 

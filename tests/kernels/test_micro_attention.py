@@ -19,6 +19,7 @@ QUICK_CASES = [
     (1, 8, 16, 128, torch.bfloat16, 2),
     (2, 4, 64, 64, torch.float32, 2),
     (1, 8, 32, 64, torch.float32, None),
+    (2, 3, 16, 64, torch.float32, None),  # a group that is no power of two: padded query-head rows
 ]
 SLOW_CASES = [(heads, group, block_size, head_dim, dtype, splits) for (heads, group), block_size, head_dim, dtype, splits
               in itertools.product([(2, 1), (2, 4), (1, 8)], [16, 32, 64], [64, 128],
@@ -26,9 +27,9 @@ SLOW_CASES = [(heads, group, block_size, head_dim, dtype, splits) for (heads, gr
 
 
 # Decode sequences only (the split-KV kernel), and decode sequences beside prefill chunks of one and of
-# several query tiles (the tiled kernel takes the chunks).
+# several query tiles and a sequence without queries (the tiled kernel takes the chunks).
 DECODE_BATCH = [1, 3, 1]
-PREFILL_BATCH = [1, MAX_DECODE_QUERIES + 12, 3, 70]
+PREFILL_BATCH = [1, MAX_DECODE_QUERIES + 12, 0, 3, 70]
 
 
 def run_case(paged_batch, attention_close, device, seed, num_kv_heads, group, block_size, head_dim, dtype, num_splits,

@@ -1,10 +1,15 @@
-"""Block pool and one instance's block tables: allocation invariants, exhaustion, no leak."""
+"""Block pool and one instance's block tables: allocation invariants, exhaustion, no leak, table versions."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megakv.distkv.messages import BlockRef
 from megakv.distkv.rmanager import RManager
+from megakv.engine.model_runner import ModelRunner, StepInputs
+from megakv.engine.request import Request
+from megakv.engine.sampling import SamplingParams
+from megakv.engine.scheduler import ScheduledChunk, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
 
 
@@ -43,6 +48,40 @@ def test_rmanager_local_tables_grow_on_demand():
     assert len(table) == 3 and all(isinstance(ref, BlockRef) and ref.instance_id == 0 for ref in table)
     assert manager.num_free_blocks == 5
     assert num_blocks_for(9, 4) == 3 and num_blocks_for(0, 4) == 0
+
+
+def test_rmanager_table_version_changes_only_with_the_table():
+    manager = RManager(0, BlockPool(8), block_size=4)
+    manager.grow("a", 5)
+    version = manager.table_version("a")
+    manager.grow("a", 8)  # the two blocks still hold 8 tokens
+    assert manager.table_version("a") == version
+    manager.grow("a", 9)
+    grown = manager.table_version("a")
+    assert grown != version
+    manager.free("a")
+    manager.grow("a", 9)  # the same request id with new blocks: a version never seen before
+    assert manager.table_version("a") not in (version, grown)
+
+
+def test_model_runner_reuses_table_tensors_until_the_table_changes():
+    manager = RManager(0, BlockPool(8), block_size=4)
+    runner = ModelRunner(model=None, kv_cache=None, rmanager=manager, device=torch.device("cpu"))
+    request = Request("a", list(range(12)), SamplingParams(max_new_tokens=1))
+
+    def prepare(start: int, num_tokens: int) -> StepInputs:
+        manager.grow("a", start + num_tokens)
+        return runner.prepare(SchedulerOutput([ScheduledChunk(request, start, num_tokens)]))
+
+    prepare(0, 5)
+    view = runner._views["a"]
+    prepare(5, 2)
+    assert runner._views["a"] is view
+    inputs = prepare(7, 3)
+    assert runner._views["a"] is not view
+    table = [ref.block_id for ref in manager.block_table("a")]
+    assert inputs.metadata.block_tables[0].tolist() == table
+    assert inputs.metadata.slot_mapping.tolist() == [table[pos // 4] * 4 + pos % 4 for pos in range(7, 10)]
 
 
 def test_rmanager_single_instance_exhaustion_keeps_table():
