@@ -120,20 +120,18 @@ class RemoteAttention:
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self._served_metadata = [_served_metadata(served, device) for served in plan.incoming]
-        # Receive buffers, the same sizes in every layer and free again once a layer's exchange has been
-        # waited for, so one set serves the whole step: the debtors' queries and K/V writes, the creditors'
-        # partials (out and lse, fp32).
-        self._query_buffers = [
-            torch.empty(served.num_queries * num_q_heads * head_dim
-                        + 2 * len(served.write_slots) * num_kv_heads * head_dim, dtype=dtype, device=device)
-            for served in plan.incoming]
-        self._partials = [torch.empty(len(out.query_indices) * num_q_heads * (head_dim + 1), dtype=torch.float32,
-                                      device=device) for out in plan.outgoing]
 
-    def _answer(self, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    def _query_buffers(self) -> list[torch.Tensor]:
+        """Receive buffers for the debtors' queries and K/V writes."""
+        sizes = [served.num_queries * self.num_q_heads * self.head_dim
+                 + 2 * len(served.write_slots) * self.num_kv_heads * self.head_dim for served in self.plan.incoming]
+        return [torch.empty(size, dtype=self.dtype, device=self.device) for size in sizes]
+
+    def _answer(self, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
+                buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Store the debtors' new K/V, attend their queries over the blocks held here; the replies."""
         replies = []
-        for served, metadata, buffer in zip(self.plan.incoming, self._served_metadata, self._query_buffers):
+        for served, metadata, buffer in zip(self.plan.incoming, self._served_metadata, buffers):
             num_writes = len(served.write_slots)
             kv_size = num_writes * self.num_kv_heads * self.head_dim
             query, key, value = buffer.split([buffer.numel() - 2 * kv_size, kv_size, kv_size])
@@ -160,21 +158,23 @@ class RemoteAttention:
         query_tag, reply_tag = 2 * layer_index, 2 * layer_index + 1
         payloads = [torch.cat([query[out.query_indices].flatten(), key[out.write_indices].flatten(),
                                value[out.write_indices].flatten()]).to(self.dtype) for out in self.plan.outgoing]
+        buffers = self._query_buffers()
         phase1 = _exchange([(payload, out.creditor, query_tag) for payload, out in zip(payloads, self.plan.outgoing)],
                            [(buffer, served.debtor, query_tag)
-                            for buffer, served in zip(self._query_buffers, self.plan.incoming)])
+                            for buffer, served in zip(buffers, self.plan.incoming)])
         local = local_attention() if local_attention is not None else None
         _wait(phase1)
-        answers = self._answer(key_cache, value_cache, scale)
+        answers = self._answer(key_cache, value_cache, scale, buffers)
+        partials = [torch.empty(len(out.query_indices) * self.num_q_heads * (self.head_dim + 1),
+                                dtype=torch.float32, device=self.device) for out in self.plan.outgoing]
         _wait(_exchange([(answer, served.debtor, reply_tag) for answer, served in zip(answers, self.plan.incoming)],
-                        [(partial, out.creditor, reply_tag)
-                         for partial, out in zip(self._partials, self.plan.outgoing)]))
+                        [(partial, out.creditor, reply_tag) for partial, out in zip(partials, self.plan.outgoing)]))
         if local is None:
             return None
         local_out, local_lse = local
         # Partials merge in fp32 (the creditors send them so), and only the merged rows take the model's dtype.
         outs, lses = [local_out.float()], [local_lse]
-        for out_plan, partial in zip(self.plan.outgoing, self._partials):
+        for out_plan, partial in zip(self.plan.outgoing, partials):
             num_queries = len(out_plan.query_indices)
             out_part, lse_part = partial.split([num_queries * self.num_q_heads * self.head_dim,
                                                 num_queries * self.num_q_heads])
