@@ -3,7 +3,8 @@
 Decode: for each context and batch, KV bytes read per second by megakv's paged micro-attention
 (``megakv.kernels.ops.micro_attention``, block tables a random permutation of the pool), by
 ``scaled_dot_product_attention`` on the same KV stored contiguously, and the machine's memory read
-bandwidth (a sum over a 1 GiB tensor), the three timed in turn. Prefill: one chunk of queries over a long
+bandwidth (a sum over a 1 GiB tensor), the three timed in turn; and the paged path over a KV that stays in
+cache (its compute ceiling, which no memory can lift it above). Prefill: one chunk of queries over a long
 context against SDPA with a bottom-right causal mask. fp32 unless ``--dtype`` says otherwise.
 
 Default model shapes: 8 query heads, 2 KV heads, head_dim 128 (one tensor-parallel rank of a GQA model
@@ -27,6 +28,10 @@ import torch.nn.functional as F
 from megakv.kernels.cpu_attention import load_extension
 from megakv.kernels.ops import micro_attention
 from megakv.kvcache.kv_cache import pool_tensor
+
+
+# 16 MiB of K/V: inside this machine's 32 MiB last-level cache, and long enough that the per-call overhead is small.
+RESIDENT_CONTEXT_BYTES = 16 << 20
 
 
 def synchronize(device: torch.device) -> None:
@@ -115,6 +120,31 @@ def bench_decode(context: int, batch: int, args, generator: torch.Generator, ban
                 sdpa_ms=sdpa * 1e3, paged_vs_sdpa=paged_gbps / sdpa_gbps, paged_vs_bandwidth=paged_gbps / read_gbps)
 
 
+def bench_cache_resident(args, generator: torch.Generator, calls: int = 50) -> dict:
+    """Decode over a KV small enough to stay in the last-level cache: the paged path's compute ceiling.
+
+    A decode row's paged_gbps is bounded by this figure as well as by the memory: where it is not far above
+    the read bandwidth, only overlapping every memory stall with compute could reach that bandwidth.
+    """
+    context = RESIDENT_CONTEXT_BYTES // (2 * args.num_kv_heads * args.head_dim * args.dtype.itemsize)
+    num_q_heads = args.num_kv_heads * args.group
+    shape = (1, args.num_kv_heads, context, args.head_dim)
+    keys = torch.randn(shape, generator=generator).to(args.device, args.dtype)
+    values = torch.randn(shape, generator=generator).to(args.device, args.dtype)
+    key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
+    query = torch.randn(1, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
+    scale = args.head_dim ** -0.5
+
+    def repeated() -> None:
+        for _ in range(calls):
+            micro_attention(query, key_cache, value_cache, block_tables, [0, 1], [context], scale)
+
+    (seconds,) = best_seconds(repeated, repeats=args.repeats, device=args.device)
+    kv_bytes = 2 * keys.numel() * keys.element_size()
+    return dict(case="decode_cache_resident", context=context, batch=1, kv_bytes=kv_bytes,
+                paged_gbps=kv_bytes * calls / seconds / 1e9)
+
+
 def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
     """A chunk of ``num_queries`` new tokens at the end of ``context``: paged path vs SDPA causal."""
     num_q_heads = args.num_kv_heads * args.group
@@ -167,6 +197,7 @@ def main() -> None:
         results += [bench_decode(context, batch, args, generator, bandwidth)
                     for context in args.contexts for batch in args.batches]
         del bandwidth
+        results.append(bench_cache_resident(args, generator))
     if not args.no_prefill:
         results.append(bench_prefill(args.prefill_context, args.prefill_queries, args, generator))
     report = dict(

@@ -36,3 +36,5 @@ def test_bench_attention_tiny_run_prints_every_key():
     text = json.dumps(result)
     for key in ("context", "batch", "paged_gbps", "sdpa_contiguous_gbps", "read_bandwidth_gbps"):
         assert f'"{key}"' in text
+    (resident,) = [row for row in result["results"] if row["case"] == "decode_cache_resident"]
+    assert resident["kv_bytes"] == 16 << 20 and resident["paged_gbps"] > 0
