@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, check_micro_attention_args, query_layout,
-                                            query_layout_lists)
+from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, check_micro_attention_args, queries_per_sequence,
+                                            query_layout, query_layout_lists)
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
 
@@ -110,7 +110,7 @@ def micro_attention_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fastest CPU micro-attention; same contract as :func:`micro_attention_ref`."""
     check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
-    num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+    num_seq_queries = queries_per_sequence(query_start_loc)
     use_extension = _use_extension(query, key_cache)
     if use_extension and all(n <= MAX_DECODE_QUERIES for n in num_seq_queries):
         # A decode batch: one call over every query, with no scatter of partial results.

@@ -93,6 +93,11 @@ def micro_attention_ref(
     return out, lse
 
 
+def queries_per_sequence(query_start_loc: list[int]) -> list[int]:
+    """How many queries each sequence has in the batch."""
+    return [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+
+
 def query_layout_lists(query_start_loc: list[int], context_lens: list[int]) -> tuple[list[int], list[int]]:
     """Per query: the index of its sequence and how many context tokens it sees.
 
@@ -101,8 +106,7 @@ def query_layout_lists(query_start_loc: list[int], context_lens: list[int]) -> t
     """
     query_seq: list[int] = []
     query_visible: list[int] = []
-    for seq, context_len in enumerate(context_lens):
-        num_queries = query_start_loc[seq + 1] - query_start_loc[seq]
+    for seq, (context_len, num_queries) in enumerate(zip(context_lens, queries_per_sequence(query_start_loc))):
         query_seq.extend([seq] * num_queries)
         # The last query of a sequence sees the whole context; each earlier one sees one token less.
         query_visible.extend(range(context_len - num_queries + 1, context_len + 1))
@@ -329,7 +333,7 @@ def micro_attention_triton(
         raise ValueError("query, key_cache and value_cache must be contiguous in head_dim")
     block_tables = block_tables.contiguous()
     query_seq, query_visible = query_layout(query_start_loc, context_lens, query.device)
-    num_seq_queries = [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+    num_seq_queries = queries_per_sequence(query_start_loc)
     prefill_seqs = [seq for seq, n in enumerate(num_seq_queries) if n > MAX_DECODE_QUERIES]
     if not prefill_seqs:
         return _decode_triton(query, key_cache, value_cache, block_tables, query_seq, query_visible,

@@ -96,13 +96,21 @@ def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,
     return caches[0], caches[1], block_tables.to(keys.device, torch.int32)
 
 
-def bench_decode(context: int, batch: int, args, generator: torch.Generator, bandwidth: ReadBandwidth) -> dict:
-    """One decode step of ``batch`` sequences of ``context`` tokens: paged path, contiguous SDPA, a plain read."""
-    num_q_heads = args.num_kv_heads * args.group
+def random_kv(batch: int, context: int, args, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random contiguous K/V [B, Hkv, ctx, D] and the same K/V in a pool (see :func:`to_pool`).
+
+    Returns (keys, values, key_cache, value_cache, block_tables).
+    """
     shape = (batch, args.num_kv_heads, context, args.head_dim)
     keys = torch.randn(shape, generator=generator).to(args.device, args.dtype)
     values = torch.randn(shape, generator=generator).to(args.device, args.dtype)
-    key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
+    return (keys, values) + to_pool(keys, values, args.block_size, generator)
+
+
+def bench_decode(context: int, batch: int, args, generator: torch.Generator, bandwidth: ReadBandwidth) -> dict:
+    """One decode step of ``batch`` sequences of ``context`` tokens: paged path, contiguous SDPA, a plain read."""
+    num_q_heads = args.num_kv_heads * args.group
+    keys, values, key_cache, value_cache, block_tables = random_kv(batch, context, args, generator)
     query = torch.randn(batch, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
     query_start_loc = list(range(batch + 1))
@@ -128,10 +136,7 @@ def bench_cache_resident(args, generator: torch.Generator, calls: int = 50) -> d
     """
     context = RESIDENT_CONTEXT_BYTES // (2 * args.num_kv_heads * args.head_dim * args.dtype.itemsize)
     num_q_heads = args.num_kv_heads * args.group
-    shape = (1, args.num_kv_heads, context, args.head_dim)
-    keys = torch.randn(shape, generator=generator).to(args.device, args.dtype)
-    values = torch.randn(shape, generator=generator).to(args.device, args.dtype)
-    key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
+    keys, values, key_cache, value_cache, block_tables = random_kv(1, context, args, generator)
     query = torch.randn(1, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
 
@@ -148,10 +153,7 @@ def bench_cache_resident(args, generator: torch.Generator, calls: int = 50) -> d
 def bench_prefill(context: int, num_queries: int, args, generator: torch.Generator) -> dict:
     """A chunk of ``num_queries`` new tokens at the end of ``context``: paged path vs SDPA causal."""
     num_q_heads = args.num_kv_heads * args.group
-    shape = (1, args.num_kv_heads, context, args.head_dim)
-    keys = torch.randn(shape, generator=generator).to(args.device, args.dtype)
-    values = torch.randn(shape, generator=generator).to(args.device, args.dtype)
-    key_cache, value_cache, block_tables = to_pool(keys, values, args.block_size, generator)
+    keys, values, key_cache, value_cache, block_tables = random_kv(1, context, args, generator)
     query = torch.randn(num_queries, num_q_heads, args.head_dim, generator=generator).to(args.device, args.dtype)
     scale = args.head_dim ** -0.5
     # Query i sees context - num_queries + 1 + i keys: a bottom-right aligned causal mask.

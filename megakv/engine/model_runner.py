@@ -136,8 +136,9 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
             local_tables[row, :len(view.owners)] = view.local_row
             token_positions = torch.arange(start, end)
-            token_owners = view.owners[token_positions // block_size]
-            slots = view.block_ids[token_positions // block_size].long() * block_size + token_positions % block_size
+            token_blocks = token_positions // block_size
+            token_owners = view.owners[token_blocks]
+            slots = view.block_ids[token_blocks].long() * block_size + token_positions % block_size
             slot_mapping.append(torch.where(token_owners == me, slots, -1))
             for creditor in view.creditors(-(-end // block_size)):
                 out = outgoing.setdefault(creditor, OutgoingQueries(creditor, [], []))
