@@ -11,6 +11,7 @@ Command line (``tools/convert_checkpoint.py``)::
     convert_checkpoint --source hf --input HF_DIR --output CKPT_DIR --tp 2 [--dtype bfloat16]
     convert_checkpoint --source megatron --input CKPT_ROOT [--iteration N] --output CKPT_DIR --tp 2
     convert_checkpoint --source deepspeed --input CKPT_ROOT [--tag global_stepN] --output CKPT_DIR --tp 2
+    convert_checkpoint --source gguf --input MODEL.gguf --output CKPT_DIR --tp 3 [--dtype float32]
     convert_checkpoint --source megakv --input CKPT_DIR --output CKPT_DIR2 --tp 4      # reshard
     convert_checkpoint --source megakv --input CKPT_DIR --output HF_DIR --to hf       # export
 """
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from megakv.checkpoint.format import (TOKENIZER_FILES, CheckpointInfo, read_checkpoint_info, shard_file_name,
                                       write_checkpoint_config)
 from megakv.checkpoint.deepspeed_source import DeepSpeedReader
+from megakv.checkpoint.gguf_source import GGUFReader
 from megakv.checkpoint.hf import HFReader
 from megakv.checkpoint.hf_export import write_hf_folder
 from megakv.checkpoint.megakv_source import MegakvReader
@@ -68,6 +70,7 @@ SOURCES: dict[str, Callable[[Path, SourceOptions], SourceReader]] = {
     "megatron": open_megatron,
     "deepspeed": DeepSpeedReader,
     "megakv": MegakvReader,
+    "gguf": GGUFReader,
 }
 TARGETS = ("megakv", "hf")
 
@@ -145,6 +148,8 @@ def convert_checkpoint(source: str, input_dir: str | os.PathLike, output_dir: st
                 write_checkpoint_config(temp_path, cfg, tp)
             else:
                 write_hf_folder(reader, cfg, temp_path, progress)
+            if isinstance(reader, GGUFReader):
+                reader.write_tokenizer(temp_path)
             for name in TOKENIZER_FILES:
                 if (input_path / name).is_file():
                     shutil.copy2(input_path / name, temp_path / name)
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``tools/convert_checkpoint.py``."""
     parser = argparse.ArgumentParser(prog=PROG, description="Convert a checkpoint into megakv's TP-sharded format.")
     parser.add_argument("--source", choices=sorted(SOURCES), required=True, help="format of the input checkpoint")
-    parser.add_argument("--input", required=True, help="input checkpoint folder")
+    parser.add_argument("--input", required=True, help="input checkpoint folder (gguf: the .gguf file)")
     parser.add_argument("--output", required=True, help="folder to create")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks to shard for (required unless --to hf)")
     parser.add_argument("--to", choices=TARGETS, default="megakv",

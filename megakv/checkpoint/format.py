@@ -5,7 +5,7 @@ Layout (format_version 1)::
     megakv_config.json     {"format": "megakv", "format_version": 1,
                             "tensor_parallel_size": tp, "model": ModelConfig.to_dict()}
     model_tp00.safetensors one file per TP rank, names and shapes as in sharding.shard_shapes
-    tokenizer.json, ...    copied from the source model when present
+    tokenizer.json, ...    copied from the source model when present (chat_template.jinja too)
 
 ``model.dtype`` is the dtype the tensors are stored in.
 """
@@ -27,7 +27,7 @@ CONFIG_FILE = "megakv_config.json"
 FORMAT_NAME = "megakv"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
 
 
 class CheckpointError(ValueError):
