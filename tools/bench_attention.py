@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 from megakv.kernels.cpu_attention import load_extension
+from megakv.kernels.cpu_build import VARIANTS_BY_ISA, cpu_model, runnable_isas, selected_isa
 from megakv.kernels.ops import micro_attention
 from megakv.kvcache.kv_cache import pool_tensor
 
@@ -183,9 +184,15 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="of the query and K/V (the targets are set for float32)")
+    parser.add_argument("--isa", choices=list(VARIANTS_BY_ISA),
+                        help="build of the CPU op to time (default: the best this CPU runs; sets MEGAKV_CPU_ISA)")
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda to time the Triton kernels (with --dtype bfloat16 for the GPU target)")
     args = parser.parse_args()
+    if args.isa is not None:
+        if args.isa not in runnable_isas():
+            parser.error(f"--isa {args.isa}: this CPU can run only {', '.join(runnable_isas())}")
+        os.environ["MEGAKV_CPU_ISA"] = args.isa
     args.dtype = getattr(torch, args.dtype)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -202,10 +209,12 @@ def main() -> None:
         results.append(bench_cache_resident(args, generator))
     if not args.no_prefill:
         results.append(bench_prefill(args.prefill_context, args.prefill_queries, args, generator))
+    on_cpu = args.device.type == "cpu"
     report = dict(
-        machine=dict(processor=platform.processor() or platform.machine(), num_threads=torch.get_num_threads(),
-                     torch=torch.__version__, device=str(args.device),
-                     cpu_extension=load_extension() is not None if args.device.type == "cpu" else None,
+        machine=dict(processor=cpu_model(), num_threads=torch.get_num_threads(), torch=torch.__version__,
+                     device=str(args.device), cpu_isas=list(runnable_isas()),
+                     cpu_extension=load_extension() is not None if on_cpu else None,
+                     cpu_extension_isa=selected_isa() if on_cpu and load_extension() is not None else None,
                      gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None),
         shapes=dict(num_q_heads=args.num_kv_heads * args.group, num_kv_heads=args.num_kv_heads,
                     head_dim=args.head_dim, block_size=args.block_size, dtype=str(args.dtype).removeprefix("torch.")),

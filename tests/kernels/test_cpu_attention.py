@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megakv.kernels import cpu_attention
+from megakv.kernels.cpu_build import runnable_isas
 from megakv.kernels.cpu_attention import MAX_DECODE_QUERIES, merge_partials_cpu, micro_attention_cpu
 from megakv.kernels.merge import merge_partials_ref
 from megakv.kernels.micro_attention import micro_attention_ref
@@ -24,13 +25,16 @@ CASES = [  # (num_kv_heads, group, block_size, head_dim, dtype)
 ]
 
 
-@pytest.fixture(params=["extension", "torch"])
+@pytest.fixture(params=[*runnable_isas(), "torch"])
 def cpu_path(request, monkeypatch):
-    """Run each test with the C++ op (skipped if it cannot build) and with the pure-torch fallback."""
+    """Run each test with every build of the C++ op this CPU can execute (AVX-512, AVX2, generic; skipped if
+    it cannot build) and with the pure-torch fallback."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_attention, "load_extension", lambda: None)
-    elif cpu_attention.load_extension() is None:
-        pytest.skip("the C++ CPU op did not build here")
+        return request.param
+    monkeypatch.setenv("MEGAKV_CPU_ISA", request.param)
+    if cpu_attention.load_extension() is None:
+        pytest.skip(f"the C++ CPU op ({request.param}) did not build here")
     return request.param
 
 

@@ -11,6 +11,7 @@ import torch
 from megakv.checkpoint.format import read_checkpoint_info
 from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
+from megakv.kernels.cpu_build import runnable_isas
 
 WORKER = Path(__file__).with_name("prompt_logits_worker.py")
 # Shorter than one block, and spanning many blocks and several prefill chunks.
@@ -59,10 +60,12 @@ def test_llama_logits_equal_hf_tp2(kind, hf_llama, megakv_checkpoint, run_mpi, t
         torch.testing.assert_close(got, hf_logits(hf_llama(kind), prompt), atol=1e-4, rtol=0)
 
 
-def test_llama_bf16_cpu_decode_op_logits_close_to_hf(hf_llama, megakv_checkpoint, monkeypatch):
-    """A bf16 pool read in place by the CPU decode op stays within bf16 noise of HF's fp32 logits."""
+@pytest.mark.parametrize("isa", runnable_isas())
+def test_llama_bf16_cpu_decode_op_logits_close_to_hf(hf_llama, megakv_checkpoint, monkeypatch, isa):
+    """A bf16 pool read in place by each build of the CPU decode op stays within bf16 noise of HF's fp32 logits."""
     from megakv.kernels import cpu_attention
 
+    monkeypatch.setenv("MEGAKV_CPU_ISA", isa)
     if cpu_attention.load_extension() is None:
         pytest.skip("the C++ CPU op did not build here")
     info = read_checkpoint_info(megakv_checkpoint("gqa64", 1))
