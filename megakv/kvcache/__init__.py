@@ -1,0 +1,1 @@
+"""The rBlock cache: the free-block pool (plain bookkeeping) and the KV tensors it indexes."""
