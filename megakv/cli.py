@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from megakv.chat import check_messages
 from megakv.config import CacheConfig, DistKVConfig, EngineConfig, ParallelConfig, SchedulerConfig, load_yaml
 
 # Option name -> default, for every option that may also be set in a YAML config.
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompts.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
-    prompts.add_argument("--prompts-file", help="JSONL: one {\"prompt_ids\": [...]} or {\"prompt\": \"...\"} "
-                                                "per line, optional max_new_tokens and instance")
+    prompts.add_argument("--chat", help="a user message, rendered with the checkpoint's chat template")
+    prompts.add_argument("--prompts-file", help="JSONL: one {\"prompt_ids\": [...]}, {\"prompt\": \"...\"} or "
+                                                "{\"messages\": [{\"role\": ..., \"content\": ...}]} per line, "
+                                                "optional max_new_tokens and instance")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
     gen.add_argument("--instances", type=int, help="serving instances (default 1)")
@@ -104,9 +107,13 @@ class PromptSpec:
     overrides: dict[str, Any]
     # The instance that serves the request (None: round robin).
     instance: int | None = None
+    # A conversation to render with the checkpoint's chat template (instead of prompt_ids or text).
+    messages: list[dict[str, str]] | None = None
 
 
 PROMPT_OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+# The ways a prompts-file line gives its prompt: exactly one per line.
+PROMPT_KINDS = ("prompt_ids", "prompt", "messages")
 
 
 def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
@@ -119,6 +126,8 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
         return [PromptSpec(ids, None, {})]
     if args.prompt is not None:
         return [PromptSpec(None, args.prompt, {})]
+    if args.chat is not None:
+        return [PromptSpec(None, None, {}, messages=[{"role": "user", "content": args.chat}])]
     try:
         with open(args.prompts_file) as f:
             lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
@@ -131,19 +140,22 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or ("prompt_ids" in record) == ("prompt" in record):
-            raise UsageError(f"{where}: each line needs exactly one of prompt_ids or prompt")
-        unknown = sorted(set(record) - {"prompt_ids", "prompt", "instance", *PROMPT_OVERRIDES})
+        if not isinstance(record, dict) or sum(key in record for key in PROMPT_KINDS) != 1:
+            raise UsageError(f"{where}: each line needs exactly one of {', '.join(PROMPT_KINDS)}")
+        unknown = sorted(set(record) - {*PROMPT_KINDS, "instance", *PROMPT_OVERRIDES})
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
         ids = record.get("prompt_ids")
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids)):
             raise UsageError(f"{where}: prompt_ids must be a list of integers")
+        messages = record.get("messages")
+        if messages is not None:
+            check_messages(messages, where)
         instance = record.get("instance")
         if instance is not None and (not isinstance(instance, int) or instance < 0):
             raise UsageError(f"{where}: instance must be an integer >= 0")
         specs.append(PromptSpec(ids, record.get("prompt"), {k: record[k] for k in PROMPT_OVERRIDES if k in record},
-                                instance))
+                                instance, messages))
     if not specs:
         raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt")
     return specs

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import read_checkpoint_info
 from megakv.cli import PromptSpec, UsageError, engine_config, read_prompts, resolve_options
 from megakv.config import parse_dtype
@@ -21,24 +22,40 @@ class RankLocalError(RuntimeError):
     rank_local = True
 
 
-def tokenize(specs: list[PromptSpec], tokenizer: TextTokenizer | None, model_dir: str) -> list[list[int]]:
-    """Token ids of every prompt; text prompts need the checkpoint's tokenizer."""
+def tokenize(specs: list[PromptSpec], tokenizer: TextTokenizer | None, chat: ChatTemplate | None,
+             model_dir: str) -> list[list[int]]:
+    """Token ids of every prompt; text prompts need the checkpoint's tokenizer, chats its template too."""
     prompts = []
     for spec in specs:
         if spec.prompt_ids is not None:
             prompts.append(spec.prompt_ids)
         elif tokenizer is None:
             raise UsageError(f"checkpoint {model_dir} has no tokenizer.json: pass token ids with --prompt-ids")
-        else:
+        elif spec.messages is None:
             prompts.append(tokenizer.encode(spec.text))
+        elif chat is None:
+            raise UsageError(f"checkpoint {model_dir} has no chat template (chat_template.jinja, or chat_template "
+                             f"in tokenizer_config.json): pass the prompt text with --prompt")
+        else:
+            # As transformers' apply_chat_template: the template writes every special token itself.
+            prompts.append(tokenizer.encode(chat.render(spec.messages), add_special_tokens=False))
     return prompts
 
 
-def sampling_params(options: dict, overrides: dict) -> SamplingParams:
+def chat_stop_token_ids(tokenizer: TextTokenizer | None, chat: ChatTemplate | None) -> tuple[int, ...]:
+    """The id of the chat template's end-of-turn token, which ends a chat request as EOS does."""
+    if tokenizer is None or chat is None or chat.end_of_turn_token is None:
+        return ()
+    token_id = tokenizer.token_to_id(chat.end_of_turn_token)
+    return () if token_id is None else (token_id,)
+
+
+def sampling_params(options: dict, spec: PromptSpec, chat_stop_ids: tuple[int, ...]) -> SamplingParams:
     """The request's sampling parameters: its own overrides over the command's options."""
-    merged = {key: overrides.get(key, options[key]) for key in
+    merged = {key: spec.overrides.get(key, options[key]) for key in
               ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
-    return SamplingParams(ignore_eos=options["ignore_eos"], **merged)
+    stop_ids = chat_stop_ids if spec.messages is not None else ()
+    return SamplingParams(ignore_eos=options["ignore_eos"], stop_token_ids=stop_ids, **merged)
 
 
 def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dict:
@@ -84,8 +101,10 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = parse_dtype(options["dtype"]) if options["dtype"] else info.model.torch_dtype
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     specs = read_prompts(args)
-    prompts = tokenize(specs, tokenizer, args.model)
-    params = [sampling_params(options, spec.overrides) for spec in specs]
+    chat = ChatTemplate.from_checkpoint(args.model) if any(spec.messages for spec in specs) else None
+    prompts = tokenize(specs, tokenizer, chat, args.model)
+    chat_stop_ids = chat_stop_token_ids(tokenizer, chat)
+    params = [sampling_params(options, spec, chat_stop_ids) for spec in specs]
 
     num_instances = config.parallel.num_instances
     for index, spec in enumerate(specs):

