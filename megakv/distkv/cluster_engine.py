@@ -24,7 +24,7 @@ from megakv.distkv.control import GMANAGER_INSTANCE, ControlNode, MPITransport
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import Transfer
 from megakv.distkv.remote_attention import RemoteAttention, RemotePlan, ServedQueries, execute_transfers
-from megakv.engine.llm_engine import LLMEngine
+from megakv.engine.core import InstanceCore
 from megakv.engine.model_runner import StepInputs
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
@@ -78,12 +78,16 @@ class StepPlan:
     stop: bool = False
 
 
-class ClusterEngine(LLMEngine):
-    """An LLMEngine whose requests may borrow KV blocks from the other instances of the cluster."""
+class ClusterEngine:
+    """One instance of a cluster: its core, whose requests may borrow KV blocks from the other instances."""
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
                  device: torch.device | None = None) -> None:
-        super().__init__(info, config, dtype=dtype, device=device)
+        self.core = InstanceCore(info, config, dtype=dtype, device=device)
+        self.config = config
+        self.model_config = info.model
+        self.rmanager, self.scheduler = self.core.rmanager, self.core.scheduler
+        self.model_runner, self.step_log = self.core.model_runner, self.core.step_log
         world = MPI.COMM_WORLD
         self.instance_id = state.get_instance_id()
         self.num_instances = state.get_num_instances()
@@ -217,9 +221,9 @@ class ClusterEngine(LLMEngine):
         if self.is_leader:
             for request_id, prompt_ids, params in requests:
                 try:
-                    self.validate(prompt_ids, params)
+                    self.core.validate(prompt_ids, params, self.kv_capacity_blocks())
                 except ValueError as err:
-                    outputs.append(RequestOutput(request_id, list(prompt_ids), [], "error", error=str(err)))
+                    outputs.append(RequestOutput(request_id, list(prompt_ids), [], [], "error", error=str(err)))
                     continue
                 self.scheduler.add(Request(request_id, list(prompt_ids), params))
         while True:
@@ -235,7 +239,8 @@ class ClusterEngine(LLMEngine):
                 break
             logits = self._run_plan(plan)
             if self.is_leader and plan.inputs is not None:
-                outputs.extend(self.postprocess(scheduled, self.model_runner.sample(scheduled, logits)))
+                progress = self.core.postprocess(scheduled, self.model_runner.sample(scheduled, logits))
+                outputs.extend(output for output in progress if output.finished)
                 self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
         if self.is_leader:
             # One more round hands the last finished requests' blocks back to their creditors.

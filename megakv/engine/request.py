@@ -25,7 +25,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    # "stop" (an EOS token) or "length" (max_new_tokens or the model's maximum position).
+    # "stop" (an EOS token), "length" (max_new_tokens or the model's maximum position) or "abort".
     finish_reason: str | None = None
     # Instances that have held blocks of this request.
     block_instances: set[int] = field(default_factory=set)
@@ -53,12 +53,25 @@ class Placement:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """The result of a finished (or rejected) request."""
+    """A request's progress after one step: its new tokens, and at the end why it finished and where its KV was.
+
+    The ``new_token_ids`` of a request's outputs, concatenated, are its final ``token_ids``.
+    """
 
     request_id: str
     prompt_ids: list[int]
+    # Every token generated so far.
     token_ids: list[int]
-    # "stop", "length", or "error" for a request that could not be served (see error).
-    finish_reason: str
+    # The tokens generated in this step.
+    new_token_ids: list[int]
+    # None while the request runs; then "stop", "length", "abort", or "error" for a request that could not
+    # be served (see error).
+    finish_reason: str | None = None
+    # Set on the last output of a request that held blocks.
     placement: Placement | None = None
     error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True on a request's last output."""
+        return self.finish_reason is not None

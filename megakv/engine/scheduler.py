@@ -110,6 +110,15 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
+    def remove(self, request_id: str) -> Request | None:
+        """Take a request out of the queues wherever it is (an abort); its blocks are the caller's to free."""
+        for queue in (self.waiting, self.running):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    return request
+        return None
+
     def finish(self, request: Request, reason: str) -> None:
         """Retire a request and give its blocks back."""
         request.status = RequestStatus.FINISHED

@@ -1,0 +1,164 @@
+"""The core of one serving instance: its scheduler, rManager and model runner.
+
+A step reads like the design: ``schedule()`` -> ``model_runner.execute()`` ->
+``postprocess()``. The core takes requests and aborts at any time between steps
+and reports, every step, the new tokens of each request that sampled one; it
+does not know whether it runs alone (``LLMEngine``) or as one instance of a
+DistKV cluster (``megakv.distkv.cluster_engine``), which drive it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megakv.checkpoint.format import CheckpointInfo, load_shard
+from megakv.config import EngineConfig, ModelConfig, dtype_name
+from megakv.distkv.rmanager import RManager
+from megakv.engine.model_runner import ModelRunner
+from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus
+from megakv.engine.sampling import SamplingParams
+from megakv.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from megakv.kvcache.block_pool import BlockPool, num_blocks_for
+from megakv.kvcache.kv_cache import KVCache
+from megakv.models.llama import LlamaModel
+from megakv.parallel import state
+
+# finish_reason of a request its client aborted.
+ABORTED = "abort"
+
+
+def load_model(info: CheckpointInfo, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    """Build the model on the meta device and fill it with this TP rank's shard, allocating once."""
+    tp = state.get_tensor_model_parallel_world_size()
+    if info.tensor_parallel_size != tp:
+        raise ValueError(f"checkpoint {info.path} is sharded for tp={info.tensor_parallel_size}, not tp={tp}: "
+                         f"run with --tp {info.tensor_parallel_size} or reshard it with tools/convert_checkpoint.py")
+    config = ModelConfig.from_dict({**info.model.to_dict(), "dtype": dtype_name(dtype)})
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    shard = load_shard(info, state.get_tensor_model_parallel_rank(), device=str(device))
+    shard = {name: tensor.to(dtype) for name, tensor in shard.items()}
+    model.load_state_dict(shard, strict=True, assign=True)
+    return model.eval()
+
+
+class InstanceCore:
+    """One instance's scheduler, block manager and model runner."""
+
+    def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        self.model_config = info.model
+        self.config = config
+        device = device or torch.device("cpu")
+        dtype = dtype or info.model.torch_dtype
+        tp = state.get_tensor_model_parallel_world_size()
+        num_blocks = KVCache.num_blocks_for(info.model, tp, config.cache, dtype)
+        self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size,
+                                 config.distkv.lending_cap)
+        self.scheduler = Scheduler(config.scheduler, self.rmanager)
+        model = load_model(info, dtype, device)
+        kv_cache = KVCache(info.model.num_layers, num_blocks, config.cache.block_size,
+                           info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
+        self.model_runner = ModelRunner(model, kv_cache, self.rmanager, device)
+        # (tokens run, wall seconds) of every step, for monitoring and benchmarks.
+        self.step_log: list[tuple[int, float]] = []
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, capacity_blocks: int) -> None:
+        """Raise ValueError naming the problem when a request can never be served in ``capacity_blocks``."""
+        model = self.model_config
+        if not prompt_ids:
+            raise ValueError("empty prompt: a request needs at least one prompt token")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < model.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {model.vocab_size})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > model.max_position_embeddings:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                             f"{total} exceeds the model's maximum position {model.max_position_embeddings}")
+        block_size = self.rmanager.block_size
+        needed = num_blocks_for(total - 1, block_size)
+        if needed > capacity_blocks:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
+                             f"{needed} KV blocks of {block_size} tokens, but the pool holds only {capacity_blocks}")
+
+    def add(self, request: Request) -> None:
+        """Queue a validated request."""
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and release every block it holds; None if it is not here."""
+        request = self.scheduler.remove(request_id)
+        if request is None:
+            return None
+        placement = self.placement(request)
+        self.rmanager.free(request.request_id)
+        self.model_runner.sampler.release(request.request_id)
+        request.status, request.finish_reason = RequestStatus.FINISHED, ABORTED
+        return RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [], ABORTED, placement)
+
+    def has_unfinished(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step of this instance alone; returns what each request gained in it."""
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            raise RuntimeError("scheduler made no progress: no request fits in the KV pool")
+        tokens = self.model_runner.execute(scheduled)
+        outputs = self.postprocess(scheduled, tokens)
+        self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
+        return outputs
+
+    def postprocess(self, scheduled: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+        """Append the sampled tokens and retire finished requests; one output per request that sampled."""
+        outputs = []
+        next_tokens = iter(tokens)
+        for chunk in scheduled.chunks:
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            if not chunk.samples_next_token:
+                continue
+            token = next(next_tokens)
+            request.output_ids.append(token)
+            reason = self._finish_reason(request, token)
+            placement = None
+            if reason is not None:
+                placement = self.placement(request)
+                self.scheduler.finish(request, reason)
+                self.model_runner.sampler.release(request.request_id)
+            outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [token],
+                                         reason, placement))
+        return outputs
+
+    def placement(self, request: Request) -> Placement:
+        """Where the request's blocks are now, and every instance that has held one."""
+        table = self.rmanager.block_table(request.request_id)
+        num_local = sum(ref.instance_id == self.rmanager.instance_id for ref in table)
+        instances = request.block_instances | {ref.instance_id for ref in table}
+        return Placement(num_local, len(table) - num_local, sorted(instances))
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        is_stop = token in self.model_config.eos_token_ids or token in request.params.stop_token_ids
+        if not request.params.ignore_eos and is_stop:
+            return "stop"
+        if len(request.output_ids) >= request.params.max_new_tokens:
+            return "length"
+        return None
+
+    def prompt_logits(self, request_id: str, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits [len(prompt), vocab] at every prompt position, by chunked prefill through the KV pool."""
+        request = Request(request_id, list(prompt_ids), SamplingParams(max_new_tokens=1))
+        budget = self.config.scheduler.max_num_batched_tokens
+        rows = []
+        try:
+            for start in range(0, len(prompt_ids), budget):
+                num_tokens = min(budget, len(prompt_ids) - start)
+                self.rmanager.grow(request.request_id, start + num_tokens)
+                chunk = ScheduledChunk(request, start, num_tokens)
+                rows.append(self.model_runner.compute_logits(SchedulerOutput([chunk]), every_token=True))
+        finally:
+            self.rmanager.free(request.request_id)
+        return torch.cat(rows)
