@@ -110,8 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for index, spec in enumerate(specs):
         if spec.instance is not None and spec.instance >= num_instances:
             raise UsageError(f"prompt {index} asks for instance {spec.instance}, but there are {num_instances}")
-    instances = [spec.instance if spec.instance is not None else index % num_instances
-                 for index, spec in enumerate(specs)]
+    instances = [spec.instance for spec in specs]
 
     env = state.init_distributed()
     if num_instances > 1 and env.launcher != "mpi":
@@ -129,32 +128,27 @@ def run_generate(args: argparse.Namespace) -> int:
         if num_instances == 1:
             outputs, report = engine.generate(prompts, params), None
         else:
-            mine = [(str(index), prompt, request_params) for index, (prompt, request_params, instance)
-                    in enumerate(zip(prompts, params, instances)) if instance == state.get_instance_id()]
             try:
-                outputs = engine.serve(mine)
+                outputs = engine.generate(prompts, params, instances)
             except (ValueError, RuntimeError) as err:
                 # Raised on some ranks only (the leaders, say): the others must be stopped too.
                 raise RankLocalError(f"[rank {env.rank}] {err}") from err
-            gathered = engine.leaders_comm.gather(outputs, root=0) if engine.is_leader else None
             report = engine.cluster_report()
-            if gathered is not None:
-                outputs = sorted((o for part in gathered for o in part), key=lambda o: int(o.request_id))
         if env.rank == 0:
-            print_outputs(outputs, instances, tokenizer, report, args.json)
+            print_outputs(outputs, tokenizer, report, args.json)
     finally:
         state.destroy_model_parallel()
     num_errors = sum(output.error is not None for output in outputs)
     return 0 if num_errors == 0 else 2 if num_errors == len(outputs) else 1
 
 
-def print_outputs(outputs: list[RequestOutput], instances: list[int], tokenizer: TextTokenizer | None,
-                  report: dict | None, as_json: bool) -> None:
+def print_outputs(outputs: list[RequestOutput], tokenizer: TextTokenizer | None, report: dict | None,
+                  as_json: bool) -> None:
     """Print each request's result in prompt order (errors also on stderr), then the cluster report."""
     for index, output in enumerate(outputs):
         record = format_output(output, tokenizer)
-        if report is not None:
-            record["instance"] = instances[index]
+        if report is not None and output.instance is not None:
+            record["instance"] = output.instance
         if output.error is not None:
             where = f"request {index}: " if len(outputs) > 1 else ""
             print(f"megakv: error: {where}{output.error}", file=sys.stderr, flush=True)

@@ -88,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
         from megakv.distkv.cluster_engine import ClusterEngine
 
         engine = ClusterEngine(info, config, device=env.device)
-        outputs = engine.serve([("0", prompt, params)] if state.get_instance_id() == 0 else [])
+        outputs = engine.generate([prompt], [params], [0])
     output = outputs[0] if outputs else None
     error = output.error if output is not None else None
     completed = output is not None and error is None

@@ -1,18 +1,25 @@
-"""One instance of a DistKV cluster, stepping in lockstep with the others (DistKV-LLM sections 4-5).
+"""A DistKV cluster behind one front, its instances stepping in lockstep (DistKV-LLM sections 4-5).
 
-Every step, on each instance's leader (TP rank 0): schedule the instance's own
-batch (local blocks first, the rest PENDING), run the control round with the
-other leaders (heartbeats, gManager grants, lending, returns, DGFM moves),
-tell each creditor which micro-attentions to run for it, and hand the step to
-the instance's TP ranks. Then every rank copies the DGFM-moved blocks and runs
-the forward pass, answering other instances' queries layer by layer; an
-instance with no tokens of its own still serves the blocks it lends.
+The front (global rank 0, also instance 0's leader) offers the engine API: requests and aborts
+at any time, each request routed to the instance it names or to the one with the most free KV
+room, and each request's outputs streamed back as they are generated. Every step, on each
+instance's leader (TP rank 0): schedule the instance's own batch (local blocks first, the rest
+PENDING), exchange a status with the other leaders (it carries the front's new requests and
+aborts out and each instance's outputs back), run the control round when blocks must be
+borrowed, returned or moved (heartbeats, gManager grants, lending, returns, DGFM), tell each
+creditor which micro-attentions to run for it, and hand the step to the instance's TP ranks.
+Then every rank copies the DGFM-moved blocks and runs the forward pass, answering other
+instances' queries layer by layer; an instance with no tokens of its own still serves the
+blocks it lends. The other ranks follow the front's steps until it shuts the cluster down.
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,16 +30,20 @@ from megakv.config import EngineConfig
 from megakv.distkv.control import GMANAGER_INSTANCE, ControlNode, MPITransport
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import Transfer
+from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.remote_attention import RemoteAttention, RemotePlan, ServedQueries, execute_transfers
 from megakv.engine.core import InstanceCore
+from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.parallel import state
 
-# How long a leader that finished its step early sleeps between checks on the others.
+# How long a rank that finished its step early first sleeps between checks on the others; the sleep
+# doubles while it waits, up to the second bound, so that a rank waiting for long takes almost no CPU.
 IDLE_POLL_SECONDS = 50e-6
+MAX_IDLE_POLL_SECONDS = 2e-3
 # prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h), and the slack the
 # leaders ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
@@ -49,6 +60,30 @@ def _tighten_timer_slack() -> None:
         libc.prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
 
 
+# MPI tag of the step plans a leader sends its TP ranks.
+PLAN_TAG = 7
+
+
+def wait_quietly(done: Callable[[], bool]) -> None:
+    """Wait until ``done()`` without spinning: MPI's blocking calls busy-poll, which takes a core from the
+    instances still computing (the CPU cluster shares a few cores) and burns one while the cluster is idle."""
+    pause = IDLE_POLL_SECONDS
+    while not done():
+        time.sleep(pause)
+        pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
+
+
+@dataclass(frozen=True)
+class FrontOrders:
+    """What the front adds to its status: new requests and aborts for each instance, or the end."""
+
+    # (instance, request) in arrival order.
+    routed: list[tuple[int, Request]] = field(default_factory=list)
+    # (instance, request id).
+    aborts: list[tuple[int, str]] = field(default_factory=list)
+    stop: bool = False
+
+
 @dataclass(frozen=True)
 class LeaderStatus:
     """What each leader tells the others at the start of a step."""
@@ -56,8 +91,12 @@ class LeaderStatus:
     unfinished: bool
     # Whether this instance ran tokens of its own in the previous step.
     ran_last_step: bool
-    # Whether a request of this instance is waiting for room the cluster could not lend.
-    has_requests_waiting_for_room: bool
+    # Arrival of this instance's oldest unfinished request waiting for room (megakv.distkv.policy).
+    oldest_waiting_for_room: int | None
+    # Free blocks of this instance's pool (the front routes by them).
+    num_free_blocks: int
+    # Outputs of this instance's requests since its last status (for the front).
+    outputs: list[RequestOutput]
     # Blocks to borrow or to hand back: the control round must run.
     needs_round: bool
     num_lendable_blocks: int
@@ -66,6 +105,8 @@ class LeaderStatus:
     free_room: int
     # The micro-attentions this instance's batch asks of each creditor (when no round is due).
     served: dict[int, ServedQueries]
+    # Set by the front only.
+    orders: FrontOrders | None = None
 
 
 @dataclass
@@ -79,11 +120,12 @@ class StepPlan:
 
 
 class ClusterEngine:
-    """One instance of a cluster: its core, whose requests may borrow KV blocks from the other instances."""
+    """One instance of a DistKV cluster; on global rank 0 also the front that offers the engine API."""
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
                  device: torch.device | None = None) -> None:
-        self.core = InstanceCore(info, config, dtype=dtype, device=device)
+        self.admission = ClusterAdmission()
+        self.core = InstanceCore(info, config, dtype=dtype, device=device, admission=self.admission)
         self.config = config
         self.model_config = info.model
         self.rmanager, self.scheduler = self.core.rmanager, self.core.scheduler
@@ -92,6 +134,7 @@ class ClusterEngine:
         self.instance_id = state.get_instance_id()
         self.num_instances = state.get_num_instances()
         self.is_leader = state.get_tensor_model_parallel_rank() == 0
+        self.is_front = world.Get_rank() == 0
         self.instance_comm = world.Split(color=self.instance_id, key=state.get_tensor_model_parallel_rank())
         self.leaders_comm = world.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.instance_id)
         self.gmanager = None
@@ -105,11 +148,98 @@ class ClusterEngine:
         self._stalled_steps = 0
         # Starts True: the first step has not had the chance to run anything yet.
         self._ran_last_step = True
+        # This leader's outputs not yet reported to the front.
+        self._unreported: list[RequestOutput] = []
+        self._stopped = False
+        # The front's state: what to send out with the next status, where each unfinished request runs,
+        # outputs for the caller of step(), and the last statuses (the router reads them).
+        self._arrivals = itertools.count()
+        self._request_counter = itertools.count()
+        self._orders = FrontOrders()
+        self._where: dict[str, int] = {}
+        self._ready: list[RequestOutput] = []
+        self._statuses: list[LeaderStatus] | None = None
 
     def kv_capacity_blocks(self) -> int:
         """This pool plus what every other instance may lend (same pool size and cap everywhere)."""
         pool = self.rmanager.pool.num_blocks
         return pool + (self.num_instances - 1) * int(self.config.distkv.lending_cap * pool)
+
+    # -- the engine API, on the front ------------------------------------------------------------------
+
+    def _require_front(self) -> None:
+        if not self.is_front:
+            raise RuntimeError("the engine API runs on global rank 0, the cluster's front")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    instance: int | None = None) -> str:
+        """Validate a request and route it (to ``instance``, else by free KV room); returns its id."""
+        self._require_front()
+        if instance is not None and (isinstance(instance, bool) or not isinstance(instance, int)
+                                     or not 0 <= instance < self.num_instances):
+            raise ValueError(f"instance {instance!r} does not exist: the cluster has instances "
+                             f"0 to {self.num_instances - 1}")
+        if request_id is None:
+            request_id = f"request-{next(self._request_counter)}"
+        if request_id in self._where:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.core.validate(prompt_ids, params, self.kv_capacity_blocks())
+        target = instance if instance is not None else self._route()
+        request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
+        self._orders.routed.append((target, request))
+        self._where[request_id] = target
+        return request_id
+
+    def _route(self) -> int:
+        """The instance with the most free blocks at the last exchange, then the fewest requests routed to it."""
+        pool = self.rmanager.pool.num_blocks
+        free = [status.num_free_blocks for status in self._statuses] if self._statuses else [pool] * self.num_instances
+        load = Counter(self._where.values())
+        return max(range(self.num_instances), key=lambda index: (free[index], -load[index], -index))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request on its instance (in the next step) and release its blocks everywhere."""
+        self._require_front()
+        if request_id in self._where:
+            self._orders.aborts.append((self._where[request_id], request_id))
+
+    def has_unfinished(self) -> bool:
+        """True while a request runs anywhere in the cluster or has an output not yet returned."""
+        return bool(self._where) or bool(self._ready)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one cluster step; returns the outputs that reached the front (instance 0's of this step, the
+        other instances' of their previous one)."""
+        self._require_front()
+        self._cluster_step()
+        ready, self._ready = self._ready, []
+        for output in ready:
+            if output.finished:
+                self._where.pop(output.request_id, None)
+        return ready
+
+    def shutdown(self) -> None:
+        """End the cluster's step loop: every rank leaves serve_forever after one more step."""
+        self._require_front()
+        self._orders = FrontOrders(self._orders.routed, self._orders.aborts, stop=True)
+        while not self._stopped:
+            self._cluster_step()
+
+    def serve_forever(self) -> None:
+        """Follow the front's steps (every rank but the front) until it shuts the cluster down."""
+        while not self._stopped:
+            self._cluster_step()
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
+                 instances: list[int | None] | None = None) -> list[RequestOutput]:
+        """Serve a batch to completion and stop the cluster: the outputs on the front, [] elsewhere."""
+        if not self.is_front:
+            self.serve_forever()
+            return []
+        try:
+            return generate(self, prompts, params, instances)
+        finally:
+            self.shutdown()
 
     # -- the leader's side of a step ------------------------------------------------------------------
 
@@ -120,14 +250,37 @@ class ClusterEngine:
 
     def _status(self, inputs: StepInputs | None) -> LeaderStatus:
         rmanager, scheduler = self.rmanager, self.scheduler
-        waiting_for_room = any(r.waits_for_room for r in (*scheduler.waiting, *scheduler.running))
+        outputs, self._unreported = self._unreported, []
+        orders = None
+        if self.is_front:
+            orders, self._orders = self._orders, FrontOrders()
         return LeaderStatus(unfinished=scheduler.has_unfinished(), ran_last_step=self._ran_last_step,
-                            has_requests_waiting_for_room=waiting_for_room,
+                            oldest_waiting_for_room=ClusterAdmission.oldest_waiting_for_room(
+                                (*scheduler.waiting, *scheduler.running)),
+                            num_free_blocks=rmanager.num_free_blocks, outputs=outputs,
                             needs_round=bool(rmanager.pending_needs() or rmanager.has_returns),
                             num_lendable_blocks=rmanager.num_lendable_blocks,
                             holds_remote_blocks=bool(rmanager.remote_block_counts()),
                             free_room=rmanager.num_free_blocks - self._num_reserved_blocks,
-                            served=inputs.served_by_creditor if inputs is not None else {})
+                            served=inputs.served_by_creditor if inputs is not None else {}, orders=orders)
+
+    def _report(self, outputs: list[RequestOutput]) -> None:
+        """Outputs of this instance go to the front: directly on the front, with the next status elsewhere."""
+        if self.is_front:
+            self._ready.extend(outputs)
+        else:
+            self._unreported.extend(outputs)
+
+    def _take_orders(self, orders: FrontOrders) -> None:
+        """Queue the requests routed here and apply the aborts aimed here."""
+        for instance, request in orders.routed:
+            if instance == self.instance_id:
+                self.core.add(request)
+        for instance, request_id in orders.aborts:
+            if instance == self.instance_id:
+                aborted = self.core.abort(request_id)
+                if aborted is not None:
+                    self._report([aborted])
 
     def _round_needed(self, statuses: list[LeaderStatus]) -> bool:
         """A control round is due for borrowing, returns, or DGFM moves that could happen."""
@@ -148,19 +301,17 @@ class ClusterEngine:
         scheduled = self.scheduler.schedule()
         ready = scheduled.chunks and not self.rmanager.pending_needs()
         inputs = self.model_runner.prepare(scheduled) if ready else None
-        # Wait for the other leaders without spinning: MPI's blocking collectives busy-poll, which takes
-        # a core from the instances still computing (the CPU cluster shares a few cores).
-        barrier = self.leaders_comm.Ibarrier()
-        while not barrier.Test():
-            time.sleep(IDLE_POLL_SECONDS)
+        wait_quietly(self.leaders_comm.Ibarrier().Test)
         statuses = self.leaders_comm.allgather(self._status(inputs))
-        if not any(status.unfinished for status in statuses):
+        orders = statuses[0].orders
+        if self.is_front:
+            self._statuses = statuses
+            for status in statuses[1:]:
+                self._ready.extend(status.outputs)
+        if orders.stop:
             return scheduled, StepPlan(None, stop=True)
         self._check_progress(statuses)
-        # Requests the cluster could not lend to go one instance at a time, lowest id first, so that
-        # two of them never keep preempting each other.
-        self.scheduler.hold_requests_waiting_for_room = any(
-            status.has_requests_waiting_for_room for status in statuses[:self.instance_id])
+        self.admission.update(status.oldest_waiting_for_room for status in statuses)
         self.rmanager.borrowable_estimate = sum(status.num_lendable_blocks for index, status in enumerate(statuses)
                                                 if index != self.instance_id)
         self.rmanager.transfers = []
@@ -184,10 +335,14 @@ class ClusterEngine:
         if inputs is not None:
             inputs.served_by_creditor = {}
         self._ran_last_step = inputs is not None
+        # New requests join after this step's schedule: they run from the next step.
+        self._take_orders(orders)
         return scheduled, StepPlan(inputs, incoming, list(self.rmanager.transfers))
 
     def _check_progress(self, statuses: list[LeaderStatus]) -> None:
-        self._stalled_steps = 0 if any(status.ran_last_step for status in statuses) else self._stalled_steps + 1
+        progressing = any(status.ran_last_step for status in statuses)
+        idle = not any(status.unfinished for status in statuses)
+        self._stalled_steps = 0 if progressing or idle else self._stalled_steps + 1
         if self._stalled_steps >= MAX_STALLED_STEPS:
             raise RuntimeError("the cluster made no progress: waiting requests fit in no instance's pool")
 
@@ -211,41 +366,27 @@ class ClusterEngine:
                                   config.head_dim ** -0.5)
         return None
 
-    def serve(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestOutput]:
-        """Serve this instance's requests (given on the leader) until the whole cluster is done.
-
-        A request that can never fit, even borrowing from every instance, is answered with an error
-        and the others go on. Returns this instance's outputs (on the leader; [] elsewhere).
-        """
-        outputs: list[RequestOutput] = []
+    def _cluster_step(self) -> None:
+        """One lockstep step of this rank: the leader plans it, its TP ranks run it, the leader reports."""
+        started = time.perf_counter()
         if self.is_leader:
-            for request_id, prompt_ids, params in requests:
-                try:
-                    self.core.validate(prompt_ids, params, self.kv_capacity_blocks())
-                except ValueError as err:
-                    outputs.append(RequestOutput(request_id, list(prompt_ids), [], [], "error", error=str(err)))
-                    continue
-                self.scheduler.add(Request(request_id, list(prompt_ids), params))
-        while True:
-            started = time.perf_counter()
+            scheduled, plan = self._schedule_step()
+            # Pickling the plan's tensors costs close to a millisecond: there is none without TP peers.
+            for tp_rank in range(1, self.instance_comm.Get_size()):
+                self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+        else:
+            wait_quietly(lambda: self.instance_comm.iprobe(source=0, tag=PLAN_TAG))
+            plan = self.instance_comm.recv(source=0, tag=PLAN_TAG)
+        if plan.stop:
             if self.is_leader:
-                scheduled, plan = self._schedule_step()
-                if self.instance_comm.Get_size() > 1:
-                    # Pickling the plan's tensors costs close to a millisecond: skip it without TP peers.
-                    self.instance_comm.bcast(plan, root=0)
-            else:
-                plan = self.instance_comm.bcast(None, root=0)
-            if plan.stop:
-                break
-            logits = self._run_plan(plan)
-            if self.is_leader and plan.inputs is not None:
-                progress = self.core.postprocess(scheduled, self.model_runner.sample(scheduled, logits))
-                outputs.extend(output for output in progress if output.finished)
-                self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
-        if self.is_leader:
-            # One more round hands the last finished requests' blocks back to their creditors.
-            self.control.run_round()
-        return outputs
+                # One more round hands the last finished requests' blocks back to their creditors.
+                self.control.run_round()
+            self._stopped = True
+            return
+        logits = self._run_plan(plan)
+        if self.is_leader and plan.inputs is not None:
+            self._report(self.core.postprocess(scheduled, self.model_runner.sample(scheduled, logits)))
+            self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
 
     def cluster_report(self) -> dict | None:
         """Ledger and pool state after serving (on the gManager's rank; None elsewhere)."""

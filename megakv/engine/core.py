@@ -14,11 +14,12 @@ import torch
 
 from megakv.checkpoint.format import CheckpointInfo, load_shard
 from megakv.config import EngineConfig, ModelConfig, dtype_name
+from megakv.distkv.policy import LocalAdmission
 from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner
 from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus
 from megakv.engine.sampling import SamplingParams
-from megakv.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from megakv.engine.scheduler import AdmissionPolicy, ScheduledChunk, Scheduler, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool, num_blocks_for
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.llama import LlamaModel
@@ -47,7 +48,7 @@ class InstanceCore:
     """One instance's scheduler, block manager and model runner."""
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, admission: AdmissionPolicy | None = None) -> None:
         self.model_config = info.model
         self.config = config
         device = device or torch.device("cpu")
@@ -56,7 +57,7 @@ class InstanceCore:
         num_blocks = KVCache.num_blocks_for(info.model, tp, config.cache, dtype)
         self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size,
                                  config.distkv.lending_cap)
-        self.scheduler = Scheduler(config.scheduler, self.rmanager)
+        self.scheduler = Scheduler(config.scheduler, self.rmanager, admission or LocalAdmission())
         model = load_model(info, dtype, device)
         kv_cache = KVCache(info.model.num_layers, num_blocks, config.cache.block_size,
                            info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
@@ -95,7 +96,8 @@ class InstanceCore:
         self.rmanager.free(request.request_id)
         self.model_runner.sampler.release(request.request_id)
         request.status, request.finish_reason = RequestStatus.FINISHED, ABORTED
-        return RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [], ABORTED, placement)
+        return RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [], ABORTED, placement,
+                             instance=self.rmanager.instance_id)
 
     def has_unfinished(self) -> bool:
         """True while any request waits or runs."""
@@ -130,7 +132,7 @@ class InstanceCore:
                 self.scheduler.finish(request, reason)
                 self.model_runner.sampler.release(request.request_id)
             outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [token],
-                                         reason, placement))
+                                         reason, placement, instance=self.rmanager.instance_id))
         return outputs
 
     def placement(self, request: Request) -> Placement:

@@ -29,8 +29,10 @@ class Request:
     finish_reason: str | None = None
     # Instances that have held blocks of this request.
     block_instances: set[int] = field(default_factory=set)
-    # Set when the cluster could not lend the blocks it needed: such requests are admitted in a
-    # cluster-wide order (see megakv.distkv.cluster_engine) so that two cannot starve each other.
+    # Order of arrival at the engine's front (cluster-wide), for first-come-first-served admission.
+    arrival: int = 0
+    # Set when the request lost its blocks for lack of room: such requests are admitted in arrival order
+    # across the cluster (megakv.distkv.policy) so that two cannot starve each other.
     waits_for_room: bool = False
 
     @property
@@ -70,6 +72,8 @@ class RequestOutput:
     # Set on the last output of a request that held blocks.
     placement: Placement | None = None
     error: str | None = None
+    # The instance that serves the request.
+    instance: int | None = None
 
     @property
     def finished(self) -> bool:

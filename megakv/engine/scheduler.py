@@ -11,9 +11,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from typing import Protocol
+
 from megakv.config import SchedulerConfig
 from megakv.engine.request import Request, RequestStatus
 from megakv.distkv.rmanager import RManager
+
+
+class AdmissionPolicy(Protocol):
+    """Who may be admitted, consulted by the scheduler (megakv.distkv.policy has the implementations)."""
+
+    def may_admit(self, request: Request) -> bool: ...
+
+    def on_preempt(self, request: Request) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -44,13 +54,12 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, step by step, which tokens of which requests run."""
 
-    def __init__(self, config: SchedulerConfig, rmanager: RManager) -> None:
+    def __init__(self, config: SchedulerConfig, rmanager: RManager, admission: AdmissionPolicy) -> None:
         self.config = config
         self.rmanager = rmanager
+        self.admission = admission
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # When set, a request that waits for room in the cluster stays queued (another instance goes first).
-        self.hold_requests_waiting_for_room = False
 
     def add(self, request: Request) -> None:
         """Queue a new request."""
@@ -78,7 +87,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            if request.waits_for_room and self.hold_requests_waiting_for_room:
+            if not self.admission.may_admit(request):
                 break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new):
@@ -108,6 +117,7 @@ class Scheduler:
         self.rmanager.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
+        self.admission.on_preempt(request)
         self.waiting.appendleft(request)
 
     def remove(self, request_id: str) -> Request | None:
