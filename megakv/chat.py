@@ -18,9 +18,8 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+from megakv.checkpoint.format import CHAT_TEMPLATE_FILE, SPECIAL_TOKEN_NAMES, TOKENIZER_CONFIG_FILE
+
 MESSAGE_KEYS = ("role", "content")
 
 

@@ -26,8 +26,12 @@ from megakv.config import ModelConfig
 CONFIG_FILE = "megakv_config.json"
 FORMAT_NAME = "megakv"
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja")
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", CHAT_TEMPLATE_FILE)
+# The special tokens a tokenizer_config.json names, and a chat template may refer to.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class CheckpointError(ValueError):

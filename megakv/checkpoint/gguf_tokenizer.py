@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megakv.chat import CHAT_TEMPLATE_FILE, SPECIAL_TOKEN_NAMES, TOKENIZER_CONFIG_FILE
-from megakv.checkpoint.format import CheckpointError
+from megakv.checkpoint.format import CHAT_TEMPLATE_FILE, SPECIAL_TOKEN_NAMES, TOKENIZER_CONFIG_FILE, CheckpointError
 
 
 def write_gguf_tokenizer(gguf_path: Path, folder: Path, chat_template: str | None) -> None:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megakv.chat import ChatTemplate
 from megakv.checkpoint.convert import convert_checkpoint
 from megakv.checkpoint.format import CONFIG_FILE, CheckpointError, load_shard, read_checkpoint_info
 from megakv.config import ModelConfig
@@ -219,6 +220,18 @@ def test_convert_hf_copies_tokenizer_files(converted, hf_models) -> None:
     assert (folder / "generation_config.json").read_bytes() == \
         (hf_models["gqa"] / "generation_config.json").read_bytes()
     assert not (folder / "config.json").exists()
+
+
+def test_convert_hf_keeps_the_chat_template(hf_models, tmp_path) -> None:
+    source = tmp_path / "hf"
+    shutil.copytree(hf_models["gqa"], source)
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}<assistant>"
+    (source / "chat_template.jinja").write_text(template)
+    (source / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    convert_checkpoint("hf", source, tmp_path / "ckpt", 1)
+    assert (tmp_path / "ckpt" / "chat_template.jinja").read_text() == template
+    chat = ChatTemplate.from_checkpoint(tmp_path / "ckpt")
+    assert chat.render([{"role": "user", "content": "hi"}]) == "<user>hi</s><assistant>"
 
 
 def test_cli_converts_and_refuses_existing_output(hf_models, tmp_path: Path) -> None:
