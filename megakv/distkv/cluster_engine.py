@@ -15,6 +15,7 @@ blocks it lends. The other ranks follow the front's steps until it shuts the clu
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import sys
 import time
@@ -117,6 +118,8 @@ class StepPlan:
     incoming: list[ServedQueries] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
     stop: bool = False
+    # The front's orders of this step (on the leader; aborts apply once the step has run).
+    orders: FrontOrders | None = None
 
 
 class ClusterEngine:
@@ -271,11 +274,14 @@ class ClusterEngine:
         else:
             self._unreported.extend(outputs)
 
-    def _take_orders(self, orders: FrontOrders) -> None:
-        """Queue the requests routed here and apply the aborts aimed here."""
+    def _take_requests(self, orders: FrontOrders) -> None:
+        """Queue the requests routed here."""
         for instance, request in orders.routed:
             if instance == self.instance_id:
                 self.core.add(request)
+
+    def _take_aborts(self, orders: FrontOrders) -> None:
+        """Apply the aborts aimed here, after the step that may have run those requests."""
         for instance, request_id in orders.aborts:
             if instance == self.instance_id:
                 aborted = self.core.abort(request_id)
@@ -336,8 +342,8 @@ class ClusterEngine:
             inputs.served_by_creditor = {}
         self._ran_last_step = inputs is not None
         # New requests join after this step's schedule: they run from the next step.
-        self._take_orders(orders)
-        return scheduled, StepPlan(inputs, incoming, list(self.rmanager.transfers))
+        self._take_requests(orders)
+        return scheduled, StepPlan(inputs, incoming, list(self.rmanager.transfers), orders=orders)
 
     def _check_progress(self, statuses: list[LeaderStatus]) -> None:
         progressing = any(status.ran_last_step for status in statuses)
@@ -372,8 +378,9 @@ class ClusterEngine:
         if self.is_leader:
             scheduled, plan = self._schedule_step()
             # Pickling the plan's tensors costs close to a millisecond: there is none without TP peers.
+            peer_plan = dataclasses.replace(plan, orders=None)
             for tp_rank in range(1, self.instance_comm.Get_size()):
-                self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+                self.instance_comm.send(peer_plan, dest=tp_rank, tag=PLAN_TAG)
         else:
             wait_quietly(lambda: self.instance_comm.iprobe(source=0, tag=PLAN_TAG))
             plan = self.instance_comm.recv(source=0, tag=PLAN_TAG)
@@ -384,9 +391,12 @@ class ClusterEngine:
             self._stopped = True
             return
         logits = self._run_plan(plan)
-        if self.is_leader and plan.inputs is not None:
+        if not self.is_leader:
+            return
+        if plan.inputs is not None:
             self._report(self.core.postprocess(scheduled, self.model_runner.sample(scheduled, logits)))
             self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
+        self._take_aborts(plan.orders)
 
     def cluster_report(self) -> dict | None:
         """Ledger and pool state after serving (on the gManager's rank; None elsewhere)."""

@@ -1,0 +1,69 @@
+"""Drives a DistKV cluster through the engine API under mpirun: arrivals at given steps, aborts, streaming.
+
+argv: job.json out.json. The job names the checkpoint, the cluster's shape and the requests, each with
+``prompt_ids``, ``max_new_tokens``, ``arrive_step``, optional ``instance``, and an optional abort: at
+``abort_step``, or once ``abort_after_tokens`` tokens have reached the front.
+Rank 0 writes, per request, the streamed tokens, the final output and the step of each output, and the
+cluster report.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from megakv.checkpoint.format import read_checkpoint_info
+from megakv.config import CacheConfig, DistKVConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from megakv.distkv.cluster_engine import ClusterEngine
+from megakv.engine.sampling import SamplingParams
+from megakv.parallel import state
+
+
+def main() -> None:
+    job = json.load(open(sys.argv[1]))
+    env = state.init_distributed()
+    state.initialize_model_parallel(job["tp"], job["instances"])
+    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=job["pool_blocks"]),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=job.get("max_num_batched_tokens", 64)),
+                          parallel=ParallelConfig(job["tp"], job["instances"]),
+                          distkv=DistKVConfig(lending_cap=job.get("lending_cap", 1.0)))
+    engine = ClusterEngine(read_checkpoint_info(job["checkpoint"]), config, device=env.device)
+    if not engine.is_front:
+        engine.serve_forever()
+        engine.cluster_report()
+        state.destroy_model_parallel()
+        return
+    requests = job["requests"]
+    ids: dict[str, int] = {}
+    results = [{"streamed": [], "steps": [], "final": None} for _ in requests]
+    step = 0
+    while step < job.get("max_steps", 5000):
+        for index, request in enumerate(requests):
+            if request["arrive_step"] == step:
+                request_id = engine.add_request(request["prompt_ids"],
+                                                SamplingParams(max_new_tokens=request["max_new_tokens"]),
+                                                instance=request.get("instance"))
+                ids[request_id] = index
+            result = results[index]
+            due = request.get("abort_step") == step or len(result["streamed"]) >= request.get("abort_after_tokens",
+                                                                                                 float("inf"))
+            if due and result["final"] is None and index in ids.values():
+                engine.abort(next(rid for rid, i in ids.items() if i == index))
+        for output in engine.step():
+            result = results[ids[output.request_id]]
+            result["streamed"] += output.new_token_ids
+            result["steps"].append(step)
+            if output.finished:
+                result["final"] = {"token_ids": output.token_ids, "finish_reason": output.finish_reason,
+                                   "instance": output.instance,
+                                   "block_instances": output.placement.instances if output.placement else []}
+        step += 1
+        if len(ids) == len(requests) and not engine.has_unfinished():
+            break
+    engine.shutdown()
+    report = engine.cluster_report()
+    json.dump({"results": results, "report": report, "steps": step}, open(sys.argv[2], "w"))
+    state.destroy_model_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The engine API over DistKV clusters under mpirun: online arrivals, aborts, contention for room.
+
+Every completed request must equal the same request served alone on one instance with a large pool,
+and afterwards every pool is whole and the ledger empty.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megakv.checkpoint.format import read_checkpoint_info
+from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
+from megakv.engine.llm_engine import LLMEngine
+from megakv.engine.sampling import SamplingParams
+
+WORKER = Path(__file__).with_name("online_worker.py")
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, 301, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(megakv_checkpoint):
+    """(prompt, max_new_tokens) -> greedy tokens of the request alone on one instance with a large pool."""
+    engine = LLMEngine(read_checkpoint_info(megakv_checkpoint("gqa", 1)),
+                       EngineConfig(cache=CacheConfig(block_size=16, num_blocks=128),
+                                    scheduler=SchedulerConfig(max_num_batched_tokens=64)))
+
+    def tokens(prompt: list[int], max_new_tokens: int) -> list[int]:
+        return engine.generate([prompt], [SamplingParams(max_new_tokens=max_new_tokens)])[0].token_ids
+
+    return tokens
+
+
+def run_online(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, pool_blocks: int,
+               requests: list[dict], **options) -> dict:
+    job = dict(checkpoint=str(checkpoint), tp=tp, instances=instances, pool_blocks=pool_blocks, requests=requests,
+               **options)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_mpi(tp * instances, [sys.executable, str(WORKER), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+            timeout=600)
+    result = json.loads((tmp_path / "out.json").read_text())
+    report = result["report"]
+    assert report["ledger_outstanding"] == {}
+    assert report["free_blocks"] == {str(i): pool_blocks for i in range(instances)}
+    return result
+
+
+def check_served(results: list[dict], requests: list[dict], reference) -> None:
+    """Completed requests equal the reference; aborted ones stopped on a prefix of it; streams add up."""
+    for request, result in zip(requests, results):
+        final = result["final"]
+        assert final is not None, f"request never finished: {request}"
+        assert result["streamed"] == final["token_ids"]
+        expected = reference(request["prompt_ids"], request["max_new_tokens"])
+        if "abort_step" in request or "abort_after_tokens" in request:
+            assert final["finish_reason"] == "abort"
+            assert final["token_ids"] == expected[:len(final["token_ids"])]
+        else:
+            assert final["finish_reason"] == "length" and final["token_ids"] == expected
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("tp,instances", [(1, 3), pytest.param(2, 2, marks=pytest.mark.slow)])
+def test_online_cluster_arrivals_and_aborts_equal_one_instance(tp, instances, megakv_checkpoint, reference,
+                                                               run_mpi, tmp_path):
+    rng = random.Random(11 + tp)
+    requests = []
+    for index in range(8):
+        arrive = rng.randint(0, 16)
+        request = {"prompt_ids": random_prompt(rng.choice([20, 90, 200, 260]), 100 + index), "max_new_tokens": 12,
+                   "arrive_step": arrive, "instance": rng.choice([None, *range(instances)])}
+        requests.append(request)
+    # One aborted during its prefill (260 tokens take several 64-token chunks), one during its decode.
+    requests[1].update(prompt_ids=random_prompt(260, 201), abort_step=requests[1]["arrive_step"] + 2)
+    requests[5].update(prompt_ids=random_prompt(90, 205), abort_after_tokens=3)
+    result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", tp), tp, instances, 10, requests)
+    check_served(result["results"], requests, reference)
+    assert result["results"][1]["final"]["token_ids"] == []
+    assert 3 <= len(result["results"][5]["final"]["token_ids"]) < 12
+    named = [(r["instance"], res["final"]["instance"]) for r, res in zip(requests, result["results"])]
+    assert all(asked is None or asked == served for asked, served in named)
+
+
+CONTENTION = {
+    # Two long prompts, one per instance, whose pools hold only one of them (livelocked before).
+    "two_long_two_instances": dict(instances=2, pool_blocks=20, lengths=[500, 500], to_instance=True),
+    # The same long prompt sent to both instances.
+    "same_long_prompt_twice": dict(instances=2, pool_blocks=20, lengths=[480, 480], to_instance=True, same=True),
+    "three_long_three_instances": dict(instances=3, pool_blocks=16, lengths=[420, 420, 420], to_instance=True),
+    "mixed_small_budget": dict(instances=3, pool_blocks=16, lengths=[20, 60, 150, 300] * 6, lending_cap=0.5,
+                               max_num_batched_tokens=100),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", list(CONTENTION))
+def test_online_cluster_contention_completes_with_one_instance_tokens(case, megakv_checkpoint, reference, run_mpi,
+                                                                      tmp_path):
+    spec = CONTENTION[case]
+    requests = []
+    for index, length in enumerate(spec["lengths"]):
+        prompt = random_prompt(length, 300 if spec.get("same") else 300 + index)
+        requests.append({"prompt_ids": prompt, "max_new_tokens": 16, "arrive_step": 0,
+                         "instance": index % spec["instances"] if spec.get("to_instance") else None})
+    options = {key: spec[key] for key in ("lending_cap", "max_num_batched_tokens") if key in spec}
+    result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, spec["instances"], spec["pool_blocks"],
+                        requests, **options)
+    check_served(result["results"], requests, reference)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_online_cluster_contention_tp2_completes(megakv_checkpoint, reference, run_mpi, tmp_path):
+    requests = [{"prompt_ids": random_prompt(500, 400 + i), "max_new_tokens": 16, "arrive_step": 0, "instance": i}
+                for i in range(2)]
+    result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", 2), 2, 2, 20, requests)
+    check_served(result["results"], requests, reference)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_online_cluster_random_long_requests_on_small_pools_complete(seed, megakv_checkpoint, reference, run_mpi,
+                                                                     tmp_path):
+    rng = random.Random(seed)
+    requests = [{"prompt_ids": random_prompt(rng.randint(100, 380), 500 + 50 * seed + i),
+                 "max_new_tokens": rng.randint(4, 16), "arrive_step": rng.randint(0, 30),
+                 "instance": rng.choice([None, 0, 1, 2])} for i in range(10)]
+    result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 3, 12, requests,
+                        max_num_batched_tokens=rng.choice([32, 64, 128]))
+    check_served(result["results"], requests, reference)
+
+
+@pytest.mark.mpi
+def test_online_cluster_abort_returns_blocks_on_three_instances_and_waiting_abort_leaves_no_trace(
+        megakv_checkpoint, reference, run_mpi, tmp_path):
+    # 420 + 16 tokens need 28 blocks: 10 local and 18 from the two others. The second long request cannot
+    # fit beside it and waits for room; it is aborted while it waits.
+    requests = [{"prompt_ids": random_prompt(420, 600), "max_new_tokens": 16, "arrive_step": 0, "instance": 0,
+                 "abort_step": 12},
+                {"prompt_ids": random_prompt(400, 601), "max_new_tokens": 16, "arrive_step": 1, "instance": 1,
+                 "abort_step": 9},
+                {"prompt_ids": random_prompt(30, 602), "max_new_tokens": 8, "arrive_step": 20, "instance": 2}]
+    result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 3, 10, requests)
+    check_served(result["results"], requests, reference)
+    spread, waiting, late = result["results"]
+    assert spread["final"]["block_instances"] == [0, 1, 2]
+    assert waiting["final"]["token_ids"] == []
