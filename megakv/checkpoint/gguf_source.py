@@ -16,8 +16,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 
 from megakv.checkpoint.format import CheckpointError
 from megakv.checkpoint.gguf_tokenizer import write_gguf_tokenizer
@@ -57,8 +59,6 @@ def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _open(path: Path) -> Any:
     """The ``gguf`` package's memory-mapped reader, with its parse errors turned into CheckpointError."""
-    import gguf
-
     try:
         return gguf.GGUFReader(path)
     except ValueError as err:
@@ -188,8 +188,6 @@ class GGUFReader:
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``name`` dequantized to float32 in PyTorch's row-major layout, checked against ``shape``."""
-        from gguf.quants import dequantize
-
         stored = self._tensors[name]
         try:
             values = dequantize(stored.data, stored.tensor_type)

@@ -1,8 +1,9 @@
 """Streaming: converting a many-layer checkpoint holds about one layer in memory, not the model.
 
-The checkpoint is a legacy per-rank Megatron one at TP=2 with 32 layers of random
-weights (3.0 MB per layer in fp32, 98 MB in all); its conversion runs in a fresh
-process that samples its own anonymous RSS (convert_memory_worker.py).
+The checkpoints are a legacy per-rank Megatron one at TP=2, and a GGUF file of Q8_0
+matrices, with 32 layers of random weights (3.0 MB per layer in fp32, 98 MB in all);
+each conversion runs in a fresh process that samples its own anonymous RSS
+(convert_memory_worker.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+
+from gguf_files import write_llama_gguf
 
 WORKER = Path(__file__).with_name("convert_memory_worker.py")
 NUM_LAYERS, HIDDEN, FFN, VOCAB, NUM_HEADS, NUM_GROUPS, HEAD_DIM, TP = 32, 256, 768, 1024, 8, 2, 32, 2
@@ -67,3 +71,31 @@ def test_convert_megatron_peak_memory_near_one_layer(tmp_path):
           f"model {MODEL_BYTES / 2**20:.1f} MiB, bound {PEAK_BOUND_BYTES / 2**20:.1f} MiB")
     assert growth <= PEAK_BOUND_BYTES
     assert PEAK_BOUND_BYTES < MODEL_BYTES / 4
+
+
+@pytest.mark.slow
+def test_convert_gguf_peak_memory_near_one_layer(tmp_path):
+    config = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=NUM_LAYERS,
+                  num_attention_heads=NUM_HEADS, num_key_value_heads=NUM_GROUPS, max_position_embeddings=256,
+                  rope_theta=10000.0, rms_norm_eps=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"self_attn.q_proj": (NUM_HEADS * HEAD_DIM, HIDDEN), "self_attn.k_proj": (NUM_GROUPS * HEAD_DIM, HIDDEN),
+              "self_attn.v_proj": (NUM_GROUPS * HEAD_DIM, HIDDEN), "self_attn.o_proj": (HIDDEN, NUM_HEADS * HEAD_DIM),
+              "mlp.gate_proj": (FFN, HIDDEN), "mlp.up_proj": (FFN, HIDDEN), "mlp.down_proj": (HIDDEN, FFN),
+              "input_layernorm": (HIDDEN,), "post_attention_layernorm": (HIDDEN,)}
+    state = {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=generator),
+             "model.norm.weight": torch.randn(HIDDEN, generator=generator),
+             "lm_head.weight": torch.randn(VOCAB, HIDDEN, generator=generator)}
+    for layer in range(NUM_LAYERS):
+        state.update({f"model.layers.{layer}.{name}.weight": torch.randn(shape, generator=generator)
+                      for name, shape in shapes.items()})
+    # Q8_0 matrices: the file is a quarter of the fp32 model that the conversion writes.
+    write_llama_gguf(tmp_path / "model.gguf", state, config, lambda name: GGMLQuantizationType.Q8_0)
+    del state
+    proc = subprocess.run([sys.executable, str(WORKER), "gguf", str(tmp_path / "model.gguf"), str(tmp_path / "out"),
+                           str(TP)], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = result["peak_bytes"] - result["baseline_bytes"]
+    print(f"peak anonymous memory growth {growth / 2**20:.1f} MiB; one layer {LAYER_BYTES / 2**20:.1f} MiB, "
+          f"model {MODEL_BYTES / 2**20:.1f} MiB, bound {PEAK_BOUND_BYTES / 2**20:.1f} MiB")
+    assert growth <= PEAK_BOUND_BYTES
