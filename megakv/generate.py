@@ -7,7 +7,7 @@ import sys
 
 from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import read_checkpoint_info
-from megakv.cli import PromptSpec, UsageError, engine_config, read_prompts, resolve_options
+from megakv.options import PromptSpec, UsageError, engine_config, read_prompts, resolve_options
 from megakv.config import parse_dtype
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import RequestOutput
