@@ -91,6 +91,7 @@ class GGUFReader:
         except ValueError as err:
             raise CheckpointError(f"GGUF file {self.path}: {err}") from None
         self._check_tensor_names()
+        self._check_tensor_types()
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """The value of metadata field ``key`` (strings decoded, arrays as lists), or ``default``."""
@@ -186,14 +187,23 @@ class GGUFReader:
             raise CheckpointError(f"GGUF file {self.path} has tensor {unexpected[0]!r}, which a LLaMA model "
                                   f"does not have: this converter cannot map it")
 
+    def _check_tensor_types(self) -> None:
+        """Raise CheckpointError naming a tensor whose type the gguf package cannot dequantize, before any work."""
+        first_of_type = {}
+        for tensor in self._tensors.values():
+            first_of_type.setdefault(tensor.tensor_type, tensor)
+        for qtype, tensor in first_of_type.items():
+            try:
+                # One row is enough to learn whether the type is implemented.
+                dequantize(tensor.data[:1], qtype)
+            except NotImplementedError:
+                raise CheckpointError(f"GGUF file {self.path}: tensor {tensor.name!r} has type {qtype.name}, which "
+                                      f"the gguf package cannot dequantize") from None
+
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``name`` dequantized to float32 in PyTorch's row-major layout, checked against ``shape``."""
         stored = self._tensors[name]
-        try:
-            values = dequantize(stored.data, stored.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(f"GGUF tensor {name!r} has type {stored.tensor_type.name}, which the gguf "
-                                  f"package cannot dequantize") from None
+        values = dequantize(stored.data, stored.tensor_type)
         # GGUF lists dimensions fastest-first: [H, vocab] there is [vocab, H] here.
         values = values.astype(np.float32, copy=False).reshape(tuple(int(n) for n in reversed(stored.shape)))
         if tuple(values.shape) != shape:

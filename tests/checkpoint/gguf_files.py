@@ -75,6 +75,10 @@ def write_llama_gguf(path: Path, state: dict[str, torch.Tensor], config: dict,
         if num_heads is not None:
             values = llama_cpp_permute(values, num_heads)
         qtype = type_of(name) if values.ndim == 2 else GGMLQuantizationType.F32
+        if qtype == GGMLQuantizationType.I32:
+            # An integer matrix: a type no converter can dequantize, for the error tests (no reference).
+            writer.add_tensor(gguf_name(name), values.astype(np.int32))
+            continue
         data = encode(values, qtype, seed)
         writer.add_tensor(gguf_name(name), data, raw_dtype=qtype)
         dequantized = gguf.quants.dequantize(data, qtype).reshape(values.shape)

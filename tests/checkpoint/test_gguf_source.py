@@ -188,8 +188,12 @@ def test_cli_gguf_bad_inputs_one_error_nothing_written(gguf_models, tmp_path):
     write_llama_gguf(other, random_state(), CONFIG, lambda name: QType.F32, architecture="gpt2")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(path.read_bytes()[:path.stat().st_size * 2 // 3])
+    integer = tmp_path / "integer.gguf"
+    write_llama_gguf(integer, random_state(), CONFIG,
+                     lambda name: QType.I32 if name == "model.layers.1.mlp.up_proj.weight" else QType.F32)
     cases = [
         (other, ("holds a 'gpt2' model", "LLaMA-architecture")),
+        (integer, ("tensor 'blk.1.ffn_up.weight' has type I32, which the gguf package cannot dequantize",)),
         (truncated, ("truncated or corrupt",)),
         (unknown_type_file(path, tmp_path / "unknown.gguf"), ("unknown type 99",)),
         (tmp_path / "missing.gguf", ("does not exist",)),
