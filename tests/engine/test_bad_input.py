@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models
 
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 
@@ -68,6 +69,13 @@ def test_generate_bad_messages_in_prompts_file_clear_error(megakv_checkpoint, tm
     prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}\n')
     assert_clean_error(run_megakv("--model", str(megakv_checkpoint("gqa", 1)), "--prompts-file", str(prompts)),
                        "exactly one of prompt_ids, prompt, messages")
+
+
+def test_generate_chat_without_template_clear_error(megakv_checkpoint, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(megakv_checkpoint("gqa", 1), checkpoint)
+    Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>")).save(str(checkpoint / "tokenizer.json"))
+    assert_clean_error(run_megakv("--model", str(checkpoint), "--chat", "hi"), "has no chat template")
 
 
 def test_generate_bad_values_in_files_clear_error(megakv_checkpoint, tmp_path):
