@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from functools import cached_property
@@ -41,6 +42,24 @@ def run_mpi():
         return proc
 
     return run
+
+
+@pytest.fixture
+def start_mpi():
+    """Start ``argv`` on ``num_ranks`` MPI ranks in the background; what is still running at teardown is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(num_ranks: int, argv: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(mpirun_command(num_ranks, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -44,7 +44,7 @@ from megakv.parallel import state
 # How long a rank that finished its step early first sleeps between checks on the others; the sleep
 # doubles while it waits, up to the second bound, so that a rank waiting for long takes almost no CPU.
 IDLE_POLL_SECONDS = 50e-6
-MAX_IDLE_POLL_SECONDS = 2e-3
+MAX_IDLE_POLL_SECONDS = 5e-3
 # prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h), and the slack the
 # leaders ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
