@@ -18,8 +18,9 @@ import warnings
 import torch
 
 from megakv.kernels.cpu_build import load_variant, selected_isa
-from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, check_micro_attention_args, queries_per_sequence,
-                                            query_layout, query_layout_lists)
+from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, NO_WINDOW, check_micro_attention_args,
+                                            max_window_blocks, queries_per_sequence, query_layout,
+                                            query_layout_lists)
 
 
 def load_extension():
@@ -46,10 +47,10 @@ def _use_extension(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
 
 def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_seq: torch.Tensor, query_visible: torch.Tensor,
-                      max_visible: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_visible: int, scale: float, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ op over any queries; splits the blocks so that every thread has work."""
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
-    max_blocks = -(-max_visible // block_size)
+    max_blocks = max_window_blocks(max_visible, block_size, sliding_window)
     num_items = query.shape[0] * num_kv_heads
     num_splits = max(1, min(-(-4 * torch.get_num_threads() // num_items), max_blocks // 32))
     blocks_per_split = max(1, -(-max_blocks // num_splits))
@@ -57,21 +58,27 @@ def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     # The op computes in fp32 over K/V in their own dtype; only the small query and output are converted.
     out, lse = load_extension().paged_attention(query.float().contiguous(), key_cache, value_cache.contiguous(),
                                                 block_tables.to(torch.int32).contiguous(), query_seq,
-                                                query_visible, scale, blocks_per_split, num_splits)
+                                                query_visible, scale, blocks_per_split, num_splits,
+                                                NO_WINDOW if sliding_window is None else sliding_window)
     return out.to(query.dtype), lse
 
 
 def _sequence_torch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,
-                    visible: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence: gather its context once, then flash attention for CPU with a causal/presence mask.
+                    visible: torch.Tensor, scale: float, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence: gather its context once, then flash attention for CPU with a causal/presence/window mask.
 
     query [n, Hq, D], table [num_blocks] (< 0 = absent), visible [n] -> out [n, Hq, D], lse [n, Hq].
+    Only the blocks from the first query's window on are gathered.
     """
     num_queries, num_q_heads, head_dim = query.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
+    first_block = 0 if sliding_window is None else max(0, int(visible.min()) - sliding_window) // block_size
+    # Positions are counted from the first gathered block's first token on.
+    offset = first_block * block_size
+    visible = visible - offset
     context_len = int(visible.max())
-    table = table[:-(-context_len // block_size)].long()
+    table = table[first_block:first_block + -(-context_len // block_size)].long()
     present = table >= 0
     # [nb, Hkv, bs, D] -> [1, Hkv, ctx, D]; reshape after transpose copies, so the fills below are safe.
     keys = key_cache.index_select(0, table.clamp(min=0)).transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
@@ -82,7 +89,10 @@ def _sequence_torch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         # Absent blocks' slots hold another micro-attention's data or garbage (even NaN): zero them.
         keys.masked_fill_(~token_present[None, None, :, None], 0.0)
         values.masked_fill_(~token_present[None, None, :, None], 0.0)
-    allowed = token_present[None, :] & (torch.arange(context_len)[None, :] < visible[:, None].long())  # [n, ctx]
+    positions = torch.arange(context_len)[None, :]
+    allowed = token_present[None, :] & (positions < visible[:, None].long())  # [n, ctx]
+    if sliding_window is not None:
+        allowed &= positions >= visible[:, None].long() - sliding_window
     # Each query row repeats for the `group` query heads of a KV head: [n, Hkv, g, D] -> [1, Hkv, n*g, D].
     rows = query.view(num_queries, num_kv_heads, group, head_dim).transpose(0, 1)
     rows = rows.reshape(1, num_kv_heads, num_queries * group, head_dim)
@@ -106,6 +116,7 @@ def micro_attention_cpu(
     query_start_loc: list[int],
     context_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fastest CPU micro-attention; same contract as :func:`micro_attention_ref`."""
     check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
@@ -118,7 +129,8 @@ def micro_attention_cpu(
             return torch.zeros_like(query), torch.full(query.shape[:2], float("-inf"), dtype=torch.float32)
         return _decode_extension(query, key_cache, value_cache, block_tables,
                                  torch.tensor(query_seq, dtype=torch.int32),
-                                 torch.tensor(query_visible, dtype=torch.int32), max(query_visible), scale)
+                                 torch.tensor(query_visible, dtype=torch.int32), max(query_visible), scale,
+                                 sliding_window)
     num_queries, num_q_heads, head_dim = query.shape
     out = torch.zeros_like(query)
     lse = torch.full((num_queries, num_q_heads), float("-inf"), dtype=torch.float32)
@@ -129,7 +141,7 @@ def micro_attention_cpu(
     if len(decode_rows) > 0:
         out[decode_rows], lse[decode_rows] = _decode_extension(
             query[decode_rows], key_cache, value_cache, block_tables, query_seq[decode_rows],
-            query_visible[decode_rows], int(query_visible[decode_rows].max()), scale)
+            query_visible[decode_rows], int(query_visible[decode_rows].max()), scale, sliding_window)
     for seq_index, num_seq in enumerate(num_seq_queries):
         start = query_start_loc[seq_index]
         if num_seq == 0 or bool(decode_seq[seq_index]) or context_lens[seq_index] <= 0:
@@ -138,7 +150,8 @@ def micro_attention_cpu(
         if int(visible.max()) <= 0:
             continue
         out[start:start + num_seq], lse[start:start + num_seq] = _sequence_torch(
-            query[start:start + num_seq], key_cache, value_cache, block_tables[seq_index], visible, scale)
+            query[start:start + num_seq], key_cache, value_cache, block_tables[seq_index], visible, scale,
+            sliding_window)
     return out, lse
 
 

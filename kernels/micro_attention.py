@@ -24,6 +24,8 @@ except ImportError:  # the CPU path and the references need no triton
 MAX_DECODE_QUERIES = 8
 # Rows (queries x query heads of one KV head) of one prefill tile on the GPU.
 PREFILL_TILE_ROWS = 64
+# The window the kernels take for "no sliding window": longer than any context.
+NO_WINDOW = 1 << 30
 
 
 def visible_lengths(query_start_loc: list[int], context_lens: list[int]) -> list[torch.Tensor]:
@@ -44,6 +46,7 @@ def micro_attention_ref(
     query_start_loc: list[int],
     context_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over the blocks named in ``block_tables``; returns ``(out, lse)``.
 
@@ -53,6 +56,8 @@ def micro_attention_ref(
                   marks a block that is not part of this micro-attention (it lives elsewhere)
     query_start_loc: num_seqs + 1 offsets of each sequence's queries in ``query``
     context_lens: per sequence, the context length seen by its last query
+    sliding_window: when set, a query that sees ``visible`` tokens attends only to the last
+                  ``sliding_window`` of them, positions ``visible - sliding_window`` on (Mistral)
     Returns out [num_queries, num_q_heads, head_dim] in the query dtype and lse
     [num_queries, num_q_heads] in float32; a query that sees no key gets out 0 and lse -inf.
     """
@@ -82,7 +87,10 @@ def micro_attention_ref(
         # [n, Hq, D] -> [Hkv, group, n, D]
         q = query[start:end].float().view(num_seq_queries, num_kv_heads, group_size, head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(q, keys[:, None].transpose(-1, -2)) * scale  # [Hkv, group, n, ctx]
-        allowed = slot_valid[None, :] & (positions[None, :] < visible.to(query.device)[:, None])  # [n, ctx]
+        visible = visible.to(query.device)
+        allowed = slot_valid[None, :] & (positions[None, :] < visible[:, None])  # [n, ctx]
+        if sliding_window is not None:
+            allowed &= positions[None, :] >= visible[:, None] - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
         seq_lse = torch.logsumexp(scores, dim=-1)  # [Hkv, group, n]
         finite_lse = torch.where(torch.isinf(seq_lse), torch.zeros_like(seq_lse), seq_lse)
@@ -96,6 +104,15 @@ def micro_attention_ref(
 def queries_per_sequence(query_start_loc: list[int]) -> list[int]:
     """How many queries each sequence has in the batch."""
     return [end - start for start, end in zip(query_start_loc[:-1], query_start_loc[1:])]
+
+
+def max_window_blocks(max_visible: int, block_size: int, sliding_window: int | None) -> int:
+    """The most blocks one query reads: its visible context, or the blocks its window overlaps."""
+    num_blocks = -(-max_visible // block_size)
+    if sliding_window is None:
+        return num_blocks
+    # A window that does not start on a block boundary overlaps one block more than it fills.
+    return min(num_blocks, -(-sliding_window // block_size) + 1)
 
 
 def query_layout_lists(query_start_loc: list[int], context_lens: list[int]) -> tuple[list[int], list[int]]:
@@ -150,7 +167,7 @@ if triton is not None:
     @triton.jit
     def _micro_attention_kernel(
         query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, query_seq_ptr, query_visible_ptr,
-        out_ptr, lse_ptr, scale, blocks_per_split,
+        out_ptr, lse_ptr, scale, blocks_per_split, window,
         stride_qn, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_table,
         stride_os, stride_on, stride_oh, stride_ls, stride_ln,
         GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -161,7 +178,9 @@ if triton is not None:
         split = tl.program_id(2)
         seq = tl.load(query_seq_ptr + query_index).to(tl.int64)
         visible = tl.load(query_visible_ptr + query_index)
-        first_block = split * blocks_per_split
+        # Splits cover the blocks from the window's first on: those before it are never read.
+        start = tl.maximum(visible - window, 0)
+        first_block = start // BLOCK_SIZE + split * blocks_per_split
         last_block = tl.minimum(tl.cdiv(visible, BLOCK_SIZE), first_block + blocks_per_split)
         heads = tl.arange(0, BLOCK_GROUP)
         dims = tl.arange(0, HEAD_DIM)
@@ -177,7 +196,9 @@ if triton is not None:
         for block in range(first_block, last_block):
             block_id = tl.load(block_tables_ptr + seq * stride_table + block).to(tl.int64)
             # Masked loads never touch memory: slots past the context or in absent blocks are not read.
-            token_ok = (block * BLOCK_SIZE + tokens < visible) & (tl.full([BLOCK_SIZE], 0, tl.int64) <= block_id)
+            positions = block * BLOCK_SIZE + tokens
+            token_ok = ((positions < visible) & (positions >= start)
+                        & (tl.full([BLOCK_SIZE], 0, tl.int64) <= block_id))
             safe_block = tl.maximum(block_id, 0)
             k = tl.load(key_cache_ptr + safe_block * stride_kb + kv_head * stride_kh + tokens[:, None] * stride_kt
                         + dims[None, :], mask=token_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_SIZE, HEAD_DIM]
@@ -202,7 +223,7 @@ if triton is not None:
     @triton.jit
     def _prefill_kernel(
         query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, tile_seq_ptr, tile_start_ptr, tile_end_ptr,
-        query_visible_ptr, out_ptr, lse_ptr, scale,
+        query_visible_ptr, out_ptr, lse_ptr, scale, window,
         stride_qn, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_table,
         stride_on, stride_oh, stride_ln,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -230,12 +251,14 @@ if triton is not None:
         visible = tl.load(query_visible_ptr + query_index, mask=row_ok, other=0)
         # Queries of a sequence see one more token each: the tile's last one sees the most.
         tile_visible = tl.load(query_visible_ptr + end_query - 1)
+        # ... and the first one's window starts first: blocks before it are never read.
+        tile_start = tl.maximum(tl.load(query_visible_ptr + first_query) - window, 0)
         q = tl.load(query_ptr + query_index[:, None] * stride_qn + q_heads[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None], other=0.0).to(tl.float32)  # [ROWS, HEAD_DIM]
         run_max = tl.full([BLOCK_M * GROUP_PAD], -1.0e30, tl.float32)
         run_sum = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], tl.float32)
-        for block in range(0, tl.cdiv(tile_visible, BLOCK_SIZE)):
+        for block in range(tile_start // BLOCK_SIZE, tl.cdiv(tile_visible, BLOCK_SIZE)):
             block_id = tl.load(block_tables_ptr + seq * stride_table + block).to(tl.int64)
             positions = block * BLOCK_SIZE + tokens
             token_ok = (positions < tile_visible) & (tl.full([BLOCK_SIZE], 0, tl.int64) <= block_id)
@@ -248,7 +271,8 @@ if triton is not None:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
-            allowed = token_ok[None, :] & (positions[None, :] < visible[:, None])
+            allowed = (token_ok[None, :] & (positions[None, :] < visible[:, None])
+                       & (positions[None, :] >= visible[:, None] - window))
             scores = tl.where(allowed, scores * scale, float("-inf"))  # [ROWS, BLOCK_SIZE]
             new_max = tl.maximum(run_max, tl.max(scores, axis=1))
             correction = tl.exp(run_max - new_max)
@@ -278,7 +302,8 @@ def _prefill_tiles(query_start_loc: list[int], prefill_seqs: list[int], block_m:
 
 def _prefill_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: list[int], prefill_seqs: list[int],
-                    query_visible: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+                    query_visible: torch.Tensor, scale: float, window: int, out: torch.Tensor,
+                    lse: torch.Tensor) -> None:
     """Write out/lse rows of the prefill sequences' queries with the tiled kernel."""
     _, num_q_heads, head_dim = query.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
@@ -288,7 +313,7 @@ def _prefill_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     tile_seq, tile_start, tile_end = _prefill_tiles(query_start_loc, prefill_seqs, block_m, query.device)
     _prefill_kernel[(len(tile_seq), num_kv_heads)](
         query, key_cache, value_cache, block_tables, tile_seq, tile_start, tile_end, query_visible, out, lse, scale,
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        window, query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), lse.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -313,6 +338,7 @@ def micro_attention_triton(
     query_start_loc: list[int],
     context_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton micro-attention; same contract as :func:`micro_attention_ref`.
@@ -335,31 +361,33 @@ def micro_attention_triton(
     query_seq, query_visible = query_layout(query_start_loc, context_lens, query.device)
     num_seq_queries = queries_per_sequence(query_start_loc)
     prefill_seqs = [seq for seq, n in enumerate(num_seq_queries) if n > MAX_DECODE_QUERIES]
+    window = NO_WINDOW if sliding_window is None else sliding_window
     if not prefill_seqs:
         return _decode_triton(query, key_cache, value_cache, block_tables, query_seq, query_visible,
-                              max(context_lens, default=0), scale, num_splits)
+                              max(context_lens, default=0), scale, sliding_window, num_splits)
     out = torch.empty_like(query)
     lse = torch.empty(num_queries, num_q_heads, dtype=torch.float32, device=query.device)
     _prefill_triton(query, key_cache, value_cache, block_tables, query_start_loc, prefill_seqs, query_visible,
-                    scale, out, lse)
+                    scale, window, out, lse)
     decode_seqs = [seq for seq, n in enumerate(num_seq_queries) if 0 < n <= MAX_DECODE_QUERIES]
     if decode_seqs:
         rows = torch.cat([torch.arange(query_start_loc[seq], query_start_loc[seq + 1]) for seq in decode_seqs])
         rows = rows.to(query.device)
         out[rows], lse[rows] = _decode_triton(query[rows], key_cache, value_cache, block_tables, query_seq[rows],
                                               query_visible[rows], max(context_lens[seq] for seq in decode_seqs),
-                                              scale, num_splits)
+                                              scale, sliding_window, num_splits)
     return out, lse
 
 
 def _decode_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    block_tables: torch.Tensor, query_seq: torch.Tensor, query_visible: torch.Tensor,
-                   max_context: int, scale: float, num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_context: int, scale: float, sliding_window: int | None,
+                   num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One program per (query, KV head, split of the blocks), the splits merged by log-sum-exp."""
     num_queries, num_q_heads, head_dim = query.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
-    max_blocks = -(-max_context // block_size)
+    max_blocks = max_window_blocks(max_context, block_size, sliding_window)
     if num_splits is None:
         num_splits = _num_splits(num_queries * num_kv_heads, max_blocks, query.device)
     blocks_per_split = max(1, -(-max_blocks // num_splits))
@@ -375,7 +403,7 @@ def _decode_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     if num_queries > 0:
         _micro_attention_kernel[(num_queries, num_kv_heads, num_splits)](
             query, key_cache, value_cache, block_tables, query_seq, query_visible, partial_out, partial_lse,
-            scale, blocks_per_split,
+            scale, blocks_per_split, NO_WINDOW if sliding_window is None else sliding_window,
             query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),

@@ -21,14 +21,17 @@ def micro_attention(
     query_start_loc: list[int],
     context_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over the blocks in ``block_tables``; see :func:`micro_attention_ref`."""
     if _on_triton(query):
         return micro_attention_triton(query, key_cache, value_cache, block_tables.to(query.device),
-                                      query_start_loc, context_lens, scale)
+                                      query_start_loc, context_lens, scale, sliding_window)
     if query.is_cuda:
-        return micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
-    return micro_attention_cpu(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale)
+        return micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
+                                   sliding_window)
+    return micro_attention_cpu(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
+                               sliding_window)
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

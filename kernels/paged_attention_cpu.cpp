@@ -2,7 +2,9 @@
 // arithmetic in fp32, head_dim 64 or 128; and the log-sum-exp merge of partial (out, lse) pairs.
 // One work item = (query, KV head, split of its blocks): an online softmax over the split's blocks for the
 // query heads of that KV head, reading each K/V tile of a block in place; the splits are merged by
-// log-sum-exp at the end. Slots past a query's visible length and absent blocks (id < 0) are never read.
+// log-sum-exp at the end. Slots past a query's visible length and absent blocks (id < 0) are never read, nor
+// are the blocks wholly before a query's sliding window (its last `window` tokens); the block the window starts
+// in is read, and its tokens before the window are left out of the softmax.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -176,7 +178,7 @@ template <int D, typename T>
 std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                                            torch::Tensor block_tables, torch::Tensor query_seq,
                                            torch::Tensor query_visible, double scale, int64_t blocks_per_split,
-                                           int64_t num_splits) {
+                                           int64_t num_splits, int64_t window) {
   const int64_t num_queries = query.size(0), num_q_heads = query.size(1), head_dim = D;
   const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
   const int64_t group = num_q_heads / num_kv_heads, max_blocks = block_tables.size(1);
@@ -205,7 +207,10 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
       const int64_t q_index = work / (num_splits * num_kv_heads);
       const int64_t seq = seq_ptr[q_index], visible = visible_ptr[q_index];
       const int64_t num_blocks = std::min<int64_t>((visible + block_size - 1) / block_size, max_blocks);
-      const int64_t first = split * blocks_per_split, last = std::min(num_blocks, first + blocks_per_split);
+      // Splits cover the blocks from the window's first on: those before it are never read.
+      const int64_t window_start = std::max<int64_t>(0, visible - window);
+      const int64_t first = window_start / block_size + split * blocks_per_split;
+      const int64_t last = std::min(num_blocks, first + blocks_per_split);
       const int64_t row = (split * num_queries + q_index) * num_q_heads + kv_head * group;
       const float* q = q_ptr + (q_index * num_q_heads + kv_head * group) * head_dim;
       for (int64_t g = 0; g < group; ++g) {
@@ -234,6 +239,8 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
         if (stream && next_id >= 0) prefetch_tiles(tile_of(k_ptr, next_id), tile_of(v_ptr, next_id), kick_lines);
         if (block_id < 0) continue;
         const int64_t num_tokens = std::min(block_size, visible - b * block_size);
+        // Tokens [skip, num_tokens) of the block are in the window; skip > 0 only in the block it starts in.
+        const int64_t skip = std::max<int64_t>(0, window_start - b * block_size);
         const T* k = tile_of(k_ptr, block_id);
         const T* v = tile_of(v_ptr, block_id);
         const char* next_k = !stream && next_id >= 0 ? reinterpret_cast<const char*>(tile_of(k_ptr, next_id)) : nullptr;
@@ -263,16 +270,16 @@ std::vector<torch::Tensor> paged_attention_impl(torch::Tensor query, torch::Tens
           prefetch_slice();
           float* s = scores.data() + g * block_size;
           float block_max = run_max[g];
-          for (int64_t t = 0; t < num_tokens; ++t) block_max = std::max(block_max, s[t]);
+          for (int64_t t = skip; t < num_tokens; ++t) block_max = std::max(block_max, s[t]);
           const float correction = std::exp(run_max[g] - block_max);
           float block_sum = 0.f;
-          for (int64_t t = 0; t < num_tokens; ++t) {
+          for (int64_t t = skip; t < num_tokens; ++t) {
             s[t] = std::exp(s[t] - block_max);
             block_sum += s[t];
           }
           run_sum[g] = run_sum[g] * correction + block_sum;
           run_max[g] = block_max;
-          block_accumulate<D, T>(s, v, acc.data() + g * D, correction, num_tokens);
+          block_accumulate<D, T>(s + skip, v + skip * D, acc.data() + g * D, correction, num_tokens - skip);
         }
       }
       std::copy(acc.begin(), acc.end(), acc_base + row * head_dim);
@@ -317,31 +324,32 @@ template <typename T>
 std::vector<torch::Tensor> paged_attention_typed(torch::Tensor query, torch::Tensor key_cache,
                                                  torch::Tensor value_cache, torch::Tensor block_tables,
                                                  torch::Tensor query_seq, torch::Tensor query_visible, double scale,
-                                                 int64_t blocks_per_split, int64_t num_splits) {
+                                                 int64_t blocks_per_split, int64_t num_splits, int64_t window) {
   if (query.size(2) == 64)
     return paged_attention_impl<64, T>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
-                                       blocks_per_split, num_splits);
+                                       blocks_per_split, num_splits, window);
   TORCH_CHECK(query.size(2) == 128, "paged_attention: head_dim must be 64 or 128");
   return paged_attention_impl<128, T>(query, key_cache, value_cache, block_tables, query_seq, query_visible, scale,
-                                      blocks_per_split, num_splits);
+                                      blocks_per_split, num_splits, window);
 }
 
 std::vector<torch::Tensor> paged_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                                            torch::Tensor block_tables, torch::Tensor query_seq,
                                            torch::Tensor query_visible, double scale, int64_t blocks_per_split,
-                                           int64_t num_splits) {
+                                           int64_t num_splits, int64_t window) {
+  TORCH_CHECK(window > 0, "paged_attention: the window must be positive");
   TORCH_CHECK(query.scalar_type() == torch::kFloat, "paged_attention: the query must be float32");
   TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), "paged_attention: K and V dtypes differ");
   switch (key_cache.scalar_type()) {
     case torch::kFloat:
       return paged_attention_typed<float>(query, key_cache, value_cache, block_tables, query_seq, query_visible,
-                                          scale, blocks_per_split, num_splits);
+                                          scale, blocks_per_split, num_splits, window);
     case torch::kBFloat16:
       return paged_attention_typed<at::BFloat16>(query, key_cache, value_cache, block_tables, query_seq,
-                                                 query_visible, scale, blocks_per_split, num_splits);
+                                                 query_visible, scale, blocks_per_split, num_splits, window);
     case torch::kHalf:
       return paged_attention_typed<at::Half>(query, key_cache, value_cache, block_tables, query_seq, query_visible,
-                                             scale, blocks_per_split, num_splits);
+                                             scale, blocks_per_split, num_splits, window);
     default:
       TORCH_CHECK(false, "paged_attention: K/V must be float32, bfloat16 or float16");
   }

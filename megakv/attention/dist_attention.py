@@ -23,7 +23,7 @@ def dist_attention(
     """Attention of query [num_tokens, Hq, D] over its sequences' blocks; returns (out, lse)."""
     tables = metadata.micro_attention_tables or [metadata.block_tables]
     partials = [micro_attention(query, key_cache, value_cache, table, metadata.query_start_loc,
-                                metadata.context_lens, scale) for table in tables]
+                                metadata.context_lens, scale, metadata.sliding_window) for table in tables]
     if len(partials) == 1:
         return partials[0]
     outs = torch.stack([out for out, _ in partials])

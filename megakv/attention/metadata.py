@@ -22,6 +22,8 @@ class AttentionMetadata:
     # Partition of block_tables into micro-attentions, each a table in which the blocks of the
     # other groups are -1. None means one micro-attention over the whole table.
     micro_attention_tables: list[torch.Tensor] | None = None
+    # Mistral's sliding window: each query attends to its last sliding_window tokens only (None: all of them).
+    sliding_window: int | None = None
     # Cross-instance micro-attentions of this step (megakv.distkv.remote_attention.RemoteAttention),
     # or None when every block the batch touches is local.
     remote: Any = None

@@ -9,16 +9,20 @@ import torch
 from megakv.attention.dist_attention import dist_attention
 from megakv.attention.metadata import AttentionMetadata
 from megakv.kernels.merge import merge_partials_ref
+from megakv.kernels.micro_attention import micro_attention_ref
 
 
 def plain_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention in float64: query [n, Hq, D], keys/values [ctx, Hkv, D], query i sees visible[i] keys."""
+                    scale: float, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in float64: query [n, Hq, D], keys/values [ctx, Hkv, D], query i sees visible[i] keys
+    (the last ``window`` of them when a window is given)."""
     group = query.shape[1] // keys.shape[1]
     keys = keys.double().repeat_interleave(group, dim=1)
     values = values.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("nhd,khd->hnk", query.double(), keys) * scale
     mask = torch.arange(keys.shape[0])[None, :] < visible[:, None]
+    if window is not None:
+        mask &= torch.arange(keys.shape[0])[None, :] >= visible[:, None] - window
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [H, n]
     out = torch.einsum("hnk,khd->nhd", scores.softmax(-1), values)
@@ -78,6 +82,28 @@ def test_dist_attention_random_groups_equal_plain_attention(seed, num_kv_heads, 
         n, context_len = end - start, metadata.context_lens[seq]
         visible = torch.arange(context_len - n + 1, context_len + 1)
         expected_out, expected_lse = plain_attention(query[start:end], keys, values, visible, scale)
+        torch.testing.assert_close(out[start:end].double(), expected_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[start:end].double(), expected_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("window", [1, 7, 33])
+@pytest.mark.parametrize("path", ["ops", "reference"])
+def test_dist_attention_sliding_window_equals_plain_attention(seed, window, path):
+    query, key_cache, value_cache, metadata, contexts, gen = random_batch(seed, 2, 4, 16)
+    metadata.sliding_window = window
+    metadata.micro_attention_tables = random_groups(metadata.block_tables, 1 + seed, gen)
+    scale = 1 / math.sqrt(query.shape[-1])
+    if path == "ops":
+        out, lse = dist_attention(query, key_cache, value_cache, metadata, scale)
+    else:
+        out, lse = micro_attention_ref(query, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc,
+                                       metadata.context_lens, scale, window)
+    for seq, (keys, values) in enumerate(contexts):
+        start, end = metadata.query_start_loc[seq], metadata.query_start_loc[seq + 1]
+        n, context_len = end - start, metadata.context_lens[seq]
+        visible = torch.arange(context_len - n + 1, context_len + 1)
+        expected_out, expected_lse = plain_attention(query[start:end], keys, values, visible, scale, window)
         torch.testing.assert_close(out[start:end].double(), expected_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[start:end].double(), expected_lse, atol=1e-5, rtol=1e-5)
 

@@ -91,3 +91,29 @@ def attention_close():
 def device() -> str:
     """Where the Triton kernels run: the GPU when there is one, else the interpreter on CPU."""
     return DEVICE
+
+
+def poison_blocks_before_windows(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+                                 query_start_loc: list[int], context_lens: list[int],
+                                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the caches with NaN in every block wholly before its sequence's first query's window.
+
+    A kernel that reads such a block (it must not) returns NaN.
+    """
+    block_size = key_cache.shape[2]
+    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    for seq, context_len in enumerate(context_lens):
+        num_queries = query_start_loc[seq + 1] - query_start_loc[seq]
+        first_visible = context_len - num_queries + 1
+        for logical in range(max(0, first_visible - window) // block_size):
+            block_id = int(block_tables[seq, logical])
+            if block_id >= 0:
+                key_cache[block_id] = float("nan")
+                value_cache[block_id] = float("nan")
+    return key_cache, value_cache
+
+
+@pytest.fixture
+def poison_before_windows():
+    """The cache poisoner (see poison_blocks_before_windows)."""
+    return poison_blocks_before_windows

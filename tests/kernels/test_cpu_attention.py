@@ -87,3 +87,23 @@ def test_merge_partials_cpu_matches_reference(random_partials, cpu_path, num_par
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, expected_lse)
     assert torch.isneginf(lse[0, 0]) and (out[0, 0] == 0).all() and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("case", [0, 3, 5])
+@pytest.mark.parametrize("window", [1, 21, 48])
+@pytest.mark.parametrize("batch", NUM_QUERIES)
+def test_micro_attention_cpu_sliding_window_matches_reference(paged_batch, attention_close, poison_before_windows,
+                                                              cpu_path, case, window, batch):
+    """Each query attends to its last `window` tokens; the blocks wholly before the window are never read."""
+    num_kv_heads, group, block_size, head_dim, dtype = CASES[case]
+    query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
+        40 + case, num_kv_heads, group, block_size, head_dim, dtype, num_queries=NUM_QUERIES[batch],
+        max_context=6 * block_size, absent_fraction=0.2)
+    scale = head_dim ** -0.5
+    expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
+                                                     context_lens, scale, window)
+    poisoned_keys, poisoned_values = poison_before_windows(key_cache, value_cache, block_tables, query_start_loc,
+                                                           context_lens, window)
+    out, lse = micro_attention(query, poisoned_keys, poisoned_values, block_tables, query_start_loc, context_lens,
+                               scale, window)
+    attention_close(out, lse, expected_out, expected_lse, dtype)

@@ -98,3 +98,25 @@ def test_micro_attention_dispatch_uses_triton_on_cuda(paged_batch, attention_clo
     out, lse = micro_attention(query.cuda(), key_cache.cuda(), value_cache.cuda(), block_tables.cuda(),
                                query_start_loc, context_lens, 128 ** -0.5)
     attention_close(out, lse, expected_out, expected_lse, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", [0, 1, 5])
+@pytest.mark.parametrize("window", [1, 21, 64])
+@pytest.mark.parametrize("batch", ["decode", "prefill"])
+def test_micro_attention_triton_sliding_window_matches_reference(paged_batch, attention_close, poison_before_windows,
+                                                                 device, case, window, batch):
+    """Each query attends to its last `window` tokens; the blocks wholly before the window are never read."""
+    num_kv_heads, group, block_size, head_dim, dtype, num_splits = QUICK_CASES[case]
+    num_queries = DECODE_BATCH if batch == "decode" else PREFILL_BATCH
+    query, key_cache, value_cache, block_tables, query_start_loc, context_lens = paged_batch(
+        70 + case, num_kv_heads, group, block_size, head_dim, dtype, num_queries=num_queries,
+        max_context=max(6 * block_size, 2 * max(num_queries)), absent_fraction=0.2)
+    scale = head_dim ** -0.5
+    expected_out, expected_lse = micro_attention_ref(query, key_cache, value_cache, block_tables, query_start_loc,
+                                                     context_lens, scale, window)
+    poisoned_keys, poisoned_values = poison_before_windows(key_cache, value_cache, block_tables, query_start_loc,
+                                                           context_lens, window)
+    out, lse = micro_attention_triton(query.to(device), poisoned_keys.to(device), poisoned_values.to(device),
+                                      block_tables.to(device), query_start_loc, context_lens, scale, window,
+                                      num_splits=num_splits)
+    attention_close(out, lse, expected_out, expected_lse, dtype)
