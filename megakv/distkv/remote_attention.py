@@ -45,6 +45,8 @@ class ServedQueries:
     context_lens: list[int]
     # This pool's block ids by logical index, -1 where the block lives elsewhere.
     block_tables: list[list[int]]
+    # The model's sliding window (None: none), which the creditor's micro-attention honours too.
+    sliding_window: int | None = None
 
     @property
     def num_queries(self) -> int:
@@ -103,7 +105,8 @@ def _served_metadata(served: ServedQueries, device: torch.device) -> AttentionMe
         tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
     return AttentionMetadata(query_start_loc=served.query_start_loc, context_lens=served.context_lens,
                              block_tables=tables.to(device),
-                             slot_mapping=torch.tensor(served.write_slots, dtype=torch.long, device=device))
+                             slot_mapping=torch.tensor(served.write_slots, dtype=torch.long, device=device),
+                             sliding_window=served.sliding_window)
 
 
 class RemoteAttention:
@@ -140,7 +143,7 @@ class RemoteAttention:
                      metadata.slot_mapping)
             out, lse = micro_attention(query.view(served.num_queries, self.num_q_heads, self.head_dim), key_cache,
                                        value_cache, metadata.block_tables, metadata.query_start_loc,
-                                       metadata.context_lens, scale)
+                                       metadata.context_lens, scale, metadata.sliding_window)
             replies.append(torch.cat([out.float().flatten(), lse.flatten()]))
         return replies
 
