@@ -5,11 +5,15 @@ Prints one JSON object. In one run it measures
 * max context: for I = 1, 2, 4 instances with the same per-instance pool and a
   lending cap of 100%, the longest single request (in KV tokens) that completes,
   against the physical limit I x pool tokens (without borrowing it stays at 1 x pool);
-* remote overhead: decode tokens/s (from the median decode step) of one request at a long
-  context held on one instance, against the same context spread over 2 instances (TP=1 each),
-  in back-to-back pairs; the median slowdown of the pairs is the figure.
+* remote overhead: decode tokens/s (from the median decode step) of one request held on one
+  instance, against the same context spread over 2 instances (TP=1 each), at each of
+  ``--contexts``, in back-to-back pairs; the median slowdown of the pairs is the figure;
+* independence: instance 0's decode tokens/s while instance 1 serves a request of its own
+  (no blocks shared), against instance 0 alone;
+* control traffic: control messages and bytes each instance's leader receives per step, with
+  one short request per instance, at each of ``--traffic-instances`` (oversubscribed).
 
-    python tools/bench_distkv.py [--context 16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
+    python tools/bench_distkv.py [--contexts 2048,16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
 
 The model is a random LLaMA built here (transformers, fixed seed) and converted with
 tools/convert_checkpoint.py. Each configuration runs under mpirun as a worker
@@ -47,10 +51,11 @@ def build_model(folder: Path, max_positions: int) -> Path:
     return folder / "ckpt"
 
 
-def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, new_tokens: int) -> dict:
+def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, new_tokens: int,
+               mode: str = "single") -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(model),
             "--instances", str(instances), "--pool-blocks", str(pool_blocks), "--prompt-len", str(prompt_len),
-            "--decode-tokens", str(new_tokens)]
+            "--decode-tokens", str(new_tokens), "--mode", mode]
     if instances > 1:
         argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                 "-n", str(instances), *argv]
@@ -62,8 +67,18 @@ def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, n
     return json.loads(lines[-1])
 
 
+def median_decode_tokens_per_s(step_log: list[tuple[int, float]]) -> float | None:
+    """Tokens/s of the median one-token step: robust to the odd step slowed by another process."""
+    decode = sorted(seconds for num_tokens, seconds in step_log if num_tokens == 1)
+    return 1 / decode[len(decode) // 2] if decode else None
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One configuration, inside mpirun: serve one request and time its decode steps."""
+    """One configuration, inside mpirun; rank 0 prints its JSON line.
+
+    Modes: ``single``, one request on instance 0 (borrowing when its pool is short); ``independent``, one
+    request per instance, each fitting its own pool; ``traffic``, the same with control-traffic counting.
+    """
     import torch
 
     from megakv.checkpoint.format import read_checkpoint_info
@@ -81,27 +96,33 @@ def worker(args: argparse.Namespace) -> None:
                           parallel=ParallelConfig(1, args.instances))
     prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=args.decode_tokens)
+    traffic = None
     if args.instances == 1:
         engine = LLMEngine(info, config, device=env.device)
         outputs = engine.generate([prompt], [params])
     else:
         from megakv.distkv.cluster_engine import ClusterEngine
 
-        engine = ClusterEngine(info, config, device=env.device)
-        outputs = engine.generate([prompt], [params], [0])
+        engine = ClusterEngine(info, config, device=env.device, count_traffic=args.mode == "traffic")
+        if args.mode == "single":
+            outputs = engine.generate([prompt], [params], [0])
+        else:
+            outputs = engine.generate([prompt] * args.instances, [params] * args.instances,
+                                      list(range(args.instances)))
+        if args.mode == "traffic":
+            traffic = engine.leaders_comm.gather((engine.control_traffic.num_messages,
+                                                  engine.control_traffic.num_bytes, engine.num_steps), root=0)
     output = outputs[0] if outputs else None
     error = output.error if output is not None else None
     completed = output is not None and error is None
     if env.rank == 0:
-        # The median decode step: robust to the odd step slowed by another process on this small machine.
-        decode = sorted(seconds for num_tokens, seconds in engine.step_log if num_tokens == 1)
-        print(json.dumps({
-            "completed": completed,
-            "error": error,
-            "kv_tokens": args.prompt_len + args.decode_tokens - 1,
-            "num_remote_blocks": output.placement.num_remote_blocks if completed else None,
-            "decode_tokens_per_s": 1 / decode[len(decode) // 2] if decode else None,
-        }), flush=True)
+        record = {"completed": completed, "error": error, "kv_tokens": args.prompt_len + args.decode_tokens - 1,
+                  "num_remote_blocks": output.placement.num_remote_blocks if completed else None,
+                  "decode_tokens_per_s": median_decode_tokens_per_s(engine.step_log)}
+        if traffic is not None:
+            record["per_instance"] = [{"messages_received": messages, "bytes_received": num_bytes, "steps": steps}
+                                      for messages, num_bytes, steps in traffic]
+        print(json.dumps(record), flush=True)
     state.destroy_model_parallel()
 
 
@@ -116,12 +137,63 @@ def max_context(model: Path, instances: int, pool_blocks: int, new_tokens: int) 
             "ratio_to_physical_limit": longest / limit, "one_block_more_rejected": not beyond["completed"]}
 
 
+def remote_overhead(model: Path, context: int, args: argparse.Namespace) -> dict:
+    """One request all local against the same request spread over 2 instances, in back-to-back pairs."""
+    context_blocks = -(-(context + args.decode_tokens) // BLOCK_SIZE)
+    runs = []
+    for _ in range(args.repeats):
+        local = run_worker(model, 1, context_blocks + 4, context, args.decode_tokens)
+        # Two instances whose pools each hold a bit more than half the context: it must spread.
+        spread = run_worker(model, 2, context_blocks // 2 + 4, context, args.decode_tokens)
+        runs.append({"local_decode_tokens_per_s": local["decode_tokens_per_s"],
+                     "spread_decode_tokens_per_s": spread["decode_tokens_per_s"],
+                     "spread_num_remote_blocks": spread["num_remote_blocks"],
+                     "slowdown": local["decode_tokens_per_s"] / spread["decode_tokens_per_s"]})
+    return {"context": context, "runs": runs,
+            **{key: statistics.median(run[key] for run in runs)
+               for key in ("local_decode_tokens_per_s", "spread_decode_tokens_per_s", "slowdown")}}
+
+
+def independence(model: Path, context: int, args: argparse.Namespace) -> dict:
+    """Instance 0's decode rate while instance 1 serves its own request (nothing shared) against alone."""
+    context_blocks = -(-(context + args.decode_tokens) // BLOCK_SIZE)
+    runs = []
+    for _ in range(args.repeats):
+        alone = run_worker(model, 1, context_blocks + 4, context, args.decode_tokens)
+        beside = run_worker(model, 2, context_blocks + 4, context, args.decode_tokens, mode="independent")
+        runs.append({"alone_decode_tokens_per_s": alone["decode_tokens_per_s"],
+                     "beside_decode_tokens_per_s": beside["decode_tokens_per_s"],
+                     "ratio": beside["decode_tokens_per_s"] / alone["decode_tokens_per_s"]})
+    return {"context": context, "runs": runs, "ratio": statistics.median(run["ratio"] for run in runs)}
+
+
+def control_traffic(model: Path, cluster_sizes: list[int]) -> list[dict]:
+    """Control messages and bytes each leader receives per step, one short request per instance."""
+    rows = []
+    for instances in cluster_sizes:
+        if instances == 1:
+            # One instance runs the plain engine: it has no control plane at all.
+            rows.append({"instances": 1, "messages_per_step_per_instance": 0, "bytes_per_step_per_instance": 0})
+            continue
+        result = run_worker(model, instances, 16, 64, 32, mode="traffic")
+        per_instance = result["per_instance"]
+        rows.append({"instances": instances,
+                     "messages_per_step_per_instance": statistics.mean(
+                         row["messages_received"] / row["steps"] for row in per_instance),
+                     "bytes_per_step_per_instance": statistics.mean(
+                         row["bytes_received"] / row["steps"] for row in per_instance)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=16384, help="context of the remote-overhead run")
+    parser.add_argument("--contexts", default="2048,16384", help="contexts of the remote-overhead runs")
     parser.add_argument("--pool-blocks", type=int, default=32, help="per-instance pool of the max-context runs")
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--instances-list", default="1,2,4")
+    parser.add_argument("--traffic-instances", default="1,2,4,8",
+                        help="cluster sizes of the control-traffic runs (tiny requests, oversubscribed)")
+    parser.add_argument("--mode", default="single", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3,
                         help="local/spread pairs of the remote-overhead run (each pair back to back, so that a "
                              "change in the machine's load hits both sides; the median slowdown is reported)")
@@ -135,24 +207,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    contexts = [int(context) for context in args.contexts.split(",")]
     with tempfile.TemporaryDirectory() as folder:
-        model = build_model(Path(folder), max_positions=max(args.context * 2, 8192))
+        model = build_model(Path(folder), max_positions=max(2 * max(contexts), 8192))
         results = {"block_size": BLOCK_SIZE, "max_context": [
             max_context(model, int(n), args.pool_blocks, 4) for n in args.instances_list.split(",")]}
-        context_blocks = -(-(args.context + args.decode_tokens) // BLOCK_SIZE)
-        runs = []
-        for _ in range(args.repeats):
-            local = run_worker(model, 1, context_blocks + 4, args.context, args.decode_tokens)
-            # Two instances whose pools each hold a bit more than half the context: it must spread.
-            spread = run_worker(model, 2, context_blocks // 2 + 4, args.context, args.decode_tokens)
-            runs.append({"local_decode_tokens_per_s": local["decode_tokens_per_s"],
-                         "spread_decode_tokens_per_s": spread["decode_tokens_per_s"],
-                         "spread_num_remote_blocks": spread["num_remote_blocks"],
-                         "slowdown": local["decode_tokens_per_s"] / spread["decode_tokens_per_s"]})
-        results["remote_overhead"] = {
-            "context": args.context, "runs": runs,
-            **{key: statistics.median(run[key] for run in runs)
-               for key in ("local_decode_tokens_per_s", "spread_decode_tokens_per_s", "slowdown")}}
+        results["remote_overhead"] = [remote_overhead(model, context, args) for context in contexts]
+        results["independence"] = independence(model, max(contexts), args)
+        results["control_traffic"] = control_traffic(model, [int(n) for n in args.traffic_instances.split(",")])
     print(json.dumps(results, indent=1))
 
 

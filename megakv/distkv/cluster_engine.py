@@ -28,7 +28,7 @@ from mpi4py import MPI
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig
-from megakv.distkv.control import GMANAGER_INSTANCE, ControlNode, MPITransport
+from megakv.distkv.control import GMANAGER_INSTANCE, ControlNode, ControlTraffic, MPITransport
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import Transfer
 from megakv.distkv.policy import ClusterAdmission
@@ -39,6 +39,7 @@ from megakv.engine.model_runner import StepInputs
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
+from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.parallel import state
 
 # How long a rank that finished its step early first sleeps between checks on the others; the sleep
@@ -96,6 +97,9 @@ class LeaderStatus:
     oldest_waiting_for_room: int | None
     # Free blocks of this instance's pool (the front routes by them).
     num_free_blocks: int
+    # Requests of this instance's running batch and queue (for the front's stats).
+    num_running: int
+    num_waiting: int
     # Outputs of this instance's requests since its last status (for the front).
     outputs: list[RequestOutput]
     # Blocks to borrow or to hand back: the control round must run.
@@ -126,7 +130,7 @@ class ClusterEngine:
     """One instance of a DistKV cluster; on global rank 0 also the front that offers the engine API."""
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, count_traffic: bool = False) -> None:
         self.admission = ClusterAdmission()
         self.core = InstanceCore(info, config, dtype=dtype, device=device, admission=self.admission)
         self.config = config
@@ -141,8 +145,11 @@ class ClusterEngine:
         self.instance_comm = world.Split(color=self.instance_id, key=state.get_tensor_model_parallel_rank())
         self.leaders_comm = world.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.instance_id)
         self.gmanager = None
+        # What this leader received of the control plane, and in how many steps (count_traffic only).
+        self.control_traffic = ControlTraffic() if count_traffic and self.is_leader else None
+        self.num_steps = 0
         if self.is_leader:
-            self.transport = MPITransport(self.leaders_comm)
+            self.transport = MPITransport(self.leaders_comm, self.control_traffic)
             if self.instance_id == GMANAGER_INSTANCE:
                 self.gmanager = GManager(self.num_instances, config.distkv.max_moves_per_step)
             self.control = ControlNode(self.rmanager, self.transport, self.gmanager,
@@ -221,6 +228,26 @@ class ClusterEngine:
                 self._where.pop(output.request_id, None)
         return ready
 
+    def stats(self) -> EngineStats:
+        """Each instance's queues and pool as of the last exchange (this instance's as they are now), and the
+        gManager's counters and ledger; blocks lent and borrowed are the ledger's debts."""
+        self._require_front()
+        debts = {pair: num_blocks for pair, num_blocks in self.gmanager.debts.items() if num_blocks}
+        instances = []
+        for index in range(self.num_instances):
+            if index == self.instance_id:
+                counts = (len(self.scheduler.running), len(self.scheduler.waiting), self.rmanager.num_free_blocks)
+            elif self._statuses is not None:
+                status = self._statuses[index]
+                counts = (status.num_running, status.num_waiting, status.num_free_blocks)
+            else:
+                counts = (0, 0, self.rmanager.pool.num_blocks)
+            lent = sum(num_blocks for (_, creditor), num_blocks in debts.items() if creditor == index)
+            borrowed = sum(num_blocks for (debtor, _), num_blocks in debts.items() if debtor == index)
+            instances.append(InstanceStats(index, *counts, self.rmanager.pool.num_blocks, lent, borrowed))
+        return EngineStats(instances, self.gmanager.num_borrow_events, self.gmanager.num_blocks_borrowed,
+                           self.gmanager.num_blocks_moved, self.gmanager.outstanding())
+
     def shutdown(self) -> None:
         """End the cluster's step loop: every rank leaves serve_forever after one more step."""
         self._require_front()
@@ -260,7 +287,8 @@ class ClusterEngine:
         return LeaderStatus(unfinished=scheduler.has_unfinished(), ran_last_step=self._ran_last_step,
                             oldest_waiting_for_room=ClusterAdmission.oldest_waiting_for_room(
                                 (*scheduler.waiting, *scheduler.running)),
-                            num_free_blocks=rmanager.num_free_blocks, outputs=outputs,
+                            num_free_blocks=rmanager.num_free_blocks, num_running=len(scheduler.running),
+                            num_waiting=len(scheduler.waiting), outputs=outputs,
                             needs_round=bool(rmanager.pending_needs() or rmanager.has_returns),
                             num_lendable_blocks=rmanager.num_lendable_blocks,
                             holds_remote_blocks=bool(rmanager.remote_block_counts()),
@@ -309,6 +337,9 @@ class ClusterEngine:
         inputs = self.model_runner.prepare(scheduled) if ready else None
         wait_quietly(self.leaders_comm.Ibarrier().Test)
         statuses = self.leaders_comm.allgather(self._status(inputs))
+        self.num_steps += 1
+        if self.control_traffic is not None:
+            self.control_traffic.record(status for index, status in enumerate(statuses) if index != self.instance_id)
         orders = statuses[0].orders
         if self.is_front:
             self._statuses = statuses

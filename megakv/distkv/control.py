@@ -7,7 +7,10 @@ unit tests run a whole cluster in one process.
 """
 from __future__ import annotations
 
+import pickle
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from megakv.distkv.gmanager import GManager
@@ -128,11 +131,26 @@ class _InProcessTransport:
         raise RuntimeError("the in-process cluster delivers messages itself")
 
 
+@dataclass
+class ControlTraffic:
+    """Control messages one leader received from the others, and their pickled bytes (for benchmarks)."""
+
+    num_messages: int = 0
+    num_bytes: int = 0
+
+    def record(self, messages: Iterable[object]) -> None:
+        """Count messages that arrived from other instances."""
+        for message in messages:
+            self.num_messages += 1
+            self.num_bytes += len(pickle.dumps(message))
+
+
 class MPITransport:
     """Bulk-synchronous messaging among the instances' leader ranks over an mpi4py communicator."""
 
-    def __init__(self, comm: MPI.Comm) -> None:
+    def __init__(self, comm: MPI.Comm, traffic: ControlTraffic | None = None) -> None:
         self.comm = comm
+        self.traffic = traffic
         self._outbox: list[list] = [[] for _ in range(comm.Get_size())]
 
     def post(self, instance_id: int, message: object) -> None:
@@ -141,4 +159,7 @@ class MPITransport:
     def exchange(self) -> list:
         received = self.comm.alltoall(self._outbox)
         self._outbox = [[] for _ in range(self.comm.Get_size())]
+        if self.traffic is not None:
+            self.traffic.record(message for sender, messages in enumerate(received) if sender != self.comm.Get_rank()
+                                for message in messages)
         return [message for messages in received for message in messages]

@@ -20,13 +20,18 @@ def run_tool(*argv: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_bench_distkv_tiny_run_reaches_the_physical_limit():
-    result = run_tool(str(TOOLS / "bench_distkv.py"), "--context", "512", "--pool-blocks", "4",
-                      "--instances-list", "1,2", "--decode-tokens", "4", "--repeats", "1")
+    result = run_tool(str(TOOLS / "bench_distkv.py"), "--contexts", "512", "--pool-blocks", "4",
+                      "--instances-list", "1,2", "--decode-tokens", "4", "--repeats", "1",
+                      "--traffic-instances", "1,2")
     for row in result["max_context"]:
         assert row["ratio_to_physical_limit"] >= 0.95 and row["one_block_more_rejected"]
-    overhead = result["remote_overhead"]
+    [overhead] = result["remote_overhead"]
     [run] = overhead["runs"]
     assert run["spread_num_remote_blocks"] > 0 and overhead["slowdown"] == run["slowdown"] > 0
+    assert result["independence"]["ratio"] > 0
+    alone, pair = result["control_traffic"]
+    # One instance alone receives nothing; two exchange a status every step.
+    assert alone["messages_per_step_per_instance"] == 0 and pair["messages_per_step_per_instance"] >= 1
 
 
 @pytest.mark.slow
