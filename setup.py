@@ -24,9 +24,13 @@ setup(
         "filelock",
         "jinja2",
         "gguf",
+        "fastapi",
+        "uvicorn",
+        "prometheus-client",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "accelerate", "deepspeed", "triton", "megatron-core"],
+        "test": ["pytest", "hypothesis", "transformers", "accelerate", "deepspeed", "triton", "megatron-core", "openai",
+                 "httpx"],
     },
     entry_points={"console_scripts": ["megakv = megakv.cli:main"]},
 )

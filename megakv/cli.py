@@ -1,8 +1,8 @@
-"""The ``megakv`` command line: ``megakv generate``.
+"""The ``megakv`` command line: ``megakv generate`` and ``megakv serve``.
 
 Options come from flags, then a YAML ``--config`` file, then defaults (a flag
 wins over the file). Launched as one process, under ``mpirun`` or under the
-``deepspeed`` launcher; rank 0 prints the results.
+``deepspeed`` launcher; rank 0 prints the results, or serves HTTP.
 """
 from __future__ import annotations
 
@@ -11,13 +11,38 @@ import os
 import sys
 
 
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint, parallelism, sampling, KV cache, scheduler and DistKV options shared by every command."""
+    parser.add_argument("--model", required=True, help="megakv checkpoint folder (tools/convert_checkpoint.py)")
+    parser.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
+    parser.add_argument("--instances", type=int, help="serving instances (default 1)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt (default 32)")
+    parser.add_argument("--temperature", type=float, help="0 for greedy decoding (default 0)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (1: off)")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at EOS")
+    parser.add_argument("--block-size", type=int, help="tokens per rBlock (default 16)")
+    parser.add_argument("--num-blocks", "--kv-blocks-per-instance", dest="num_blocks", type=int,
+                        help="rBlocks in each instance's pool (default: as many as fit in --kv-cache-memory-gb)")
+    parser.add_argument("--kv-cache-memory-gb", type=float, help="KV pool budget per rank in GiB (default 1)")
+    parser.add_argument("--max-num-seqs", type=int, help="requests per step (default 64)")
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        help="token budget per step; longer prompts prefill in chunks of this size (default 512)")
+    parser.add_argument("--lending-cap", type=float,
+                        help="fraction of an instance's pool it may lend to other instances, 0 to 1 (default 1)")
+    parser.add_argument("--max-moves-per-step", type=int,
+                        help="DGFM: blocks moved home (cycle swaps, pulls) per step at most (default 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``megakv`` argument parser."""
     parser = argparse.ArgumentParser(prog="megakv", description="megakv: distributed-KV LLM inference")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate tokens for one or more prompts")
-    gen.add_argument("--model", required=True, help="megakv checkpoint folder (tools/convert_checkpoint.py)")
-    gen.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -)")
+    add_engine_options(gen)
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompts.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
@@ -26,26 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "{\"messages\": [{\"role\": ..., \"content\": ...}]} per line, "
                                                 "optional max_new_tokens and instance")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    gen.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
-    gen.add_argument("--instances", type=int, help="serving instances (default 1)")
-    gen.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt (default 32)")
-    gen.add_argument("--temperature", type=float, help="0 for greedy decoding (default 0)")
-    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: off)")
-    gen.add_argument("--top-p", type=float, help="nucleus sampling threshold (1: off)")
-    gen.add_argument("--seed", type=int, help="sampling seed")
-    gen.add_argument("--ignore-eos", action="store_true", default=None, help="do not stop at EOS")
-    gen.add_argument("--block-size", type=int, help="tokens per rBlock (default 16)")
-    gen.add_argument("--num-blocks", "--kv-blocks-per-instance", dest="num_blocks", type=int,
-                     help="rBlocks in each instance's pool (default: as many as fit in --kv-cache-memory-gb)")
-    gen.add_argument("--kv-cache-memory-gb", type=float, help="KV pool budget per rank in GiB (default 1)")
-    gen.add_argument("--max-num-seqs", type=int, help="requests per step (default 64)")
-    gen.add_argument("--max-num-batched-tokens", type=int,
-                     help="token budget per step; longer prompts prefill in chunks of this size (default 512)")
-    gen.add_argument("--lending-cap", type=float,
-                     help="fraction of an instance's pool it may lend to other instances, 0 to 1 (default 1)")
-    gen.add_argument("--max-moves-per-step", type=int,
-                     help="DGFM: blocks moved home (cycle swaps, pulls) per step at most (default 8)")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (rank 0) over the engine or cluster; "
+                                              "the sampling options are the defaults of requests that do not set them")
+    add_engine_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: the --model path)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (default info)")
     return parser
 
 
@@ -70,10 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``megakv`` console command."""
     args = build_parser().parse_args(argv)
     try:
-        # Imported here, not above: it loads torch, which a --help or a bad flag need not wait for.
-        from megakv.generate import run_generate
-
-        status = run_generate(args)
+        # Imported here, not above: they load torch, which a --help or a bad flag need not wait for.
+        if args.command == "serve":
+            from megakv.server.launch import run_serve as run
+        else:
+            from megakv.generate import run_generate as run
+        status = run(args)
     except (ValueError, RuntimeError, OSError) as err:
         rank_local = getattr(err, "rank_local", False)
         if launcher_rank() == 0 or rank_local:

@@ -5,10 +5,12 @@ import argparse
 import json
 import sys
 
+import torch
+
 from megakv.chat import ChatTemplate
-from megakv.checkpoint.format import read_checkpoint_info
+from megakv.checkpoint.format import CheckpointInfo, read_checkpoint_info
 from megakv.options import PromptSpec, UsageError, engine_config, read_prompts, resolve_options
-from megakv.config import parse_dtype
+from megakv.config import EngineConfig, parse_dtype
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
@@ -85,6 +87,18 @@ def describe(record: dict) -> str:
     return "\n".join(lines)
 
 
+def open_checkpoint(model_dir: str, options: dict, config: EngineConfig) -> tuple[CheckpointInfo, torch.dtype]:
+    """The checkpoint and the dtype to run it in, checked against the TP degree before any process group exists."""
+    info = read_checkpoint_info(model_dir)
+    tp = config.parallel.tensor_parallel_size
+    info.model.check_tensor_parallel_size(tp)
+    if info.tensor_parallel_size != tp:
+        raise UsageError(f"checkpoint {model_dir} is sharded for tp={info.tensor_parallel_size}, not --tp {tp}: "
+                         f"pass --tp {info.tensor_parallel_size} or reshard it with tools/convert_checkpoint.py")
+    dtype = parse_dtype(options["dtype"]) if options["dtype"] else info.model.torch_dtype
+    return info, dtype
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Validate what can be checked before a process group exists, then serve; returns the exit status.
 
@@ -92,13 +106,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """
     options = resolve_options(args)
     config = engine_config(options)
-    info = read_checkpoint_info(args.model)
-    tp = config.parallel.tensor_parallel_size
-    info.model.check_tensor_parallel_size(tp)
-    if info.tensor_parallel_size != tp:
-        raise UsageError(f"checkpoint {args.model} is sharded for tp={info.tensor_parallel_size}, not --tp {tp}: "
-                         f"pass --tp {info.tensor_parallel_size} or reshard it with tools/convert_checkpoint.py")
-    dtype = parse_dtype(options["dtype"]) if options["dtype"] else info.model.torch_dtype
+    info, dtype = open_checkpoint(args.model, options, config)
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     specs = read_prompts(args)
     chat = ChatTemplate.from_checkpoint(args.model) if any(spec.messages for spec in specs) else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from megakv.engine.llm_engine import Engine
 from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
+from megakv.engine.stats import EngineStats
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Stats:
+    # Resolves to the engine's EngineStats.
+    result: concurrent.futures.Future
 
 
 _STOP = object()
@@ -77,9 +84,26 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    @property
+    def is_running(self) -> bool:
+        """False once the loop thread has stopped (shut down, or the engine failed)."""
+        return self._thread.is_alive()
+
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; its consumer gets a last output with finish_reason "abort"."""
         self._commands.put(_Abort(request_id))
+
+    async def stats(self) -> EngineStats:
+        """The engine's stats, read by the loop thread between two steps.
+
+        An idle engine first runs one empty step: a cluster's front learns the other instances' pools
+        only from the statuses a step exchanges, and blocks go back to their creditors in a step's round.
+        """
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Stats(result))
+        if not self._thread.is_alive():
+            self._reject_queued()
+        return await asyncio.wrap_future(result)
 
     def shutdown(self) -> None:
         """Stop the loop thread after the step it is in."""
@@ -92,6 +116,12 @@ class AsyncEngine:
             return False
         if isinstance(command, _Abort):
             self._engine.abort(command.request_id)
+            return True
+        if isinstance(command, _Stats):
+            if not self._engine.has_unfinished():
+                for output in self._engine.step():
+                    self._deliver(output, output.request_id)
+            command.result.set_result(self._engine.stats())
             return True
         try:
             request_id = self._engine.add_request(command.prompt_ids, command.params, command.request_id,
@@ -138,11 +168,17 @@ class AsyncEngine:
             raise
 
     def _reject_queued(self) -> None:
-        """Fail the requests queued for a loop that has stopped."""
+        """Fail the requests and stats queries queued for a loop that has stopped."""
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add) and not command.added.done():
-                command.added.set_exception(RuntimeError(f"the engine loop stopped: {self._error}"))
+            if isinstance(command, _Add):
+                future = command.added
+            elif isinstance(command, _Stats):
+                future = command.result
+            else:
+                continue
+            if not future.done():
+                future.set_exception(RuntimeError(f"the engine loop stopped: {self._error}"))

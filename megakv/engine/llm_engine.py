@@ -17,6 +17,7 @@ from megakv.config import EngineConfig
 from megakv.engine.core import InstanceCore
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
+from megakv.engine.stats import EngineStats, InstanceStats
 
 
 class Engine(Protocol):
@@ -34,6 +35,9 @@ class Engine(Protocol):
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns what each request gained in it (new tokens, then its finish)."""
+
+    def stats(self) -> EngineStats:
+        """Each instance's queues and pool, read between steps (the server's /metrics)."""
 
 
 def generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
@@ -119,6 +123,12 @@ class LLMEngine:
             if output.finished:
                 self._request_ids.discard(output.request_id)
         return outputs
+
+    def stats(self) -> EngineStats:
+        """This instance's queues and pool, as they are between steps."""
+        scheduler = self.core.scheduler
+        return EngineStats([InstanceStats(self.rmanager.instance_id, len(scheduler.running), len(scheduler.waiting),
+                                          self.rmanager.pool.num_blocks, self.rmanager.num_free_blocks)])
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Serve a batch of prompts to completion (see :func:`generate`)."""

@@ -1,0 +1,31 @@
+"""A read-only snapshot of an engine's queues and KV pools, for monitoring (the server's /metrics)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """One instance's requests and rBlock pool."""
+
+    instance_id: int
+    # Requests in the running batch, and queued ones (new, or preempted to wait for room).
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    # Blocks of this pool held by other instances' requests, and blocks this instance's requests hold elsewhere.
+    num_lent_blocks: int = 0
+    num_borrowed_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Every instance's stats and the cluster's counters (zero on one instance)."""
+
+    instances: list[InstanceStats]
+    num_borrow_events: int = 0
+    num_blocks_borrowed: int = 0
+    num_blocks_moved: int = 0
+    # Blocks owed in the gManager's ledger, as "debtor->creditor": blocks (empty when every debt is settled).
+    ledger_outstanding: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,114 @@
+"""``megakv serve``: every rank loads its shard; global rank 0 serves HTTP, the other ranks follow its steps.
+
+One process runs an LLMEngine; several ranks (under mpirun) run a ClusterEngine,
+whose front, rank 0, drives the cluster from the AsyncEngine's loop thread while
+uvicorn runs the event loop in the main thread. SIGINT or SIGTERM on rank 0
+stops the HTTP server (open responses get a few seconds to finish), then the
+engine loop, then the cluster: every rank leaves serve_forever and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+
+import uvicorn
+
+from megakv.chat import ChatTemplate
+from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.llm_engine import LLMEngine
+from megakv.generate import RankLocalError, chat_stop_token_ids, open_checkpoint
+from megakv.options import UsageError, engine_config, resolve_options
+from megakv.parallel import state
+from megakv.server.app import build_app
+from megakv.server.metrics import ServerMetrics
+from megakv.server.serving import ServingContext
+from megakv.tokenizer import TextTokenizer
+
+# Seconds open responses may take to finish once the server is asked to stop.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+# Options of the command that are the defaults of requests that do not set them.
+REQUEST_DEFAULTS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: it would raise the signal again once stopped,
+    killing the process before the cluster is shut down."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _max_model_len(engine, model_max_positions: int, block_size: int, num_instances: int) -> tuple[int, str]:
+    """The most tokens one request may hold, and what sets that bound."""
+    capacity_blocks = engine.kv_capacity_blocks()
+    capacity_tokens = capacity_blocks * block_size
+    if capacity_tokens < model_max_positions:
+        where = "its instance's pool" if num_instances == 1 else "its instance's pool plus what the others may lend"
+        return capacity_tokens, f"the KV memory it may use: {capacity_blocks} blocks of {block_size} tokens, {where}"
+    return model_max_positions, "the model's maximum position"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model on every rank and serve until rank 0 is stopped; returns the exit status."""
+    options = resolve_options(args)
+    config = engine_config(options)
+    info, dtype = open_checkpoint(args.model, options, config)
+    tokenizer = TextTokenizer.from_checkpoint(args.model)
+    chat = ChatTemplate.from_checkpoint(args.model) if tokenizer is not None else None
+    env = state.init_distributed()
+    if env.world_size > 1 and env.launcher != "mpi":
+        raise UsageError("megakv serve on several ranks hands requests to them over MPI: launch it with mpirun")
+    num_instances = config.parallel.num_instances
+    try:
+        state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
+        try:
+            if env.world_size > 1:
+                from megakv.distkv.cluster_engine import ClusterEngine
+
+                engine = ClusterEngine(info, config, dtype=dtype, device=env.device)
+            else:
+                engine = LLMEngine(info, config, dtype=dtype, device=env.device)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise RankLocalError(f"[rank {env.rank}] {err}") from err
+        if env.rank != 0:
+            # The front ends the cluster: a Ctrl-C typed in the terminal reaches every rank.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            engine.serve_forever()
+            return 0
+        max_model_len, reason = _max_model_len(engine, info.model.max_position_embeddings, config.cache.block_size,
+                                               num_instances)
+        async_engine = AsyncEngine(engine)
+        model_name = args.served_model_name or args.model
+        context = ServingContext(async_engine, model_name, info.model.vocab_size, max_model_len, reason, tokenizer,
+                                 chat, ServerMetrics(model_name), {key: options[key] for key in REQUEST_DEFAULTS},
+                                 chat_stop_token_ids(tokenizer, chat))
+        try:
+            serve_http(context, args)
+        finally:
+            async_engine.shutdown()
+            if env.world_size > 1:
+                engine.shutdown()
+    finally:
+        state.destroy_model_parallel()
+    return 0
+
+
+def serve_http(context: ServingContext, args: argparse.Namespace) -> None:
+    """Run the HTTP server in this thread until SIGINT or SIGTERM."""
+    server = _Server(uvicorn.Config(build_app(context), host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
+
+    def stop(signum: int, frame: object) -> None:
+        # A second Ctrl-C stops without waiting for open responses.
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(f"megakv serve: serving {context.model_name} on http://{args.host}:{args.port}, requests of up to "
+          f"{context.max_model_len} tokens (pid {os.getpid()})", file=sys.stderr, flush=True)
+    server.run()

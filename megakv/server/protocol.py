@@ -1,0 +1,140 @@
+"""Request bodies of the OpenAI-compatible API, as vLLM accepts them, checked strictly with pydantic.
+
+A field megakv does not know is rejected by name ("extra": "forbid"), and a known field that
+megakv does not implement is accepted only at its neutral value (``n`` = 1, no penalties, no
+logprobs), so a client never gets an answer that silently ignored what it asked for.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """No unknown fields, no type coercion ("5" is not 5)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(StrictModel):
+    """What a streamed response adds: a last chunk with the usage counts."""
+
+    include_usage: bool = False
+
+
+# Known fields megakv does not implement -> the only value it accepts for them.
+NEUTRAL_VALUES = {"n": 1, "best_of": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                  "repetition_penalty": 1.0, "logit_bias": None, "suffix": None, "logprobs": None,
+                  "top_logprobs": None, "min_tokens": 0}
+
+
+class SamplingRequest(StrictModel):
+    """The fields shared by completions and chat completions."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    # vLLM's extension; -1 (vLLM's "off") and 0 both disable top-k.
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extension: each choice also carries its token ids, and the prompt's.
+    return_token_ids: bool = False
+    # Names the end user; it changes nothing here.
+    user: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
+
+    @model_validator(mode="after")
+    def _only_neutral_values(self) -> SamplingRequest:
+        for name, neutral in NEUTRAL_VALUES.items():
+            value = getattr(self, name, neutral)
+            # A chat request's logprobs is a bool, off when False; an empty logit_bias biases nothing.
+            if value != neutral and value is not False and value != {}:
+                raise ValueError(f"{name} = {value!r} is not supported by megakv: leave it out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """The stop strings, as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: a prompt as text, token ids, or a list of either (one choice each)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(StrictModel):
+    """A text part of a message's content (images and audio are not supported)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    """One turn of a conversation."""
+
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined, as chat templates expect a string)."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions: a conversation rendered with the checkpoint's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    # The newer name of max_tokens; it wins when both are given.
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _max_completion_tokens(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class TokenizeRequest(StrictModel):
+    """POST /tokenize: a prompt, or messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(StrictModel):
+    """POST /detokenize: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,247 @@
+"""/v1/completions and /v1/chat/completions: prompts to token ids, sampling parameters, and vLLM's response shapes.
+
+Everything a request can get wrong is checked before any of its prompts reaches
+the engine (an APIError, answered with HTTP 400), so a rejected request never
+holds a block. A request with several prompts runs them concurrently, one choice
+each; streamed responses are Server-Sent Events, one JSON chunk per step.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from megakv.chat import ChatTemplate
+from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.sampling import SamplingParams
+from megakv.server.metrics import ServerMetrics
+from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
+from megakv.server.streams import TextDelta, generate_text, merge
+from megakv.tokenizer import TextTokenizer
+
+
+class APIError(ValueError):
+    """A request the server cannot serve, answered with an OpenAI-style error body."""
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What the handlers need of the model and the engine."""
+
+    engine: AsyncEngine
+    model_name: str
+    vocab_size: int
+    # The most tokens (prompt + generated) one request may hold, and what sets that bound.
+    max_model_len: int
+    max_model_len_reason: str
+    tokenizer: TextTokenizer | None
+    chat: ChatTemplate | None
+    metrics: ServerMetrics
+    # Sampling values of a request that does not set them (the server's options).
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # The chat template's end-of-turn token, which ends a chat reply as EOS does.
+    chat_stop_token_ids: tuple[int, ...] = ()
+
+    def check_model(self, model: str | None) -> None:
+        """Raise APIError unless ``model`` is None or the served model's name."""
+        if model is not None and model != self.model_name:
+            raise APIError(f"model {model!r} does not exist: this server serves {self.model_name!r}", param="model")
+
+    def check_token_ids(self, token_ids: list[int], what: str) -> None:
+        """Raise APIError naming the first id outside the vocabulary."""
+        bad = [token for token in token_ids if not 0 <= token < self.vocab_size]
+        if bad:
+            raise APIError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+
+    def require_tokenizer(self, what: str) -> TextTokenizer:
+        """The tokenizer, or an APIError saying that ``what`` needs one."""
+        if self.tokenizer is None:
+            raise APIError(f"{what} needs a tokenizer, and the checkpoint has no tokenizer.json: send token ids")
+        return self.tokenizer
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its token ids, and its text when it came as text."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+def completion_prompts(request: CompletionRequest, context: ServingContext) -> list[Prompt]:
+    """The prompts of a completion request: text, token ids, or a list of either."""
+    prompt = request.prompt
+    if not prompt:
+        raise APIError("prompt is empty: a request needs at least one prompt token", param="prompt")
+    items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(Prompt(context.require_tokenizer("a text prompt").encode(item), item))
+        else:
+            prompts.append(Prompt(list(item), None))
+    return prompts
+
+
+def chat_prompt(messages: list[ChatMessage], context: ServingContext) -> Prompt:
+    """The conversation rendered with the checkpoint's chat template, as transformers renders it."""
+    tokenizer = context.require_tokenizer("a chat")
+    if context.chat is None:
+        raise APIError("the checkpoint has no chat template (chat_template.jinja): use /v1/completions")
+    try:
+        text = context.chat.render([{"role": message.role, "content": message.text} for message in messages])
+    except ValueError as err:
+        raise APIError(str(err), param="messages") from None
+    # The template writes every special token itself.
+    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
+
+
+def sampling_params(request: SamplingRequest, prompt: Prompt, context: ServingContext,
+                    extra_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+    """The engine's parameters for one prompt; APIError when they can never be served."""
+    if not prompt.token_ids:
+        raise APIError("prompt is empty: a request needs at least one prompt token", param="prompt")
+    context.check_token_ids(prompt.token_ids, "prompt")
+    num_prompt_tokens, limit = len(prompt.token_ids), context.max_model_len
+    room = limit - num_prompt_tokens
+    if room <= 0:
+        raise APIError(f"the prompt has {num_prompt_tokens} tokens, and a request may hold at most {limit} "
+                       f"({context.max_model_len_reason}): shorten the prompt", param="prompt")
+    max_tokens = request.max_tokens
+    if max_tokens is None:
+        max_tokens = min(context.defaults.get("max_new_tokens", room), room)
+    elif max_tokens < 1:
+        raise APIError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    elif max_tokens > room:
+        raise APIError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                       f"{num_prompt_tokens + max_tokens} exceeds the {limit} tokens a request may hold "
+                       f"({context.max_model_len_reason})", param="max_tokens")
+    stop_token_ids = list(request.stop_token_ids or [])
+    context.check_token_ids(stop_token_ids, "stop_token_ids")
+    values = {name: getattr(request, name) for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos")}
+    values = {name: context.defaults.get(name) if value is None else value for name, value in values.items()}
+    # vLLM disables top-k with -1, megakv with 0.
+    top_k = 0 if values["top_k"] in (None, -1) else values["top_k"]
+    try:
+        return SamplingParams(max_new_tokens=max_tokens, temperature=values["temperature"] or 0.0,
+                              top_k=top_k, top_p=1.0 if values["top_p"] is None else values["top_p"],
+                              seed=values["seed"], ignore_eos=bool(values["ignore_eos"]),
+                              stop_token_ids=(*stop_token_ids, *extra_stop_ids))
+    except ValueError as err:
+        raise APIError(str(err)) from None
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage counts."""
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def sse(payload: dict | str) -> str:
+    """One Server-Sent Event."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class Completion:
+    """One completion or chat request: its prompts and parameters, validated; run streamed or whole."""
+
+    def __init__(self, request: CompletionRequest | ChatCompletionRequest, context: ServingContext) -> None:
+        context.check_model(request.model)
+        self.request, self.context = request, context
+        self.chat = isinstance(request, ChatCompletionRequest)
+        if self.chat:
+            self.prompts = [chat_prompt(request.messages, context)]
+            stop_ids = context.chat_stop_token_ids
+        else:
+            self.prompts = completion_prompts(request, context)
+            stop_ids = ()
+        self.params = [sampling_params(request, prompt, context, stop_ids) for prompt in self.prompts]
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.echo = not self.chat and request.echo
+        # Token ids go back when asked for, and always without a tokenizer (there is no text).
+        self.with_token_ids = request.return_token_ids or context.tokenizer is None
+
+    def _streams(self) -> AsyncIterator[tuple[int, TextDelta]]:
+        context = self.context
+        return merge([generate_text(context.engine, prompt.token_ids, params, f"{self.id}-{index}",
+                                    context.tokenizer, self.request.stop_strings, context.metrics.track())
+                      for index, (prompt, params) in enumerate(zip(self.prompts, self.params))])
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        if prompt.text is not None or self.context.tokenizer is None:
+            return prompt.text or ""
+        return self.context.tokenizer.decode(prompt.token_ids)
+
+    def _header(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.context.model_name}
+
+    def _choice(self, index: int, text: str, token_ids: list[int], delta: TextDelta | None,
+                chunk: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            message = {"role": "assistant", "content": text} if not chunk else {"content": text} if text else {}
+            choice["delta" if chunk else "message"] = message
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=delta.finish_reason if delta else None,
+                      stop_reason=delta.stop_reason if delta else None)
+        if self.with_token_ids:
+            choice["token_ids"] = token_ids
+            if not chunk:
+                choice["prompt_token_ids"] = self.prompts[index].token_ids
+        return choice
+
+    async def run(self) -> dict[str, Any]:
+        """The whole response, once every prompt has finished."""
+        texts = [self._prompt_text(prompt) if self.echo else "" for prompt in self.prompts]
+        token_ids: list[list[int]] = [[] for _ in self.prompts]
+        finals: list[TextDelta | None] = [None] * len(self.prompts)
+        async with aclosing(self._streams()) as streams:
+            async for index, delta in streams:
+                texts[index] += delta.text
+                token_ids[index] += delta.token_ids
+                if delta.finish_reason is not None:
+                    finals[index] = delta
+        choices = [self._choice(index, texts[index], token_ids[index], finals[index], chunk=False)
+                   for index in range(len(self.prompts))]
+        return {**self._header(chunk=False), "choices": choices, "usage": self._usage(token_ids)}
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The response as Server-Sent Events, ending with "[DONE]"; a failure mid-stream is an error event."""
+        token_ids: list[list[int]] = [[] for _ in self.prompts]
+        for index, prompt in enumerate(self.prompts):
+            if self.chat:
+                opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}
+                yield sse({**self._header(chunk=True), "choices": [opening]})
+            elif self.echo:
+                yield sse({**self._header(chunk=True),
+                           "choices": [self._choice(index, self._prompt_text(prompt), [], None, chunk=True)]})
+        try:
+            async with aclosing(self._streams()) as streams:
+                async for index, delta in streams:
+                    token_ids[index] += delta.token_ids
+                    if delta.text or delta.finish_reason is not None or self.with_token_ids:
+                        choice = self._choice(index, delta.text, delta.token_ids, delta, chunk=True)
+                        yield sse({**self._header(chunk=True), "choices": [choice]})
+        except (RuntimeError, ValueError) as err:
+            yield sse({"error": {"message": str(err), "type": "InternalServerError", "param": None, "code": 500}})
+        else:
+            options = self.request.stream_options
+            if options is not None and options.include_usage:
+                yield sse({**self._header(chunk=True), "choices": [], "usage": self._usage(token_ids)})
+        yield sse("[DONE]")
+
+    def _usage(self, token_ids: list[list[int]]) -> dict[str, int]:
+        return usage(sum(len(prompt.token_ids) for prompt in self.prompts), sum(map(len, token_ids)))

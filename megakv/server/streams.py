@@ -1,0 +1,95 @@
+"""One request's text as it is generated, and several requests' streams merged into one.
+
+Leaving a stream early (a stop string, a client that went away, a sibling that
+failed) closes the engine's generator, which aborts the request: its blocks go
+back at once.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.sampling import SamplingParams
+from megakv.server.metrics import RequestTracker
+from megakv.server.text import IncrementalDecoder, StopStringMatcher
+from megakv.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """What one step added to a request: text, token ids, and at the end why it finished."""
+
+    text: str
+    token_ids: list[int]
+    # None until the last delta; then "stop" (EOS, a stop token or a stop string), "length" or "abort".
+    finish_reason: str | None = None
+    # The stop string or stop token id that ended the request (None for EOS and other reasons), as vLLM reports.
+    stop_reason: str | int | None = None
+
+
+async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                        tokenizer: TextTokenizer | None, stop_strings: list[str],
+                        tracker: RequestTracker) -> AsyncIterator[TextDelta]:
+    """Serve one request, yielding its text as it grows; a stop string ends it there."""
+    decoder = IncrementalDecoder(tokenizer, prompt_ids) if tokenizer is not None else None
+    matcher = StopStringMatcher(stop_strings)
+    stop_token_ids = set(params.stop_token_ids)
+    async with aclosing(engine.generate(prompt_ids, params, request_id)) as outputs:
+        async for output in outputs:
+            if output.error is not None:
+                raise RuntimeError(output.error)
+            tracker.on_output(output)
+            token_ids, finish_reason, stop_reason = output.new_token_ids, output.finish_reason, None
+            # Checked here too: the engine's ignore_eos also ignores stop tokens, vLLM's does not.
+            stop_at = next((index for index, token in enumerate(token_ids) if token in stop_token_ids), None)
+            if stop_at is not None:
+                token_ids, finish_reason, stop_reason = token_ids[:stop_at + 1], "stop", token_ids[stop_at]
+            # As vLLM: the text of the stop token is not part of the output.
+            text_ids = token_ids[:stop_at] if stop_at is not None else token_ids
+            new_text = decoder.push(text_ids) if decoder is not None else ""
+            text = matcher.feed(new_text, finish_reason is not None)
+            if matcher.matched is not None:
+                finish_reason, stop_reason = "stop", matcher.matched
+            if finish_reason is not None:
+                tracker.finish(finish_reason, output.instance)
+            yield TextDelta(text, token_ids, finish_reason, stop_reason)
+            if finish_reason is not None:
+                # Leaving the loop closes the engine's generator: a request still running there is aborted.
+                return
+
+
+_DONE = object()
+
+
+async def merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple[int, TextDelta]]:
+    """(index of its stream, delta) as each stream yields; the first error ends (and aborts) every stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TextDelta]) -> None:
+        try:
+            async with aclosing(stream):
+                async for delta in stream:
+                    queue.put_nowait((index, delta))
+        except Exception as err:  # handed to the consumer, which raises it
+            queue.put_nowait((index, err))
+            return
+        queue.put_nowait((index, _DONE))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is _DONE:
+                num_running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

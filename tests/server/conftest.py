@@ -1,0 +1,43 @@
+"""Fixtures for the HTTP server tests: a tiny chat checkpoint with a byte-level tokenizer, and real servers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server_process import CHAT_TEMPLATE, ROOT, ServerProcess, free_port, serve_argv, spawn_server
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(Hugging Face folder, megakv checkpoint for TP 1) of the random demo model, with a chat template."""
+    root = tmp_path_factory.mktemp("server-model")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_model.py"), "--random", "--tp", "1",
+                    "--output", str(root / "ckpt"), "--hf-output", str(root / "hf")],
+                   check=True, capture_output=True, text=True, timeout=300)
+    (root / "ckpt" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return root / "hf", root / "ckpt"
+
+
+@pytest.fixture
+def start_server(start_mpi):
+    """start_server(checkpoint, *flags, ranks=1) -> a ready ServerProcess; killed at teardown if still running."""
+    servers: list[ServerProcess] = []
+
+    def start(checkpoint: Path, *flags: str, ranks: int = 1) -> ServerProcess:
+        if ranks == 1:
+            servers.append(spawn_server(checkpoint, *flags))
+            return servers[-1]
+        port = free_port()
+        server = ServerProcess(start_mpi(ranks, serve_argv(checkpoint, port, *flags)), port)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
+
+

@@ -1,0 +1,143 @@
+"""Real ``megakv serve`` processes for the tests, and reading their /metrics.
+
+Every server runs on 127.0.0.1 and a free port; each wait on it is bounded in time.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MEGAKV = str(Path(sys.executable).with_name("megakv"))
+# A ChatML-like template written as plain text: the byte-level tokenizer has no special tokens for it.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+STARTUP_SECONDS = 120
+SHUTDOWN_SECONDS = 30
+
+
+def free_port() -> int:
+    """A port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A running ``megakv serve`` (or mpirun of it) whose output is collected as it comes."""
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(pipe,), daemon=True)
+                         for pipe in (proc.stdout, proc.stderr) if pipe is not None]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> None:
+        """Poll /health until the server answers (fail with its output if it dies or takes too long)."""
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited {self.proc.returncode} while starting:\n{self.output[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"server not ready after {STARTUP_SECONDS} s:\n{self.output[-4000:]}")
+
+    def front_pid(self) -> int:
+        """The pid of the process that serves HTTP (rank 0), as uvicorn logs it."""
+        match = re.search(r"megakv serve: .* \(pid (\d+)\)", self.output)
+        assert match, self.output
+        return int(match.group(1))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the HTTP process and wait for the whole job to end; its exit status."""
+        os.kill(self.front_pid(), sig)
+        try:
+            self.proc.wait(timeout=SHUTDOWN_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server still running {SHUTDOWN_SECONDS} s after signal {sig}:\n{self.output[-4000:]}")
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def serve_argv(checkpoint: Path, port: int, *flags: str) -> list[str]:
+    """The ``megakv serve`` command line on ``port``."""
+    return [MEGAKV, "serve", "--model", str(checkpoint), "--port", str(port), "--log-level", "warning", *flags]
+
+
+def spawn_server(checkpoint: Path, *flags: str) -> ServerProcess:
+    """A ready one-process server."""
+    port = free_port()
+    proc = subprocess.Popen(serve_argv(checkpoint, port, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    server = ServerProcess(proc, port)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+def scrape(url: str) -> dict[str, float]:
+    """/metrics as {"name{labels}": value}, for the samples of the megakv: metrics."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("megakv:"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        metric_name, _, label_text = key.partition("{")
+        if metric_name == name and all(f'{label}="{wanted}"' in label_text for label, wanted in labels.items()):
+            total += value
+    return total
+
+
+def wait_for_idle_pools(url: str, timeout: float = 30) -> dict[str, float]:
+    """Scrape until no request runs or waits and every pool is whole (blocks back everywhere); the samples."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        busy = metric(samples, "megakv:num_requests_running") + metric(samples, "megakv:num_requests_waiting")
+        leaked = metric(samples, "megakv:kv_blocks_total") - metric(samples, "megakv:kv_blocks_free")
+        if busy == 0 and leaked == 0 and metric(samples, "megakv:ledger_outstanding_blocks") == 0:
+            return samples
+        if time.monotonic() > deadline:
+            pytest.fail(f"pools not whole after {timeout} s: {samples}")
+        time.sleep(0.2)
