@@ -64,7 +64,8 @@ def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
 
 def _sequence_torch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,
-                    visible: torch.Tensor, scale: float, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    visible: torch.Tensor, scale: float,
+                    sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: gather its context once, then flash attention for CPU with a causal/presence/window mask.
 
     query [n, Hq, D], table [num_blocks] (< 0 = absent), visible [n] -> out [n, Hq, D], lse [n, Hq].

@@ -36,7 +36,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported dtype {dtype}")
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
+# The keys each RoPE type reads, besides rope_type (as in Hugging Face's rope_parameters).
+ROPE_KEYS: dict[str, frozenset[str]] = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim", "truncate"}),
+}
+# The MLP activations served, by their Hugging Face names (``hidden_act``).
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,14 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # The MLP is act(gate) * up, with act one of ACTIVATIONS.
+    hidden_act: str = "silu"
+    # Biases of the fused QKV projection, of the attention output projection, and of the MLP's projections.
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    mlp_bias: bool = False
+    # Mistral: a token attends to itself and the sliding_window - 1 tokens before it; None: the whole context.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
@@ -72,13 +89,37 @@ class ModelConfig:
                 f"num_kv_heads ({self.num_kv_heads})")
         parse_dtype(self.dtype)
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", "default")
-            if rope_type not in ROPE_TYPES:
-                raise ValueError(f"model config: rope_scaling type {rope_type!r} is not supported "
-                                 f"(supported: {', '.join(ROPE_TYPES)})")
+            self._check_rope_scaling()
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"model config: hidden_act {self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
+        for key in ("qkv_bias", "proj_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model config: {key} must be true or false, got {getattr(self, key)!r}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+            raise ValueError(f"model config: sliding_window must be a positive integer or null, got {window!r}")
         for token_id in (*self.eos_token_ids, *(() if self.bos_token_id is None else (self.bos_token_id,))):
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"model config: special token id {token_id} is outside the vocabulary")
+
+    def _check_rope_scaling(self) -> None:
+        """Raise ValueError unless rope_scaling names a served type with the keys that type reads."""
+        if not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"model config: rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        if rope_type not in ROPE_KEYS:
+            raise ValueError(f"model config: rope_scaling type {rope_type!r} is not supported "
+                             f"(supported: {', '.join(ROPE_KEYS)})")
+        unknown = sorted(set(self.rope_scaling) - ROPE_KEYS[rope_type] - {"rope_type"})
+        if unknown:
+            raise ValueError(f"model config: rope_scaling key {unknown[0]}={self.rope_scaling[unknown[0]]!r} is "
+                             f"not supported for rope type {rope_type!r}")
+        if rope_type != "default" and not isinstance(self.rope_scaling.get("factor"), (int, float)):
+            raise ValueError(f"model config: rope type {rope_type!r} needs a numeric factor, "
+                             f"got {self.rope_scaling.get('factor')!r}")
+        if rope_type == "yarn" and "original_max_position_embeddings" not in self.rope_scaling:
+            raise ValueError("model config: rope type 'yarn' needs original_max_position_embeddings")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -123,45 +164,6 @@ class ModelConfig:
             return cls(**values)
         except TypeError as err:
             raise ValueError(f"model config: {err}") from None
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Read a Hugging Face LLaMA ``config.json`` (transformers 4.x or 5.x field names)."""
-        if hf.get("model_type", "llama") not in ("llama", "mistral"):
-            raise ValueError(f"unsupported model_type {hf.get('model_type')!r}: megakv reads LLaMA-family models")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in hf]
-        if missing:
-            raise ValueError(f"Hugging Face config is missing {', '.join(missing)}")
-        # transformers 5.x moves rope settings into rope_parameters; 4.x keeps rope_theta/rope_scaling.
-        rope = dict(hf.get("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        if not rope and hf.get("rope_scaling"):
-            rope = dict(hf["rope_scaling"])
-        if "type" in rope and "rope_type" not in rope:
-            rope["rope_type"] = rope.pop("type")
-        rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        num_heads = hf["num_attention_heads"]
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_attention_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            dtype=dtype if dtype in DTYPES else "float32",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
 
 
 @dataclass(frozen=True)

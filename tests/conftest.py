@@ -80,19 +80,46 @@ HF_MODEL_KINDS = {
 }
 
 
-def make_hf_llama(path: Path, kind: str, seed: int = 0) -> Path:
-    """Save a random-weight Hugging Face LlamaForCausalLM (fixed seed, no EOS so decodes run to length)."""
+def make_hf_model(path: Path, model_type: str, kind: str, seed: int = 0, **fields) -> Path:
+    """Save a random-weight Hugging Face causal LM of ``model_type`` (llama, mistral, qwen2), shaped as
+    HF_MODEL_KINDS[kind], with ``fields`` on top.
+
+    Fixed seed, no EOS so that decodes run to length, and biases drawn at random (transformers zeroes
+    them, which would hide a bias that is dropped).
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(max_position_embeddings=1024, initializer_range=0.15, rms_norm_eps=1e-5,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None, **HF_MODEL_KINDS[kind])
-    model = LlamaForCausalLM(config).eval()
+    config = AutoConfig.for_model(model_type, max_position_embeddings=1024, initializer_range=0.15,
+                                  rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                                  **{**HF_MODEL_KINDS[kind], **fields})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(std=0.5)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     model.save_pretrained(path)
     return path
+
+
+def make_hf_llama(path: Path, kind: str, seed: int = 0) -> Path:
+    """Save a random-weight Hugging Face LlamaForCausalLM of one of HF_MODEL_KINDS."""
+    return make_hf_model(path, "llama", kind, seed)
+
+
+@pytest.fixture(scope="session")
+def make_hf():
+    """The Hugging Face model builder: make_hf(path, model_type, kind, **fields) (see make_hf_model)."""
+    return make_hf_model
+
+
+@pytest.fixture(scope="session")
+def convert_hf():
+    """The converter CLI on a Hugging Face folder: convert_hf(hf_dir, out_dir, tp, *flags) (see convert)."""
+    return convert
 
 
 def convert(hf_dir: Path, out_dir: Path, tp: int, *extra: str) -> Path:
@@ -130,11 +157,11 @@ def megakv_checkpoint(hf_llama, tmp_path_factory):
 
 
 def hf_greedy_tokens(hf_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Hugging Face greedy decode of each prompt on its own (no padding in the reference)."""
+    """Hugging Face greedy decode of each prompt on its own (no padding in the reference), stopping where HF stops."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     outputs = []
     for prompt in prompts:
         with torch.no_grad():

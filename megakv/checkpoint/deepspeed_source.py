@@ -25,6 +25,7 @@ import torch
 
 from megakv.checkpoint.format import CheckpointError
 from megakv.checkpoint.hf import HF_CONFIG_FILE, HFNamedWeights
+from megakv.checkpoint.hf_config import model_config_from_hf
 from megakv.checkpoint.options import SourceOptions
 from megakv.config import ModelConfig
 
@@ -92,7 +93,7 @@ class DeepSpeedReader(HFNamedWeights):
         try:
             with open(config_path) as f:
                 raw: Any = json.load(f)
-            return ModelConfig.from_hf_config(raw)
+            return model_config_from_hf(raw)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{config_path}: {err}") from None
 

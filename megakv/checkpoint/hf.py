@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from megakv.checkpoint.format import CheckpointError
+from megakv.checkpoint.hf_config import model_config_from_hf
 from megakv.checkpoint.sharding import hf_layer_shapes
 from megakv.config import ModelConfig
 
@@ -24,7 +25,9 @@ HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 
-# Canonical layer key -> Hugging Face name relative to "model.layers.N.".
+HF_GENERATION_CONFIG_FILE = "generation_config.json"
+
+# Canonical layer key -> Hugging Face name relative to "model.layers.N." (the biases only when the model has them).
 HF_LAYER_NAMES = {
     "q_proj": "self_attn.q_proj.weight",
     "k_proj": "self_attn.k_proj.weight",
@@ -35,6 +38,13 @@ HF_LAYER_NAMES = {
     "down_proj": "mlp.down_proj.weight",
     "input_layernorm": "input_layernorm.weight",
     "post_attention_layernorm": "post_attention_layernorm.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias",
+    "gate_bias": "mlp.gate_proj.bias",
+    "up_bias": "mlp.up_proj.bias",
+    "down_bias": "mlp.down_proj.bias",
 }
 
 
@@ -70,7 +80,7 @@ class HFNamedWeights:
             raise ValueError(f"layer {layer_index} is outside 0..{self.config.num_layers - 1}")
         shapes = hf_layer_shapes(self.config)
         prefix = f"model.layers.{layer_index}."
-        return {key: self.tensor(prefix + name, shapes[key]) for key, name in HF_LAYER_NAMES.items()}
+        return {key: self.tensor(prefix + HF_LAYER_NAMES[key], shape) for key, shape in shapes.items()}
 
     def final_norm(self) -> torch.Tensor:
         """The [H] final RMSNorm weight."""
@@ -81,7 +91,6 @@ class HFNamedWeights:
         if self.config.tie_word_embeddings:
             return None
         return self.tensor("lm_head.weight", (self.config.vocab_size, self.config.hidden_size))
-
 
 
 class HFReader(HFNamedWeights):
@@ -97,8 +106,12 @@ class HFReader(HFNamedWeights):
         hf_config = _read_json(config_path, "Hugging Face config")
         if not isinstance(hf_config, dict):
             raise CheckpointError(f"Hugging Face config {config_path} must hold a JSON object")
+        generation_path = self.path / HF_GENERATION_CONFIG_FILE
+        generation = _read_json(generation_path, "generation config") if generation_path.is_file() else None
+        if generation is not None and not isinstance(generation, dict):
+            raise CheckpointError(f"generation config {generation_path} must hold a JSON object")
         try:
-            self.config = ModelConfig.from_hf_config(hf_config)
+            self.config = model_config_from_hf(hf_config, generation)
         except ValueError as err:
             raise CheckpointError(f"{config_path}: {err}") from None
         self._file_of_tensor = self._index_weights()

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from megakv.checkpoint.format import CheckpointError, read_checkpoint_info
 from megakv.checkpoint.options import SourceOptions
-from megakv.checkpoint.sharding import (EMBEDDING, FINAL_NORM, OUTPUT_LAYER, SHARD_LAYER_KEYS, layer_prefix,
+from megakv.checkpoint.sharding import (EMBEDDING, FINAL_NORM, OUTPUT_LAYER, layer_prefix, layer_shard_shapes,
                                         unshard_layer, unshard_vocab)
 
 
@@ -45,7 +45,7 @@ class MegakvReader:
     def layer(self, layer_index: int) -> dict[str, torch.Tensor]:
         """Layer ``layer_index`` unsharded to the canonical keys of ``sharding.LAYER_KEYS``."""
         prefix = layer_prefix(layer_index)
-        per_key = {key: self._gather(prefix + key) for key in SHARD_LAYER_KEYS}
+        per_key = {key: self._gather(prefix + key) for key in layer_shard_shapes(self.config, len(self._shards))}
         ranks = [{key: tensors[rank] for key, tensors in per_key.items()} for rank in range(len(self._shards))]
         return unshard_layer(ranks, self.config)
 

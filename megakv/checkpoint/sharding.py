@@ -6,6 +6,8 @@ by input columns, embeddings and the output layer by (padded) vocabulary rows.
 Each rank's ``linear_qkv`` holds its q heads, then its k heads, then its v heads;
 ``linear_fc1`` holds its gate rows, then its up rows. When tp exceeds the number
 of KV heads, each KV head is replicated on ``tp // num_kv_heads`` consecutive ranks.
+Biases follow their weights' rows: column-parallel biases are split, the row-parallel
+ones (``linear_proj``, ``linear_fc2``) are whole on every rank and added once, after the reduction.
 
 Functions here are pure (no I/O) and take layer weights in canonical Hugging
 Face shapes under the keys of :data:`LAYER_KEYS`.
@@ -20,9 +22,11 @@ EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
 
-# An unsharded layer, keyed as in Hugging Face LLaMA (q_proj is [Hq*D, H], down_proj [H, F], ...).
+# An unsharded layer, keyed as in Hugging Face LLaMA (q_proj is [Hq*D, H], down_proj [H, F], ...),
+# with the biases the config enables (q_bias is [Hq*D], o_bias [H], ...).
 LAYER_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-              "input_layernorm", "post_attention_layernorm")
+              "input_layernorm", "post_attention_layernorm",
+              "q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias")
 
 # One rank's layer, keyed relative to layer_prefix(i), in the order tensors are stored.
 INPUT_NORM = "input_layernorm.weight"
@@ -31,7 +35,10 @@ LINEAR_PROJ = "self_attention.linear_proj.weight"
 PRE_MLP_NORM = "pre_mlp_layernorm.weight"
 LINEAR_FC1 = "mlp.linear_fc1.weight"
 LINEAR_FC2 = "mlp.linear_fc2.weight"
-SHARD_LAYER_KEYS = (INPUT_NORM, LINEAR_QKV, LINEAR_PROJ, PRE_MLP_NORM, LINEAR_FC1, LINEAR_FC2)
+LINEAR_QKV_BIAS = "self_attention.linear_qkv.bias"
+LINEAR_PROJ_BIAS = "self_attention.linear_proj.bias"
+LINEAR_FC1_BIAS = "mlp.linear_fc1.bias"
+LINEAR_FC2_BIAS = "mlp.linear_fc2.bias"
 
 
 def layer_prefix(layer_index: int) -> str:
@@ -46,7 +53,7 @@ def layer_shard_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
     num_q_heads = cfg.num_attention_heads // tp
     num_kv_heads = cfg.num_kv_heads_per_partition(tp)
     ffn = cfg.intermediate_size // tp
-    return {
+    shapes = {
         INPUT_NORM: (hidden,),
         LINEAR_QKV: ((num_q_heads + 2 * num_kv_heads) * head_dim, hidden),
         LINEAR_PROJ: (hidden, num_q_heads * head_dim),
@@ -54,6 +61,14 @@ def layer_shard_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
         LINEAR_FC1: (2 * ffn, hidden),
         LINEAR_FC2: (hidden, ffn),
     }
+    if cfg.qkv_bias:
+        shapes[LINEAR_QKV_BIAS] = ((num_q_heads + 2 * num_kv_heads) * head_dim,)
+    if cfg.proj_bias:
+        shapes[LINEAR_PROJ_BIAS] = (hidden,)
+    if cfg.mlp_bias:
+        shapes[LINEAR_FC1_BIAS] = (2 * ffn,)
+        shapes[LINEAR_FC2_BIAS] = (hidden,)
+    return shapes
 
 
 def shard_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
@@ -73,7 +88,7 @@ def shard_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
 def hf_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of an unsharded layer under :data:`LAYER_KEYS` (Hugging Face layout)."""
     hidden, head_dim, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    return {
+    shapes = {
         "q_proj": (cfg.num_attention_heads * head_dim, hidden),
         "k_proj": (cfg.num_kv_heads * head_dim, hidden),
         "v_proj": (cfg.num_kv_heads * head_dim, hidden),
@@ -84,6 +99,14 @@ def hf_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "input_layernorm": (hidden,),
         "post_attention_layernorm": (hidden,),
     }
+    if cfg.qkv_bias:
+        shapes.update(q_bias=(cfg.num_attention_heads * head_dim,), k_bias=(cfg.num_kv_heads * head_dim,),
+                      v_bias=(cfg.num_kv_heads * head_dim,))
+    if cfg.proj_bias:
+        shapes["o_bias"] = (hidden,)
+    if cfg.mlp_bias:
+        shapes.update(gate_bias=(ffn,), up_bias=(ffn,), down_bias=(hidden,))
+    return shapes
 
 
 def _kv_head_range(cfg: ModelConfig, tp: int, rank: int) -> tuple[int, int]:
@@ -121,7 +144,7 @@ def shard_layer(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: 
     ffn = cfg.intermediate_size // tp
     ffn_rows = slice(rank * ffn, (rank + 1) * ffn)
     q_rows = slice(rank * q_per_rank, (rank + 1) * q_per_rank)
-    return {
+    shard = {
         INPUT_NORM: full["input_layernorm"],
         LINEAR_QKV: torch.cat([full["q_proj"][q_rows], full["k_proj"][kv_rows], full["v_proj"][kv_rows]]),
         LINEAR_PROJ: full["o_proj"][:, q_rows],
@@ -129,6 +152,14 @@ def shard_layer(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: 
         LINEAR_FC1: torch.cat([full["gate_proj"][ffn_rows], full["up_proj"][ffn_rows]]),
         LINEAR_FC2: full["down_proj"][:, ffn_rows],
     }
+    if cfg.qkv_bias:
+        shard[LINEAR_QKV_BIAS] = torch.cat([full["q_bias"][q_rows], full["k_bias"][kv_rows], full["v_bias"][kv_rows]])
+    if cfg.proj_bias:
+        shard[LINEAR_PROJ_BIAS] = full["o_bias"]
+    if cfg.mlp_bias:
+        shard[LINEAR_FC1_BIAS] = torch.cat([full["gate_bias"][ffn_rows], full["up_bias"][ffn_rows]])
+        shard[LINEAR_FC2_BIAS] = full["down_bias"]
+    return shard
 
 
 def unshard_layer(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -144,19 +175,36 @@ def unshard_layer(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> di
     ffn = cfg.intermediate_size // tp
     # Replicated KV heads appear on tp // num_kv_heads consecutive ranks: keep the first copy.
     kv_ranks = range(0, tp, max(1, tp // cfg.num_kv_heads))
-    qkv = [shard[LINEAR_QKV].split([q_rows, kv_rows, kv_rows]) for shard in shards]
-    fc1 = [shard[LINEAR_FC1].split([ffn, ffn]) for shard in shards]
-    return {
-        "q_proj": torch.cat([q for q, _, _ in qkv]),
-        "k_proj": torch.cat([qkv[rank][1] for rank in kv_ranks]),
-        "v_proj": torch.cat([qkv[rank][2] for rank in kv_ranks]),
+
+    def split_qkv(name: str) -> list[tuple[torch.Tensor, ...]]:
+        return [shard[name].split([q_rows, kv_rows, kv_rows]) for shard in shards]
+
+    def join_qkv(parts: list[tuple[torch.Tensor, ...]], prefix: str) -> dict[str, torch.Tensor]:
+        return {f"q_{prefix}": torch.cat([q for q, _, _ in parts]),
+                f"k_{prefix}": torch.cat([parts[rank][1] for rank in kv_ranks]),
+                f"v_{prefix}": torch.cat([parts[rank][2] for rank in kv_ranks])}
+
+    def join_fc1(name: str, suffix: str) -> dict[str, torch.Tensor]:
+        parts = [shard[name].split([ffn, ffn]) for shard in shards]
+        return {f"gate_{suffix}": torch.cat([gate for gate, _ in parts]),
+                f"up_{suffix}": torch.cat([up for _, up in parts])}
+
+    full = {
+        **join_qkv(split_qkv(LINEAR_QKV), "proj"),
         "o_proj": torch.cat([shard[LINEAR_PROJ] for shard in shards], dim=1),
-        "gate_proj": torch.cat([gate for gate, _ in fc1]),
-        "up_proj": torch.cat([up for _, up in fc1]),
+        **join_fc1(LINEAR_FC1, "proj"),
         "down_proj": torch.cat([shard[LINEAR_FC2] for shard in shards], dim=1),
         "input_layernorm": shards[0][INPUT_NORM],
         "post_attention_layernorm": shards[0][PRE_MLP_NORM],
     }
+    if cfg.qkv_bias:
+        full.update(join_qkv(split_qkv(LINEAR_QKV_BIAS), "bias"))
+    if cfg.proj_bias:
+        full["o_bias"] = shards[0][LINEAR_PROJ_BIAS]
+    if cfg.mlp_bias:
+        full.update(join_fc1(LINEAR_FC1_BIAS, "bias"))
+        full["down_bias"] = shards[0][LINEAR_FC2_BIAS]
+    return full
 
 
 def shard_vocab(weight: torch.Tensor, cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:

@@ -77,11 +77,11 @@ class _TableView:
         self._is_local = bool(here.all())
         self._rows: dict[int, list[int]] = {}
 
-    def creditors(self, num_blocks: int) -> list[int]:
-        """Other instances holding some of the first num_blocks blocks."""
+    def creditors(self, first_block: int, num_blocks: int) -> list[int]:
+        """Other instances holding some of blocks first_block .. num_blocks - 1."""
         if self._is_local:
             return []
-        return sorted(set(self.owners[:num_blocks].tolist()) - {self._instance_id})
+        return sorted(set(self.owners[first_block:num_blocks].tolist()) - {self._instance_id})
 
     def row_for(self, creditor: int) -> list[int]:
         """The creditor's block ids by logical index, -1 elsewhere (what the creditor attends over)."""
@@ -111,6 +111,7 @@ class ModelRunner:
     def prepare(self, scheduled: SchedulerOutput) -> StepInputs:
         """Flatten the step's chunks into model inputs; blocks on other instances become remote work."""
         me, block_size = self.rmanager.instance_id, self.rmanager.block_size
+        window = self.model.config.sliding_window
         input_ids: list[int] = []
         positions: list[int] = []
         query_start_loc = [0]
@@ -140,19 +141,21 @@ class ModelRunner:
             token_owners = view.owners[token_blocks]
             slots = view.block_ids[token_blocks].long() * block_size + token_positions % block_size
             slot_mapping.append(torch.where(token_owners == me, slots, -1))
-            for creditor in view.creditors(-(-end // block_size)):
+            # A creditor that holds only blocks before the chunk's first window is not asked.
+            first_block = 0 if window is None else max(0, start + 1 - window) // block_size
+            for creditor in view.creditors(first_block, -(-end // block_size)):
                 out = outgoing.setdefault(creditor, OutgoingQueries(creditor, [], []))
                 out.query_indices.extend(range(first_row, len(input_ids)))
                 writes = (token_owners == creditor).nonzero().flatten()
                 out.write_indices.extend((writes + first_row).tolist())
-                work = served.setdefault(creditor, ServedQueries(me, [], [0], [], []))
+                work = served.setdefault(creditor, ServedQueries(me, [], [0], [], [], window))
                 work.write_slots.extend(slots[writes].tolist())
                 work.query_start_loc.append(work.query_start_loc[-1] + chunk.num_tokens)
                 work.context_lens.append(end)
                 work.block_tables.append(view.row_for(creditor))
         metadata = AttentionMetadata(query_start_loc=query_start_loc, context_lens=context_lens,
                                      block_tables=local_tables.to(self.device),
-                                     slot_mapping=torch.cat(slot_mapping).to(self.device))
+                                     slot_mapping=torch.cat(slot_mapping).to(self.device), sliding_window=window)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device), metadata,
                           torch.tensor(logits_indices, dtype=torch.long, device=self.device),

@@ -1,12 +1,15 @@
 """LLaMA-family decoder over Megatron tensor-parallel layers and DistAttention.
 
-RMSNorm, SwiGLU MLP, RoPE (rope_theta, LLaMA 3 scaling), grouped-query attention,
-tied or untied embeddings. Parameter names follow Megatron core
-(``embedding.word_embeddings``, ``decoder.layers.N.self_attention.linear_qkv``, ...)
-so that checkpoints map one to one. The attention core reads and writes the
+RMSNorm, gated MLP (SwiGLU, or GELU/ReLU gates), RoPE (rope_theta; linear, LLaMA 3 or
+YaRN scaling), grouped-query attention with optional Q/K/V, output and MLP biases (Qwen2,
+LLaMA's attention_bias/mlp_bias) and Mistral's sliding window, tied or untied embeddings.
+Parameter names follow Megatron core (``embedding.word_embeddings``,
+``decoder.layers.N.self_attention.linear_qkv``, ...) so that checkpoints map one to one. The attention core reads and writes the
 rBlock KV pool; the MLP keeps standard tensor parallelism.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +47,10 @@ class SelfAttention(nn.Module):
         self.rotary = rotary
         dtype = config.torch_dtype
         self.linear_qkv = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
-                                            config.num_kv_heads, params_dtype=dtype)
+                                            config.num_kv_heads, bias=config.qkv_bias, params_dtype=dtype)
         self.core_attention = DistAttention(layer_index, config.head_dim)
         self.linear_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                             input_is_parallel=True, params_dtype=dtype)
+                                             bias=config.proj_bias, input_is_parallel=True, params_dtype=dtype)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -58,19 +61,30 @@ class SelfAttention(nn.Module):
         return self.linear_proj(out.flatten(1))  # [T, Hq_r * D] -> [T, H]
 
 
+# Hugging Face's ACT2FN entries for config.ACTIVATIONS, as the same torch functions.
+ACTIVATION_FUNCTIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
 class MLP(nn.Module):
-    """SwiGLU: fc1 holds this rank's [gate; up] rows, fc2 is row parallel."""
+    """Gated MLP act(gate) * up (SwiGLU for silu): fc1 holds this rank's [gate; up] rows, fc2 is row parallel."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         dtype = config.torch_dtype
-        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * config.intermediate_size, params_dtype=dtype)
-        self.linear_fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, input_is_parallel=True,
-                                            params_dtype=dtype)
+        self.activation = ACTIVATION_FUNCTIONS[config.hidden_act]
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias,
+                                               params_dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias,
+                                            input_is_parallel=True, params_dtype=dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(hidden).chunk(2, dim=-1)
-        return self.linear_fc2(F.silu(gate) * up)
+        return self.linear_fc2(self.activation(gate) * up)
 
 
 class TransformerLayer(nn.Module):

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from megakv.chat import ChatTemplate
 from megakv.checkpoint.convert import convert_checkpoint
 from megakv.checkpoint.format import CONFIG_FILE, CheckpointError, load_shard, read_checkpoint_info
+from megakv.checkpoint.hf_config import model_config_from_hf
 from megakv.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -207,7 +208,7 @@ def test_convert_hf_config_round_trips(converted, hf_models) -> None:
     raw = json.loads((folder / CONFIG_FILE).read_text())
     assert raw["format"] == "megakv" and raw["format_version"] == 1 and raw["tensor_parallel_size"] == 2
     hf_config = json.loads((hf_models["gqa"] / "config.json").read_text())
-    expected = ModelConfig.from_hf_config(hf_config)
+    expected = model_config_from_hf(hf_config)
     assert expected.num_kv_heads == 2 and expected.head_dim == 8 and expected.dtype == "float32"
     assert ModelConfig.from_dict(raw["model"]) == expected
     assert read_checkpoint_info(folder).model == expected

@@ -1,11 +1,14 @@
 """Tests of megakv.checkpoint.sharding: layouts against explicit head indexing, and shard/unshard round trips."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from megakv.checkpoint.sharding import (EMBEDDING, LINEAR_FC1, LINEAR_QKV, OUTPUT_LAYER, hf_layer_shapes,
-                                        shard_layer, shard_shapes, shard_vocab, unshard_layer, unshard_vocab)
+from megakv.checkpoint.sharding import (EMBEDDING, LINEAR_FC1, LINEAR_FC1_BIAS, LINEAR_FC2_BIAS, LINEAR_PROJ_BIAS,
+                                        LINEAR_QKV, LINEAR_QKV_BIAS, OUTPUT_LAYER, hf_layer_shapes, shard_layer,
+                                        shard_shapes, shard_vocab, unshard_layer, unshard_vocab)
 from megakv.config import ModelConfig
 
 # name -> (num_attention_heads, num_kv_heads)
@@ -107,3 +110,22 @@ def test_shard_layer_rejects_bad_inputs() -> None:
         shard_layer(full, cfg, 2, 2)
     with pytest.raises(ValueError, match="'k_proj' has shape"):
         shard_layer({**full, "k_proj": full["k_proj"][:-1]}, cfg, 2, 0)
+
+
+def test_shard_layer_biases_split_with_their_rows_and_replicate_row_parallel() -> None:
+    """Column-parallel biases (QKV, fc1) follow their rows; row-parallel ones (proj, fc2) are whole on every rank."""
+    cfg = dataclasses.replace(make_config(8, 2), qkv_bias=True, proj_bias=True, mlp_bias=True)
+    full = random_layer(cfg)
+    tp, head_dim, ffn = 2, cfg.head_dim, cfg.intermediate_size // 2
+    for rank in range(tp):
+        shard = shard_layer(full, cfg, tp, rank)
+        q_rows = slice(rank * 4 * head_dim, (rank + 1) * 4 * head_dim)
+        kv_rows = slice(rank * head_dim, (rank + 1) * head_dim)
+        assert torch.equal(shard[LINEAR_QKV_BIAS], torch.cat([full["q_bias"][q_rows], full["k_bias"][kv_rows],
+                                                              full["v_bias"][kv_rows]]))
+        assert torch.equal(shard[LINEAR_FC1_BIAS], torch.cat([full["gate_bias"][rank * ffn:(rank + 1) * ffn],
+                                                              full["up_bias"][rank * ffn:(rank + 1) * ffn]]))
+        assert torch.equal(shard[LINEAR_PROJ_BIAS], full["o_bias"])
+        assert torch.equal(shard[LINEAR_FC2_BIAS], full["down_bias"])
+    restored = unshard_layer([shard_layer(full, cfg, tp, rank) for rank in range(tp)], cfg)
+    assert restored.keys() == full.keys() and all(torch.equal(restored[key], full[key]) for key in full)
