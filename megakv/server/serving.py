@@ -57,10 +57,10 @@ class ServingContext:
             raise APIError(f"model {model!r} does not exist: this server serves {self.model_name!r}", param="model")
 
     def check_token_ids(self, token_ids: list[int], what: str) -> None:
-        """Raise APIError naming the first id outside the vocabulary."""
+        """Raise APIError naming the first id outside the vocabulary, and the field ``what`` that holds it."""
         bad = [token for token in token_ids if not 0 <= token < self.vocab_size]
         if bad:
-            raise APIError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise APIError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param=what)
 
     def require_tokenizer(self, what: str) -> TextTokenizer:
         """The tokenizer, or an APIError saying that ``what`` needs one."""

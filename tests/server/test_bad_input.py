@@ -1,0 +1,117 @@
+"""Bad requests get HTTP 400 with an OpenAI-style body naming the problem; the server keeps serving, leaking no
+block."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server_process import metric, spawn_server, wait_for_idle_pools
+
+NUM_BLOCKS, BLOCK_SIZE = 16, 16
+MAX_MODEL_LEN = NUM_BLOCKS * BLOCK_SIZE
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    server = spawn_server(chat_model[1], "--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE),
+                          "--served-model-name", "tiny")
+    yield server
+    server.kill()
+
+
+BAD_COMPLETIONS = [
+    ({"model": "tiny", "prompt": "x", "max_tokens": "5"}, "max_tokens", "invalid value for 'max_tokens'"),
+    ({"model": "tiny", "prompt": "x", "temperature": "hot"}, "temperature", "invalid value for 'temperature'"),
+    ({"model": "tiny", "prompt": 5}, "prompt", "invalid value for 'prompt'"),
+    ({"model": "tiny", "prompt": [1, "a"]}, "prompt", "invalid value for 'prompt"),
+    ({"prompt": "x"}, "model", "missing required field 'model'"),
+    ({"model": "gpt-4", "prompt": "x"}, "model", "model 'gpt-4' does not exist: this server serves 'tiny'"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens", "max_tokens must be at least 1, got -1"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, "max_tokens",
+     f"exceeds the {MAX_MODEL_LEN} tokens a request may hold (the KV memory it may use"),
+    ({"model": "tiny", "prompt": [1, 2, 259]}, "prompt", "token id 259 is outside the vocabulary [0, 259)"),
+    ({"model": "tiny", "prompt": [[1, 2], [-1]]}, "prompt", "token id -1 is outside the vocabulary"),
+    ({"model": "tiny", "prompt": list(range(200)) * 2}, "prompt",
+     f"the prompt has 400 tokens, and a request may hold at most {MAX_MODEL_LEN}"),
+    ({"model": "tiny", "prompt": ""}, "prompt", "prompt is empty"),
+    ({"model": "tiny", "prompt": []}, "prompt", "prompt is empty"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": [999]}, None, "stop_token_ids: token id 999 is outside"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, None, "top_p must be in (0, 1], got 0"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, None, "temperature must be >= 0, got -1"),
+    ({"model": "tiny", "prompt": "x", "frobnicate": 1}, "frobnicate", "unsupported field 'frobnicate'"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, None, "n = 2 is not supported by megakv"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 5}, None, "logprobs = 5 is not supported by megakv"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, None, "presence_penalty = 0.5 is not supported"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, None,
+     "stream_options is only allowed when stream is true"),
+    ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": True, "other": 1}},
+     "stream_options.other", "unsupported field 'stream_options.other'"),
+]
+
+BAD_CHATS = [
+    ({"model": "tiny", "messages": []}, "messages", "invalid value for 'messages'"),
+    ({"model": "tiny", "messages": [{"role": "user"}]}, "messages.0.content", "missing required field"),
+    ({"model": "tiny", "messages": CHAT, "logprobs": True}, None, "logprobs = True is not supported"),
+    ({"model": "tiny", "messages": CHAT, "top_logprobs": 3}, None, "top_logprobs = 3 is not supported"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+     "messages.0.content", "invalid value for 'messages.0.content"),
+    ({"model": "tiny", "messages": CHAT, "tools": []}, "tools", "unsupported field 'tools'"),
+    ({"model": "tiny", "messages": CHAT, "max_completion_tokens": MAX_MODEL_LEN}, "max_tokens", "exceeds the"),
+]
+
+
+def assert_rejected(response: httpx.Response, param: str | None, message: str) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"], error
+    assert error["type"] == "BadRequestError" and error["code"] == 400
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("body, param, message", BAD_COMPLETIONS)
+def test_completions_bad_request_is_a_400_naming_it(server, body, param, message):
+    assert_rejected(httpx.post(f"{server.url}/v1/completions", json=body, timeout=30), param, message)
+
+
+@pytest.mark.parametrize("body, param, message", BAD_CHATS)
+def test_chat_bad_request_is_a_400_naming_it(server, body, param, message):
+    assert_rejected(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30), param, message)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"model": "tiny", "prompt": ', "the request body is not valid JSON"),
+    (b'[1, 2]', "the request body must be a JSON object"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "NaN is not a number JSON allows"),
+    (b'\xff\xfe', "the request body is not valid JSON"),
+])
+def test_completions_malformed_body_is_a_400(server, content, message):
+    response = httpx.post(f"{server.url}/v1/completions", content=content, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert_rejected(response, None, message)
+
+
+def test_tokenize_and_detokenize_bad_input_is_a_400(server):
+    assert_rejected(httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "messages": CHAT}), None,
+                    "give exactly one of prompt and messages")
+    assert_rejected(httpx.post(f"{server.url}/detokenize", json={"tokens": [5000]}), None,
+                    "tokens: token id 5000 is outside the vocabulary")
+    assert_rejected(httpx.post(f"{server.url}/detokenize", json={"model": "other", "tokens": [1]}), "model",
+                    "model 'other' does not exist")
+
+
+def test_unknown_route_is_an_openai_style_404(server):
+    response = httpx.get(f"{server.url}/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
+def test_server_keeps_serving_after_bad_requests_with_every_block_free(server):
+    for body, _, _ in BAD_COMPLETIONS:
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 3},
+                          timeout=30)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 3
+    samples = wait_for_idle_pools(server.url)
+    assert metric(samples, "megakv:kv_blocks_free") == NUM_BLOCKS

@@ -1,0 +1,64 @@
+"""A client that goes away aborts its request (every block goes back), and SIGTERM stops the server cleanly."""
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from server_process import metric, scrape, spawn_server, wait_for_idle_pools
+
+# 4096 tokens of KV: a request with EOS ignored runs for seconds, long enough to be cut off.
+NUM_BLOCKS = 256
+MAX_TOKENS = 4000
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    server = spawn_server(chat_model[1], "--num-blocks", str(NUM_BLOCKS), "--served-model-name", "tiny")
+    yield server
+    server.kill()
+
+
+def long_request(stream: bool) -> dict:
+    return {"model": "tiny", "prompt": "Go", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": stream}
+
+
+def generated_since(before: dict[str, float], after: dict[str, float]) -> float:
+    return metric(after, "megakv:generation_tokens_total") - metric(before, "megakv:generation_tokens_total")
+
+
+def test_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
+    before = scrape(server.url)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=long_request(True), timeout=30) as response:
+        assert response.status_code == 200
+        # Read three events without leaving the iterator, which would close the connection.
+        lines = response.iter_lines()
+        events = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert len(events) == 3
+        running = scrape(server.url)
+        assert metric(running, "megakv:num_requests_running") == 1
+        assert metric(running, "megakv:kv_blocks_free") < NUM_BLOCKS
+    samples = wait_for_idle_pools(server.url, timeout=30)
+    assert 2 <= generated_since(before, samples) < MAX_TOKENS
+    assert metric(samples, "megakv:request_success_total") == metric(before, "megakv:request_success_total")
+
+
+def test_disconnect_before_a_whole_response_aborts_the_request(server):
+    before = scrape(server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=long_request(False), timeout=httpx.Timeout(30, read=1.0))
+    samples = wait_for_idle_pools(server.url, timeout=30)
+    assert 0 < generated_since(before, samples) < MAX_TOKENS
+    assert metric(samples, "megakv:request_success_total") == metric(before, "megakv:request_success_total")
+
+
+def test_sigterm_stops_the_server_cleanly(chat_model):
+    server = spawn_server(chat_model[1], "--num-blocks", "16")
+    try:
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) == 0, server.output
+        assert time.monotonic() - started < 15
+    finally:
+        server.kill()
