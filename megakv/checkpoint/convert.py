@@ -4,7 +4,7 @@ The conversion streams: every rank's shard file is planned up front with
 :class:`SafetensorsWriter`, then each source layer is read once, sharded for all
 ranks, written, and dropped, so memory holds one layer at a time. Output goes to
 a temporary folder next to the target and is renamed into place at the end, so a
-failed conversion leaves nothing half-written.
+failed or interrupted conversion (an error, Ctrl-C, SIGTERM) leaves nothing half-written.
 
 Command line (``tools/convert_checkpoint.py``)::
 
@@ -23,6 +23,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -141,8 +142,9 @@ def convert_checkpoint(source: str, input_dir: str | os.PathLike, output_dir: st
         output_path.parent.mkdir(parents=True, exist_ok=True)
         # mkdir rather than tempfile.mkdtemp, whose 0700 mode would stick to the renamed output.
         temp_path = output_path.parent / f"{output_path.name}.tmp-{secrets.token_hex(4)}"
-        temp_path.mkdir()
         try:
+            # Inside the try: a signal that lands just after the folder is made still removes it.
+            temp_path.mkdir()
             if to == "megakv":
                 _write_shards(reader, cfg, tp, temp_path, progress)
                 write_checkpoint_config(temp_path, cfg, tp)
@@ -192,9 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that the conversion's cleanup removes its temporary folder."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: convert, or print one ``error:`` line and exit 2 on a bad input."""
+    """Entry point: convert, or print one ``error:`` line and exit 2 on a bad input (130 when interrupted)."""
     args = build_parser().parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         options = SourceOptions(iteration=args.iteration, tag=args.tag, hf_config=args.hf_config,
                                 model_args=dict(parse_model_arg(text) for text in args.model_arg))
@@ -204,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; {args.output} was not written", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if isinstance(info, Path):
         print(f"wrote Hugging Face LLaMA folder {info}")
         return
