@@ -232,19 +232,22 @@ class ClusterEngine:
         """Each instance's queues and pool as of the last exchange (this instance's as they are now), and the
         gManager's counters and ledger; blocks lent and borrowed are the ledger's debts."""
         self._require_front()
-        debts = {pair: num_blocks for pair, num_blocks in self.gmanager.debts.items() if num_blocks}
+        debts = {pair: n for pair, n in self.gmanager.debts.items() if n}
         instances = []
+        num_blocks = self.rmanager.pool.num_blocks
         for index in range(self.num_instances):
             if index == self.instance_id:
-                counts = (len(self.scheduler.running), len(self.scheduler.waiting), self.rmanager.num_free_blocks)
+                running, waiting, free = len(self.scheduler.running), len(self.scheduler.waiting), \
+                    self.rmanager.num_free_blocks
             elif self._statuses is not None:
                 status = self._statuses[index]
-                counts = (status.num_running, status.num_waiting, status.num_free_blocks)
+                running, waiting, free = status.num_running, status.num_waiting, status.num_free_blocks
             else:
-                counts = (0, 0, self.rmanager.pool.num_blocks)
-            lent = sum(num_blocks for (_, creditor), num_blocks in debts.items() if creditor == index)
-            borrowed = sum(num_blocks for (debtor, _), num_blocks in debts.items() if debtor == index)
-            instances.append(InstanceStats(index, *counts, self.rmanager.pool.num_blocks, lent, borrowed))
+                running, waiting, free = 0, 0, num_blocks
+            instances.append(InstanceStats(
+                index, running, waiting, num_blocks=num_blocks, num_free_blocks=free,
+                num_lent_blocks=sum(n for (_, creditor), n in debts.items() if creditor == index),
+                num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index)))
         return EngineStats(instances, self.gmanager.num_borrow_events, self.gmanager.num_blocks_borrowed,
                            self.gmanager.num_blocks_moved, self.gmanager.outstanding())
 

@@ -1,0 +1,46 @@
+"""megakv serve on a 2-instance DistKV cluster under mpirun: a prompt longer than one pool borrows blocks and
+decodes as Hugging Face does, a client that leaves aborts its request with every block back home, and SIGTERM on
+rank 0 ends the whole job with status 0."""
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from server_process import metric, scrape, wait_for_idle_pools
+
+# Pools of 8 blocks of 16 tokens: 128 tokens per instance, 256 with what the other lends.
+NUM_BLOCKS, BLOCK_SIZE = 8, 16
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model, start_server, hf_greedy):
+    hf_dir, checkpoint = chat_model
+    server = start_server(checkpoint, "--instances", "2", "--num-blocks", str(NUM_BLOCKS), "--block-size",
+                          str(BLOCK_SIZE), "--served-model-name", "tiny", ranks=2)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    assert client.models.list().data[0].max_model_len == 2 * NUM_BLOCKS * BLOCK_SIZE
+
+    long_prompt, short_prompt = [(7 * index) % 256 for index in range(200)], [5, 6, 7]
+    expected = hf_greedy(hf_dir, [long_prompt, short_prompt], 16)
+    response = client.completions.create(model="tiny", prompt=[long_prompt, short_prompt], max_tokens=16,
+                                         temperature=0, extra_body={"return_token_ids": True})
+    assert [choice.token_ids for choice in response.choices] == expected
+    samples = wait_for_idle_pools(server.url)
+    assert metric(samples, "megakv:borrow_events_total") >= 1
+    assert metric(samples, "megakv:kv_blocks_total", instance="1") == NUM_BLOCKS
+
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": long_prompt[:150], "max_tokens": 100, "ignore_eos": True, "stream": True}
+            ) as stream:
+        lines = stream.iter_lines()
+        assert sum(next(lines).startswith("data: ") for _ in range(6)) == 3
+        running = scrape(server.url)
+        assert metric(running, "megakv:num_requests_running") == 1
+        assert metric(running, "megakv:kv_blocks_borrowed") > 0
+    wait_for_idle_pools(server.url)
+
+    assert server.stop(signal.SIGTERM) == 0, server.output
