@@ -42,10 +42,13 @@ from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.parallel import state
 
-# How long a rank that finished its step early first sleeps between checks on the others; the sleep
-# doubles while it waits, up to the second bound, so that a rank waiting for long takes almost no CPU.
+# How long a rank that finished its step early sleeps between checks on the others. After
+# BACKOFF_AFTER_SECONDS of waiting (the others are not about to finish a step: the cluster is idle, or
+# runs a long prefill) the sleep doubles up to the second bound, so that a long wait takes almost no
+# CPU; a shorter wait keeps the short sleep, which oversleeps the others' step by little.
 IDLE_POLL_SECONDS = 50e-6
 MAX_IDLE_POLL_SECONDS = 5e-3
+BACKOFF_AFTER_SECONDS = 0.02
 # prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h), and the slack the
 # leaders ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
@@ -70,9 +73,11 @@ def wait_quietly(done: Callable[[], bool]) -> None:
     """Wait until ``done()`` without spinning: MPI's blocking calls busy-poll, which takes a core from the
     instances still computing (the CPU cluster shares a few cores) and burns one while the cluster is idle."""
     pause = IDLE_POLL_SECONDS
+    backoff_at = time.monotonic() + BACKOFF_AFTER_SECONDS
     while not done():
         time.sleep(pause)
-        pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
+        if time.monotonic() > backoff_at:
+            pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
 
 
 @dataclass(frozen=True)
