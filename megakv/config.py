@@ -6,6 +6,7 @@ Each part of the system receives only the sub-config it needs: the model gets
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,11 @@ class ModelConfig:
             raise ValueError(f"model config: {err}") from None
 
 
+def _is_int(value: Any) -> bool:
+    """True for an int that is not a bool: YAML's ``true`` must not pass as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The rBlock KV pool of one instance (per TP rank)."""
@@ -176,12 +182,13 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
+        if not _is_int(self.block_size) or self.block_size <= 0:
             raise ValueError(f"cache config: block_size must be a positive integer, got {self.block_size!r}")
-        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks <= 0):
+        if self.num_blocks is not None and (not _is_int(self.num_blocks) or self.num_blocks <= 0):
             raise ValueError(f"cache config: num_blocks must be a positive integer, got {self.num_blocks!r}")
-        if not self.kv_cache_memory_gb > 0:
-            raise ValueError(f"cache config: kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb!r}")
+        memory = self.kv_cache_memory_gb
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory < math.inf:
+            raise ValueError(f"cache config: kv_cache_memory_gb must be a positive finite number, got {memory!r}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"scheduler config: {key} must be a positive integer, got {value!r}")
 
 
@@ -209,7 +216,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for key in ("tensor_parallel_size", "num_instances"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"parallel config: {key} must be a positive integer, got {value!r}")
 
     @property
@@ -227,9 +234,10 @@ class DistKVConfig:
     max_moves_per_step: int = 8
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lending_cap, (int, float)) or not 0.0 <= self.lending_cap <= 1.0:
-            raise ValueError(f"distkv config: lending_cap must be between 0 and 1, got {self.lending_cap!r}")
-        if not isinstance(self.max_moves_per_step, int) or self.max_moves_per_step < 0:
+        cap = self.lending_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap <= 1.0:
+            raise ValueError(f"distkv config: lending_cap must be between 0 and 1, got {cap!r}")
+        if not _is_int(self.max_moves_per_step) or self.max_moves_per_step < 0:
             raise ValueError(f"distkv config: max_moves_per_step must be an integer >= 0, "
                              f"got {self.max_moves_per_step!r}")
 

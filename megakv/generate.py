@@ -57,7 +57,11 @@ def sampling_params(options: dict, spec: PromptSpec, chat_stop_ids: tuple[int, .
     merged = {key: spec.overrides.get(key, options[key]) for key in
               ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
     stop_ids = chat_stop_ids if spec.messages is not None else ()
-    return SamplingParams(ignore_eos=options["ignore_eos"], stop_token_ids=stop_ids, **merged)
+    try:
+        return SamplingParams(ignore_eos=options["ignore_eos"], stop_token_ids=stop_ids, **merged)
+    except ValueError as err:
+        # Only prompts-file lines carry overrides: name the line, as for its other errors.
+        raise UsageError(f"{spec.where}: {err}" if spec.overrides else str(err)) from None
 
 
 def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dict:

@@ -67,6 +67,8 @@ class PromptSpec:
     instance: int | None = None
     # A conversation to render with the checkpoint's chat template (instead of prompt_ids or text).
     messages: list[dict[str, str]] | None = None
+    # Where the prompt came from, for error messages: "FILE:LINE" of a prompts file, else the flag.
+    where: str = ""
 
 
 PROMPT_OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -81,11 +83,11 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
             ids = [int(part) for part in args.prompt_ids.split(",") if part.strip()]
         except ValueError:
             raise UsageError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        return [PromptSpec(ids, None, {})]
+        return [PromptSpec(ids, None, {}, where="--prompt-ids")]
     if args.prompt is not None:
-        return [PromptSpec(None, args.prompt, {})]
+        return [PromptSpec(None, args.prompt, {}, where="--prompt")]
     if args.chat is not None:
-        return [PromptSpec(None, None, {}, messages=[{"role": "user", "content": args.chat}])]
+        return [PromptSpec(None, None, {}, messages=[{"role": "user", "content": args.chat}], where="--chat")]
     try:
         with open(args.prompts_file) as f:
             lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
@@ -104,16 +106,17 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
         ids = record.get("prompt_ids")
-        if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids)):
-            raise UsageError(f"{where}: prompt_ids must be a list of integers")
+        if ids is not None and (not isinstance(ids, list)
+                                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise UsageError(f"{where}: prompt_ids must be a list of integers, got {ids!r}")
         messages = record.get("messages")
         if messages is not None:
             check_messages(messages, where)
         instance = record.get("instance")
-        if instance is not None and (not isinstance(instance, int) or instance < 0):
-            raise UsageError(f"{where}: instance must be an integer >= 0")
+        if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool) or instance < 0):
+            raise UsageError(f"{where}: instance must be an integer >= 0, got {instance!r}")
         specs.append(PromptSpec(ids, record.get("prompt"), {k: record[k] for k in PROMPT_OVERRIDES if k in record},
-                                instance, messages))
+                                instance, messages, where))
     if not specs:
         raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt")
     return specs

@@ -83,7 +83,7 @@ def test_generate_bad_values_in_files_clear_error(megakv_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt_ids": [1, 2], "temperature": "hot"}\n')
     assert_clean_error(run_megakv("--model", str(checkpoint), "--prompts-file", str(prompts)),
-                       "temperature must be a number, got 'hot'")
+                       "prompts.jsonl:1: temperature must be a finite number, got 'hot'")
     config = tmp_path / "eos.yaml"
     config.write_text("ignore_eos: maybe\n")
     assert_clean_error(run_megakv("--model", str(checkpoint), "--config", str(config), "--prompt-ids", "1"),
