@@ -219,8 +219,10 @@ class ClusterEngine:
             self._orders.aborts.append((self._where[request_id], request_id))
 
     def has_unfinished(self) -> bool:
-        """True while a request runs anywhere in the cluster or has an output not yet returned."""
-        return bool(self._where) or bool(self._ready)
+        """True while a request runs anywhere in the cluster, has an output not yet returned, or finished leaving
+        blocks to hand back or borrow: an idle front stops stepping, and those go home only in a step."""
+        owed = self.rmanager.has_returns or any(status.needs_round for status in self._statuses or ())
+        return bool(self._where) or bool(self._ready) or owed
 
     def step(self) -> list[RequestOutput]:
         """Run one cluster step; returns the outputs that reached the front (instance 0's of this step, the

@@ -59,9 +59,12 @@ def main() -> None:
         step += 1
         if len(ids) == len(requests) and not engine.has_unfinished():
             break
+    # Every block must be home while the cluster still runs, not only after the shutdown's last round.
+    ledger_before_shutdown = engine.gmanager.outstanding()
     engine.shutdown()
     report = engine.cluster_report()
-    json.dump({"results": results, "report": report, "steps": step}, open(sys.argv[2], "w"))
+    json.dump({"results": results, "report": report, "steps": step, "ledger_before_shutdown": ledger_before_shutdown},
+              open(sys.argv[2], "w"))
     state.destroy_model_parallel()
 
 

@@ -47,7 +47,7 @@ def run_online(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, poo
             timeout=600)
     result = json.loads((tmp_path / "out.json").read_text())
     report = result["report"]
-    assert report["ledger_outstanding"] == {}
+    assert result["ledger_before_shutdown"] == {} and report["ledger_outstanding"] == {}
     assert report["free_blocks"] == {str(i): pool_blocks for i in range(instances)}
     return result
 
