@@ -117,6 +117,9 @@ class LeaderStatus:
     served: dict[int, ServedQueries]
     # Set by the front only.
     orders: FrontOrders | None = None
+    # This instance's counters since start (for the front's stats).
+    num_preemptions: int = 0
+    num_remote_micro_attentions: int = 0
 
 
 @dataclass
@@ -246,15 +249,20 @@ class ClusterEngine:
             if index == self.instance_id:
                 running, waiting, free = len(self.scheduler.running), len(self.scheduler.waiting), \
                     self.rmanager.num_free_blocks
+                preemptions, micro_attentions = self.scheduler.num_preemptions, \
+                    self.model_runner.num_remote_micro_attentions
             elif self._statuses is not None:
                 status = self._statuses[index]
                 running, waiting, free = status.num_running, status.num_waiting, status.num_free_blocks
+                preemptions, micro_attentions = status.num_preemptions, status.num_remote_micro_attentions
             else:
                 running, waiting, free = 0, 0, num_blocks
+                preemptions, micro_attentions = 0, 0
             instances.append(InstanceStats(
                 index, running, waiting, num_blocks=num_blocks, num_free_blocks=free,
                 num_lent_blocks=sum(n for (_, creditor), n in debts.items() if creditor == index),
-                num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index)))
+                num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index),
+                num_preemptions=preemptions, num_remote_micro_attentions=micro_attentions))
         return EngineStats(instances, self.gmanager.num_borrow_events, self.gmanager.num_blocks_borrowed,
                            self.gmanager.num_blocks_moved, self.gmanager.outstanding())
 
@@ -299,6 +307,8 @@ class ClusterEngine:
                                 (*scheduler.waiting, *scheduler.running)),
                             num_free_blocks=rmanager.num_free_blocks, num_running=len(scheduler.running),
                             num_waiting=len(scheduler.waiting), outputs=outputs,
+                            num_preemptions=scheduler.num_preemptions,
+                            num_remote_micro_attentions=self.model_runner.num_remote_micro_attentions,
                             needs_round=bool(rmanager.pending_needs() or rmanager.has_returns),
                             num_lendable_blocks=rmanager.num_lendable_blocks,
                             holds_remote_blocks=bool(rmanager.remote_block_counts()),

@@ -18,7 +18,7 @@ from megakv.distkv.policy import LocalAdmission
 from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner
 from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus
-from megakv.engine.sampling import SamplingParams
+from megakv.engine.sampling import SampledTokens, SamplingParams
 from megakv.engine.scheduler import AdmissionPolicy, ScheduledChunk, Scheduler, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool, num_blocks_for
 from megakv.kvcache.kv_cache import KVCache
@@ -109,21 +109,20 @@ class InstanceCore:
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             raise RuntimeError("scheduler made no progress: no request fits in the KV pool")
-        tokens = self.model_runner.execute(scheduled)
-        outputs = self.postprocess(scheduled, tokens)
+        outputs = self.postprocess(scheduled, self.model_runner.execute(scheduled))
         self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
         return outputs
 
-    def postprocess(self, scheduled: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+    def postprocess(self, scheduled: SchedulerOutput, sampled: SampledTokens) -> list[RequestOutput]:
         """Append the sampled tokens and retire finished requests; one output per request that sampled."""
         outputs = []
-        next_tokens = iter(tokens)
+        next_tokens = iter(zip(sampled.token_ids, sampled.logprobs))
         for chunk in scheduled.chunks:
             request = chunk.request
             request.num_computed_tokens += chunk.num_tokens
             if not chunk.samples_next_token:
                 continue
-            token = next(next_tokens)
+            token, logprobs = next(next_tokens)
             request.output_ids.append(token)
             reason = self._finish_reason(request, token)
             placement = None
@@ -132,7 +131,8 @@ class InstanceCore:
                 self.scheduler.finish(request, reason)
                 self.model_runner.sampler.release(request.request_id)
             outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [token],
-                                         reason, placement, instance=self.rmanager.instance_id))
+                                         reason, placement, instance=self.rmanager.instance_id,
+                                         new_logprobs=None if logprobs is None else [logprobs]))
         return outputs
 
     def placement(self, request: Request) -> Placement:

@@ -128,7 +128,8 @@ class LLMEngine:
         """This instance's queues and pool, as they are between steps."""
         scheduler = self.core.scheduler
         return EngineStats([InstanceStats(self.rmanager.instance_id, len(scheduler.running), len(scheduler.waiting),
-                                          self.rmanager.pool.num_blocks, self.rmanager.num_free_blocks)])
+                                          self.rmanager.pool.num_blocks, self.rmanager.num_free_blocks,
+                                          num_preemptions=scheduler.num_preemptions)])
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Serve a batch of prompts to completion (see :func:`generate`)."""

@@ -16,7 +16,7 @@ from megakv.attention.metadata import AttentionMetadata
 from megakv.distkv.messages import BlockRef
 from megakv.distkv.remote_attention import OutgoingQueries, ServedQueries
 from megakv.distkv.rmanager import RManager
-from megakv.engine.sampling import Sampler
+from megakv.engine.sampling import SampledTokens, Sampler
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.llama import LlamaModel
@@ -100,6 +100,8 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self._views: dict[str, _TableView] = {}
+        # Micro-attentions asked of other instances since start: one per request chunk and creditor in a step.
+        self.num_remote_micro_attentions = 0
 
     def _table_view(self, request_id: str) -> _TableView:
         view = self._views.get(request_id)
@@ -153,6 +155,7 @@ class ModelRunner:
                 work.query_start_loc.append(work.query_start_loc[-1] + chunk.num_tokens)
                 work.context_lens.append(end)
                 work.block_tables.append(view.row_for(creditor))
+        self.num_remote_micro_attentions += sum(len(work.context_lens) for work in served.values())
         metadata = AttentionMetadata(query_start_loc=query_start_loc, context_lens=context_lens,
                                      block_tables=local_tables.to(self.device),
                                      slot_mapping=torch.cat(slot_mapping).to(self.device), sliding_window=window)
@@ -171,17 +174,21 @@ class ModelRunner:
         """Prepare and run one step (see forward)."""
         return self.forward(self.prepare(scheduled), every_token)
 
-    def sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> list[int]:
-        """The next token of every chunk that samples, in batch order."""
+    def sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> SampledTokens:
+        """The next token of every chunk that samples, in batch order, with logprobs where asked."""
         sampling = [chunk.request for chunk in scheduled.chunks if chunk.samples_next_token]
         if not sampling:
-            return []
+            return SampledTokens([], [])
         return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
 
-    def execute(self, scheduled: SchedulerOutput) -> list[int]:
-        """Run one single-instance step; every TP rank returns the same tokens."""
-        tokens = self.sample(scheduled, self.compute_logits(scheduled))
-        return self._broadcast_from_tp_rank0(tokens)
+    def execute(self, scheduled: SchedulerOutput) -> SampledTokens:
+        """Run one single-instance step; every TP rank returns the same tokens.
+
+        Logprobs are not broadcast: every rank computes them from the same logits, and only TP rank 0's reach
+        a client.
+        """
+        sampled = self.sample(scheduled, self.compute_logits(scheduled))
+        return SampledTokens(self._broadcast_from_tp_rank0(sampled.token_ids), sampled.logprobs)
 
     def _broadcast_from_tp_rank0(self, tokens: list[int]) -> list[int]:
         if state.get_tensor_model_parallel_world_size() == 1 or not tokens:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from megakv.engine.sampling import SamplingParams
+from megakv.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -74,6 +74,8 @@ class RequestOutput:
     error: str | None = None
     # The instance that serves the request.
     instance: int | None = None
+    # Logprobs of new_token_ids, one each, when the request's params ask for them.
+    new_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

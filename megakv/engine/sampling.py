@@ -1,10 +1,13 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded, with optional logprobs."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
+
+# The most top logprobs a request may ask for per token (OpenAI's and vLLM's default bound).
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # Tokens that end the request as the model's EOS does (a chat template's end-of-turn token).
     stop_token_ids: tuple[int, ...] = ()
+    # Top logprobs wanted per sampled token (0 = the sampled token's alone); None = no logprobs.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("temperature", "top_p"):
@@ -42,6 +47,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -62,14 +70,40 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of one sampled token under the model's raw distribution (before temperature,
+    top-k and top-p, as vLLM reports them by default)."""
+
+    logprob: float
+    # The most likely tokens as (token id, logprob), most likely first.
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One step's sampled token per request, in batch order, with logprobs for requests that asked."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
+    """The logprob of token_id and the num_top most likely tokens, from one logits row [vocab], in fp32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logprobs, num_top) if num_top else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprobs(float(logprobs[token_id]), pairs)
+
+
 class Sampler:
     """Picks the next token of each request from its logits row."""
 
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """logits [num_requests, vocab] -> one token id per request."""
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> SampledTokens:
+        """logits [num_requests, vocab] -> one token id per request, and logprobs where asked."""
         tokens = logits.argmax(dim=-1).tolist()
         for row, (request_id, request_params) in enumerate(zip(request_ids, params)):
             if request_params.greedy:
@@ -78,7 +112,10 @@ class Sampler:
                                      request_params.top_p)
             probs = filtered.softmax(-1)
             tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, request_params)))
-        return tokens
+        logprobs = [None if request_params.logprobs is None else
+                    token_logprobs(logits[row], tokens[row], request_params.logprobs)
+                    for row, request_params in enumerate(params)]
+        return SampledTokens(tokens, logprobs)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
         if request_id not in self._generators:

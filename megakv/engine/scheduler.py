@@ -60,6 +60,8 @@ class Scheduler:
         self.admission = admission
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Requests preempted since start, for monitoring.
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         """Queue a new request."""
@@ -115,6 +117,7 @@ class Scheduler:
         """Free a running request's blocks and queue it first for recomputation."""
         self.running.remove(request)
         self.rmanager.free(request.request_id)
+        self.num_preemptions += 1
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.admission.on_preempt(request)

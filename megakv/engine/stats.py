@@ -17,6 +17,11 @@ class InstanceStats:
     # Blocks of this pool held by other instances' requests, and blocks this instance's requests hold elsewhere.
     num_lent_blocks: int = 0
     num_borrowed_blocks: int = 0
+    # Requests preempted (blocks freed, recomputed later) since start.
+    num_preemptions: int = 0
+    # Micro-attentions this instance's steps asked of other instances since start: one per request chunk and
+    # creditor instance in a step (all layers together).
+    num_remote_micro_attentions: int = 0
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ class EngineStatsCollector:
                                "num_lent_blocks"),
             "kv_blocks_borrowed": (GaugeMetricFamily, "rBlocks this instance's requests hold on other instances",
                                    "num_borrowed_blocks"),
+            "num_preemptions": (CounterMetricFamily, "Requests preempted (blocks freed, prompt recomputed later)",
+                                "num_preemptions"),
+            "remote_micro_attentions": (CounterMetricFamily, "Micro-attentions this instance's steps asked of other "
+                                        "instances: one per request chunk and creditor instance in a step, all "
+                                        "layers together", "num_remote_micro_attentions"),
         }
         for name, (family_class, documentation, attribute) in per_instance.items():
             family = family_class(f"megakv:{name}", documentation, labels=LABELS)

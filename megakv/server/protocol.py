@@ -2,13 +2,15 @@
 
 A field megakv does not know is rejected by name ("extra": "forbid"), and a known field that
 megakv does not implement is accepted only at its neutral value (``n`` = 1, no penalties, no
-logprobs), so a client never gets an answer that silently ignored what it asked for.
+prompt logprobs), so a client never gets an answer that silently ignored what it asked for.
 """
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from megakv.engine.sampling import MAX_LOGPROBS
 
 
 class StrictModel(BaseModel):
@@ -25,8 +27,7 @@ class StreamOptions(StrictModel):
 
 # Known fields megakv does not implement -> the only value it accepts for them.
 NEUTRAL_VALUES = {"n": 1, "best_of": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                  "repetition_penalty": 1.0, "logit_bias": None, "suffix": None, "logprobs": None,
-                  "top_logprobs": None, "min_tokens": 0}
+                  "repetition_penalty": 1.0, "logit_bias": None, "suffix": None, "min_tokens": 0}
 
 
 class SamplingRequest(StrictModel):
@@ -60,8 +61,8 @@ class SamplingRequest(StrictModel):
     def _only_neutral_values(self) -> SamplingRequest:
         for name, neutral in NEUTRAL_VALUES.items():
             value = getattr(self, name, neutral)
-            # A chat request's logprobs is a bool, off when False; an empty logit_bias biases nothing.
-            if value != neutral and value is not False and value != {}:
+            # An empty logit_bias biases nothing.
+            if value != neutral and value != {}:
                 raise ValueError(f"{name} = {value!r} is not supported by megakv: leave it out")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
@@ -73,13 +74,33 @@ class SamplingRequest(StrictModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def check_num_logprobs(name: str, value: int | None) -> None:
+    """Raise ValueError unless value is None or 0 .. MAX_LOGPROBS."""
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise ValueError(f"{name} must be from 0 to {MAX_LOGPROBS}, got {value}")
+
+
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: a prompt as text, token ids, or a list of either (one choice each)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    # Top logprobs per generated token (vLLM's and OpenAI's legacy field).
     logprobs: int | None = None
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> CompletionRequest:
+        check_num_logprobs("logprobs", self.logprobs)
+        if self.logprobs is not None and self.echo:
+            raise ValueError("logprobs with echo asks for the prompt's logprobs, which megakv does not compute: "
+                             "leave out echo or logprobs")
+        return self
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """Top logprobs wanted per generated token; None: no logprobs."""
+        return self.logprobs
 
 
 class TextPart(StrictModel):
@@ -109,6 +130,7 @@ class ChatCompletionRequest(SamplingRequest):
     # The newer name of max_tokens; it wins when both are given.
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    # Top logprobs per generated token; needs logprobs.
     top_logprobs: int | None = None
 
     @model_validator(mode="after")
@@ -116,6 +138,18 @@ class ChatCompletionRequest(SamplingRequest):
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatCompletionRequest:
+        check_num_logprobs("top_logprobs", self.top_logprobs)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """Top logprobs wanted per generated token; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeRequest(StrictModel):

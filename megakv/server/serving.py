@@ -17,9 +17,10 @@ from typing import Any
 
 from megakv.chat import ChatTemplate
 from megakv.engine.async_engine import AsyncEngine
-from megakv.engine.sampling import SamplingParams
+from megakv.engine.sampling import SamplingParams, TokenLogprobs
+from megakv.server.logprobs import chat_logprobs, completion_logprobs
 from megakv.server.metrics import ServerMetrics
-from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
+from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from megakv.server.streams import TextDelta, generate_text, merge
 from megakv.tokenizer import TextTokenizer
 
@@ -105,7 +106,7 @@ def chat_prompt(messages: list[ChatMessage], context: ServingContext) -> Prompt:
     return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
 
 
-def sampling_params(request: SamplingRequest, prompt: Prompt, context: ServingContext,
+def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: Prompt, context: ServingContext,
                     extra_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
     """The engine's parameters for one prompt; APIError when they can never be served."""
     if not prompt.token_ids:
@@ -135,7 +136,8 @@ def sampling_params(request: SamplingRequest, prompt: Prompt, context: ServingCo
         return SamplingParams(max_new_tokens=max_tokens, temperature=values["temperature"] or 0.0,
                               top_k=top_k, top_p=1.0 if values["top_p"] is None else values["top_p"],
                               seed=values["seed"], ignore_eos=bool(values["ignore_eos"]),
-                              stop_token_ids=(*stop_token_ids, *extra_stop_ids))
+                              stop_token_ids=(*stop_token_ids, *extra_stop_ids),
+                              logprobs=request.num_top_logprobs)
     except ValueError as err:
         raise APIError(str(err)) from None
 
@@ -186,15 +188,23 @@ class Completion:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.context.model_name}
 
-    def _choice(self, index: int, text: str, token_ids: list[int], delta: TextDelta | None,
-                chunk: bool) -> dict[str, Any]:
+    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None,
+                  text_offset: int) -> dict[str, Any] | None:
+        if logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(token_ids, logprobs, self.context.tokenizer)
+        return completion_logprobs(token_ids, logprobs, self.context.tokenizer, text_offset)
+
+    def _choice(self, index: int, text: str, token_ids: list[int], delta: TextDelta | None, chunk: bool,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index}
         if self.chat:
             message = {"role": "assistant", "content": text} if not chunk else {"content": text} if text else {}
             choice["delta" if chunk else "message"] = message
         else:
             choice["text"] = text
-        choice.update(logprobs=None, finish_reason=delta.finish_reason if delta else None,
+        choice.update(logprobs=logprobs, finish_reason=delta.finish_reason if delta else None,
                       stop_reason=delta.stop_reason if delta else None)
         if self.with_token_ids:
             choice["token_ids"] = token_ids
@@ -206,20 +216,26 @@ class Completion:
         """The whole response, once every prompt has finished."""
         texts = [self._prompt_text(prompt) if self.echo else "" for prompt in self.prompts]
         token_ids: list[list[int]] = [[] for _ in self.prompts]
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(self.prompts)
         finals: list[TextDelta | None] = [None] * len(self.prompts)
         async with aclosing(self._streams()) as streams:
             async for index, delta in streams:
                 texts[index] += delta.text
                 token_ids[index] += delta.token_ids
+                if delta.logprobs is not None:
+                    logprobs[index] = (logprobs[index] or []) + delta.logprobs
                 if delta.finish_reason is not None:
                     finals[index] = delta
-        choices = [self._choice(index, texts[index], token_ids[index], finals[index], chunk=False)
+        choices = [self._choice(index, texts[index], token_ids[index], finals[index], chunk=False,
+                                logprobs=self._logprobs(token_ids[index], logprobs[index], 0))
                    for index in range(len(self.prompts))]
         return {**self._header(chunk=False), "choices": choices, "usage": self._usage(token_ids)}
 
     async def stream(self) -> AsyncIterator[str]:
         """The response as Server-Sent Events, ending with "[DONE]"; a failure mid-stream is an error event."""
         token_ids: list[list[int]] = [[] for _ in self.prompts]
+        # Where each completion choice's next token text starts, for its logprobs' text_offset.
+        text_offsets = [0] * len(self.prompts)
         for index, prompt in enumerate(self.prompts):
             if self.chat:
                 opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -231,9 +247,13 @@ class Completion:
         try:
             async with aclosing(self._streams()) as streams:
                 async for index, delta in streams:
+                    logprobs = self._logprobs(delta.token_ids, delta.logprobs, text_offsets[index])
+                    if logprobs is not None and not self.chat:
+                        text_offsets[index] += sum(map(len, logprobs["tokens"]))
                     token_ids[index] += delta.token_ids
-                    if delta.text or delta.finish_reason is not None or self.with_token_ids:
-                        choice = self._choice(index, delta.text, delta.token_ids, delta, chunk=True)
+                    if delta.text or delta.finish_reason is not None or self.with_token_ids or logprobs:
+                        choice = self._choice(index, delta.text, delta.token_ids, delta, chunk=True,
+                                              logprobs=logprobs)
                         yield sse({**self._header(chunk=True), "choices": [choice]})
         except (RuntimeError, ValueError) as err:
             yield sse({"error": {"message": str(err), "type": "InternalServerError", "param": None, "code": 500}})

@@ -12,7 +12,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from megakv.engine.async_engine import AsyncEngine
-from megakv.engine.sampling import SamplingParams
+from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.metrics import RequestTracker
 from megakv.server.text import IncrementalDecoder, StopStringMatcher
 from megakv.tokenizer import TextTokenizer
@@ -28,6 +28,8 @@ class TextDelta:
     finish_reason: str | None = None
     # The stop string or stop token id that ended the request (None for EOS and other reasons), as vLLM reports.
     stop_reason: str | int | None = None
+    # Logprobs of token_ids, one each, when the request asked for them.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
@@ -55,7 +57,8 @@ async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: Samp
                 finish_reason, stop_reason = "stop", matcher.matched
             if finish_reason is not None:
                 tracker.finish(finish_reason, output.instance)
-            yield TextDelta(text, token_ids, finish_reason, stop_reason)
+            logprobs = None if output.new_logprobs is None else output.new_logprobs[:len(token_ids)]
+            yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs)
             if finish_reason is not None:
                 # Leaving the loop closes the engine's generator: a request still running there is aborted.
                 return

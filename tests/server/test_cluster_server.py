@@ -1,5 +1,5 @@
 """megakv serve on a 2-instance DistKV cluster under mpirun: a prompt longer than one pool borrows blocks and
-decodes as Hugging Face does, a client that leaves aborts its request with every block back home, and SIGTERM on
+decodes as Hugging Face does (its logprobs cross instances and its remote micro-attentions are counted), a client that leaves aborts its request with every block back home, and SIGTERM on
 rank 0 ends the whole job with status 0."""
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
     long_prompt, short_prompt = [(7 * index) % 256 for index in range(200)], [5, 6, 7]
     expected = hf_greedy(hf_dir, [long_prompt, short_prompt], 16)
     response = client.completions.create(model="tiny", prompt=[long_prompt, short_prompt], max_tokens=16,
-                                         temperature=0, extra_body={"return_token_ids": True})
+                                         temperature=0, logprobs=2, extra_body={"return_token_ids": True})
     assert [choice.token_ids for choice in response.choices] == expected
+    assert [len(choice.logprobs.top_logprobs) for choice in response.choices] == list(map(len, expected))
     samples = wait_for_idle_pools(server.url)
     assert metric(samples, "megakv:borrow_events_total") >= 1
+    assert metric(samples, "megakv:remote_micro_attentions_total") >= 1
     assert metric(samples, "megakv:kv_blocks_total", instance="1") == NUM_BLOCKS
 
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={

@@ -1,0 +1,94 @@
+"""Logprobs through the real openai client: greedy decoding's logprobs equal log_softmax of Hugging Face's logits
+(fp32) at each step, and the top logprobs are Hugging Face's top-k, in order."""
+from __future__ import annotations
+
+import pytest
+import torch
+from openai import OpenAI
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from server_process import spawn_server
+
+MAX_TOKENS, NUM_TOP = 8, 5
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    server = spawn_server(chat_model[1], "--num-blocks", "64", "--served-model-name", "tiny")
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_model) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast.from_pretrained(chat_model[0])
+
+
+def hf_logprobs(hf_dir, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """log_softmax of Hugging Face's fp32 logits [len(output_ids), vocab] at each generated position."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + output_ids])).logits[0]  # [S, vocab]
+    return torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+
+
+def test_completions_logprobs_equal_hugging_face(client, chat_model, tokenizer):
+    prompt_ids = [5, 80, 33, 120, 7]
+    choice = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=NUM_TOP, extra_body={"return_token_ids": True,
+                                                                     "ignore_eos": True}).choices[0]
+    expected = hf_logprobs(chat_model[0], prompt_ids, choice.token_ids)
+    assert choice.token_ids == expected.argmax(-1).tolist()
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([token]) for token in choice.token_ids]
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs),
+                               expected.gather(1, torch.tensor(choice.token_ids)[:, None])[:, 0],
+                               atol=1e-4, rtol=0)
+    for step, top in enumerate(logprobs.top_logprobs):
+        values, ids = expected[step].topk(NUM_TOP)
+        reference = {tokenizer.decode([token]): value for token, value in zip(ids.tolist(), values.tolist())}
+        assert top.keys() == reference.keys()
+        torch.testing.assert_close(torch.tensor(list(top.values())), torch.tensor(list(reference.values())),
+                                   atol=1e-4, rtol=0)
+    lengths = [len(token) for token in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:index]) for index in range(len(lengths))]
+
+    chunks = list(client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=MAX_TOKENS, temperature=0,
+                                            logprobs=NUM_TOP, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [chunk.choices[0].logprobs for chunk in chunks if chunk.choices[0].logprobs is not None]
+    assert sum((part.tokens for part in streamed), []) == logprobs.tokens
+    assert sum((part.token_logprobs for part in streamed), []) == logprobs.token_logprobs
+    assert sum((part.text_offset for part in streamed), []) == logprobs.text_offset
+
+
+def test_chat_logprobs_equal_hugging_face_top_k_in_order(client, chat_model, tokenizer):
+    messages = [{"role": "user", "content": "Hi there"}]
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS,
+                                              temperature=0, logprobs=True, top_logprobs=NUM_TOP,
+                                              extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = response.choices[0]
+    expected = hf_logprobs(chat_model[0], choice.prompt_token_ids, choice.token_ids)
+    content = choice.logprobs.content
+    assert len(content) == len(choice.token_ids)
+    for step, (token, entry) in enumerate(zip(choice.token_ids, content)):
+        text = tokenizer.decode([token])
+        assert entry.token == text and entry.bytes == list(text.encode("utf-8"))
+        assert entry.logprob == pytest.approx(expected[step, token].item(), abs=1e-4)
+        values, ids = expected[step].topk(NUM_TOP)
+        assert [top.token for top in entry.top_logprobs] == [tokenizer.decode([top]) for top in ids.tolist()]
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS,
+                                                 temperature=0, logprobs=True, top_logprobs=NUM_TOP, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    streamed = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    assert [entry.model_dump() for entry in streamed] == [entry.model_dump() for entry in content]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0,
+                                           logprobs=True)
+    assert all(entry.top_logprobs == [] for entry in plain.choices[0].logprobs.content)
