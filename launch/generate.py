@@ -1,6 +1,6 @@
 """Entry point for launchers that start a Python script, such as ``deepspeed``.
 
-    deepspeed --num_gpus 2 launch/generate.py --model CKPT_DIR --tp 2 --prompt-ids 1,2,3 --json
+    deepspeed --quiet --num_gpus 2 launch/generate.py --model CKPT_DIR --tp 2 --prompt-ids 1,2,3 --json
 
 Takes the same options as ``megakv generate``; the ``--local_rank`` argument the
 deepspeed launcher appends is dropped (LOCAL_RANK is read from the environment).

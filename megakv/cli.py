@@ -13,7 +13,8 @@ import sys
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The checkpoint, parallelism, sampling, KV cache, scheduler and DistKV options shared by every command."""
-    parser.add_argument("--model", required=True, help="megakv checkpoint folder (tools/convert_checkpoint.py)")
+    parser.add_argument("--model", help="megakv checkpoint folder (tools/convert_checkpoint.py); "
+                                        "or model: in --config")
     parser.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -)")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
     parser.add_argument("--instances", type=int, help="serving instances (default 1)")
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate tokens for one or more prompts")
     add_engine_options(gen)
-    prompts = gen.add_mutually_exclusive_group(required=True)
+    # Not required: a --config file may give prompts_file.
+    prompts = gen.add_mutually_exclusive_group()
     prompts.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompts.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
     prompts.add_argument("--chat", help="a user message, rendered with the checkpoint's chat template")
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         # Imported here, not above: they load torch, which a --help or a bad flag need not wait for.
+        from megakv.options import complete_from_config
+
+        args = complete_from_config(args)
         if args.command == "serve":
             from megakv.server.launch import run_serve as run
         else:

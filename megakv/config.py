@@ -259,8 +259,13 @@ def load_yaml(path: str) -> dict[str, Any]:
             raw = yaml.safe_load(f) or {}
     except OSError as err:
         raise ValueError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.MarkedYAMLError as err:
+        # PyYAML's own message spans several lines (context, snippet, caret): keep the place and the problem.
+        mark = err.problem_mark
+        place = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        raise ValueError(f"config file {place}: not valid YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}

@@ -9,11 +9,13 @@ import torch
 
 from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import CheckpointInfo, read_checkpoint_info
-from megakv.options import PromptSpec, UsageError, engine_config, read_prompts, resolve_options
+from megakv.options import (PROMPT_OVERRIDES, PromptSpec, UsageError, engine_config, option_source, read_prompts,
+                            resolve_options)
 from megakv.config import EngineConfig, parse_dtype
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
+from megakv.kvcache.kv_cache import KVCache, available_memory_bytes
 from megakv.parallel import state
 from megakv.tokenizer import TextTokenizer
 
@@ -29,7 +31,10 @@ def tokenize(specs: list[PromptSpec], tokenizer: TextTokenizer | None, chat: Cha
     """Token ids of every prompt; text prompts need the checkpoint's tokenizer, chats its template too."""
     prompts = []
     for spec in specs:
-        if spec.prompt_ids is not None:
+        if spec.error is not None:
+            # A rejected line: its record shows the ids it gave, if they were valid.
+            prompts.append(spec.prompt_ids or [])
+        elif spec.prompt_ids is not None:
             prompts.append(spec.prompt_ids)
         elif tokenizer is None:
             raise UsageError(f"checkpoint {model_dir} has no tokenizer.json: pass token ids with --prompt-ids")
@@ -52,16 +57,31 @@ def chat_stop_token_ids(tokenizer: TextTokenizer | None, chat: ChatTemplate | No
     return () if token_id is None else (token_id,)
 
 
-def sampling_params(options: dict, spec: PromptSpec, chat_stop_ids: tuple[int, ...]) -> SamplingParams:
-    """The request's sampling parameters: its own overrides over the command's options."""
-    merged = {key: spec.overrides.get(key, options[key]) for key in
-              ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
-    stop_ids = chat_stop_ids if spec.messages is not None else ()
-    try:
-        return SamplingParams(ignore_eos=options["ignore_eos"], stop_token_ids=stop_ids, **merged)
-    except ValueError as err:
-        # Only prompts-file lines carry overrides: name the line, as for its other errors.
-        raise UsageError(f"{spec.where}: {err}" if spec.overrides else str(err)) from None
+def sampling_params(options: dict, overrides: dict, stop_token_ids: tuple[int, ...]) -> SamplingParams:
+    """A request's sampling parameters: its own overrides over the command's options."""
+    merged = {key: overrides.get(key, options[key]) for key in PROMPT_OVERRIDES}
+    return SamplingParams(ignore_eos=options["ignore_eos"], stop_token_ids=stop_token_ids, **merged)
+
+
+def request_params(specs: list[PromptSpec], options: dict, chat_stop_ids: tuple[int, ...],
+                   num_instances: int) -> list[SamplingParams | str]:
+    """Each prompt's sampling parameters, or why its prompts-file line cannot be served ("FILE:LINE: ...")."""
+    # The command's own values first: a bad flag or YAML value is one error for the whole run.
+    sampling_params(options, {}, ())
+    params: list[SamplingParams | str] = []
+    for spec in specs:
+        if spec.error is not None:
+            params.append(spec.error)
+        elif spec.instance is not None and spec.instance >= num_instances:
+            params.append(f"{spec.where}: instance {spec.instance} does not exist (--instances {num_instances})")
+        else:
+            try:
+                params.append(sampling_params(options, spec.overrides,
+                                              chat_stop_ids if spec.messages is not None else ()))
+            except ValueError as err:
+                # Only prompts-file lines carry overrides.
+                params.append(f"{spec.where}: {err}")
+    return params
 
 
 def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dict:
@@ -115,14 +135,9 @@ def run_generate(args: argparse.Namespace) -> int:
     specs = read_prompts(args)
     chat = ChatTemplate.from_checkpoint(args.model) if any(spec.messages for spec in specs) else None
     prompts = tokenize(specs, tokenizer, chat, args.model)
-    chat_stop_ids = chat_stop_token_ids(tokenizer, chat)
-    params = [sampling_params(options, spec, chat_stop_ids) for spec in specs]
-
     num_instances = config.parallel.num_instances
-    for index, spec in enumerate(specs):
-        if spec.instance is not None and spec.instance >= num_instances:
-            raise UsageError(f"prompt {index} asks for instance {spec.instance}, but there are {num_instances}")
-    instances = [spec.instance for spec in specs]
+    params = request_params(specs, options, chat_stop_token_ids(tokenizer, chat), num_instances)
+    served = [index for index, value in enumerate(params) if isinstance(value, SamplingParams)]
 
     env = state.init_distributed()
     if num_instances > 1 and env.launcher != "mpi":
@@ -134,24 +149,52 @@ def run_generate(args: argparse.Namespace) -> int:
             from megakv.distkv.cluster_engine import ClusterEngine
             engine_class = ClusterEngine
         try:
+            check_kv_pool_fits(args, info, config, dtype, env.device)
             engine = engine_class(info, config, dtype=dtype, device=env.device)
         except (ValueError, RuntimeError, OSError) as err:
             raise RankLocalError(f"[rank {env.rank}] {err}") from err
+        served_prompts, served_params = [prompts[i] for i in served], [params[i] for i in served]
         if num_instances == 1:
-            outputs, report = engine.generate(prompts, params), None
+            outputs, report = engine.generate(served_prompts, served_params), None
         else:
             try:
-                outputs = engine.generate(prompts, params, instances)
+                outputs = engine.generate(served_prompts, served_params, [specs[i].instance for i in served])
             except (ValueError, RuntimeError) as err:
                 # Raised on some ranks only (the leaders, say): the others must be stopped too.
                 raise RankLocalError(f"[rank {env.rank}] {err}") from err
             report = engine.cluster_report()
+        if num_instances == 1 or env.rank == 0:
+            # Only the cluster's front has outputs; every rank of one instance has them all.
+            outputs = in_prompt_order(outputs, prompts, params)
         if env.rank == 0:
             print_outputs(outputs, tokenizer, report, args.json)
     finally:
         state.destroy_model_parallel()
     num_errors = sum(output.error is not None for output in outputs)
     return 0 if num_errors == 0 else 2 if num_errors == len(outputs) else 1
+
+
+def in_prompt_order(outputs: list[RequestOutput], prompts: list[list[int]],
+                    params: list[SamplingParams | str]) -> list[RequestOutput]:
+    """The served requests' outputs with the rejected prompts-file lines put back in their places."""
+    served = iter(outputs)
+    return [next(served) if isinstance(value, SamplingParams) else
+            RequestOutput(f"rejected-{index}", prompts[index], [], [], "error", error=value)
+            for index, value in enumerate(params)]
+
+
+def check_kv_pool_fits(args: argparse.Namespace, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """Refuse a KV pool larger than this rank's free memory before anything is allocated for it."""
+    cache, tp = config.cache, config.parallel.tensor_parallel_size
+    block_bytes = KVCache.bytes_per_block(info.model, tp, cache.block_size, dtype)
+    num_blocks = KVCache.num_blocks_for(info.model, tp, cache, dtype)
+    needed, available = num_blocks * block_bytes, available_memory_bytes(device)
+    if needed > available:
+        key = "num_blocks" if cache.num_blocks is not None else "kv_cache_memory_gb"
+        raise UsageError(f"{option_source(args, key)}: the KV pool of {num_blocks} blocks of {block_bytes} bytes "
+                         f"needs {needed} bytes ({needed / 2**30:.1f} GiB) on each rank, but {device} has "
+                         f"{available} bytes ({available / 2**30:.1f} GiB) available")
 
 
 def print_outputs(outputs: list[RequestOutput], tokenizer: TextTokenizer | None, report: dict | None,

@@ -35,25 +35,62 @@ DEFAULTS: dict[str, Any] = {
 
 # Other spellings accepted for an option in YAML files.
 OPTION_ALIASES = {"kv_blocks_per_instance": "num_blocks"}
+# What a YAML config may also give besides DEFAULTS, with the type it must have, where the command has the flag.
+COMMAND_KEYS: dict[str, type] = {"model": str, "json": bool, "prompts_file": str}
+PROMPT_FLAGS = ("prompt_ids", "prompt", "chat", "prompts_file")
 
 
 class UsageError(ValueError):
     """A problem with the command line or its inputs."""
 
 
+def complete_from_config(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments with the checkpoint, --json and prompts file taken from --config where no flag gave them."""
+    from_file = load_yaml(args.config) if args.config else {}
+    values = dict(vars(args))
+    for key, kind in COMMAND_KEYS.items():
+        if key not in from_file or key not in values:
+            continue
+        if not isinstance(from_file[key], kind):
+            expected = "true or false" if kind is bool else "a string"
+            raise UsageError(f"config file {args.config}: {key} must be {expected}, got {from_file[key]!r}")
+        given_by_flag = any(values.get(flag) is not None for flag in PROMPT_FLAGS) if key == "prompts_file" \
+            else values[key] not in (None, False)
+        if not given_by_flag:
+            values[key] = from_file[key]
+    if values["model"] is None:
+        raise UsageError("no checkpoint: pass --model DIR (or model: DIR in the --config file)")
+    if args.command == "generate" and all(values[flag] is None for flag in PROMPT_FLAGS):
+        raise UsageError("no prompt: pass --prompt-ids, --prompt, --chat or --prompts-file "
+                         "(or prompts_file: FILE in the --config file)")
+    return argparse.Namespace(**values)
+
+
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Merge flags over the YAML config over defaults; unknown YAML keys are an error."""
     from_file = load_yaml(args.config) if args.config else {}
     from_file = {OPTION_ALIASES.get(key, key): value for key, value in from_file.items()}
-    unknown = sorted(set(from_file) - set(DEFAULTS))
+    # The checkpoint, --json and prompts file were taken by complete_from_config.
+    unknown = sorted(set(from_file) - set(DEFAULTS) - {key for key in COMMAND_KEYS if hasattr(args, key)})
     if unknown:
         raise UsageError(f"config file {args.config}: unknown option(s) {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(DEFAULTS))})")
-    options = dict(DEFAULTS, **from_file)
+    options = dict(DEFAULTS, **{key: value for key, value in from_file.items() if key in DEFAULTS})
     options.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None})
     if not isinstance(options["ignore_eos"], bool):
         raise UsageError(f"ignore_eos must be true or false, got {options['ignore_eos']!r}")
     return options
+
+
+def option_source(args: argparse.Namespace, key: str) -> str:
+    """Where an option's value came from, for an error message: its flag, the config file's key, or the default."""
+    if getattr(args, key, None) is not None:
+        return f"--{key.replace('_', '-')} {getattr(args, key)}"
+    if args.config:
+        from_file = {OPTION_ALIASES.get(name, name): value for name, value in load_yaml(args.config).items()}
+        if key in from_file:
+            return f"{key}: {from_file[key]} in {args.config}"
+    return f"the default {key.replace('_', '-')} {DEFAULTS[key]}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +106,8 @@ class PromptSpec:
     messages: list[dict[str, str]] | None = None
     # Where the prompt came from, for error messages: "FILE:LINE" of a prompts file, else the flag.
     where: str = ""
+    # Why a prompts-file line cannot be served ("FILE:LINE: ..."): it is answered as a rejected request.
+    error: str | None = None
 
 
 PROMPT_OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -77,7 +116,11 @@ PROMPT_KINDS = ("prompt_ids", "prompt", "messages")
 
 
 def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
-    """The prompts of --prompt-ids, --prompt or --prompts-file, checked line by line."""
+    """The prompts of --prompt-ids, --prompt or --prompts-file, checked line by line.
+
+    A prompts-file line that is valid JSON but not a valid prompt becomes a spec with ``error`` set, so that
+    it is answered as a rejected request while the other lines are served.
+    """
     if args.prompt_ids is not None:
         try:
             ids = [int(part) for part in args.prompt_ids.split(",") if part.strip()]
@@ -100,26 +143,40 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or sum(key in record for key in PROMPT_KINDS) != 1:
-            raise UsageError(f"{where}: each line needs exactly one of {', '.join(PROMPT_KINDS)}")
-        unknown = sorted(set(record) - {*PROMPT_KINDS, "instance", *PROMPT_OVERRIDES})
-        if unknown:
-            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        ids = record.get("prompt_ids")
-        if ids is not None and (not isinstance(ids, list)
-                                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-            raise UsageError(f"{where}: prompt_ids must be a list of integers, got {ids!r}")
-        messages = record.get("messages")
-        if messages is not None:
-            check_messages(messages, where)
-        instance = record.get("instance")
-        if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool) or instance < 0):
-            raise UsageError(f"{where}: instance must be an integer >= 0, got {instance!r}")
-        specs.append(PromptSpec(ids, record.get("prompt"), {k: record[k] for k in PROMPT_OVERRIDES if k in record},
-                                instance, messages, where))
+        try:
+            specs.append(prompt_spec(record, where))
+        except ValueError as err:
+            ids = record.get("prompt_ids") if isinstance(record, dict) else None
+            ids = ids if isinstance(ids, list) and all(_is_int(t) for t in ids) else None
+            specs.append(PromptSpec(ids, None, {}, where=where, error=str(err)))
     if not specs:
         raise UsageError(f"--prompts-file {args.prompts_file} holds no prompt")
     return specs
+
+
+def _is_int(value: Any) -> bool:
+    """True for an int that is not a bool: JSON's true must not pass as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def prompt_spec(record: Any, where: str) -> PromptSpec:
+    """The prompt of one prompts-file line; ValueError names the line and its problem."""
+    if not isinstance(record, dict) or sum(key in record for key in PROMPT_KINDS) != 1:
+        raise UsageError(f"{where}: each line needs exactly one of {', '.join(PROMPT_KINDS)}")
+    unknown = sorted(set(record) - {*PROMPT_KINDS, "instance", *PROMPT_OVERRIDES})
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    ids = record.get("prompt_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(_is_int(t) for t in ids)):
+        raise UsageError(f"{where}: prompt_ids must be a list of integers, got {ids!r}")
+    messages = record.get("messages")
+    if messages is not None:
+        check_messages(messages, where)
+    instance = record.get("instance")
+    if instance is not None and (not _is_int(instance) or instance < 0):
+        raise UsageError(f"{where}: instance must be an integer >= 0, got {instance!r}")
+    return PromptSpec(ids, record.get("prompt"), {k: record[k] for k in PROMPT_OVERRIDES if k in record},
+                      instance, messages, where)
 
 
 def engine_config(options: dict[str, Any]) -> EngineConfig:

@@ -33,7 +33,7 @@ from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import Transfer
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.remote_attention import RemoteAttention, RemotePlan, ServedQueries, execute_transfers
-from megakv.engine.core import InstanceCore
+from megakv.engine.core import InstanceCore, KVCapacity
 from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
 from megakv.engine.request import Request, RequestOutput
@@ -178,10 +178,15 @@ class ClusterEngine:
         self._ready: list[RequestOutput] = []
         self._statuses: list[LeaderStatus] | None = None
 
-    def kv_capacity_blocks(self) -> int:
+    def kv_capacity(self) -> KVCapacity:
         """This pool plus what every other instance may lend (same pool size and cap everywhere)."""
         pool = self.rmanager.pool.num_blocks
-        return pool + (self.num_instances - 1) * int(self.config.distkv.lending_cap * pool)
+        cap = self.config.distkv.lending_cap
+        return KVCapacity(pool, self.num_instances - 1, int(cap * pool), cap)
+
+    def kv_capacity_blocks(self) -> int:
+        """The most blocks one request may ever hold, as a count."""
+        return self.kv_capacity().num_blocks
 
     # -- the engine API, on the front ------------------------------------------------------------------
 
@@ -201,7 +206,7 @@ class ClusterEngine:
             request_id = f"request-{next(self._request_counter)}"
         if request_id in self._where:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.core.validate(prompt_ids, params, self.kv_capacity_blocks())
+        self.core.validate(prompt_ids, params, self.kv_capacity())
         target = instance if instance is not None else self._route()
         request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
         self._orders.routed.append((target, request))

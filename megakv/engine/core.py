@@ -9,6 +9,7 @@ DistKV cluster (``megakv.distkv.cluster_engine``), which drive it.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,31 @@ def load_model(info: CheckpointInfo, dtype: torch.dtype, device: torch.device) -
     return model.eval()
 
 
+@dataclass(frozen=True)
+class KVCapacity:
+    """The most KV blocks one request may hold: its instance's pool plus what the other instances may lend."""
+
+    num_local_blocks: int
+    num_other_instances: int = 0
+    # What each other instance may lend: its pool times lending_cap, rounded down.
+    num_lendable_blocks_per_instance: int = 0
+    lending_cap: float = 1.0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_local_blocks + self.num_other_instances * self.num_lendable_blocks_per_instance
+
+    def describe(self) -> str:
+        """Where the blocks come from, for a request that needs more."""
+        local = f"its instance holds {self.num_local_blocks}"
+        if self.num_other_instances == 0:
+            return local
+        noun = "instance" if self.num_other_instances == 1 else "instances"
+        lendable = self.num_other_instances * self.num_lendable_blocks_per_instance
+        return f"{local} and the other {self.num_other_instances} {noun} may lend {lendable} " \
+               f"(--lending-cap {self.lending_cap})"
+
+
 class InstanceCore:
     """One instance's scheduler, block manager and model runner."""
 
@@ -65,8 +91,8 @@ class InstanceCore:
         # (tokens run, wall seconds) of every step, for monitoring and benchmarks.
         self.step_log: list[tuple[int, float]] = []
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams, capacity_blocks: int) -> None:
-        """Raise ValueError naming the problem when a request can never be served in ``capacity_blocks``."""
+    def validate(self, prompt_ids: list[int], params: SamplingParams, capacity: KVCapacity) -> None:
+        """Raise ValueError naming the problem when a request can never be served in ``capacity``."""
         model = self.model_config
         if not prompt_ids:
             raise ValueError("empty prompt: a request needs at least one prompt token")
@@ -79,9 +105,9 @@ class InstanceCore:
                              f"{total} exceeds the model's maximum position {model.max_position_embeddings}")
         block_size = self.rmanager.block_size
         needed = num_blocks_for(total - 1, block_size)
-        if needed > capacity_blocks:
+        if needed > capacity.num_blocks:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
-                             f"{needed} KV blocks of {block_size} tokens, but the pool holds only {capacity_blocks}")
+                             f"{needed} KV blocks of {block_size} tokens, but {capacity.describe()}")
 
     def add(self, request: Request) -> None:
         """Queue a validated request."""

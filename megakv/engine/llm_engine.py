@@ -14,7 +14,7 @@ import torch
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig
-from megakv.engine.core import InstanceCore
+from megakv.engine.core import InstanceCore, KVCapacity
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.stats import EngineStats, InstanceStats
@@ -82,13 +82,17 @@ class LLMEngine:
         """(tokens run, wall seconds) of every step."""
         return self.core.step_log
 
-    def kv_capacity_blocks(self) -> int:
+    def kv_capacity(self) -> KVCapacity:
         """The most blocks one request may ever hold: this instance's pool."""
-        return self.rmanager.pool.num_blocks
+        return KVCapacity(self.rmanager.pool.num_blocks)
+
+    def kv_capacity_blocks(self) -> int:
+        """The most blocks one request may ever hold, as a count."""
+        return self.kv_capacity().num_blocks
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the problem when a request can never be served."""
-        self.core.validate(prompt_ids, params, self.kv_capacity_blocks())
+        self.core.validate(prompt_ids, params, self.kv_capacity())
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     instance: int | None = None) -> str:

@@ -6,6 +6,7 @@ of this rank's tensor-parallel shard (DistKV-LLM section 4.1).
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -43,6 +44,21 @@ def pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     if tensor.device.type == "cpu" and sys.platform.startswith("linux"):
         _advise_huge_pages(tensor)
     return tensor.zero_()
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Bytes a new allocation may take on ``device``: the GPU's free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # No /proc (not Linux): free pages, which undercounts what the page cache would give back.
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class KVCache:

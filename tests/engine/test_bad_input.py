@@ -29,7 +29,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None
     (["--prompt-ids", ""], "empty prompt"),
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "1,2", "--max-new-tokens", "2000"], "maximum position"),
-    (["--prompt-ids", "1,2", "--max-new-tokens", "300", "--num-blocks", "8"], "pool holds only 8"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "300", "--num-blocks", "8"], "needs 19 KV blocks of 16 tokens, but its instance holds 8"),
     (["--prompt-ids", "1,2", "--dtype", "float8"], "unknown dtype"),
     (["--prompt-ids", "1,2", "--tp", "3"], "does not divide num_attention_heads"),
     (["--prompt-ids", "1,2", "--tp", "2"], "sharded for tp=1"),
@@ -63,7 +63,7 @@ def test_generate_bad_prompts_file_clear_error(megakv_checkpoint, tmp_path):
 
 def test_generate_bad_messages_in_prompts_file_clear_error(megakv_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user"}]}\n')
+    prompts.write_text('{"prompt_ids": [1]}\n{"messages": [{"role": "user"}]}\n')
     assert_clean_error(run_megakv("--model", str(megakv_checkpoint("gqa", 1)), "--prompts-file", str(prompts)),
                        "prompts.jsonl:2: message 0 must be an object with string \"role\" and \"content\"")
     prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}\n')
