@@ -19,7 +19,7 @@ import uvicorn
 from megakv.chat import ChatTemplate
 from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.llm_engine import LLMEngine
-from megakv.generate import RankLocalError, chat_stop_token_ids, open_checkpoint
+from megakv.generate import RankLocalError, chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.options import UsageError, engine_config, resolve_options
 from megakv.parallel import state
 from megakv.server.app import build_app
@@ -66,6 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
         try:
+            check_kv_pool_fits(args, info, config, dtype, env.device)
             if env.world_size > 1:
                 from megakv.distkv.cluster_engine import ClusterEngine
 
