@@ -1,6 +1,8 @@
 """Block pool and one instance's block tables: allocation invariants, exhaustion, no leak, table versions."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -66,7 +68,9 @@ def test_rmanager_table_version_changes_only_with_the_table():
 
 def test_model_runner_reuses_table_tensors_until_the_table_changes():
     manager = RManager(0, BlockPool(8), block_size=4)
-    runner = ModelRunner(model=None, kv_cache=None, rmanager=manager, device=torch.device("cpu"))
+    # prepare() reads only the model's sliding window: no weights are needed.
+    model = SimpleNamespace(config=SimpleNamespace(sliding_window=None))
+    runner = ModelRunner(model=model, kv_cache=None, rmanager=manager, device=torch.device("cpu"))
     request = Request("a", list(range(12)), SamplingParams(max_new_tokens=1))
 
     def prepare(start: int, num_tokens: int) -> StepInputs:
