@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
 from server_process import CHAT_TEMPLATE, ROOT, ServerProcess, free_port, serve_argv, spawn_server
 
@@ -19,6 +20,21 @@ def chat_model(tmp_path_factory) -> tuple[Path, Path]:
                    check=True, capture_output=True, text=True, timeout=300)
     (root / "ckpt" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return root / "hf", root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    """A one-process server of the chat model (64 blocks) named "tiny", shared by a module's tests; modules
+    that need other settings define their own."""
+    server = spawn_server(chat_model[1], "--num-blocks", "64", "--served-model-name", "tiny")
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    """The openai client of the module's server."""
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
 
 
 @pytest.fixture

@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from openai import OpenAI
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from server_process import spawn_server
-
 MAX_TOKENS, NUM_TOP = 8, 5
-
-
-@pytest.fixture(scope="module")
-def server(chat_model):
-    server = spawn_server(chat_model[1], "--num-blocks", "64", "--served-model-name", "tiny")
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
 
 
 @pytest.fixture(scope="module")

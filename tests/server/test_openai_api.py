@@ -3,24 +3,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from openai import OpenAI
 from transformers import PreTrainedTokenizerFast
 
-from server_process import CHAT_TEMPLATE, spawn_server
+from server_process import CHAT_TEMPLATE
 
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def server(chat_model):
-    server = spawn_server(chat_model[1], "--num-blocks", "64", "--served-model-name", "tiny")
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
 
 
 @pytest.fixture(scope="module")
