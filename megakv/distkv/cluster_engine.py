@@ -175,6 +175,9 @@ class ClusterEngine:
         self._request_counter = itertools.count()
         self._orders = FrontOrders()
         self._where: dict[str, int] = {}
+        # The front's copy of each unfinished request: the other instances report only each step's new tokens,
+        # and the front rebuilds the outputs' prompt and tokens so far from it.
+        self._routed: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []
         self._statuses: list[LeaderStatus] | None = None
 
@@ -211,6 +214,7 @@ class ClusterEngine:
         request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
         self._orders.routed.append((target, request))
         self._where[request_id] = target
+        self._routed[request_id] = request
         return request_id
 
     def _route(self) -> int:
@@ -241,6 +245,7 @@ class ClusterEngine:
         for output in ready:
             if output.finished:
                 self._where.pop(output.request_id, None)
+                self._routed.pop(output.request_id, None)
         return ready
 
     def stats(self) -> EngineStats:
@@ -321,11 +326,21 @@ class ClusterEngine:
                             served=inputs.served_by_creditor if inputs is not None else {}, orders=orders)
 
     def _report(self, outputs: list[RequestOutput]) -> None:
-        """Outputs of this instance go to the front: directly on the front, with the next status elsewhere."""
+        """Outputs of this instance go to the front: directly on the front, with the next status elsewhere.
+
+        A status carries only each step's new tokens: with the prompt and every token so far, a long request
+        would send its whole context to the front every step.
+        """
         if self.is_front:
             self._ready.extend(outputs)
         else:
-            self._unreported.extend(outputs)
+            self._unreported.extend(dataclasses.replace(output, prompt_ids=[], token_ids=[]) for output in outputs)
+
+    def _restore(self, output: RequestOutput) -> RequestOutput:
+        """The front's full output from another instance's delta (see _report)."""
+        request = self._routed[output.request_id]
+        request.output_ids.extend(output.new_token_ids)
+        return dataclasses.replace(output, prompt_ids=request.prompt_ids, token_ids=list(request.output_ids))
 
     def _take_requests(self, orders: FrontOrders) -> None:
         """Queue the requests routed here."""
@@ -369,7 +384,7 @@ class ClusterEngine:
         if self.is_front:
             self._statuses = statuses
             for status in statuses[1:]:
-                self._ready.extend(status.outputs)
+                self._ready.extend(self._restore(output) for output in status.outputs)
         if orders.stop:
             return scheduled, StepPlan(None, stop=True)
         self._check_progress(statuses)
