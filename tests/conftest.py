@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,21 @@ def run_mpi():
             pytest.fail(f"mpirun exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                         f"stderr:\n{proc.stderr[-4000:]}")
         return proc
+
+    return run
+
+
+@pytest.fixture
+def generate_tp2_json(run_mpi, tmp_path):
+    """generate_tp2_json(checkpoint, prompts, *flags): the JSON records of `megakv generate --tp 2` under mpirun."""
+
+    def run(checkpoint: Path, prompts: list[list[int]], *flags: str) -> list[dict]:
+        prompts_file = tmp_path / "prompts.jsonl"
+        prompts_file.write_text("".join(json.dumps({"prompt_ids": prompt}) + "\n" for prompt in prompts))
+        proc = run_mpi(2, [str(BIN_DIR / "megakv"), "generate", "--model", str(checkpoint), "--tp", "2",
+                           "--prompts-file", str(prompts_file), "--block-size", "16", "--max-num-batched-tokens",
+                           "64", "--json", *flags])
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     return run
 

@@ -89,15 +89,10 @@ def test_generate_seeded_sampling_is_reproducible(megakv_checkpoint):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_generate_cli_greedy_equals_hf_tp2(kind, hf_llama, megakv_checkpoint, run_mpi, tmp_path, hf_greedy):
+def test_generate_cli_greedy_equals_hf_tp2(kind, hf_llama, megakv_checkpoint, generate_tp2_json, hf_greedy):
     checkpoint = megakv_checkpoint(kind, 2)
     prompts = batch_prompts(read_checkpoint_info(checkpoint).model.vocab_size)
-    prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
-    proc = run_mpi(2, [MEGAKV, "generate", "--model", str(checkpoint), "--tp", "2", "--prompts-file",
-                       str(prompts_file), "--max-new-tokens", str(MAX_NEW_TOKENS), "--block-size", "16",
-                       "--num-blocks", "128", "--max-num-batched-tokens", "64", "--json"])
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    records = generate_tp2_json(checkpoint, prompts, "--max-new-tokens", str(MAX_NEW_TOKENS), "--num-blocks", "128")
     assert [r["prompt_ids"] for r in records] == prompts
     assert [r["token_ids"] for r in records] == hf_greedy(hf_llama(kind), prompts, MAX_NEW_TOKENS)
     assert {r["finish_reason"] for r in records} == {"length"}

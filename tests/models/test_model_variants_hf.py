@@ -96,15 +96,10 @@ def test_variant_greedy_equals_hf_tp1(name, variant_model, variant_checkpoint, h
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("name", ["attention_bias", "mlp_bias", "gelu", "qwen2", "yarn", "mistral_window64"])
-def test_variant_cli_greedy_equals_hf_tp2(name, variant_model, variant_checkpoint, hf_greedy, run_mpi, tmp_path):
+def test_variant_cli_greedy_equals_hf_tp2(name, variant_model, variant_checkpoint, hf_greedy, generate_tp2_json):
     checkpoint = variant_checkpoint(name, 2)
     prompts = prompts_for(read_checkpoint_info(checkpoint).model.vocab_size)
-    prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
-    proc = run_mpi(2, [MEGAKV, "generate", "--model", str(checkpoint), "--tp", "2", "--prompts-file",
-                       str(prompts_file), "--max-new-tokens", str(MAX_NEW_TOKENS), "--block-size", "16",
-                       "--num-blocks", "64", "--max-num-batched-tokens", "64", "--json"])
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    records = generate_tp2_json(checkpoint, prompts, "--max-new-tokens", str(MAX_NEW_TOKENS), "--num-blocks", "64")
     assert [r["token_ids"] for r in records] == hf_greedy(variant_model(name), prompts, MAX_NEW_TOKENS)
 
 
