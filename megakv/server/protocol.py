@@ -47,6 +47,8 @@ class SamplingRequest(StrictModel):
     stream_options: StreamOptions | None = None
     # vLLM's extension: each choice also carries its token ids, and the prompt's.
     return_token_ids: bool = False
+    # megakv's extension: each finished choice also carries kv_placement, where its KV blocks lived.
+    return_kv_placement: bool = False
     # Names the end user; it changes nothing here.
     user: str | None = None
     n: int = 1

@@ -148,6 +148,14 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
 
+def kv_placement(delta: TextDelta) -> dict[str, Any] | None:
+    """Where a finished request's KV blocks lived, named as ``megakv generate --json`` names them."""
+    if delta.placement is None:
+        return None
+    return {"instance": delta.instance, "num_local_blocks": delta.placement.num_local_blocks,
+            "num_remote_blocks": delta.placement.num_remote_blocks, "block_instances": delta.placement.instances}
+
+
 def sse(payload: dict | str) -> str:
     """One Server-Sent Event."""
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
@@ -176,7 +184,8 @@ class Completion:
     def _streams(self) -> AsyncIterator[tuple[int, TextDelta]]:
         context = self.context
         return merge([generate_text(context.engine, prompt.token_ids, params, f"{self.id}-{index}",
-                                    context.tokenizer, self.request.stop_strings, context.metrics.track())
+                                    context.tokenizer, self.request.stop_strings, context.metrics.track(),
+                                    self.request.return_kv_placement)
                       for index, (prompt, params) in enumerate(zip(self.prompts, self.params))])
 
     def _prompt_text(self, prompt: Prompt) -> str:
@@ -210,6 +219,8 @@ class Completion:
             choice["token_ids"] = token_ids
             if not chunk:
                 choice["prompt_token_ids"] = self.prompts[index].token_ids
+        if self.request.return_kv_placement and delta is not None and delta.finish_reason is not None:
+            choice["kv_placement"] = kv_placement(delta)
         return choice
 
     async def run(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.request import Placement, RequestOutput
 from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.metrics import RequestTracker
 from megakv.server.text import IncrementalDecoder, StopStringMatcher
@@ -30,12 +31,21 @@ class TextDelta:
     stop_reason: str | int | None = None
     # Logprobs of token_ids, one each, when the request asked for them.
     logprobs: list[TokenLogprobs] | None = None
+    # On the last delta: the instance that served the request, and where its KV blocks were at the end (None
+    # when the request never held a block, or when it was cut here and its caller did not wait for them).
+    instance: int | None = None
+    placement: Placement | None = None
 
 
 async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                        tokenizer: TextTokenizer | None, stop_strings: list[str],
-                        tracker: RequestTracker) -> AsyncIterator[TextDelta]:
-    """Serve one request, yielding its text as it grows; a stop string ends it there."""
+                        tokenizer: TextTokenizer | None, stop_strings: list[str], tracker: RequestTracker,
+                        wait_for_placement: bool = False) -> AsyncIterator[TextDelta]:
+    """Serve one request, yielding its text as it grows; a stop string ends it there.
+
+    The engine reports a request's block placement on its last output. A request cut here (a stop string, or a
+    stop token under ignore_eos) is still running in the engine: with ``wait_for_placement`` it is aborted and
+    its last delta waits for the abort's output, one step later, to report where its blocks were.
+    """
     decoder = IncrementalDecoder(tokenizer, prompt_ids) if tokenizer is not None else None
     matcher = StopStringMatcher(stop_strings)
     stop_token_ids = set(params.stop_token_ids)
@@ -55,13 +65,25 @@ async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: Samp
             text = matcher.feed(new_text, finish_reason is not None)
             if matcher.matched is not None:
                 finish_reason, stop_reason = "stop", matcher.matched
+            placement = output.placement
             if finish_reason is not None:
                 tracker.finish(finish_reason, output.instance)
+                if wait_for_placement and not output.finished:
+                    engine.abort(request_id)
+                    placement = await _last_placement(outputs)
             logprobs = None if output.new_logprobs is None else output.new_logprobs[:len(token_ids)]
-            yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs)
+            yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs, output.instance, placement)
             if finish_reason is not None:
                 # Leaving the loop closes the engine's generator: a request still running there is aborted.
                 return
+
+
+async def _last_placement(outputs: AsyncIterator[RequestOutput]) -> Placement | None:
+    """The placement on a request's last output, skipping what it generated after it was cut."""
+    async for output in outputs:
+        if output.finished:
+            return output.placement
+    return None
 
 
 _DONE = object()

@@ -27,8 +27,12 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
     long_prompt, short_prompt = [(7 * index) % 256 for index in range(200)], [5, 6, 7]
     expected = hf_greedy(hf_dir, [long_prompt, short_prompt], 16)
     response = client.completions.create(model="tiny", prompt=[long_prompt, short_prompt], max_tokens=16,
-                                         temperature=0, logprobs=2, extra_body={"return_token_ids": True})
+                                         temperature=0, logprobs=2,
+                                         extra_body={"return_token_ids": True, "return_kv_placement": True})
     assert [choice.token_ids for choice in response.choices] == expected
+    long_placement, short_placement = (choice.kv_placement for choice in response.choices)
+    assert long_placement["num_remote_blocks"] > 0 and long_placement["block_instances"] == [0, 1]
+    assert short_placement["num_remote_blocks"] == 0
     assert [len(choice.logprobs.top_logprobs) for choice in response.choices] == list(map(len, expected))
     samples = wait_for_idle_pools(server.url)
     assert metric(samples, "megakv:borrow_events_total") >= 1

@@ -79,6 +79,28 @@ def test_completions_stop_string_cuts_the_text_and_stop_token_ends_it(client, re
     assert choice.finish_reason == "stop" and choice.stop_reason == stop_token
 
 
+def test_kv_placement_is_reported_when_asked_whole_streamed_and_cut_by_a_stop_string(client):
+    plain = client.completions.create(model="tiny", prompt=list(range(40, 70)), max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert "kv_placement" not in plain.choices[0].model_extra
+    # One instance of 16-token blocks: every block local, and the last token sampled has no KV yet.
+    expected = {"instance": 0, "num_local_blocks": -(-(30 + MAX_TOKENS - 1) // 16), "num_remote_blocks": 0,
+                "block_instances": [0]}
+    whole = client.completions.create(model="tiny", prompt=list(range(40, 70)), max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"ignore_eos": True, "return_kv_placement": True})
+    assert whole.choices[0].kv_placement == expected
+    chunks = list(client.completions.create(model="tiny", prompt=list(range(40, 70)), max_tokens=MAX_TOKENS,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True, "return_kv_placement": True}))
+    assert [choice.model_extra.get("kv_placement") for chunk in chunks for choice in chunk.choices][-1] == expected
+    assert all("kv_placement" not in choice.model_extra for chunk in chunks[:-1] for choice in chunk.choices)
+    cut = client.completions.create(model="tiny", prompt=list(range(40, 70)), max_tokens=MAX_TOKENS, temperature=0,
+                                    stop=[plain.choices[0].text[2:4]],
+                                    extra_body={"ignore_eos": True, "return_kv_placement": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].kv_placement["num_local_blocks"] >= 2
+
+
 def test_completions_seeded_sampling_repeats(client):
     def sample(seed: int) -> str:
         return client.completions.create(model="tiny", prompt="Random", max_tokens=MAX_TOKENS, temperature=1.0,
