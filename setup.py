@@ -27,10 +27,13 @@ setup(
         "fastapi",
         "uvicorn",
         "prometheus-client",
+        "httpx",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers", "accelerate", "deepspeed", "triton", "megatron-core", "openai",
-                 "httpx"],
+                 "matplotlib"],
+        # tools/bench_cluster_modes.py draws its figures with matplotlib.
+        "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["megakv = megakv.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The ``megakv`` command line: ``megakv generate`` and ``megakv serve``.
+"""The ``megakv`` command line: ``megakv generate``, ``megakv serve`` and ``megakv bench serve``.
 
 Options come from flags, then a YAML ``--config`` file, then defaults (a flag
 wins over the file). Launched as one process, under ``mpirun`` or under the
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from megakv.bench.options import add_bench_serve_options
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model's name in the API (default: the --model path)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default info)")
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    add_bench_serve_options(bench_commands.add_parser(
+        "serve", help="load an OpenAI-compatible server (vllm bench serve's flags) and report throughput, "
+                      "latencies and goodput"))
     return parser
 
 
@@ -86,14 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         # Imported here, not above: they load torch, which a --help or a bad flag need not wait for.
-        from megakv.options import complete_from_config
+        if args.command == "bench":
+            from megakv.bench.serve import run_bench_serve
 
-        args = complete_from_config(args)
-        if args.command == "serve":
-            from megakv.server.launch import run_serve as run
+            status = run_bench_serve(args)
         else:
-            from megakv.generate import run_generate as run
-        status = run(args)
+            from megakv.options import complete_from_config
+
+            args = complete_from_config(args)
+            if args.command == "serve":
+                from megakv.server.launch import run_serve as run
+            else:
+                from megakv.generate import run_generate as run
+            status = run(args)
     except (ValueError, RuntimeError, OSError) as err:
         rank_local = getattr(err, "rank_local", False)
         if launcher_rank() == 0 or rank_local:
