@@ -58,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (rank 0) over the engine or cluster; "
                                               "the sampling options are the defaults of requests that do not set them")
     add_engine_options(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    # No defaults here: a flag wins over the --config file, which wins over megakv.config.ServerConfig's defaults.
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on; 0: any free port (default 8000)")
     serve.add_argument("--served-model-name", help="the model's name in the API (default: the --model path)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                       help="uvicorn's log level (default info)")
+    serve.add_argument("--log-level", help="uvicorn's log level: critical, error, warning, info or debug "
+                                           "(default info)")
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     add_bench_serve_options(bench_commands.add_parser(

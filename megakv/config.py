@@ -6,7 +6,9 @@ Each part of the system receives only the sub-config it needs: the model gets
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,6 +242,51 @@ class DistKVConfig:
         if not _is_int(self.max_moves_per_step) or self.max_moves_per_step < 0:
             raise ValueError(f"distkv config: max_moves_per_step must be an integer >= 0, "
                              f"got {self.max_moves_per_step!r}")
+
+
+# uvicorn's log levels, from the quietest.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# One label of a host name (RFC 1123): letters, digits and hyphens, no hyphen at either end.
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host(host: str) -> bool:
+    """True for an IPv4 or IPv6 address, or a host name; a dotted quad out of range is neither."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        return False
+    return len(host) <= 253 and all(HOST_LABEL.fullmatch(label) for label in labels)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where ``megakv serve`` listens, and the model name its API answers to."""
+
+    host: str = "127.0.0.1"
+    # 0: any free port (the startup log names the one taken).
+    port: int = 8000
+    # The ``model`` requests must name; None: the checkpoint path as given.
+    served_model_name: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not is_host(self.host):
+            raise ValueError(f"server config: host must be an IP address or a host name (127.0.0.1, 0.0.0.0, ::, "
+                             f"localhost, node1.example.com, ...), got {self.host!r}")
+        if not _is_int(self.port) or not 0 <= self.port <= 65535:
+            raise ValueError(f"server config: port must be an integer from 0 to 65535 (0: any free port), "
+                             f"got {self.port!r}")
+        name = self.served_model_name
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ValueError(f"server config: served_model_name must be a non-empty string, got {name!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"server config: log_level must be one of {', '.join(LOG_LEVELS)}, "
+                             f"got {self.log_level!r}")
 
 
 @dataclass(frozen=True)

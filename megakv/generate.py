@@ -10,7 +10,7 @@ import torch
 from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import CheckpointInfo, read_checkpoint_info
 from megakv.options import (PROMPT_OVERRIDES, PromptSpec, UsageError, engine_config, option_source, read_prompts,
-                            resolve_options)
+                            resolve_options, server_config)
 from megakv.config import EngineConfig, parse_dtype
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import RequestOutput
@@ -130,6 +130,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """
     options = resolve_options(args)
     config = engine_config(options)
+    # Unused here, but checked: a config file that megakv serve would refuse is refused by both commands.
+    server_config(options)
     info, dtype = open_checkpoint(args.model, options, config)
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     specs = read_prompts(args)

@@ -1,16 +1,19 @@
-"""What ``megakv generate`` is asked to do: options (flags over a YAML config over defaults) and prompts.
+"""What ``megakv generate`` and ``megakv serve`` are asked to do: options (flags over a YAML config over
+defaults) and prompts.
 
-Read by ``megakv.generate``; the command line itself is ``megakv.cli``.
+Read by ``megakv.generate`` and ``megakv.server.launch``; the command line itself is ``megakv.cli``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from megakv.chat import check_messages
-from megakv.config import CacheConfig, DistKVConfig, EngineConfig, ParallelConfig, SchedulerConfig, load_yaml
+from megakv.config import (CacheConfig, DistKVConfig, EngineConfig, ParallelConfig, SchedulerConfig, ServerConfig,
+                           load_yaml)
 
 # Option name -> default, for every option that may also be set in a YAML config.
 DEFAULTS: dict[str, Any] = {
@@ -32,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
     "max_moves_per_step": 8,
 }
 
+# The server's settings: flags of megakv serve, keys of any config (megakv generate checks them, and has no use
+# for them, so that one file describes a deployment).
+SERVER_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(ServerConfig)}
 
 # Other spellings accepted for an option in YAML files.
 OPTION_ALIASES = {"kv_blocks_per_instance": "num_blocks"}
@@ -71,12 +77,13 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     from_file = load_yaml(args.config) if args.config else {}
     from_file = {OPTION_ALIASES.get(key, key): value for key, value in from_file.items()}
     # The checkpoint, --json and prompts file were taken by complete_from_config.
-    unknown = sorted(set(from_file) - set(DEFAULTS) - {key for key in COMMAND_KEYS if hasattr(args, key)})
+    known = {*DEFAULTS, *SERVER_DEFAULTS}
+    unknown = sorted(set(from_file) - known - {key for key in COMMAND_KEYS if hasattr(args, key)})
     if unknown:
         raise UsageError(f"config file {args.config}: unknown option(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(DEFAULTS))})")
-    options = dict(DEFAULTS, **{key: value for key, value in from_file.items() if key in DEFAULTS})
-    options.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None})
+                         f"(known: {', '.join(sorted(known))})")
+    options = {**DEFAULTS, **SERVER_DEFAULTS, **{key: value for key, value in from_file.items() if key in known}}
+    options.update({key: getattr(args, key) for key in known if getattr(args, key, None) is not None})
     if not isinstance(options["ignore_eos"], bool):
         raise UsageError(f"ignore_eos must be true or false, got {options['ignore_eos']!r}")
     return options
@@ -90,7 +97,7 @@ def option_source(args: argparse.Namespace, key: str) -> str:
         from_file = {OPTION_ALIASES.get(name, name): value for name, value in load_yaml(args.config).items()}
         if key in from_file:
             return f"{key}: {from_file[key]} in {args.config}"
-    return f"the default {key.replace('_', '-')} {DEFAULTS[key]}"
+    return f"the default {key.replace('_', '-')} {DEFAULTS[key] if key in DEFAULTS else SERVER_DEFAULTS[key]}"
 
 
 @dataclass(frozen=True)
@@ -189,3 +196,8 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
         parallel=ParallelConfig(tensor_parallel_size=options["tp"], num_instances=options["instances"]),
         distkv=DistKVConfig(lending_cap=options["lending_cap"], max_moves_per_step=options["max_moves_per_step"]),
     )
+
+
+def server_config(options: dict[str, Any]) -> ServerConfig:
+    """The server's settings from the resolved options (validated by ServerConfig)."""
+    return ServerConfig(**{key: options[key] for key in SERVER_DEFAULTS})

@@ -12,15 +12,17 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 
 import uvicorn
 
 from megakv.chat import ChatTemplate
+from megakv.config import ServerConfig
 from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.llm_engine import LLMEngine
 from megakv.generate import RankLocalError, chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
-from megakv.options import UsageError, engine_config, resolve_options
+from megakv.options import UsageError, engine_config, option_source, resolve_options, server_config
 from megakv.parallel import state
 from megakv.server.app import build_app
 from megakv.server.metrics import ServerMetrics
@@ -52,10 +54,35 @@ def _max_model_len(engine, model_max_positions: int, block_size: int, num_instan
     return model_max_positions, "the model's maximum position"
 
 
+def bind_socket(settings: ServerConfig, args: argparse.Namespace) -> socket.socket:
+    """The HTTP socket, bound but not yet listening: a port in use or a host that is not this machine's stops
+    the server before the model loads, and clients are refused, not kept waiting, until the server starts."""
+    def source() -> str:
+        return f"{option_source(args, 'host')}, {option_source(args, 'port')}"
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise UsageError(f"{option_source(args, 'host')}: cannot resolve host {settings.host!r}: "
+                         f"{err.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: a restarted server may listen while the last one's connections linger in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UsageError(f"cannot listen on {settings.host} port {settings.port} ({source()}): "
+                         f"{err.strerror}") from None
+    return sock
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model on every rank and serve until rank 0 is stopped; returns the exit status."""
     options = resolve_options(args)
     config = engine_config(options)
+    settings = server_config(options)
     info, dtype = open_checkpoint(args.model, options, config)
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     chat = ChatTemplate.from_checkpoint(args.model) if tokenizer is not None else None
@@ -66,6 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
         try:
+            sock = bind_socket(settings, args) if env.rank == 0 else None
             check_kv_pool_fits(args, info, config, dtype, env.device)
             if env.world_size > 1:
                 from megakv.distkv.cluster_engine import ClusterEngine
@@ -83,12 +111,12 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len, reason = _max_model_len(engine, info.model.max_position_embeddings, config.cache.block_size,
                                                num_instances)
         async_engine = AsyncEngine(engine)
-        model_name = args.served_model_name or args.model
+        model_name = settings.served_model_name or args.model
         context = ServingContext(async_engine, model_name, info.model.vocab_size, max_model_len, reason, tokenizer,
                                  chat, ServerMetrics(model_name), {key: options[key] for key in REQUEST_DEFAULTS},
                                  chat_stop_token_ids(tokenizer, chat))
         try:
-            serve_http(context, args)
+            serve_http(context, settings, sock)
         finally:
             async_engine.shutdown()
             if env.world_size > 1:
@@ -98,9 +126,10 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_http(context: ServingContext, args: argparse.Namespace) -> None:
-    """Run the HTTP server in this thread until SIGINT or SIGTERM."""
-    server = _Server(uvicorn.Config(build_app(context), host=args.host, port=args.port, log_level=args.log_level,
+def serve_http(context: ServingContext, settings: ServerConfig, sock: socket.socket) -> None:
+    """Run the HTTP server on ``sock`` in this thread until SIGINT or SIGTERM."""
+    port = sock.getsockname()[1]
+    server = _Server(uvicorn.Config(build_app(context), host=settings.host, port=port, log_level=settings.log_level,
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
 
     def stop(signum: int, frame: object) -> None:
@@ -110,6 +139,7 @@ def serve_http(context: ServingContext, args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    print(f"megakv serve: serving {context.model_name} on http://{args.host}:{args.port}, requests of up to "
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"megakv serve: serving {context.model_name} on http://{host}:{port}, requests of up to "
           f"{context.max_model_len} tokens (pid {os.getpid()})", file=sys.stderr, flush=True)
-    server.run()
+    server.run(sockets=[sock])
