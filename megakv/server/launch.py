@@ -15,11 +15,14 @@ import signal
 import socket
 import sys
 
+import torch
 import uvicorn
 
 from megakv.chat import ChatTemplate
-from megakv.config import ServerConfig
+from megakv.checkpoint.format import CheckpointInfo
+from megakv.config import EngineConfig, ServerConfig, dtype_name
 from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.core import KVCapacity
 from megakv.engine.llm_engine import LLMEngine
 from megakv.generate import RankLocalError, chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.options import UsageError, engine_config, option_source, resolve_options, server_config
@@ -78,6 +81,25 @@ def bind_socket(settings: ServerConfig, args: argparse.Namespace) -> socket.sock
     return sock
 
 
+def startup_lines(model_dir: str, info: CheckpointInfo, dtype: torch.dtype, config: EngineConfig,
+                  capacity: KVCapacity, context: ServingContext) -> list[str]:
+    """What an operator checks first: the model, the cluster's shape, its KV memory and what one request may use."""
+    model, parallel, block_size = info.model, config.parallel, config.cache.block_size
+    num_instances = parallel.num_instances
+    instances = f"{num_instances} instance{'s' if num_instances > 1 else ''}"
+    num_blocks = capacity.num_local_blocks
+    lent = "" if num_instances == 1 else \
+        f" (each instance lends up to {capacity.num_lendable_blocks_per_instance:,} blocks)"
+    return [
+        f"model {model_dir} ({model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} "
+        f"heads, {dtype_name(dtype)}) as {context.model_name!r}: {instances} x TP {parallel.tensor_parallel_size}",
+        f"KV cache: {num_blocks:,} blocks of {block_size} tokens per instance ({num_blocks * block_size:,} tokens); "
+        f"cluster KV capacity {num_instances * num_blocks * block_size:,} tokens; lending cap "
+        f"{config.distkv.lending_cap}{lent}; a request may hold {context.max_model_len:,} tokens "
+        f"({context.max_model_len_reason})",
+    ]
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model on every rank and serve until rank 0 is stopped; returns the exit status."""
     options = resolve_options(args)
@@ -115,6 +137,8 @@ def run_serve(args: argparse.Namespace) -> int:
         context = ServingContext(async_engine, model_name, info.model.vocab_size, max_model_len, reason, tokenizer,
                                  chat, ServerMetrics(model_name), {key: options[key] for key in REQUEST_DEFAULTS},
                                  chat_stop_token_ids(tokenizer, chat))
+        for line in startup_lines(args.model, info, dtype, config, engine.kv_capacity(), context):
+            print(f"megakv serve: {line}", file=sys.stderr, flush=True)
         try:
             serve_http(context, settings, sock)
         finally:
@@ -140,6 +164,5 @@ def serve_http(context: ServingContext, settings: ServerConfig, sock: socket.soc
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"megakv serve: serving {context.model_name} on http://{host}:{port}, requests of up to "
-          f"{context.max_model_len} tokens (pid {os.getpid()})", file=sys.stderr, flush=True)
+    print(f"megakv serve: serving on http://{host}:{port} (pid {os.getpid()})", file=sys.stderr, flush=True)
     server.run(sockets=[sock])

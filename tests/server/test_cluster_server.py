@@ -23,6 +23,9 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
                           str(BLOCK_SIZE), "--served-model-name", "tiny", ranks=2)
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
     assert client.models.list().data[0].max_model_len == 2 * NUM_BLOCKS * BLOCK_SIZE
+    assert "as 'tiny': 2 instances x TP 1\n" in server.output
+    assert "KV cache: 8 blocks of 16 tokens per instance (128 tokens); cluster KV capacity 256 tokens; lending cap " \
+           "1.0 (each instance lends up to 8 blocks); a request may hold 256 tokens" in server.output
 
     long_prompt, short_prompt = [(7 * index) % 256 for index in range(200)], [5, 6, 7]
     expected = hf_greedy(hf_dir, [long_prompt, short_prompt], 16)
