@@ -48,6 +48,10 @@ class _Stats:
 _STOP = object()
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine loop stopped on an error: the request cannot go on, and no new one can start."""
+
+
 class AsyncEngine:
     """Drives ``engine`` from a background thread; ``generate`` streams one request's outputs."""
 
@@ -64,7 +68,7 @@ class AsyncEngine:
                        instance: int | None = None) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs until it finishes; raises ValueError if it is rejected."""
         if self._error is not None:
-            raise RuntimeError(f"the engine loop stopped: {self._error}")
+            raise EngineStoppedError(f"the engine loop stopped: {self._error}")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         added: concurrent.futures.Future = concurrent.futures.Future()
@@ -77,7 +81,7 @@ class AsyncEngine:
             while not finished:
                 output = await outputs.get()
                 if isinstance(output, BaseException):
-                    raise RuntimeError(f"the engine loop stopped: {output}") from output
+                    raise EngineStoppedError(f"the engine loop stopped: {output}") from output
                 finished = output.finished
                 yield output
         finally:
@@ -88,6 +92,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         """False once the loop thread has stopped (shut down, or the engine failed)."""
         return self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the loop thread when the engine failed; None while it runs or after a shutdown."""
+        return self._error
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; its consumer gets a last output with finish_reason "abort"."""
@@ -181,4 +190,4 @@ class AsyncEngine:
             else:
                 continue
             if not future.done():
-                future.set_exception(RuntimeError(f"the engine loop stopped: {self._error}"))
+                future.set_exception(EngineStoppedError(f"the engine loop stopped: {self._error}"))

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from megakv.engine.async_engine import EngineStoppedError
 from megakv.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from megakv.server.serving import APIError, Completion, ServingContext, chat_prompt
 
@@ -105,6 +106,10 @@ def build_app(context: ServingContext) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
         return JSONResponse(error_body(str(err), err.status_code, err.param), status_code=err.status_code)
+
+    @app.exception_handler(EngineStoppedError)
+    async def engine_stopped(_: Request, err: EngineStoppedError) -> JSONResponse:
+        return JSONResponse(error_body(str(err), 500), status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:

@@ -4,7 +4,9 @@ One process runs an LLMEngine; several ranks (under mpirun) run a ClusterEngine,
 whose front, rank 0, drives the cluster from the AsyncEngine's loop thread while
 uvicorn runs the event loop in the main thread. SIGINT or SIGTERM on rank 0
 stops the HTTP server (open responses get a few seconds to finish), then the
-engine loop, then the cluster: every rank leaves serve_forever and exits 0.
+engine loop, then the cluster: every rank leaves serve_forever and exits 0. An
+engine loop that fails stops the HTTP server too (at once, with a line naming the
+error) and the job is aborted with status 2: requests never wait on a dead engine.
 """
 from __future__ import annotations
 
@@ -39,12 +41,29 @@ REQUEST_DEFAULTS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server without its own signal handling: it would raise the signal again once stopped,
-    killing the process before the cluster is shut down."""
+    """uvicorn's server without its own signal handling (it would raise the signal again once stopped, killing
+    the process before the cluster is shut down), which stops when the engine loop does."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
 
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn ticks every 0.1 s. A server whose engine has failed would only answer errors from then on.
+        if not self.should_exit and not self.engine.is_running:
+            print(f"megakv serve: the engine loop failed ({describe_error(self.engine.error)}): stopping the "
+                  f"server", file=sys.stderr, flush=True)
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def describe_error(error: BaseException | None) -> str:
+    """An exception as one line: its type and message."""
+    return f"{type(error).__name__}: {error}"
 
 
 def _max_model_len(engine, model_max_positions: int, block_size: int, num_instances: int) -> tuple[int, str]:
@@ -128,7 +147,12 @@ def run_serve(args: argparse.Namespace) -> int:
         if env.rank != 0:
             # The front ends the cluster: a Ctrl-C typed in the terminal reaches every rank.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            engine.serve_forever()
+            try:
+                engine.serve_forever()
+            except (ValueError, RuntimeError) as err:
+                # The other ranks wait for this one's step: the whole job must stop, naming why.
+                raise RankLocalError(f"[rank {env.rank}] the cluster step failed ({describe_error(err)}): "
+                                     f"stopping every rank") from err
             return 0
         max_model_len, reason = _max_model_len(engine, info.model.max_position_embeddings, config.cache.block_size,
                                                num_instances)
@@ -143,8 +167,12 @@ def run_serve(args: argparse.Namespace) -> int:
             serve_http(context, settings, sock)
         finally:
             async_engine.shutdown()
-            if env.world_size > 1:
+            # A failed engine cannot step the cluster to its end: its ranks are stopped below, by MPI.
+            if env.world_size > 1 and async_engine.error is None:
                 engine.shutdown()
+        if async_engine.error is not None:
+            raise RankLocalError(f"[rank {env.rank}] the engine loop failed ({describe_error(async_engine.error)}): "
+                                 f"the server stopped") from async_engine.error
     finally:
         state.destroy_model_parallel()
     return 0
@@ -154,7 +182,7 @@ def serve_http(context: ServingContext, settings: ServerConfig, sock: socket.soc
     """Run the HTTP server on ``sock`` in this thread until SIGINT or SIGTERM."""
     port = sock.getsockname()[1]
     server = _Server(uvicorn.Config(build_app(context), host=settings.host, port=port, log_level=settings.log_level,
-                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS), context.engine)
 
     def stop(signum: int, frame: object) -> None:
         # A second Ctrl-C stops without waiting for open responses.

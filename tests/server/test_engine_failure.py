@@ -1,0 +1,120 @@
+"""A server whose engine fails, or loses a rank, goes down with a line naming why: its requests get an error,
+/health never answers 200 again, and every process exits non-zero instead of leaving requests hanging.
+
+The failure is real: a checkpoint whose final norm is NaN gives NaN logits, which greedy decoding takes
+(argmax) and sampling refuses (torch.multinomial raises in the engine's step)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from openai import OpenAI
+from safetensors.torch import load_file, save_file
+
+from server_process import SHUTDOWN_SECONDS, ServerProcess
+
+SAMPLING_FAILURE = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0"
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(chat_model, tmp_path_factory) -> Path:
+    """The chat model with a NaN final norm."""
+    checkpoint = tmp_path_factory.mktemp("nan") / "ckpt"
+    shutil.copytree(chat_model[1], checkpoint)
+    shard = checkpoint / "model_tp00.safetensors"
+    tensors = load_file(shard)
+    tensors["decoder.final_layernorm.weight"] = torch.full_like(tensors["decoder.final_layernorm.weight"],
+                                                                float("nan"))
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return checkpoint
+
+
+def wait_for_exit(server: ServerProcess) -> tuple[int, list[int]]:
+    """The exit status of the server's process, and every /health status seen until it stopped answering."""
+    statuses = []
+    deadline = time.monotonic() + SHUTDOWN_SECONDS
+    while server.proc.poll() is None:
+        assert time.monotonic() < deadline, f"still running {SHUTDOWN_SECONDS} s after the failure:\n{server.output}"
+        try:
+            statuses.append(httpx.get(f"{server.url}/health", timeout=2).status_code)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return server.proc.returncode, statuses
+
+
+def test_engine_failure_stops_the_one_process_server_with_a_clear_line(nan_checkpoint, start_server):
+    server = start_server(nan_checkpoint, "--num-blocks", "64", "--served-model-name", "tiny")
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
+    assert client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=2, temperature=0).choices
+    with pytest.raises(openai.InternalServerError, match="the engine loop stopped: probability tensor contains"):
+        client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4, temperature=1.0)
+    status, health = wait_for_exit(server)
+    assert status == 2 and 200 not in health, server.output
+    assert f"megakv serve: the engine loop failed ({SAMPLING_FAILURE}): stopping the server" in server.output
+    assert f"megakv: error: [rank 0] the engine loop failed ({SAMPLING_FAILURE}): the server stopped" in server.output
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_cluster_server_with_a_clear_line(nan_checkpoint, start_server):
+    server = start_server(nan_checkpoint, "--instances", "2", "--num-blocks", "16", "--served-model-name", "tiny",
+                          ranks=2)
+    # A greedy request holds blocks on instance 0, so the router sends the sampled one to instance 1, whose rank
+    # fails in its step.
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": list(range(1, 40)), "max_tokens": 200, "ignore_eos": True, "stream": True,
+            "temperature": 0}) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        with pytest.raises((openai.InternalServerError, openai.APIConnectionError)):
+            OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0).completions.create(
+                model="tiny", prompt=[1, 2, 3], max_tokens=4, temperature=1.0)
+        with pytest.raises(httpx.HTTPError):
+            for _ in lines:
+                pass
+    status, health = wait_for_exit(server)
+    assert status != 0 and 200 not in health, server.output
+    assert f"megakv: error: [rank 1] the cluster step failed ({SAMPLING_FAILURE}): stopping every rank" \
+        in server.output
+
+
+def rank_pids(server: ServerProcess) -> list[int]:
+    """The pids of the job's megakv ranks (children of mpirun), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == server.proc.pid and b"megakv" in command:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_cluster_server_and_its_streams(chat_model, start_server):
+    server = start_server(chat_model[1], "--instances", "2", "--num-blocks", "16", "--served-model-name", "tiny",
+                          ranks=2)
+    (other_rank,) = [pid for pid in rank_pids(server) if pid != server.front_pid()]
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": list(range(1, 40)), "max_tokens": 200, "ignore_eos": True,
+            "stream": True}) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        os.kill(other_rank, signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            for _ in lines:
+                pass
+    status, health = wait_for_exit(server)
+    assert status != 0 and 200 not in health, server.output
+    assert f"process rank 1 with PID {other_rank}" in " ".join(server.output.split()), server.output
