@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, as vLLM accepts them, checked strictly with pydantic.
 
 A field megakv does not know is rejected by name ("extra": "forbid"), and a known field that
-megakv does not implement is accepted only at its neutral value (``n`` = 1, no penalties, no
+megakv does not implement is accepted only at its neutral value (no ``best_of``, no penalties, no
 prompt logprobs), so a client never gets an answer that silently ignored what it asked for.
 """
 from __future__ import annotations
@@ -26,8 +26,10 @@ class StreamOptions(StrictModel):
 
 
 # Known fields megakv does not implement -> the only value it accepts for them.
-NEUTRAL_VALUES = {"n": 1, "best_of": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+NEUTRAL_VALUES = {"best_of": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                   "repetition_penalty": 1.0, "logit_bias": None, "suffix": None, "min_tokens": 0}
+# The most choices one prompt may ask for (OpenAI's bound on n).
+MAX_N = 128
 
 
 class SamplingRequest(StrictModel):
@@ -51,7 +53,8 @@ class SamplingRequest(StrictModel):
     return_kv_placement: bool = False
     # Names the end user; it changes nothing here.
     user: str | None = None
-    n: int = 1
+    # Choices per prompt, sampled independently.
+    n: int = Field(default=1, ge=1, le=MAX_N)
     best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

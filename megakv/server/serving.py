@@ -7,6 +7,7 @@ each; streamed responses are Server-Sent Events, one JSON chunk per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -161,20 +162,38 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def sample_params(params: SamplingParams, sample_index: int) -> SamplingParams:
+    """The parameters of a prompt's sample ``sample_index`` of ``n``: a seeded request's samples differ, each
+    seeded with seed + sample_index, as vLLM seeds its parallel samples."""
+    if params.seed is None or sample_index == 0:
+        return params
+    try:
+        return dataclasses.replace(params, seed=params.seed + sample_index)
+    except ValueError as err:
+        raise APIError(f"{err} (seed + the sample's index, for n > 1)", param="seed") from None
+
+
 class Completion:
-    """One completion or chat request: its prompts and parameters, validated; run streamed or whole."""
+    """One completion or chat request: its choices' prompts and parameters, validated; run streamed or whole.
+
+    Each prompt has ``n`` choices, one engine request each, indexed as vLLM does: choice i * n + j is sample j of
+    prompt i.
+    """
 
     def __init__(self, request: CompletionRequest | ChatCompletionRequest, context: ServingContext) -> None:
         context.check_model(request.model)
         self.request, self.context = request, context
         self.chat = isinstance(request, ChatCompletionRequest)
         if self.chat:
-            self.prompts = [chat_prompt(request.messages, context)]
+            prompts = [chat_prompt(request.messages, context)]
             stop_ids = context.chat_stop_token_ids
         else:
-            self.prompts = completion_prompts(request, context)
+            prompts = completion_prompts(request, context)
             stop_ids = ()
-        self.params = [sampling_params(request, prompt, context, stop_ids) for prompt in self.prompts]
+        params = [sampling_params(request, prompt, context, stop_ids) for prompt in prompts]
+        # One entry per choice.
+        self.prompts = [prompt for prompt in prompts for _ in range(request.n)]
+        self.params = [sample_params(prompt_params, index) for prompt_params in params for index in range(request.n)]
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.echo = not self.chat and request.echo
@@ -275,4 +294,6 @@ class Completion:
         yield sse("[DONE]")
 
     def _usage(self, token_ids: list[list[int]]) -> dict[str, int]:
-        return usage(sum(len(prompt.token_ids) for prompt in self.prompts), sum(map(len, token_ids)))
+        # As vLLM counts: each prompt once, whatever its number of choices.
+        prompts = self.prompts[::self.request.n]
+        return usage(sum(len(prompt.token_ids) for prompt in prompts), sum(map(len, token_ids)))

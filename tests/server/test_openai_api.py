@@ -112,6 +112,41 @@ def test_completions_seeded_sampling_repeats(client):
     assert sample(7) != sample(8)
 
 
+def test_completions_n_samples_each_prompt_as_vllm_seeds_them(client):
+    prompts = [[5, 80, 33], list(range(40, 60))]
+
+    def sample(prompt: list[int], seed: int) -> list[int]:
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True}
+                                         ).choices[0].token_ids
+
+    response = client.completions.create(model="tiny", prompt=prompts, n=3, max_tokens=6, temperature=1.0, seed=7,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+    # Choice i * n + j is sample j of prompt i, seeded with seed + j.
+    assert [choice.index for choice in response.choices] == list(range(6))
+    assert [choice.token_ids for choice in response.choices] == \
+        [sample(prompt, 7 + index) for prompt in prompts for index in range(3)]
+    assert len({tuple(choice.token_ids) for choice in response.choices[:3]}) > 1
+    # Each prompt counts once, each choice's tokens once.
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (23, 36)
+
+    greedy = client.completions.create(model="tiny", prompt="The sky", n=2, max_tokens=MAX_TOKENS, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text
+
+
+def test_chat_n_streams_each_choice_under_its_index(client):
+    messages = [{"role": "user", "content": "Hi there"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, n=2, max_tokens=MAX_TOKENS,
+                                           temperature=1.0, seed=3)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, n=2, max_tokens=MAX_TOKENS,
+                                                 temperature=1.0, seed=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = ["".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices
+                        if choice.index == index) for index in range(2)]
+    assert streamed == [choice.message.content for choice in whole.choices]
+    assert chunks[-1].usage == whole.usage
+
+
 def test_chat_renders_the_template_and_decodes_greedily(client, chat_model, hf_greedy, reference_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     prompt_ids = reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
