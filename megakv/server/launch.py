@@ -79,9 +79,6 @@ def _max_model_len(engine, model_max_positions: int, block_size: int, num_instan
 def bind_socket(settings: ServerConfig, args: argparse.Namespace) -> socket.socket:
     """The HTTP socket, bound but not yet listening: a port in use or a host that is not this machine's stops
     the server before the model loads, and clients are refused, not kept waiting, until the server starts."""
-    def source() -> str:
-        return f"{option_source(args, 'host')}, {option_source(args, 'port')}"
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -95,8 +92,8 @@ def bind_socket(settings: ServerConfig, args: argparse.Namespace) -> socket.sock
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise UsageError(f"cannot listen on {settings.host} port {settings.port} ({source()}): "
-                         f"{err.strerror}") from None
+        raise UsageError(f"cannot listen on {settings.host} port {settings.port} ({option_source(args, 'host')}, "
+                         f"{option_source(args, 'port')}): {err.strerror}") from None
     return sock
 
 
