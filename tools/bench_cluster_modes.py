@@ -13,6 +13,9 @@ It then finds the longest single request each mode serves at each cluster size o
 ``max_context_instances``: the server's own bound (its /v1/models max_model_len) is served,
 and one block more is rejected.
 
+A server that fails during a run (its engine stops it) is recorded with the run, whose unanswered
+requests count as failed, and started again for the next run.
+
 Prints one JSON object (also written to ``--output``): each metric side by side per mode
 with the ratios DistKV / independent and DistKV / single, the servers' DistKV counters, and
 the longest contexts; draws three PNGs into ``--figures-dir``: throughput and p99 TTFT
@@ -46,7 +49,7 @@ MODEL_NAME = "bench"
 STARTUP_SECONDS = 300
 SHUTDOWN_SECONDS = 30
 IDLE_SECONDS = 120
-# The modes of a workload run: (name, instances from the config or 1, lending cap).
+# The modes of a workload run: the config's cluster lending (lending_cap 1) and not (0), and one instance alone.
 MODES = ("distkv", "independent", "single")
 # The figures of each run kept in the report (the per-request lists stay in bench serve's own JSON).
 SUMMARY_KEYS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -112,6 +115,10 @@ def load_config(path: str) -> dict:
     return config
 
 
+class ServerStopped(RuntimeError):
+    """The server no longer answers: it failed during a run."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -139,6 +146,13 @@ class Server:
                                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
     def __enter__(self) -> Server:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_ready(self) -> Server:
+        """Poll /health until the server answers; RuntimeError with its log if it exits or takes too long."""
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -150,10 +164,10 @@ class Server:
         self.kill()
         raise RuntimeError(f"megakv serve did not answer /health within {STARTUP_SECONDS} s:\n{self.log()}")
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """SIGTERM to rank 0, which stops the whole cluster cleanly; SIGKILL to what still runs after that."""
         match = re.search(r"megakv serve: .*\(pid (\d+)\)", self.log())
         if match and self.proc.poll() is None:
-            # SIGTERM to rank 0 stops the whole cluster cleanly.
             os.kill(int(match.group(1)), signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=SHUTDOWN_SECONDS)
@@ -161,6 +175,11 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text()[-4000:]
+
+    def failure(self) -> str:
+        """The first line of the server's log that names an error (its last line if none does)."""
+        lines = self.log_path.read_text().splitlines() or ["(empty log)"]
+        return next((line for line in lines if "error" in line.lower()), lines[-1])
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -172,7 +191,11 @@ class Server:
         deadline = time.monotonic() + IDLE_SECONDS
         while True:
             samples: dict[str, float] = {}
-            for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
+            try:
+                text = httpx.get(f"{self.url}/metrics", timeout=30).text
+            except httpx.HTTPError as err:
+                raise ServerStopped(f"the server no longer answers ({err}): {self.failure()}") from None
+            for line in text.splitlines():
                 if line.startswith("megakv:"):
                     name, value = line.rsplit(" ", 1)
                     name = name.partition("{")[0]
@@ -187,7 +210,8 @@ class Server:
 
 
 def bench_serve(server: Server, config: dict, workload: dict, rate: float, out: Path) -> dict:
-    """One ``megakv bench serve`` run: the summary figures and the server's counters over it."""
+    """One ``megakv bench serve`` run: the summary figures, the server's counters over it, and the error that
+    stopped the server during the run (None if it still answers)."""
     before = server.counters()
     argv = [str(BIN_DIR / "megakv"), "bench", "serve", "--base-url", server.url, "--model", MODEL_NAME,
             "--num-prompts", str(workload["num_prompts"]), "--input-len-dist", workload["input_len_dist"],
@@ -201,10 +225,15 @@ def bench_serve(server: Server, config: dict, workload: dict, rate: float, out: 
     if proc.returncode != 0:
         raise RuntimeError(f"megakv bench serve failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result = json.loads(out.read_text())
-    after = server.counters()
+    try:
+        after = server.counters()
+        counters, server_error = {key: after[key] - before[key] for key in after}, None
+    except ServerStopped as err:
+        # The requests it left unanswered are failed requests of this mode, as a client saw them.
+        counters, server_error = None, str(err)
     return {**{key: result[key] for key in SUMMARY_KEYS},
             "errors": sorted({error.split(":", 1)[0] for error in result["errors"] if error}),
-            "server": {key: after[key] - before[key] for key in after}}
+            "server": counters, "server_error": server_error}
 
 
 def ratios(numerator: dict, denominator: dict) -> dict:
@@ -213,21 +242,37 @@ def ratios(numerator: dict, denominator: dict) -> dict:
             for key in SUMMARY_KEYS}
 
 
+def start_server(config: dict, model: Path, mode: str, log_path: Path) -> Server:
+    """A ready, warmed-up server of ``mode``."""
+    instances = 1 if mode == "single" else config["instances"]
+    server = Server(config, model, instances, 0.0 if mode == "independent" else 1.0, log_path).wait_ready()
+    warm_up = {"num_prompts": 4, "input_len_dist": "fixed:16", "output_len_dist": "fixed:4"}
+    bench_serve(server, config, warm_up, float("inf"), log_path.with_suffix(".warm-up.json"))
+    return server
+
+
 def run_workloads(config: dict, model: Path, folder: Path) -> list[dict]:
-    """Every workload at every rate in every mode; one server per mode, warmed up first."""
+    """Every workload at every rate in every mode; one server per mode, started again after one that failed."""
     runs: dict[tuple[str, float], dict] = {}
     for mode in MODES:
-        instances = 1 if mode == "single" else config["instances"]
-        with Server(config, model, instances, 0.0 if mode == "independent" else 1.0,
-                    folder / f"server-{mode}.log") as server:
-            warm_up = {"num_prompts": 4, "input_len_dist": "fixed:16", "output_len_dist": "fixed:4"}
-            bench_serve(server, config, warm_up, float("inf"), folder / "warm-up.json")
+        server = None
+        try:
             for workload in config["workloads"]:
                 for rate in workload["request_rates"]:
                     print(f"{mode}: {workload['name']} at {rate} requests/s", file=sys.stderr, flush=True)
+                    if server is None:
+                        server = start_server(config, model, mode, folder / f"server-{mode}-{len(runs)}.log")
                     row = runs.setdefault((workload["name"], rate), {"workload": workload["name"],
                                                                      "request_rate": rate, "modes": {}})
                     row["modes"][mode] = bench_serve(server, config, workload, rate, folder / "run.json")
+                    if row["modes"][mode]["server_error"] is not None:
+                        print(f"{mode}: the server failed: {row['modes'][mode]['server_error']}", file=sys.stderr,
+                              flush=True)
+                        server.stop()
+                        server = None
+        finally:
+            if server is not None:
+                server.stop()
     for row in runs.values():
         modes = row["modes"]
         row["ratios"] = {"distkv/independent": ratios(modes["distkv"], modes["independent"]),
@@ -235,13 +280,18 @@ def run_workloads(config: dict, model: Path, folder: Path) -> list[dict]:
     return list(runs.values())
 
 
-def completion(url: str, prompt_len: int) -> httpx.Response:
-    """One request of ``prompt_len`` prompt tokens (ids 32..126 in turn: printable bytes in the demo's byte-level
-    vocabulary, valid in any larger one) and MAX_CONTEXT_NEW_TOKENS new ones."""
+def completion(server: Server, prompt_len: int) -> tuple[int | None, str]:
+    """(HTTP status or None if the server did not answer, body or error) of one request of ``prompt_len`` prompt
+    tokens (ids 32..126 in turn: printable bytes in the demo's byte-level vocabulary, valid in any larger one)
+    and MAX_CONTEXT_NEW_TOKENS new ones."""
     prompt = [32 + index % 95 for index in range(prompt_len)]
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": MAX_CONTEXT_NEW_TOKENS, "ignore_eos": True,
             "temperature": 0}
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+    try:
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=600)
+    except httpx.HTTPError as err:
+        return None, f"no answer ({err}): {server.failure()}"
+    return response.status_code, response.text[:500]
 
 
 def max_context(config: dict, model: Path, folder: Path) -> list[dict]:
@@ -254,13 +304,13 @@ def max_context(config: dict, model: Path, folder: Path) -> list[dict]:
             print(f"{mode}: longest context on {instances} instance(s)", file=sys.stderr, flush=True)
             with Server(config, model, instances, cap, folder / f"server-context-{mode}-{instances}.log") as server:
                 bound = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["max_model_len"]
-                served = completion(server.url, bound - MAX_CONTEXT_NEW_TOKENS)
-                beyond = completion(server.url, bound - MAX_CONTEXT_NEW_TOKENS + config["block_size"])
-            longest = bound if served.status_code == 200 else 0
+                served, answer = completion(server, bound - MAX_CONTEXT_NEW_TOKENS)
+                beyond, _ = completion(server, bound - MAX_CONTEXT_NEW_TOKENS + config["block_size"])
+            longest = bound if served == 200 else 0
             row[mode] = {"max_context_tokens": longest, "server_bound_tokens": bound,
                          "ratio_to_instances_x_pool": longest / (instances * pool_tokens),
-                         "ratio_to_pool": longest / pool_tokens, "one_block_more_rejected": beyond.status_code == 400,
-                         "error": None if served.status_code == 200 else served.text[:500]}
+                         "ratio_to_pool": longest / pool_tokens, "one_block_more_rejected": beyond == 400,
+                         "error": None if served == 200 else answer}
         rows.append(row)
     return rows
 
@@ -285,6 +335,10 @@ def draw_figures(results: dict, figures_dir: Path) -> list[str]:
             for mode, (color, line, label) in styles.items():
                 axes.plot([row["request_rate"] for row in rows], [row["modes"][mode][key] for row in rows],
                           color=color, linestyle=line, marker="o", label=label)
+                failed = [row for row in rows if row["modes"][mode]["server_error"] is not None]
+                axes.scatter([row["request_rate"] for row in failed], [row["modes"][mode][key] for row in failed],
+                             color="red", marker="x", s=90, zorder=3,
+                             label=f"{label}: server failed in the run" if failed else None)
             axes.set(xlabel="request rate (requests/s)", ylabel=ylabel, title=f"workload {workload}", ylim=(0, None))
             axes.grid(alpha=0.3)
         panels[0][0].legend(fontsize=8)
@@ -347,7 +401,7 @@ def main() -> None:
             results = {"config": config, "machine": machine(), "workloads": run_workloads(config, model, folder),
                        "max_context": max_context(config, model, folder)}
         results["figures"] = draw_figures(results, args.figures_dir)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, httpx.HTTPError, subprocess.SubprocessError) as err:
         print(f"bench_cluster_modes: error: {err}", file=sys.stderr)
         sys.exit(2)
     text = json.dumps(results, indent=1)

@@ -52,6 +52,7 @@ def test_bench_cluster_modes_tiny_run_reports_every_field_and_figure(tmp_path):
         for mode in ("distkv", "independent", "single"):
             figures = row["modes"][mode]
             assert SUMMARY_KEYS <= set(figures) and figures["completed"] + figures["failed"] == 3
+            assert figures["server_error"] is None
             assert set(figures["server"]) == {"borrow_events", "blocks_borrowed", "remote_micro_attentions",
                                               "preemptions"}
         for pair in ("distkv/independent", "distkv/single"):
