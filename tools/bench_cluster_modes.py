@@ -177,9 +177,10 @@ class Server:
         return self.log_path.read_text()[-4000:]
 
     def failure(self) -> str:
-        """The first line of the server's log that names an error (its last line if none does)."""
+        """megakv's own line saying why the server stopped (the log's last line if there is none)."""
         lines = self.log_path.read_text().splitlines() or ["(empty log)"]
-        return next((line for line in lines if "error" in line.lower()), lines[-1])
+        return next((line for line in lines if line.startswith("megakv") and ("failed" in line or "error" in line)),
+                    lines[-1])
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
