@@ -45,7 +45,7 @@ class DistAttention(torch.nn.Module):
         """query [T, Hq, D], key/value [T, Hkv, D] of the new tokens -> out [T, Hq, D]."""
         store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         if metadata.remote is not None:
-            return metadata.remote.attend(self.layer_index, query, key, value, key_cache, value_cache, self.scale,
+            return metadata.remote.attend(self.layer_index, query, key, value,
                                           lambda: dist_attention(query, key_cache, value_cache, metadata, self.scale))
         out, _ = dist_attention(query, key_cache, value_cache, metadata, self.scale)
         return out

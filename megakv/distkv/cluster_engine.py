@@ -1,16 +1,15 @@
-"""A DistKV cluster behind one front, its instances stepping in lockstep (DistKV-LLM sections 4-5).
+"""A DistKV cluster behind one front, its instances stepping independently (DistKV-LLM sections 4-5).
 
-The front (global rank 0, also instance 0's leader) offers the engine API: requests and aborts
-at any time, each request routed to the instance it names or to the one with the most free KV
-room, and each request's outputs streamed back as they are generated. Every step, on each
-instance's leader (TP rank 0): schedule the instance's own batch (local blocks first, the rest
-PENDING), exchange a status with the other leaders (it carries the front's new requests and
-aborts out and each instance's outputs back), run the control round when blocks must be
-borrowed, returned or moved (heartbeats, gManager grants, lending, returns, DGFM), tell each
-creditor which micro-attentions to run for it, and hand the step to the instance's TP ranks.
-Then every rank copies the DGFM-moved blocks and runs the forward pass, answering other
-instances' queries layer by layer; an instance with no tokens of its own still serves the
-blocks it lends. The other ranks follow the front's steps until it shuts the cluster down.
+The front (global rank 0, also instance 0's leader and the gManager) offers the engine API:
+requests and aborts at any time, each request routed to the instance it names or to the one
+with the most free KV room, and each request's outputs streamed back as they are generated.
+Every instance's leader (TP rank 0) runs its own step loop: take the control messages that
+arrived (new requests and aborts from the front; loans, returns and turns from the gManager
+and the other instances), schedule its batch, tell the gManager what its requests need to
+borrow, pull remote blocks home when its pool has room (DGFM), hand the step to its TP ranks,
+and send the step's outputs to the front. A step waits for no other instance, except, layer
+by layer, for the KV servers of the instances holding its requests' blocks; those answer from
+a thread of their own. An instance with nothing to do sleeps until a message arrives.
 """
 from __future__ import annotations
 
@@ -24,15 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from mpi4py import MPI
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig
-from megakv.distkv.control import GMANAGER_INSTANCE, ControlNode, ControlTraffic, MPITransport
+from megakv.distkv.control import (GMANAGER_INSTANCE, GMANAGER_MESSAGES, ControlTraffic, InstanceControl,
+                                   Mailbox)
 from megakv.distkv.gmanager import GManager
-from megakv.distkv.messages import Transfer
 from megakv.distkv.policy import ClusterAdmission
-from megakv.distkv.remote_attention import RemoteAttention, RemotePlan, ServedQueries, execute_transfers
+from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
+from megakv.distkv.rmanager import Transfer
 from megakv.engine.core import InstanceCore, KVCapacity
 from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
@@ -42,84 +43,72 @@ from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.parallel import state
 
-# How long a rank that finished its step early sleeps between checks on the others. After
-# BACKOFF_AFTER_SECONDS of waiting (the others are not about to finish a step: the cluster is idle, or
-# runs a long prefill) the sleep doubles up to the second bound, so that a long wait takes almost no
-# CPU; a shorter wait keeps the short sleep, which oversleeps the others' step by little.
+# How long a rank with nothing to do sleeps between checks for a message. After BACKOFF_AFTER_SECONDS
+# of waiting the sleep doubles up to the second bound, so that a long wait takes almost no CPU; a short
+# wait keeps the short sleep, which oversleeps the message by little.
 IDLE_POLL_SECONDS = 50e-6
 MAX_IDLE_POLL_SECONDS = 5e-3
 BACKOFF_AFTER_SECONDS = 0.02
+# The longest the front's step() waits for the other instances' outputs when its own has nothing to run:
+# its caller (the server's engine loop) takes new requests between two steps.
+FRONT_WAIT_SECONDS = 0.02
+# How long a stopping leader waits for its last messages to leave.
+FLUSH_SECONDS = 5.0
 # prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h), and the slack the
-# leaders ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
+# ranks ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
 TIMER_SLACK_NS = 1000
-# Steps in a row in which no instance could run anything before the cluster gives up.
-MAX_STALLED_STEPS = 4
+# MPI tag of the step plans a leader sends its TP ranks.
+PLAN_TAG = 7
 
 
 def _tighten_timer_slack() -> None:
-    """Let a short sleep end on time: Linux adds up to 50 us of timer slack to each, which the leaders'
-    wait for one another would pay every step. Where prctl refuses, sleeps only run long; nothing breaks."""
+    """Let a short sleep end on time: Linux adds up to 50 us of timer slack to each. Where prctl refuses,
+    sleeps only run long; nothing breaks."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
 
 
-# MPI tag of the step plans a leader sends its TP ranks.
-PLAN_TAG = 7
-
-
-def wait_quietly(done: Callable[[], bool]) -> None:
-    """Wait until ``done()`` without spinning: MPI's blocking calls busy-poll, which takes a core from the
-    instances still computing (the CPU cluster shares a few cores) and burns one while the cluster is idle."""
+def wait_quietly(done: Callable[[], bool], timeout: float | None = None) -> bool:
+    """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
+    busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle."""
     pause = IDLE_POLL_SECONDS
-    backoff_at = time.monotonic() + BACKOFF_AFTER_SECONDS
+    now = time.monotonic()
+    backoff_at, deadline = now + BACKOFF_AFTER_SECONDS, None if timeout is None else now + timeout
     while not done():
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
         time.sleep(pause)
-        if time.monotonic() > backoff_at:
+        if now > backoff_at:
             pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
+    return True
 
 
 @dataclass(frozen=True)
-class FrontOrders:
-    """What the front adds to its status: new requests and aborts for each instance, or the end."""
+class Orders:
+    """Front -> leader: new requests and aborts for its instance, or the end."""
 
-    # (instance, request) in arrival order.
-    routed: list[tuple[int, Request]] = field(default_factory=list)
-    # (instance, request id).
-    aborts: list[tuple[int, str]] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
     stop: bool = False
 
 
 @dataclass(frozen=True)
-class LeaderStatus:
-    """What each leader tells the others at the start of a step."""
+class Progress:
+    """Leader -> front, after a step with outputs (or when its queues changed): outputs and monitoring."""
 
-    unfinished: bool
-    # Whether this instance ran tokens of its own in the previous step.
-    ran_last_step: bool
-    # Arrival of this instance's oldest unfinished request waiting for room (megakv.distkv.policy).
-    oldest_waiting_for_room: int | None
-    # Free blocks of this instance's pool (the front routes by them).
+    instance_id: int
+    # Each output carries only its new tokens: the front keeps the prompt and the tokens so far.
+    outputs: list[RequestOutput]
     num_free_blocks: int
-    # Requests of this instance's running batch and queue (for the front's stats).
     num_running: int
     num_waiting: int
-    # Outputs of this instance's requests since its last status (for the front).
-    outputs: list[RequestOutput]
-    # Blocks to borrow or to hand back: the control round must run.
-    needs_round: bool
-    num_lendable_blocks: int
-    holds_remote_blocks: bool
-    # Free blocks beyond one per running request: room to pull blocks home.
-    free_room: int
-    # The micro-attentions this instance's batch asks of each creditor (when no round is due).
-    served: dict[int, ServedQueries]
-    # Set by the front only.
-    orders: FrontOrders | None = None
-    # This instance's counters since start (for the front's stats).
-    num_preemptions: int = 0
-    num_remote_micro_attentions: int = 0
+    num_preemptions: int
+    num_remote_micro_attentions: int
+    # The leader's last message: it has stopped.
+    stopped: bool = False
 
 
 @dataclass
@@ -127,11 +116,9 @@ class StepPlan:
     """What the leader hands its TP ranks for one step."""
 
     inputs: StepInputs | None
-    incoming: list[ServedQueries] = field(default_factory=list)
-    transfers: list[Transfer] = field(default_factory=list)
+    # DGFM: blocks to copy home before the step runs.
+    pulls: list[Transfer] = field(default_factory=list)
     stop: bool = False
-    # The front's orders of this step (on the leader; aborts apply once the step has run).
-    orders: FrontOrders | None = None
 
 
 class ClusterEngine:
@@ -139,12 +126,12 @@ class ClusterEngine:
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, count_traffic: bool = False) -> None:
-        self.admission = ClusterAdmission()
-        self.core = InstanceCore(info, config, dtype=dtype, device=device, admission=self.admission)
+        self.core = InstanceCore(info, config, dtype=dtype, device=device, admission=ClusterAdmission)
         self.config = config
         self.model_config = info.model
         self.rmanager, self.scheduler = self.core.rmanager, self.core.scheduler
         self.model_runner, self.step_log = self.core.model_runner, self.core.step_log
+        self.admission: ClusterAdmission = self.scheduler.admission
         world = MPI.COMM_WORLD
         self.instance_id = state.get_instance_id()
         self.num_instances = state.get_num_instances()
@@ -152,34 +139,41 @@ class ClusterEngine:
         self.is_front = world.Get_rank() == 0
         self.instance_comm = world.Split(color=self.instance_id, key=state.get_tensor_model_parallel_rank())
         self.leaders_comm = world.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.instance_id)
-        self.gmanager = None
-        # What this leader received of the control plane, and in how many steps (count_traffic only).
+        capacity = self.kv_capacity()
+        # Requests grow into what the others could lend; the gManager settles what they get.
+        self.rmanager.borrowable_estimate = capacity.num_blocks - capacity.num_local_blocks
+        self.gmanager = GManager([self.rmanager.num_lendable_blocks] * self.num_instances) if self.is_front else None
+        # What this leader sent on the control plane, and in how many steps (count_traffic only).
         self.control_traffic = ControlTraffic() if count_traffic and self.is_leader else None
         self.num_steps = 0
+        # Called before each step of this instance's leader: tests stall an instance with it.
+        self.before_step: Callable[[], None] | None = None
         if self.is_leader:
-            self.transport = MPITransport(self.leaders_comm, self.control_traffic)
-            if self.instance_id == GMANAGER_INSTANCE:
-                self.gmanager = GManager(self.num_instances, config.distkv.max_moves_per_step)
-            self.control = ControlNode(self.rmanager, self.transport, self.gmanager,
-                                       config.distkv.max_moves_per_step)
+            self.mailbox = Mailbox(self.leaders_comm, self.control_traffic)
+            self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn)
+        # Requests that yielded their blocks, out of the scheduler's queue until the gManager gives them their turn.
+        self._parked: dict[str, Request] = {}
+        self._local_mail: list[object] = []
+        tp = state.get_tensor_model_parallel_world_size()
+        cache = self.model_runner.kv_cache
+        self.kv_server = KVServer(cache.key_cache, cache.value_cache, info.model.num_attention_heads // tp,
+                                  info.model.num_kv_heads_per_partition(tp), info.model.head_dim,
+                                  self._kv_server_failed) if self.num_instances > 1 else None
         _tighten_timer_slack()
-        self._stalled_steps = 0
-        # Starts True: the first step has not had the chance to run anything yet.
-        self._ran_last_step = True
-        # This leader's outputs not yet reported to the front.
-        self._unreported: list[RequestOutput] = []
+        self._stopping = False
         self._stopped = False
-        # The front's state: what to send out with the next status, where each unfinished request runs,
-        # outputs for the caller of step(), and the last statuses (the router reads them).
+        # Counters last reported to the front, so that a leader reports only what changed.
+        self._reported: tuple | None = None
+        # The front's state: where each unfinished request runs, its copy of each (the other instances report
+        # only new tokens), outputs for the caller of step(), each instance's last progress, and the leaders
+        # that have not yet confirmed the stop.
         self._arrivals = itertools.count()
         self._request_counter = itertools.count()
-        self._orders = FrontOrders()
         self._where: dict[str, int] = {}
-        # The front's copy of each unfinished request: the other instances report only each step's new tokens,
-        # and the front rebuilds the outputs' prompt and tokens so far from it.
         self._routed: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []
-        self._statuses: list[LeaderStatus] | None = None
+        self._progress: dict[int, Progress] = {}
+        self._running_leaders: set[int] = set(range(1, self.num_instances))
 
     def kv_capacity(self) -> KVCapacity:
         """This pool plus what every other instance may lend (same pool size and cap everywhere)."""
@@ -212,35 +206,45 @@ class ClusterEngine:
         self.core.validate(prompt_ids, params, self.kv_capacity())
         target = instance if instance is not None else self._route()
         request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
-        self._orders.routed.append((target, request))
         self._where[request_id] = target
         self._routed[request_id] = request
+        if target == self.instance_id:
+            self.core.add(request)
+        else:
+            self._post(target, Orders(requests=[request]))
         return request_id
 
     def _route(self) -> int:
-        """The instance with the most free blocks at the last exchange, then the fewest requests routed to it."""
+        """The instance with the most free blocks as last reported, then the fewest requests routed to it."""
         pool = self.rmanager.pool.num_blocks
-        free = [status.num_free_blocks for status in self._statuses] if self._statuses else [pool] * self.num_instances
+        free = [self.rmanager.num_free_blocks if index == self.instance_id else
+                self._progress[index].num_free_blocks if index in self._progress else pool
+                for index in range(self.num_instances)]
         load = Counter(self._where.values())
         return max(range(self.num_instances), key=lambda index: (free[index], -load[index], -index))
 
     def abort(self, request_id: str) -> None:
-        """Stop a request on its instance (in the next step) and release its blocks everywhere."""
+        """Stop a request on its instance (before its next step) and release its blocks everywhere."""
         self._require_front()
-        if request_id in self._where:
-            self._orders.aborts.append((self._where[request_id], request_id))
+        target = self._where.get(request_id)
+        if target == self.instance_id:
+            self._abort_here(request_id)
+        elif target is not None:
+            self._post(target, Orders(aborts=[request_id]))
 
     def has_unfinished(self) -> bool:
-        """True while a request runs anywhere in the cluster, has an output not yet returned, or finished leaving
-        blocks to hand back or borrow: an idle front stops stepping, and those go home only in a step."""
-        owed = self.rmanager.has_returns or any(status.needs_round for status in self._statuses or ())
+        """True while a request runs anywhere in the cluster, has an output not yet returned, or blocks are
+        still owed: an idle front stops stepping, and the ledger settles only while it steps."""
+        owed = self.rmanager.has_returns or self.gmanager.is_busy or bool(self._local_mail)
         return bool(self._where) or bool(self._ready) or owed
 
     def step(self) -> list[RequestOutput]:
-        """Run one cluster step; returns the outputs that reached the front (instance 0's of this step, the
-        other instances' of their previous one)."""
+        """Run one step of the front's own instance and collect what the other instances reported; with
+        nothing to run here, wait up to FRONT_WAIT_SECONDS for their messages."""
         self._require_front()
-        self._cluster_step()
+        if not self._instance_step() and not self._ready:
+            wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail(), FRONT_WAIT_SECONDS)
+            self._take_mail()
         ready, self._ready = self._ready, []
         for output in ready:
             if output.finished:
@@ -249,7 +253,7 @@ class ClusterEngine:
         return ready
 
     def stats(self) -> EngineStats:
-        """Each instance's queues and pool as of the last exchange (this instance's as they are now), and the
+        """Each instance's queues and pool as last reported (this instance's as they are now), and the
         gManager's counters and ledger; blocks lent and borrowed are the ledger's debts."""
         self._require_front()
         debts = {pair: n for pair, n in self.gmanager.debts.items() if n}
@@ -257,36 +261,41 @@ class ClusterEngine:
         num_blocks = self.rmanager.pool.num_blocks
         for index in range(self.num_instances):
             if index == self.instance_id:
-                running, waiting, free = len(self.scheduler.running), len(self.scheduler.waiting), \
-                    self.rmanager.num_free_blocks
-                preemptions, micro_attentions = self.scheduler.num_preemptions, \
-                    self.model_runner.num_remote_micro_attentions
-            elif self._statuses is not None:
-                status = self._statuses[index]
-                running, waiting, free = status.num_running, status.num_waiting, status.num_free_blocks
-                preemptions, micro_attentions = status.num_preemptions, status.num_remote_micro_attentions
+                progress = self._progress_now()
             else:
-                running, waiting, free = 0, 0, num_blocks
-                preemptions, micro_attentions = 0, 0
+                progress = self._progress.get(index, Progress(index, [], num_blocks, 0, 0, 0, 0))
             instances.append(InstanceStats(
-                index, running, waiting, num_blocks=num_blocks, num_free_blocks=free,
+                index, progress.num_running, progress.num_waiting, num_blocks=num_blocks,
+                num_free_blocks=progress.num_free_blocks,
                 num_lent_blocks=sum(n for (_, creditor), n in debts.items() if creditor == index),
                 num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index),
-                num_preemptions=preemptions, num_remote_micro_attentions=micro_attentions))
+                num_preemptions=progress.num_preemptions,
+                num_remote_micro_attentions=progress.num_remote_micro_attentions))
         return EngineStats(instances, self.gmanager.num_borrow_events, self.gmanager.num_blocks_borrowed,
                            self.gmanager.num_blocks_moved, self.gmanager.outstanding())
 
     def shutdown(self) -> None:
-        """End the cluster's step loop: every rank leaves serve_forever after one more step."""
+        """Stop every instance: each leader leaves its loop after the step it is in, then every rank stops."""
         self._require_front()
-        self._orders = FrontOrders(self._orders.routed, self._orders.aborts, stop=True)
-        while not self._stopped:
-            self._cluster_step()
+        for index in self._running_leaders:
+            self._post(index, Orders(stop=True))
+        while self._running_leaders:
+            wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail())
+            self._take_mail()
+        self._stop()
 
     def serve_forever(self) -> None:
-        """Follow the front's steps (every rank but the front) until it shuts the cluster down."""
-        while not self._stopped:
-            self._cluster_step()
+        """Run this instance (every rank but the front) until the front shuts the cluster down."""
+        if not self.is_leader:
+            while self._follow_plan():
+                pass
+            self._stop_kv_server()
+            return
+        while not self._stopping:
+            if not self._instance_step() and not self._stopping:
+                wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail())
+        self._report(final=True)
+        self._stop()
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams],
                  instances: list[int | None] | None = None) -> list[RequestOutput]:
@@ -299,178 +308,201 @@ class ClusterEngine:
         finally:
             self.shutdown()
 
-    # -- the leader's side of a step ------------------------------------------------------------------
+    # -- the leader ------------------------------------------------------------------------------------
 
-    @property
-    def _num_reserved_blocks(self) -> int:
-        """Free blocks kept for the running requests' next growth: one each."""
-        return len(self.scheduler.running)
+    def _post(self, instance_id: int, message: object) -> None:
+        if instance_id == self.instance_id:
+            self._local_mail.append(message)
+        else:
+            self.mailbox.post(instance_id, message)
 
-    def _status(self, inputs: StepInputs | None) -> LeaderStatus:
+    def _take_mail(self) -> bool:
+        """Handle every message that has arrived; True if there was one."""
+        handled = False
+        while True:
+            messages, self._local_mail = [*self._local_mail, *self.mailbox.receive()], []
+            if not messages:
+                return handled
+            handled = True
+            for message in messages:
+                self._handle(message)
+
+    def _handle(self, message: object) -> None:
+        if isinstance(message, Orders):
+            for request in message.requests:
+                self.core.add(request)
+            for request_id in message.aborts:
+                self._abort_here(request_id)
+            self._stopping = self._stopping or message.stop
+        elif isinstance(message, Progress):
+            self._progress[message.instance_id] = message
+            self._ready.extend(self._restore(output) for output in message.outputs)
+            if message.stopped:
+                self._running_leaders.discard(message.instance_id)
+        elif isinstance(message, GMANAGER_MESSAGES):
+            for instance_id, reply in self.gmanager.handle(message):
+                self._post(instance_id, reply)
+        else:
+            self.control.handle(message)
+
+    def _yield(self, request_id: str) -> None:
+        """The gManager's Yield: the waiting request gives its blocks back and leaves the queue until its turn,
+        so that the requests behind it are not held up."""
+        request = next(request for request in self.scheduler.running if request.request_id == request_id)
+        self.scheduler.preempt(request)
+        self.scheduler.waiting.remove(request)
+        self._parked[request_id] = request
+
+    def _give_turn(self, request_id: str) -> None:
+        """The gManager's Turn: the request that yielded is admitted before anyone else."""
+        request = self._parked.pop(request_id, None)
+        if request is not None:
+            self.admission.give_turn(request_id)
+            self.scheduler.waiting.appendleft(request)
+
+    def _abort_here(self, request_id: str) -> None:
+        parked = self._parked.pop(request_id, None)
+        if parked is not None:
+            self.scheduler.waiting.append(parked)
+        aborted = self.core.abort(request_id)
+        if aborted is not None:
+            self._finished(aborted.request_id)
+            self._report_outputs([aborted])
+
+    def _finished(self, request_id: str) -> None:
+        self.control.forget(request_id)
+        self.admission.forget(request_id)
+
+    def _arrivals_here(self) -> dict[str, int]:
+        return {request.request_id: request.arrival
+                for request in (*self.scheduler.running, *self.scheduler.waiting, *self._parked.values())}
+
+    def _instance_step(self) -> bool:
+        """One step of this instance; False when it had nothing to run (it only took its messages)."""
+        self._take_mail()
+        if self._stopping:
+            return False
+        if self.before_step is not None:
+            self.before_step()
         rmanager, scheduler = self.rmanager, self.scheduler
-        outputs, self._unreported = self._unreported, []
-        orders = None
-        if self.is_front:
-            orders, self._orders = self._orders, FrontOrders()
-        return LeaderStatus(unfinished=scheduler.has_unfinished(), ran_last_step=self._ran_last_step,
-                            oldest_waiting_for_room=ClusterAdmission.oldest_waiting_for_room(
-                                (*scheduler.waiting, *scheduler.running)),
-                            num_free_blocks=rmanager.num_free_blocks, num_running=len(scheduler.running),
-                            num_waiting=len(scheduler.waiting), outputs=outputs,
-                            num_preemptions=scheduler.num_preemptions,
-                            num_remote_micro_attentions=self.model_runner.num_remote_micro_attentions,
-                            needs_round=bool(rmanager.pending_needs() or rmanager.has_returns),
-                            num_lendable_blocks=rmanager.num_lendable_blocks,
-                            holds_remote_blocks=bool(rmanager.remote_block_counts()),
-                            free_room=rmanager.num_free_blocks - self._num_reserved_blocks,
-                            served=inputs.served_by_creditor if inputs is not None else {}, orders=orders)
+        scheduled = scheduler.schedule()
+        # Blocks freed since a request went PENDING serve it before any creditor does.
+        spare = rmanager.num_free_blocks - sum(not rmanager.has_pending(r.request_id) for r in scheduler.running)
+        for request in scheduler.running:
+            spare -= rmanager.fill_pending_locally(request.request_id, spare)
+        self.control.sync(self._arrivals_here())
+        ready = SchedulerOutput([chunk for chunk in scheduled.chunks
+                                 if not rmanager.has_pending(chunk.request.request_id)])
+        pulls = self._plan_pulls()
+        if not ready.chunks and not pulls:
+            self._report()
+            return False
+        started = time.perf_counter()
+        for chunk in ready.chunks:
+            chunk.request.block_instances.update(rmanager.block_counts(chunk.request.request_id))
+        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None, pulls)
+        for tp_rank in range(1, self.instance_comm.Get_size()):
+            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+        logits = self._run_plan(plan)
+        outputs = []
+        if plan.inputs is not None:
+            self.num_steps += 1
+            outputs = self.core.postprocess(ready, self.model_runner.sample(ready, logits))
+            self.step_log.append((ready.num_tokens, time.perf_counter() - started))
+            for output in outputs:
+                if output.finished:
+                    self._finished(output.request_id)
+        self.control.sync(self._arrivals_here())
+        self._report_outputs(outputs)
+        return plan.inputs is not None
 
-    def _report(self, outputs: list[RequestOutput]) -> None:
-        """Outputs of this instance go to the front: directly on the front, with the next status elsewhere.
+    def _plan_pulls(self) -> list[Transfer]:
+        """DGFM: move remote blocks home while the pool has room beyond one block per running request and no
+        request here waits for blocks."""
+        rmanager = self.rmanager
+        room = rmanager.num_free_blocks - len(self.scheduler.running)
+        if room <= 0 or rmanager.num_pending_blocks or not rmanager.num_borrowed_blocks:
+            return []
+        return rmanager.pull_home(min(room, self.config.distkv.max_moves_per_step))
 
-        A status carries only each step's new tokens: with the prompt and every token so far, a long request
+    def _progress_now(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> Progress:
+        return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
+                        len(self.scheduler.waiting) + len(self._parked), self.scheduler.num_preemptions,
+                        self.model_runner.num_remote_micro_attentions, stopped=final)
+
+    def _report_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Outputs go to the front: directly on the front, in a Progress elsewhere.
+
+        A Progress carries only each step's new tokens: with the prompt and every token so far, a long request
         would send its whole context to the front every step.
         """
         if self.is_front:
             self._ready.extend(outputs)
         else:
-            self._unreported.extend(dataclasses.replace(output, prompt_ids=[], token_ids=[]) for output in outputs)
+            self._report([dataclasses.replace(output, prompt_ids=[], token_ids=[]) for output in outputs])
+
+    def _report(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> None:
+        """Send the front a Progress when there are outputs, the queues changed, or this is the last one."""
+        if self.is_front:
+            return
+        progress = self._progress_now(outputs, final)
+        counters = dataclasses.astuple(dataclasses.replace(progress, outputs=[]))
+        if outputs or final or counters != self._reported:
+            self._reported = counters
+            self._post(0, progress)
 
     def _restore(self, output: RequestOutput) -> RequestOutput:
-        """The front's full output from another instance's delta (see _report)."""
+        """The front's full output from another instance's delta (see _report_outputs)."""
         request = self._routed[output.request_id]
         request.output_ids.extend(output.new_token_ids)
         return dataclasses.replace(output, prompt_ids=request.prompt_ids, token_ids=list(request.output_ids))
 
-    def _take_requests(self, orders: FrontOrders) -> None:
-        """Queue the requests routed here."""
-        for instance, request in orders.routed:
-            if instance == self.instance_id:
-                self.core.add(request)
-
-    def _take_aborts(self, orders: FrontOrders) -> None:
-        """Apply the aborts aimed here, after the step that may have run those requests."""
-        for instance, request_id in orders.aborts:
-            if instance == self.instance_id:
-                aborted = self.core.abort(request_id)
-                if aborted is not None:
-                    self._report([aborted])
-
-    def _round_needed(self, statuses: list[LeaderStatus]) -> bool:
-        """A control round is due for borrowing, returns, or DGFM moves that could happen."""
-        if any(status.needs_round for status in statuses):
-            return True
-        if self.config.distkv.max_moves_per_step == 0:
-            return False
-        debtors = [status for status in statuses if status.holds_remote_blocks]
-        return len(debtors) >= 2 or any(status.free_room > 0 for status in debtors)
-
-    def _schedule_step(self) -> tuple[SchedulerOutput, StepPlan]:
-        """Schedule, agree with the other leaders on what this step needs, and build the plan.
-
-        Usually one small all-gather per step carries everything (including the queries each
-        creditor must answer); the control round and a second exchange run only when blocks
-        must be borrowed, returned or moved.
-        """
-        scheduled = self.scheduler.schedule()
-        ready = scheduled.chunks and not self.rmanager.pending_needs()
-        inputs = self.model_runner.prepare(scheduled) if ready else None
-        wait_quietly(self.leaders_comm.Ibarrier().Test)
-        statuses = self.leaders_comm.allgather(self._status(inputs))
-        self.num_steps += 1
-        if self.control_traffic is not None:
-            self.control_traffic.record(status for index, status in enumerate(statuses) if index != self.instance_id)
-        orders = statuses[0].orders
-        if self.is_front:
-            self._statuses = statuses
-            for status in statuses[1:]:
-                self._ready.extend(self._restore(output) for output in status.outputs)
-        if orders.stop:
-            return scheduled, StepPlan(None, stop=True)
-        self._check_progress(statuses)
-        self.admission.update(status.oldest_waiting_for_room for status in statuses)
-        self.rmanager.borrowable_estimate = sum(status.num_lendable_blocks for index, status in enumerate(statuses)
-                                                if index != self.instance_id)
-        self.rmanager.transfers = []
-        if not self._round_needed(statuses):
-            incoming = [status.served[self.instance_id] for status in statuses if self.instance_id in status.served]
-        else:
-            self.control.run_round(num_reserved_blocks=self._num_reserved_blocks)
-            for chunk in scheduled.chunks:
-                if self.rmanager.has_pending(chunk.request.request_id):
-                    # The cluster had less room than the estimate: retry the request later.
-                    chunk.request.waits_for_room = True
-                    self.scheduler.preempt(chunk.request)
-            scheduled = SchedulerOutput([chunk for chunk in scheduled.chunks
-                                         if chunk.request in self.scheduler.running])
-            inputs = self.model_runner.prepare(scheduled) if scheduled.chunks else None
-            for creditor, served in (inputs.served_by_creditor.items() if inputs else ()):
-                self.transport.post(creditor, served)
-            incoming = [message for message in self.transport.exchange() if isinstance(message, ServedQueries)]
-        for chunk in scheduled.chunks:
-            chunk.request.block_instances.update(self.rmanager.block_counts(chunk.request.request_id))
-        if inputs is not None:
-            inputs.served_by_creditor = {}
-        self._ran_last_step = inputs is not None
-        # New requests join after this step's schedule: they run from the next step.
-        self._take_requests(orders)
-        return scheduled, StepPlan(inputs, incoming, list(self.rmanager.transfers), orders=orders)
-
-    def _check_progress(self, statuses: list[LeaderStatus]) -> None:
-        progressing = any(status.ran_last_step for status in statuses)
-        idle = not any(status.unfinished for status in statuses)
-        self._stalled_steps = 0 if progressing or idle else self._stalled_steps + 1
-        if self._stalled_steps >= MAX_STALLED_STEPS:
-            raise RuntimeError("the cluster made no progress: waiting requests fit in no instance's pool")
-
     # -- every rank -----------------------------------------------------------------------------------
 
-    def _run_plan(self, plan: StepPlan) -> torch.Tensor | None:
-        key_cache, value_cache = self.model_runner.kv_cache.key_cache, self.model_runner.kv_cache.value_cache
-        execute_transfers(plan.transfers, key_cache, value_cache, self.instance_id)
-        remote_plan = RemotePlan(plan.inputs.outgoing if plan.inputs else [], plan.incoming)
-        if remote_plan.is_empty:
-            return self.model_runner.forward(plan.inputs) if plan.inputs else None
-        config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
-        remote = RemoteAttention(remote_plan, config.num_attention_heads // tp, config.num_kv_heads_per_partition(tp),
-                                 config.head_dim, key_cache.dtype, key_cache.device)
-        if plan.inputs is not None:
-            plan.inputs.metadata.remote = remote
-            return self.model_runner.forward(plan.inputs)
-        with torch.inference_mode():
-            for layer_index in range(config.num_layers):
-                remote.serve_only(layer_index, key_cache[layer_index], value_cache[layer_index],
-                                  config.head_dim ** -0.5)
-        return None
-
-    def _cluster_step(self) -> None:
-        """One lockstep step of this rank: the leader plans it, its TP ranks run it, the leader reports."""
-        started = time.perf_counter()
-        if self.is_leader:
-            scheduled, plan = self._schedule_step()
-            # Pickling the plan's tensors costs close to a millisecond: there is none without TP peers.
-            peer_plan = dataclasses.replace(plan, orders=None)
-            for tp_rank in range(1, self.instance_comm.Get_size()):
-                self.instance_comm.send(peer_plan, dest=tp_rank, tag=PLAN_TAG)
-        else:
-            wait_quietly(lambda: self.instance_comm.iprobe(source=0, tag=PLAN_TAG))
-            plan = self.instance_comm.recv(source=0, tag=PLAN_TAG)
+    def _follow_plan(self) -> bool:
+        """A TP rank other than the leader: run the leader's next plan; False once it says stop."""
+        wait_quietly(lambda: self.instance_comm.iprobe(source=0, tag=PLAN_TAG))
+        plan = self.instance_comm.recv(source=0, tag=PLAN_TAG)
         if plan.stop:
-            if self.is_leader:
-                # One more round hands the last finished requests' blocks back to their creditors.
-                self.control.run_round()
-            self._stopped = True
-            return
-        logits = self._run_plan(plan)
-        if not self.is_leader:
-            return
-        if plan.inputs is not None:
-            self._report(self.core.postprocess(scheduled, self.model_runner.sample(scheduled, logits)))
-            self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
-        self._take_aborts(plan.orders)
+            return False
+        self._run_plan(plan)
+        return True
+
+    def _run_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        cache = self.model_runner.kv_cache
+        if plan.pulls:
+            fetch_blocks(plan.pulls, cache.key_cache, cache.value_cache)
+            if plan.inputs is None and self.instance_comm.Get_size() > 1:
+                # The leader hands the moved blocks back after this step: every TP rank must have copied them.
+                dist.barrier(state.get_tensor_model_parallel_group())
+        if plan.inputs is None:
+            return None
+        if plan.inputs.outgoing:
+            config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
+            plan.inputs.metadata.remote = RemoteAttention(plan.inputs.outgoing, plan.inputs.served_by_creditor,
+                                                          config.num_attention_heads // tp, config.head_dim)
+        return self.model_runner.forward(plan.inputs)
+
+    def _stop(self) -> None:
+        """The leader's end: its TP ranks stop, its last messages leave, then its KV server stops."""
+        self._stopping = True
+        for tp_rank in range(1, self.instance_comm.Get_size()):
+            self.instance_comm.send(StepPlan(None, stop=True), dest=tp_rank, tag=PLAN_TAG)
+        self.mailbox.flush(FLUSH_SECONDS)
+        self._stop_kv_server()
+
+    def _stop_kv_server(self) -> None:
+        if self.kv_server is not None and not self._stopped:
+            self.kv_server.stop()
+        self._stopped = True
+
+    def _kv_server_failed(self, err: BaseException) -> None:
+        print(f"megakv: rank {MPI.COMM_WORLD.Get_rank()}: the KV server failed: {err!r}", file=sys.stderr,
+              flush=True)
+        MPI.COMM_WORLD.Abort(1)
 
     def cluster_report(self) -> dict | None:
-        """Ledger and pool state after serving (on the gManager's rank; None elsewhere)."""
+        """Ledger and pool state after serving (on the front; None elsewhere). Every leader calls it."""
         if not self.is_leader:
             return None
         free = self.leaders_comm.gather(self.rmanager.num_free_blocks, root=0)

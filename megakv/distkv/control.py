@@ -1,165 +1,211 @@
-"""The control round of one step: heartbeats, grants, lending, returns and DGFM, over a transport.
+"""The control plane, point to point: an instance's borrowing, lending and returns, and the mailboxes.
 
-The round is bulk-synchronous: every instance runs the same phases, and between
-phases the transport delivers what each posted. The MPI transport does that with
-one all-to-all among the instances' leader ranks; the in-process transport lets
-unit tests run a whole cluster in one process.
+An instance talks to the gManager only when its requests need blocks or stop needing them, when it
+lends or takes blocks back, and when the gManager has asked it to report room; to a creditor only to
+hand blocks back. Nothing here is collective, so no instance waits for another's step, and what an
+instance sends per step does not grow with the number of instances. ``InstanceControl`` and
+``GManager`` are plain state machines over a ``post`` function: the MPI mailbox carries their messages
+between ranks, and ``InProcessCluster`` runs a whole cluster's control plane in one process for tests.
 """
 from __future__ import annotations
 
 import pickle
-from collections import defaultdict
-from collections.abc import Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from megakv.distkv.gmanager import GManager
-from megakv.distkv.messages import (ClusterView, Grant, Heartbeat, LendReply, LendRequest, MovePlan,
-                                    ReturnBlocks)
+from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, ReturnBlocks, Room, Settled, Turn, WantRoom,
+                                    Yield)
 from megakv.distkv.rmanager import RManager
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 GMANAGER_INSTANCE = 0
+# Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
+INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom)
+GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room)
+# Marks a request that yielded: nothing is reported for it until it holds blocks again.
+_YIELDED = -1
 
 
-class Transport(Protocol):
-    """Bulk-synchronous messaging among instances."""
+class InstanceControl:
+    """One instance's side of the control plane, around its rManager.
 
-    def post(self, instance_id: int, message: object) -> None: ...
+    ``on_yield(request_id)`` must take the request's blocks away (the scheduler preempts it) and
+    ``on_turn(request_id)`` let it be admitted again.
+    """
 
-    def exchange(self) -> list:
-        """Deliver everything posted in this phase; returns what was addressed to this instance."""
-
-
-class ControlNode:
-    """One instance's side of the control round: its rManager, and the gManager on instance 0."""
-
-    def __init__(self, rmanager: RManager, transport: Transport, gmanager: GManager | None = None,
-                 max_moves_per_step: int = 8) -> None:
+    def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], None],
+                 on_turn: Callable[[str], None]) -> None:
         self.rmanager = rmanager
-        self.transport = transport
-        self.gmanager = gmanager
-        self.max_moves_per_step = max_moves_per_step
+        self.post = post
+        self.on_yield, self.on_turn = on_yield, on_turn
+        # request id -> blocks the gManager was last told it needs (_YIELDED after a Yield)
+        self._asked: dict[str, int] = {}
+        self._room_wanted = False
+        self._room_reported: int | None = None
 
-    def phases(self, num_reserved_blocks: int = 0) -> list:
-        """The phases of one round, each taking the messages delivered to this instance."""
-        rmanager, transport = self.rmanager, self.transport
+    @property
+    def instance_id(self) -> int:
+        return self.rmanager.instance_id
 
-        def send_heartbeat(_: list) -> None:
-            returns = rmanager.take_returns()
-            for creditor, block_ids in returns.items():
-                transport.post(creditor, ReturnBlocks(rmanager.instance_id, block_ids))
-            returned = {creditor: len(block_ids) for creditor, block_ids in returns.items()}
-            transport.post(GMANAGER_INSTANCE, rmanager.heartbeat(returned, self.max_moves_per_step,
-                                                                 num_reserved_blocks))
+    def handle(self, message: object) -> None:
+        """Take one message from the gManager or another instance."""
+        rmanager, me = self.rmanager, self.instance_id
+        if isinstance(message, Lend):
+            num_blocks = min(message.num_blocks, rmanager.num_lendable_blocks)
+            block_ids = rmanager.lend(message.debtor, num_blocks) if num_blocks else []
+            if block_ids:
+                self.post(message.debtor, Loan(me, message.request_id, block_ids))
+            self._tell_gmanager(Lent(me, message.debtor, message.request_id, num_blocks,
+                                     rmanager.num_lendable_blocks))
+        elif isinstance(message, Loan):
+            unused = rmanager.fill_pending(message.request_id, message.creditor, message.block_ids)
+            if unused:
+                self.post(message.creditor, ReturnBlocks(me, unused))
+            asked = self._asked.get(message.request_id, 0) - (len(message.block_ids) - len(unused))
+            if asked > 0:
+                self._asked[message.request_id] = asked
+            else:
+                self._asked.pop(message.request_id, None)
+        elif isinstance(message, ReturnBlocks):
+            rmanager.take_back(message.debtor, message.block_ids)
+            self._tell_gmanager(Settled(me, message.debtor, len(message.block_ids), message.num_moved,
+                                        rmanager.num_lendable_blocks))
+        elif isinstance(message, Yield):
+            if rmanager.has_pending(message.request_id):
+                self.on_yield(message.request_id)
+                self._asked[message.request_id] = _YIELDED
+        elif isinstance(message, Turn):
+            self.on_turn(message.request_id)
+        elif isinstance(message, WantRoom):
+            self._room_wanted = message.wanted
+            self._room_reported = None
+            self.report_room()
+        else:
+            raise TypeError(f"instance {me} got an unexpected control message: {message!r}")
 
-        def settle_and_plan(inbox: list) -> None:
-            for message in inbox:
-                if isinstance(message, ReturnBlocks):
-                    rmanager.take_back(message.debtor, message.block_ids)
-            if self.gmanager is not None:
-                beats = [message for message in inbox if isinstance(message, Heartbeat)]
-                for instance_id, messages in self.gmanager.on_heartbeats(beats).items():
-                    for message in messages:
-                        transport.post(instance_id, message)
+    def _tell_gmanager(self, message: Lent | Settled) -> None:
+        """Lent and Settled tell the gManager this instance's room too."""
+        self._room_reported = message.num_lendable_blocks
+        self.post(GMANAGER_INSTANCE, message)
 
-        def ask_creditors(inbox: list) -> None:
-            rmanager.transfers = []
-            for message in inbox:
-                if isinstance(message, MovePlan):
-                    rmanager.apply_moves(message.relocations)
-                elif isinstance(message, ClusterView):
-                    rmanager.borrowable_estimate = message.borrowable
-                elif isinstance(message, Grant):
-                    transport.post(message.creditor,
-                                   LendRequest(rmanager.instance_id, message.request_id, message.num_blocks))
+    def report_room(self) -> None:
+        """While the gManager wants room, tell it whenever what this instance may lend changed."""
+        lendable = self.rmanager.num_lendable_blocks
+        if self._room_wanted and lendable != self._room_reported:
+            self._room_reported = lendable
+            self.post(GMANAGER_INSTANCE, Room(self.instance_id, lendable))
 
-        def lend(inbox: list) -> None:
-            for message in inbox:
-                if isinstance(message, LendRequest):
-                    block_ids = rmanager.lend(message.debtor, message.num_blocks)
-                    transport.post(message.debtor, LendReply(rmanager.instance_id, message.request_id, block_ids))
+    def sync(self, arrivals: Mapping[str, int]) -> None:
+        """Hand released blocks back, tell the gManager what each request now needs, report room.
 
-        def receive_loans(inbox: list) -> None:
-            for message in inbox:
-                if isinstance(message, LendReply):
-                    rmanager.fill_pending(message.request_id, message.creditor, message.block_ids)
+        ``arrivals``: request id -> arrival of this instance's unfinished requests. Blocks that DGFM moved
+        home go back here too: call this only once their KV has been copied.
+        """
+        rmanager, me = self.rmanager, self.instance_id
+        for creditor, (block_ids, num_moved) in rmanager.take_returns().items():
+            self.post(creditor, ReturnBlocks(me, block_ids, num_moved))
+        needs = rmanager.pending_needs()
+        for request_id in [*self._asked, *(rid for rid in needs if rid not in self._asked)]:
+            need, asked = needs.get(request_id, 0), self._asked.get(request_id)
+            if need == asked or (asked is None and need == 0):
+                continue
+            if asked == _YIELDED and not rmanager.block_table(request_id):
+                continue  # still waiting for its turn
+            self.post(GMANAGER_INSTANCE, Borrow(me, request_id, arrivals.get(request_id, 0), need))
+            if need:
+                self._asked[request_id] = need
+            else:
+                del self._asked[request_id]
+        self.report_room()
 
-        return [send_heartbeat, settle_and_plan, ask_creditors, lend, receive_loans]
-
-    def run_round(self, num_reserved_blocks: int = 0) -> None:
-        """Run every phase, exchanging messages in between (each instance calls this in lockstep)."""
-        inbox: list = []
-        phases = self.phases(num_reserved_blocks)
-        for index, phase in enumerate(phases):
-            phase(inbox)
-            inbox = self.transport.exchange() if index < len(phases) - 1 else []
-
-
-class InProcessCluster:
-    """A whole cluster's control plane in one process, for tests: a fake transport per instance."""
-
-    def __init__(self, rmanagers: list[RManager], max_moves_per_step: int = 8) -> None:
-        self._posted: dict[int, list] = defaultdict(list)
-        self.gmanager = GManager(len(rmanagers), max_moves_per_step)
-        self.nodes = [ControlNode(rm, _InProcessTransport(self, rm.instance_id),
-                                  self.gmanager if rm.instance_id == GMANAGER_INSTANCE else None,
-                                  max_moves_per_step) for rm in rmanagers]
-
-    def run_round(self, num_reserved_blocks: dict[int, int] | None = None) -> None:
-        """Every instance runs phase k before any runs phase k + 1, as in lockstep."""
-        reserved = num_reserved_blocks or {}
-        phase_lists = [node.phases(reserved.get(node.rmanager.instance_id, 0)) for node in self.nodes]
-        inboxes: dict[int, list] = defaultdict(list)
-        for index in range(len(phase_lists[0])):
-            for node, phases in zip(self.nodes, phase_lists):
-                phases[index](inboxes[node.rmanager.instance_id])
-            inboxes, self._posted = self._posted, defaultdict(list)
-
-
-class _InProcessTransport:
-    def __init__(self, cluster: InProcessCluster, instance_id: int) -> None:
-        self._cluster = cluster
-        self.instance_id = instance_id
-
-    def post(self, instance_id: int, message: object) -> None:
-        self._cluster._posted[instance_id].append(message)
-
-    def exchange(self) -> list:
-        raise RuntimeError("the in-process cluster delivers messages itself")
+    def forget(self, request_id: str) -> None:
+        """The request ended (finished or aborted): it needs nothing more."""
+        if self._asked.pop(request_id, None) is not None:
+            self.post(GMANAGER_INSTANCE, Borrow(self.instance_id, request_id, 0, 0))
 
 
 @dataclass
 class ControlTraffic:
-    """Control messages one leader received from the others, and their pickled bytes (for benchmarks)."""
+    """Control messages one leader sent to other ranks, and their pickled bytes (for benchmarks)."""
 
     num_messages: int = 0
     num_bytes: int = 0
 
-    def record(self, messages: Iterable[object]) -> None:
-        """Count messages that arrived from other instances."""
-        for message in messages:
-            self.num_messages += 1
-            self.num_bytes += len(pickle.dumps(message))
+    def record(self, message: object) -> None:
+        self.num_messages += 1
+        self.num_bytes += len(pickle.dumps(message))
 
 
-class MPITransport:
-    """Bulk-synchronous messaging among the instances' leader ranks over an mpi4py communicator."""
+# MPI tag of control messages between leaders.
+CONTROL_TAG = 11
+
+
+class Mailbox:
+    """Point-to-point control messages among the instances' leader ranks over an mpi4py communicator.
+
+    Sends never block: a leader may be mid-step when another writes to it.
+    """
 
     def __init__(self, comm: MPI.Comm, traffic: ControlTraffic | None = None) -> None:
         self.comm = comm
         self.traffic = traffic
-        self._outbox: list[list] = [[] for _ in range(comm.Get_size())]
+        self._sends: list = []
 
-    def post(self, instance_id: int, message: object) -> None:
-        self._outbox[instance_id].append(message)
-
-    def exchange(self) -> list:
-        received = self.comm.alltoall(self._outbox)
-        self._outbox = [[] for _ in range(self.comm.Get_size())]
+    def post(self, rank: int, message: object) -> None:
         if self.traffic is not None:
-            self.traffic.record(message for sender, messages in enumerate(received) if sender != self.comm.Get_rank()
-                                for message in messages)
-        return [message for messages in received for message in messages]
+            self.traffic.record(message)
+        self._sends = [send for send in self._sends if not send.Test()]
+        self._sends.append(self.comm.isend(message, dest=rank, tag=CONTROL_TAG))
+
+    def has_mail(self) -> bool:
+        return self.comm.iprobe(tag=CONTROL_TAG)
+
+    def receive(self) -> list:
+        """Every message that has arrived, in order of arrival per sender."""
+        messages = []
+        while self.comm.iprobe(tag=CONTROL_TAG):
+            messages.append(self.comm.recv(tag=CONTROL_TAG))
+        return messages
+
+    def flush(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) until every posted message has left."""
+        deadline = time.monotonic() + timeout
+        while self._sends and time.monotonic() < deadline:
+            self._sends = [send for send in self._sends if not send.Test()]
+            time.sleep(1e-3)
+
+
+class InProcessCluster:
+    """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
+
+    def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], None],
+                 on_turn: Callable[[int, str], None]) -> None:
+        self.queue: deque[tuple[int, object]] = deque()
+        self.gmanager = GManager([rm.num_lendable_blocks for rm in rmanagers])
+        self.nodes = [InstanceControl(rm, self._post, lambda rid, i=rm.instance_id: on_yield(i, rid),
+                                      lambda rid, i=rm.instance_id: on_turn(i, rid)) for rm in rmanagers]
+
+    def _post(self, instance_id: int, message: object) -> None:
+        self.queue.append((instance_id, message))
+
+    def deliver_one(self) -> None:
+        """Deliver the oldest queued message."""
+        instance_id, message = self.queue.popleft()
+        if isinstance(message, GMANAGER_MESSAGES):
+            self.queue.extend(self.gmanager.handle(message))
+        else:
+            self.nodes[instance_id].handle(message)
+
+    def deliver(self, max_messages: int = 10_000) -> None:
+        """Deliver queued messages (and those they cause) until none is left."""
+        for _ in range(max_messages):
+            if not self.queue:
+                return
+            self.deliver_one()
+        raise RuntimeError(f"the control plane did not settle within {max_messages} messages")

@@ -1,69 +1,126 @@
-"""gManager (DistKV-LLM section 4.3): the cluster's debt ledger, creditor choice, and DGFM planning.
+"""gManager (DistKV-LLM section 4.3): the cluster's debt ledger and its borrowers' queue.
 
-Coordination only: no KV passes through it. Each step it reads every rManager's
-heartbeat, settles returned blocks in the ledger, answers borrowing needs with
-the creditors that have the most lendable room, and plans bounded DGFM moves.
+Coordination only: no KV passes through it, and it hears from an instance only when that
+instance borrows, lends, returns or reports room it was asked for. Borrowers are served first
+come, first served, one Lend in flight at a time, each from the instance with the most
+lendable blocks. When no instance can lend to the first borrower, every later borrower still
+waiting for blocks is asked to yield: they hold blocks while making no progress, and two
+such requests on two instances would otherwise wait for each other forever. They run again
+in arrival order, each when its turn comes. Meanwhile the instances report their room as it
+frees up.
+
+The gManager is a plain state machine: ``handle`` takes one message and returns what to send,
+so the in-process tests and the MPI cluster drive the same code.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
-from megakv.distkv.dgfm import plan_moves
-from megakv.distkv.messages import ClusterView, Grant, Heartbeat, MovePlan
+from megakv.distkv.messages import Borrow, Lend, Lent, Room, Settled, Turn, WantRoom, Yield
+
+
+@dataclass
+class _Borrower:
+    debtor: int
+    request_id: str
+    arrival: int
+    num_blocks: int
+    # Asked to yield; it waits for its Turn, then tells how many blocks it needs.
+    parked: bool = False
+    turn_sent: bool = False
 
 
 class GManager:
     """Global ledger: ``debts[(debtor, creditor)]`` blocks of debtor's requests held by creditor."""
 
-    def __init__(self, num_instances: int, max_moves_per_step: int = 8) -> None:
-        self.num_instances = num_instances
-        self.max_moves_per_step = max_moves_per_step
+    def __init__(self, lendable_blocks: list[int]) -> None:
+        self.num_instances = len(lendable_blocks)
         self.debts: dict[tuple[int, int], int] = defaultdict(int)
         self.num_borrow_events = 0
         self.num_blocks_borrowed = 0
         self.num_blocks_moved = 0
+        # What each instance may lend, as it last said (every pool starts empty).
+        self._lendable = list(lendable_blocks)
+        # Borrowers in arrival order, by request id.
+        self._queue: dict[str, _Borrower] = {}
+        # The request whose Lend awaits its creditor's answer.
+        self._asking: str | None = None
+        self._room_wanted = False
 
     def outstanding(self) -> dict[str, int]:
         """Non-zero debts, as "debtor->creditor": blocks."""
         return {f"{d}->{c}": n for (d, c), n in sorted(self.debts.items()) if n}
 
-    def on_heartbeats(self, heartbeats: list[Heartbeat]) -> dict[int, list]:
-        """Process one step's heartbeats; returns the messages to send, by instance."""
-        outbox: dict[int, list] = defaultdict(list)
-        beats = sorted(heartbeats, key=lambda beat: beat.instance_id)
-        lendable = {beat.instance_id: beat.num_lendable_blocks for beat in beats}
-        free = {beat.instance_id: beat.num_free_blocks for beat in beats}
-        for beat in beats:
-            for creditor, num_blocks in beat.returned.items():
-                self.debts[beat.instance_id, creditor] -= num_blocks
-                assert self.debts[beat.instance_id, creditor] >= 0, "ledger went negative"
-        for beat in beats:
-            for request_id, need in sorted(beat.needs.items()):
-                creditors = sorted((c for c in lendable if c != beat.instance_id), key=lambda c: (-lendable[c], c))
-                for creditor in creditors:
-                    take = min(need, lendable[creditor])
-                    if take == 0:
-                        break
-                    outbox[beat.instance_id].append(Grant(request_id, creditor, take))
-                    lendable[creditor] -= take
-                    free[creditor] -= take
-                    self.debts[beat.instance_id, creditor] += take
-                    self.num_borrow_events += 1
-                    self.num_blocks_borrowed += take
-                    need -= take
-        room = {beat.instance_id: max(0, free[beat.instance_id] - beat.num_reserved_blocks) for beat in beats}
-        candidates = {beat.instance_id: beat.remote_blocks for beat in beats}
-        relocations = plan_moves(self.debts, candidates, room, self.max_moves_per_step)
-        if relocations:
-            self.num_blocks_moved += len(relocations)
-            involved = {r.owner for r in relocations} | {r.old.instance_id for r in relocations}
-            for instance_id in involved:
-                outbox[instance_id].append(MovePlan(relocations))
-            for relocation in relocations:
-                if relocation.new.block_id < 0:
-                    free[relocation.owner] -= 1
-                    lendable[relocation.owner] = min(lendable[relocation.owner], free[relocation.owner])
-        for beat in beats:
-            borrowable = sum(n for c, n in lendable.items() if c != beat.instance_id)
-            outbox[beat.instance_id].append(ClusterView(borrowable))
-        return outbox
+    @property
+    def is_busy(self) -> bool:
+        """True while a debt is outstanding, a borrower waits, or a Lend is in flight."""
+        return bool(self.outstanding() or self._queue or self._asking is not None)
+
+    def handle(self, message: object) -> list[tuple[int, object]]:
+        """Take one message from an rManager; returns (instance, message) pairs to send."""
+        if isinstance(message, Borrow):
+            self._on_borrow(message)
+        elif isinstance(message, Lent):
+            self._asking = None
+            self._lendable[message.creditor] = message.num_lendable_blocks
+            self.debts[message.debtor, message.creditor] += message.num_blocks
+            if message.num_blocks:
+                self.num_borrow_events += 1
+                self.num_blocks_borrowed += message.num_blocks
+            borrower = self._queue.get(message.request_id)
+            if borrower is not None and not borrower.parked:
+                borrower.num_blocks -= message.num_blocks
+                if borrower.num_blocks <= 0:
+                    del self._queue[message.request_id]
+        elif isinstance(message, Settled):
+            self.debts[message.debtor, message.creditor] -= message.num_blocks
+            assert self.debts[message.debtor, message.creditor] >= 0, "ledger went negative"
+            self.num_blocks_moved += message.num_moved
+            self._lendable[message.creditor] = message.num_lendable_blocks
+        elif isinstance(message, Room):
+            self._lendable[message.instance_id] = message.num_lendable_blocks
+        else:
+            raise TypeError(f"the gManager got an unexpected message: {message!r}")
+        return self._advance()
+
+    def _on_borrow(self, message: Borrow) -> None:
+        borrower = self._queue.get(message.request_id)
+        if message.num_blocks == 0:
+            self._queue.pop(message.request_id, None)
+        elif borrower is not None:
+            borrower.num_blocks, borrower.parked = message.num_blocks, False
+        else:
+            self._queue[message.request_id] = _Borrower(message.debtor, message.request_id, message.arrival,
+                                                        message.num_blocks)
+            self._queue = dict(sorted(self._queue.items(), key=lambda item: item[1].arrival))
+
+    def _advance(self) -> list[tuple[int, object]]:
+        """Serve the first borrower, or make room for it."""
+        sends: list[tuple[int, object]] = []
+        if self._asking is not None:
+            return sends
+        if not self._queue:
+            if self._room_wanted:
+                self._room_wanted = False
+                sends += [(instance, WantRoom(False)) for instance in range(self.num_instances)]
+            return sends
+        first, *later = self._queue.values()
+        creditors = [c for c in range(self.num_instances) if c != first.debtor and self._lendable[c] > 0]
+        if not first.parked and creditors:
+            creditor = max(creditors, key=lambda c: (self._lendable[c], -c))
+            self._asking = first.request_id
+            return [(creditor, Lend(first.debtor, first.request_id, min(first.num_blocks, self._lendable[creditor])))]
+        if first.parked and not first.turn_sent:
+            first.turn_sent = True
+            sends.append((first.debtor, Turn(first.request_id)))
+        # The first borrower waits (for room, or to be admitted again): the later ones hold blocks it may need
+        # while they cannot be served before it.
+        for borrower in later:
+            if not borrower.parked:
+                borrower.parked, borrower.turn_sent = True, False
+                sends.append((borrower.debtor, Yield(borrower.request_id)))
+        if not first.parked and not self._room_wanted:
+            self._room_wanted = True
+            sends += [(instance, WantRoom(True)) for instance in range(self.num_instances)]
+        return sends

@@ -1,10 +1,11 @@
 """Control-plane messages between rManagers and the gManager (DistKV-LLM section 4.3).
 
-Small typed records; the MPI transport pickles them, the in-process fake passes them as they are.
+Small typed records sent point to point when blocks are borrowed, returned or moved; the MPI
+mailbox pickles them, the in-process cluster of the tests passes them as they are.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -23,43 +24,19 @@ PENDING = BlockRef(-1, -1)
 
 
 @dataclass(frozen=True)
-class RemoteBlock:
-    """A debtor's block held by a creditor, as a candidate for a DGFM move."""
+class Borrow:
+    """Debtor -> gManager: ``request_id`` still needs ``num_blocks`` from other instances (0: nothing more)."""
 
+    debtor: int
     request_id: str
-    logical_index: int
-    block_id: int
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """rManager -> gManager, every step: free room, what it needs to borrow, what it holds remotely."""
-
-    instance_id: int
-    num_free_blocks: int
-    num_lendable_blocks: int
-    # request id -> blocks it still needs from other instances
-    needs: dict[str, int] = field(default_factory=dict)
-    # creditor -> some of this instance's blocks it holds (up to the DGFM move bound)
-    remote_blocks: dict[int, list[RemoteBlock]] = field(default_factory=dict)
-    # creditor -> blocks returned to it this step (requests that ended)
-    returned: dict[int, int] = field(default_factory=dict)
-    # Free blocks the instance keeps for its own requests' growth rather than pulling blocks home.
-    num_reserved_blocks: int = 0
-
-
-@dataclass(frozen=True)
-class Grant:
-    """gManager -> debtor: borrow ``num_blocks`` for ``request_id`` from ``creditor``."""
-
-    request_id: str
-    creditor: int
+    # The request's arrival at the front: the gManager serves borrowers first come, first served.
+    arrival: int
     num_blocks: int
 
 
 @dataclass(frozen=True)
-class LendRequest:
-    """Debtor -> creditor: lend me ``num_blocks`` for my request ``request_id``."""
+class Lend:
+    """gManager -> creditor: lend up to ``num_blocks`` to ``debtor`` for its request ``request_id``."""
 
     debtor: int
     request_id: str
@@ -67,7 +44,7 @@ class LendRequest:
 
 
 @dataclass(frozen=True)
-class LendReply:
+class Loan:
     """Creditor -> debtor: these physical blocks of mine now hold your request's KV."""
 
     creditor: int
@@ -76,45 +53,61 @@ class LendReply:
 
 
 @dataclass(frozen=True)
+class Lent:
+    """Creditor -> gManager: what it lent for one Lend (maybe fewer blocks than asked), and what it may still lend."""
+
+    creditor: int
+    debtor: int
+    request_id: str
+    num_blocks: int
+    num_lendable_blocks: int
+
+
+@dataclass(frozen=True)
 class ReturnBlocks:
-    """Debtor -> creditor: the request ended; take these blocks back."""
+    """Debtor -> creditor: take these blocks back (their request ended, or DGFM moved them home)."""
 
     debtor: int
     block_ids: list[int]
+    # How many of them DGFM moved home (their KV now lives on the debtor).
+    num_moved: int = 0
 
 
 @dataclass(frozen=True)
-class Transfer:
-    """One block's KV copied from (src_instance, src_block) to (dst_instance, dst_block)."""
+class Settled:
+    """Creditor -> gManager: a debtor returned blocks; the ledger drops them."""
 
-    src_instance: int
-    src_block: int
-    dst_instance: int
-    dst_block: int
-    # Position of the move in the cluster-wide plan: both ends tag the copy with it.
-    plan_index: int
+    creditor: int
+    debtor: int
+    num_blocks: int
+    num_moved: int
+    num_lendable_blocks: int
 
 
 @dataclass(frozen=True)
-class Relocation:
-    """DGFM: a request's logical block now lives at ``new``; the block it leaves is ``old``."""
+class Yield:
+    """gManager -> debtor: a request that came first needs room; give up this waiting request's blocks."""
 
-    owner: int
     request_id: str
-    logical_index: int
-    old: BlockRef
-    new: BlockRef
 
 
 @dataclass(frozen=True)
-class MovePlan:
-    """gManager -> every rManager involved: the relocations of one DGFM step, each one block copy."""
+class Turn:
+    """gManager -> debtor: the request that yielded may run again; it is first in line for room."""
 
-    relocations: list[Relocation]
+    request_id: str
 
 
 @dataclass(frozen=True)
-class ClusterView:
-    """gManager -> every rManager: how many blocks the other instances could lend it next step."""
+class WantRoom:
+    """gManager -> every instance: report (with Room) whenever the blocks you may lend change, or stop."""
 
-    borrowable: int
+    wanted: bool
+
+
+@dataclass(frozen=True)
+class Room:
+    """Instance -> gManager: the blocks it may lend now."""
+
+    instance_id: int
+    num_lendable_blocks: int

@@ -1,25 +1,24 @@
 """Cluster admission policy (DistKV-LLM section 4.3): first come, first served for requests that wait for room.
 
-A request that had to give its blocks back because neither its instance nor the
-cluster could hold its growth is marked as waiting for room. Such requests run one
-at a time across the cluster, oldest arrival first: two of them admitted together
-on different instances would grow into each other's memory and preempt each other
-forever (seen with two long prompts on two instances whose pools hold one of them).
-Requests that never ran out of room are not held. The scheduler consults the
-policy through ``may_admit`` and ``on_preempt``; the cluster engine tells it, every
-step, the oldest such request of the whole cluster.
+When the cluster cannot hold every request that wants room, the gManager serves
+borrowers in arrival order and asks later ones that hold blocks without making
+progress to yield them (megakv.distkv.gmanager): two long prompts on two instances
+whose pools hold one of them would otherwise wait for each other forever. A request
+that yielded waits for its turn outside its instance's queue; the scheduler
+consults the policy through ``may_admit`` and ``on_preempt``.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from megakv.distkv.rmanager import RManager
 
 
 class Request(Protocol):
     """What the policy reads of a request (megakv.engine.request.Request)."""
 
-    arrival: int
-    waits_for_room: bool
+    request_id: str
 
 
 class LocalAdmission:
@@ -34,30 +33,29 @@ class LocalAdmission:
 
 
 class ClusterAdmission:
-    """Requests that waited for room run in arrival order across the cluster (see the module docstring)."""
+    """Admission on one instance of a cluster, where the gManager orders the requests that wait for room.
 
-    def __init__(self) -> None:
-        # Arrival of the oldest unfinished request waiting for room anywhere in the cluster, as of the last
-        # status exchange; None when there is none.
-        self._oldest_waiting_for_room: int | None = None
+    While a running request of this instance waits for borrowed blocks, no one new is admitted: the pool's
+    free blocks go to that request first. Only a request that the gManager gave its turn (it yielded its
+    blocks to an earlier request, and is now first in line) is admitted regardless.
+    """
 
-    @staticmethod
-    def oldest_waiting_for_room(requests: Iterable[Request]) -> int | None:
-        """The arrival of the oldest of ``requests`` (one instance's unfinished ones) that waits for room."""
-        return min((request.arrival for request in requests if request.waits_for_room), default=None)
+    def __init__(self, rmanager: RManager) -> None:
+        self._rmanager = rmanager
+        self._turns: set[str] = set()
 
-    def update(self, oldest_by_instance: Iterable[int | None]) -> None:
-        """Take the cluster-wide oldest from every instance's report of its own."""
-        self._oldest_waiting_for_room = min((arrival for arrival in oldest_by_instance if arrival is not None),
-                                            default=None)
+    def give_turn(self, request_id: str) -> None:
+        """The gManager's Turn for a request that yielded."""
+        self._turns.add(request_id)
+
+    def forget(self, request_id: str) -> None:
+        """The request ended."""
+        self._turns.discard(request_id)
 
     def may_admit(self, request: Request) -> bool:
-        """A request waiting for room goes only when it is the oldest such request of the cluster."""
-        oldest = self._oldest_waiting_for_room
-        return not request.waits_for_room or oldest is None or request.arrival <= oldest
+        """Whether the scheduler may admit this waiting request now."""
+        return request.request_id in self._turns or not self._rmanager.num_pending_blocks
 
     def on_preempt(self, request: Request) -> None:
-        """Losing its blocks for lack of room marks the request: it now waits its turn in the cluster."""
-        request.waits_for_room = True
-        if self._oldest_waiting_for_room is None or request.arrival < self._oldest_waiting_for_room:
-            self._oldest_waiting_for_room = request.arrival
+        """The scheduler gave the request's blocks back: it waits its turn in this instance's queue (one that
+        holds a gManager turn keeps it)."""

@@ -3,22 +3,25 @@
 Per layer, the query of a request goes to every instance holding some of its
 rBlocks (with the new tokens' K/V when their slots are there); that instance
 runs the micro-attention over its blocks and sends back (out, lse), which merge
-exactly with the local partial. The KV never travels, only queries and partials.
-Traffic runs over torch.distributed between rank t of each instance (the
-DistAttention group of TP rank t), so each rank handles the heads of its shard.
-Sends and receives are posted first, the local micro-attention runs while they
-fly, then the partials are awaited.
+exactly with the local partial. The KV never travels, only queries and partials
+(and the blocks DGFM moves home). Traffic runs over torch.distributed between
+rank t of each instance (the DistAttention groups of TP rank t), so each rank
+handles the heads of its shard. Every rank answers in a KV server thread; the
+asking rank sends its queries, computes its local partial while they fly, then
+awaits the partials.
 """
 from __future__ import annotations
 
+import pickle
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megakv.attention.metadata import AttentionMetadata
-from megakv.distkv.messages import Transfer
+from megakv.distkv.rmanager import Transfer
 from megakv.kernels.ops import merge_partials, micro_attention, store_kv
 from megakv.parallel import state
 
@@ -54,21 +57,13 @@ class ServedQueries:
         return self.query_start_loc[-1]
 
 
-@dataclass
-class RemotePlan:
-    """The cross-instance work of one step for this instance."""
-
-    outgoing: list[OutgoingQueries] = field(default_factory=list)
-    incoming: list[ServedQueries] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        """True when this step needs no cross-instance traffic."""
-        return not self.outgoing and not self.incoming
-
-
-# Tags of DGFM block copies start here, clear of the per-layer tags 2 * layer and 2 * layer + 1.
-TRANSFER_TAG_BASE = 1 << 20
+# Header of every message to a rank's KV server: kind, layer, bytes of pickled metadata, payload elements.
+HEADER_SIZE = 4
+QUERY, FETCH, STOP = 0, 1, 2
+# Tags on the query group: headers are received from any instance, the rest from the header's sender.
+HEADER_TAG, BODY_TAG = 0, 1
+# Tag of DGFM block copies on the reply group, clear of the per-layer reply tags.
+FETCH_TAG = 1 << 20
 
 
 def _peer(instance_id: int) -> int:
@@ -76,26 +71,23 @@ def _peer(instance_id: int) -> int:
     return instance_id * state.get_tensor_model_parallel_world_size() + state.get_tensor_model_parallel_rank()
 
 
-def _exchange(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[torch.Tensor, int, int]]) -> list:
-    """Post (tensor, instance, tag) sends and receives as one batch; returns the requests to wait on.
-
-    One batch per phase keeps the exchange deadlock-free where point-to-point operations between
-    two ranks match in posting order whatever their tags (NCCL), even when two instances are each
-    other's debtor and creditor.
-    """
-    group = state.get_dist_attention_group()
-    if dist.get_backend(group) == dist.Backend.GLOO:
-        # Gloo matches by tag and never blocks a posted send, so plain calls are safe and cost less.
-        return ([dist.isend(tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in sends]
-                + [dist.irecv(tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in receives])
-    ops = [dist.P2POp(dist.isend, tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in sends]
-    ops += [dist.P2POp(dist.irecv, tensor, _peer(instance_id), group, tag) for tensor, instance_id, tag in receives]
-    return dist.batch_isend_irecv(ops) if ops else []
+def _ask(kind: int, creditor: int, layer_index: int, metadata: bytes = b"",
+         payload: torch.Tensor | None = None) -> list:
+    """Send one message to a creditor's KV server; returns the sends to wait on."""
+    group, destination = state.get_dist_attention_group(), _peer(creditor)
+    header = torch.tensor([kind, layer_index, len(metadata), 0 if payload is None else payload.numel()])
+    works = [dist.isend(header, destination, group, HEADER_TAG)]
+    if metadata:
+        works.append(dist.isend(torch.frombuffer(bytearray(metadata), dtype=torch.uint8), destination, group,
+                                BODY_TAG))
+    if payload is not None:
+        works.append(dist.isend(payload.cpu(), destination, group, BODY_TAG))
+    return works
 
 
-def _wait(requests: list) -> None:
-    for request in requests:
-        request.wait()
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
 
 
 def _served_metadata(served: ServedQueries, device: torch.device) -> AttentionMetadata:
@@ -109,78 +101,117 @@ def _served_metadata(served: ServedQueries, device: torch.device) -> AttentionMe
                              sliding_window=served.sliding_window)
 
 
-class RemoteAttention:
-    """Runs each layer's remote micro-attentions of a step's RemotePlan, in two phases.
+def _answer(served: ServedQueries, metadata: AttentionMetadata, payload: torch.Tensor, key_cache: torch.Tensor,
+            value_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Store a debtor's new K/V, attend its queries over the blocks held here; the reply, (out, lse) in fp32."""
+    num_writes = len(served.write_slots)
+    kv_size = num_writes * num_kv_heads * head_dim
+    query, key, value = payload.split([payload.numel() - 2 * kv_size, kv_size, kv_size])
+    store_kv(key.view(num_writes, num_kv_heads, head_dim), value.view(num_writes, num_kv_heads, head_dim),
+             key_cache, value_cache, metadata.slot_mapping)
+    out, lse = micro_attention(query.view(served.num_queries, num_q_heads, head_dim), key_cache, value_cache,
+                               metadata.block_tables, metadata.query_start_loc, metadata.context_lens,
+                               head_dim ** -0.5, metadata.sliding_window)
+    return torch.cat([out.float().flatten(), lse.flatten()])
 
-    Phase 1 sends this instance's queries (and remote K/V writes) to its creditors and
-    receives its debtors' queries; the local micro-attention runs meanwhile. Phase 2 sends
-    the answers to the debtors and receives the creditors' partials, which are merged.
+
+class KVServer:
+    """This rank's answers to other instances: their micro-attentions over the blocks it lends, and DGFM copies.
+
+    It runs in a thread of its own, blocked on the query group while nobody asks, so a debtor's layer
+    waits only for the micro-attention it asked for, never for the creditor's own step. The KV it touches
+    is disjoint from what the instance's own step touches: the slots it writes are lent, and a lent
+    block is reused only after its debtor has handed it back, which it does only once it no longer asks.
     """
 
-    def __init__(self, plan: RemotePlan, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.plan = plan
+    def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                 head_dim: int, on_error: Callable[[BaseException], None]) -> None:
+        self.key_cache, self.value_cache = key_cache, value_cache
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, device
-        self._served_metadata = [_served_metadata(served, device) for served in plan.incoming]
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name="megakv-kv-server", daemon=True)
+        self._thread.start()
 
-    def _query_buffers(self) -> list[torch.Tensor]:
-        """Receive buffers for the debtors' queries and K/V writes."""
-        sizes = [served.num_queries * self.num_q_heads * self.head_dim
-                 + 2 * len(served.write_slots) * self.num_kv_heads * self.head_dim for served in self.plan.incoming]
-        return [torch.empty(size, dtype=self.dtype, device=self.device) for size in sizes]
+    def stop(self) -> None:
+        """Tell the KV server of this TP rank in every other instance that this rank asks nothing more, and
+        wait for this one to hear the same from all of them."""
+        works = [work for instance in range(state.get_num_instances()) if instance != state.get_instance_id()
+                 for work in _ask(STOP, instance, 0)]
+        _wait(works)
+        self._thread.join()
 
-    def _answer(self, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
-                buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Store the debtors' new K/V, attend their queries over the blocks held here; the replies."""
-        replies = []
-        for served, metadata, buffer in zip(self.plan.incoming, self._served_metadata, buffers):
-            num_writes = len(served.write_slots)
-            kv_size = num_writes * self.num_kv_heads * self.head_dim
-            query, key, value = buffer.split([buffer.numel() - 2 * kv_size, kv_size, kv_size])
-            store_kv(key.view(num_writes, self.num_kv_heads, self.head_dim),
-                     value.view(num_writes, self.num_kv_heads, self.head_dim), key_cache, value_cache,
-                     metadata.slot_mapping)
-            out, lse = micro_attention(query.view(served.num_queries, self.num_q_heads, self.head_dim), key_cache,
-                                       value_cache, metadata.block_tables, metadata.query_start_loc,
-                                       metadata.context_lens, scale, metadata.sliding_window)
-            replies.append(torch.cat([out.float().flatten(), lse.flatten()]))
-        return replies
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except BaseException as err:  # a debtor would wait for this answer forever
+            self._on_error(err)
 
-    def serve_only(self, layer_index: int, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float) -> None:
-        """A layer on an instance with no tokens of its own this step: only answer the debtors."""
-        self.attend(layer_index, None, None, None, key_cache, value_cache, scale, None)
+    def _serve(self) -> None:
+        queries, replies = state.get_dist_attention_group(), state.get_dist_attention_reply_group()
+        device = self.key_cache.device
+        # Per debtor rank: its latest queries' metadata, sent with the first layer of each of its steps.
+        served: dict[int, tuple[ServedQueries, AttentionMetadata]] = {}
+        header = torch.empty(HEADER_SIZE, dtype=torch.long)
+        num_stops = 0
+        while num_stops < state.get_num_instances() - 1:
+            debtor = dist.recv(header, None, queries, HEADER_TAG)
+            kind, layer_index, metadata_size, payload_size = header.tolist()
+            if kind == STOP:
+                num_stops += 1
+                continue
+            metadata = None
+            if metadata_size:
+                raw = torch.empty(metadata_size, dtype=torch.uint8)
+                dist.recv(raw, debtor, queries, BODY_TAG)
+                metadata = pickle.loads(raw.numpy().tobytes())
+            if kind == FETCH:
+                block_ids = torch.tensor(metadata, dtype=torch.long, device=device)
+                blocks = torch.stack([self.key_cache[:, block_ids], self.value_cache[:, block_ids]])
+                dist.send(blocks.cpu(), debtor, replies, FETCH_TAG)
+                continue
+            if metadata is not None:
+                served[debtor] = (metadata, _served_metadata(metadata, device))
+            payload = torch.empty(payload_size, dtype=self.key_cache.dtype)
+            dist.recv(payload, debtor, queries, BODY_TAG)
+            queries_meta, attention_meta = served[debtor]
+            reply = _answer(queries_meta, attention_meta, payload.to(device), self.key_cache[layer_index],
+                            self.value_cache[layer_index], self.num_q_heads, self.num_kv_heads, self.head_dim)
+            dist.send(reply.cpu(), debtor, replies, layer_index)
 
-    def attend(self, layer_index: int, query: torch.Tensor | None, key: torch.Tensor | None,
-               value: torch.Tensor | None, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
-               local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor | None:
-        """One layer: send queries out, compute the local partial meanwhile, answer debtors, merge partials.
 
-        query [T, Hq, D] and key/value [T, Hkv, D] are this step's new tokens (None when serving only).
-        """
-        query_tag, reply_tag = 2 * layer_index, 2 * layer_index + 1
-        payloads = [torch.cat([query[out.query_indices].flatten(), key[out.write_indices].flatten(),
-                               value[out.write_indices].flatten()]).to(self.dtype) for out in self.plan.outgoing]
-        buffers = self._query_buffers()
-        phase1 = _exchange([(payload, out.creditor, query_tag) for payload, out in zip(payloads, self.plan.outgoing)],
-                           [(buffer, served.debtor, query_tag)
-                            for buffer, served in zip(buffers, self.plan.incoming)])
-        local = local_attention() if local_attention is not None else None
-        _wait(phase1)
-        answers = self._answer(key_cache, value_cache, scale, buffers)
-        partials = [torch.empty(len(out.query_indices) * self.num_q_heads * (self.head_dim + 1),
-                                dtype=torch.float32, device=self.device) for out in self.plan.outgoing]
-        _wait(_exchange([(answer, served.debtor, reply_tag) for answer, served in zip(answers, self.plan.incoming)],
-                        [(partial, out.creditor, reply_tag) for partial, out in zip(partials, self.plan.outgoing)]))
-        if local is None:
-            return None
-        local_out, local_lse = local
+class RemoteAttention:
+    """The debtor's side of one step: each layer's queries go to the creditors' KV servers, the local
+    micro-attention runs while they compute, and their partials merge with it exactly."""
+
+    def __init__(self, outgoing: list[OutgoingQueries], served: dict[int, ServedQueries], num_q_heads: int,
+                 head_dim: int) -> None:
+        self.outgoing = outgoing
+        self.num_q_heads, self.head_dim = num_q_heads, head_dim
+        # Each creditor learns the step's block tables with the first layer's queries.
+        self._metadata = {creditor: pickle.dumps(queries) for creditor, queries in served.items()}
+
+    def attend(self, layer_index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One layer: query [T, Hq, D] and key/value [T, Hkv, D] are this step's new tokens."""
+        replies, works, partials = state.get_dist_attention_reply_group(), [], []
+        for out in self.outgoing:
+            payload = torch.cat([query[out.query_indices].flatten(), key[out.write_indices].flatten(),
+                                 value[out.write_indices].flatten()])
+            works += _ask(QUERY, out.creditor, layer_index, self._metadata[out.creditor] if layer_index == 0 else b"",
+                          payload)
+            partial = torch.empty(len(out.query_indices) * self.num_q_heads * (self.head_dim + 1),
+                                  dtype=torch.float32)
+            works.append(dist.irecv(partial, _peer(out.creditor), replies, layer_index))
+            partials.append(partial)
+        local_out, local_lse = local_attention()
+        _wait(works)
         # Partials merge in fp32 (the creditors send them so), and only the merged rows take the model's dtype.
         outs, lses = [local_out.float()], [local_lse]
-        for out_plan, partial in zip(self.plan.outgoing, partials):
+        for out_plan, partial in zip(self.outgoing, partials):
             num_queries = len(out_plan.query_indices)
-            out_part, lse_part = partial.split([num_queries * self.num_q_heads * self.head_dim,
-                                                num_queries * self.num_q_heads])
+            out_part, lse_part = partial.to(local_out.device).split([num_queries * self.num_q_heads * self.head_dim,
+                                                                     num_queries * self.num_q_heads])
             out_part = out_part.view(num_queries, self.num_q_heads, self.head_dim)
             lse_part = lse_part.view(num_queries, self.num_q_heads)
             # query_indices ascend without repeats (ModelRunner.prepare), so as many as the batch has rows
@@ -196,21 +227,17 @@ class RemoteAttention:
         return merged.to(local_out.dtype)
 
 
-def execute_transfers(transfers: list[Transfer], key_cache: torch.Tensor, value_cache: torch.Tensor,
-                      instance_id: int) -> None:
-    """Copy DGFM-moved blocks (every layer's K and V of this rank's heads) between instances.
-
-    All outgoing blocks are read before any incoming block is written, so a rotation
-    that sends a block out of the slot it receives into stays correct.
-    key_cache/value_cache: [num_layers, num_blocks, Hkv, block_size, D].
-    """
-    block_shape = (2, *key_cache[:, 0].shape)  # [K/V, num_layers, Hkv, block_size, D]
-    sends = [(torch.stack([key_cache[:, t.src_block], value_cache[:, t.src_block]]), t.dst_instance,
-              TRANSFER_TAG_BASE + t.plan_index) for t in transfers if t.src_instance == instance_id]
-    incoming = [t for t in transfers if t.dst_instance == instance_id]
-    buffers = [key_cache.new_empty(block_shape) for _ in incoming]
-    _wait(_exchange(sends, [(buffer, t.src_instance, TRANSFER_TAG_BASE + t.plan_index)
-                            for buffer, t in zip(buffers, incoming)]))
-    for transfer, buffer in zip(incoming, buffers):
-        key_cache[:, transfer.dst_block] = buffer[0]
-        value_cache[:, transfer.dst_block] = buffer[1]
+def fetch_blocks(transfers: list[Transfer], key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """DGFM: copy each transfer's block (every layer's K and V of this rank's heads) from its creditor's
+    KV server into this pool. key_cache/value_cache: [num_layers, num_blocks, Hkv, block_size, D]."""
+    by_creditor: dict[int, list[Transfer]] = {}
+    for transfer in transfers:
+        by_creditor.setdefault(transfer.creditor, []).append(transfer)
+    for creditor, moves in by_creditor.items():
+        works = _ask(FETCH, creditor, 0, pickle.dumps([move.src_block for move in moves]))
+        blocks = torch.empty((2, key_cache.shape[0], len(moves), *key_cache.shape[2:]), dtype=key_cache.dtype)
+        dist.recv(blocks, _peer(creditor), state.get_dist_attention_reply_group(), FETCH_TAG)
+        _wait(works)
+        destination = torch.tensor([move.dst_block for move in moves], dtype=torch.long, device=key_cache.device)
+        key_cache[:, destination] = blocks[0].to(key_cache.device)
+        value_cache[:, destination] = blocks[1].to(key_cache.device)

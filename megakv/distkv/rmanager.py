@@ -1,11 +1,12 @@
 """rManager (DistKV-LLM section 4.3): one instance's rBlock pool, its block tables, lending and borrowing.
 
 Requests grow locally first. When the pool is short, the missing blocks are
-recorded as PENDING and borrowed during the step's control round (the gManager
-names creditors, the creditors lend). An rManager lends only blocks of its own
-pool, up to ``lending_cap`` of it, so a borrowed block is never lent onward
-(no borrowing chains). When a request ends, its local blocks go back to the pool
-and its remote blocks back to their creditors.
+recorded as PENDING and borrowed through the gManager; the request runs again
+once they arrive, or earlier if its own pool frees up. An rManager lends only
+blocks of its own pool, up to ``lending_cap`` of it, so a borrowed block is never
+lent onward (no borrowing chains). When a request ends, its local blocks go back
+to the pool and its remote blocks back to their creditors; DGFM moves remote
+blocks home when the pool has room.
 """
 from __future__ import annotations
 
@@ -13,9 +14,18 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+from typing import NamedTuple
 
-from megakv.distkv.messages import PENDING, BlockRef, Heartbeat, Relocation, RemoteBlock, Transfer
+from megakv.distkv.messages import PENDING, BlockRef
 from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
+
+
+class Transfer(NamedTuple):
+    """DGFM: copy the KV of block ``src_block`` of ``creditor`` into block ``dst_block`` of this pool."""
+
+    creditor: int
+    src_block: int
+    dst_block: int
 
 
 class BlockTable:
@@ -74,10 +84,11 @@ class RManager:
         self._lent: dict[int, set[int]] = {}
         # creditor instance -> ids of its blocks this instance has released but not yet handed back
         self._returns: dict[int, list[int]] = {}
-        # What the other instances could lend, as of the last control round.
+        # creditor instance -> how many of those DGFM moved home
+        self._moved: dict[int, int] = {}
+        # The most the other instances could lend this one (their lending caps): requests grow into it, and
+        # the gManager settles what they really get.
         self.borrowable_estimate = 0
-        # Block copies this instance takes part in during the coming step (DGFM).
-        self.transfers: list[Transfer] = []
 
     # -- what the scheduler uses ---------------------------------------------------------------------------
 
@@ -120,8 +131,8 @@ class RManager:
         return PENDING.instance_id in self.block_counts(request_id)
 
     def can_grow(self, request_id: str, num_tokens: int) -> bool:
-        """True when the local pool plus what the cluster could lend covers the growth."""
-        borrowable = max(0, self.borrowable_estimate - self.num_pending_blocks)
+        """True when the local pool plus what the cluster could still lend covers the growth."""
+        borrowable = max(0, self.borrowable_estimate - self.num_pending_blocks - self.num_borrowed_blocks)
         return self.num_new_blocks(request_id, num_tokens) <= self.pool.num_free_blocks + borrowable
 
     def grow(self, request_id: str, num_tokens: int) -> list[BlockRef]:
@@ -192,12 +203,29 @@ class RManager:
         """Request id -> blocks it still has to borrow."""
         return {rid: table.num_pending for rid, table in self._tables.items() if table.num_pending}
 
-    def fill_pending(self, request_id: str, creditor: int, block_ids: list[int]) -> None:
-        """Put borrowed blocks into the request's PENDING slots, in logical order."""
-        table = self._tables[request_id]
-        slots = iter(i for i, ref in enumerate(table.refs) if ref == PENDING)
-        for block_id in block_ids:
-            table.set(next(slots), BlockRef(creditor, block_id), next(self._versions))
+    def fill_pending(self, request_id: str, creditor: int, block_ids: list[int]) -> list[int]:
+        """Put borrowed blocks into the request's PENDING slots, in logical order; returns those it had no
+        slot for (the request ended, or its own pool filled the slots meanwhile), to hand back."""
+        table = self._tables.get(request_id)
+        slots = [i for i, ref in enumerate(table.refs) if ref == PENDING] if table is not None else []
+        for slot, block_id in zip(slots, block_ids):
+            table.set(slot, BlockRef(creditor, block_id), next(self._versions))
+        return block_ids[len(slots):]
+
+    def fill_pending_locally(self, request_id: str, max_blocks: int) -> int:
+        """Put up to ``max_blocks`` free blocks of this pool into the request's PENDING slots; returns how many."""
+        table = self._tables.get(request_id)
+        if table is None or max_blocks <= 0:
+            return 0
+        slots = [i for i, ref in enumerate(table.refs) if ref == PENDING][:min(max_blocks, self.pool.num_free_blocks)]
+        for slot, block_id in zip(slots, self.pool.allocate(len(slots))):
+            table.set(slot, BlockRef(self.instance_id, block_id), next(self._versions))
+        return len(slots)
+
+    @property
+    def num_borrowed_blocks(self) -> int:
+        """Blocks of other pools that this instance's requests hold."""
+        return sum(self.remote_block_counts().values())
 
     def remote_block_counts(self) -> dict[int, int]:
         """Creditor -> blocks of this instance's requests it holds (what the ledger should say)."""
@@ -215,47 +243,33 @@ class RManager:
         """Whether released remote blocks wait to be handed back."""
         return bool(self._returns)
 
-    def take_returns(self) -> dict[int, list[int]]:
-        """Creditor -> released block ids, emptied: they go back at this heartbeat."""
-        returns, self._returns = self._returns, {}
+    def take_returns(self) -> dict[int, tuple[list[int], int]]:
+        """Creditor -> (released block ids, how many of them moved home), emptied: they go back now."""
+        returns = {creditor: (block_ids, self._moved.get(creditor, 0)) for creditor, block_ids in self._returns.items()}
+        self._returns, self._moved = {}, {}
         return returns
 
-    def heartbeat(self, returned: dict[int, int], max_candidates: int, num_reserved_blocks: int) -> Heartbeat:
-        """This instance's state for the gManager, with up to max_candidates remote blocks per creditor."""
-        candidates: dict[int, list[RemoteBlock]] = {}
-        for request_id, table in self._tables.items():
-            if table.counts.keys() <= {PENDING.instance_id, self.instance_id}:
+    # -- DGFM ---------------------------------------------------------------------------------------------
+
+    def pull_home(self, max_blocks: int) -> list[Transfer]:
+        """Move up to ``max_blocks`` remote blocks of this instance's requests into free blocks of its pool.
+
+        The tables point home at once; the caller copies each block's KV from its creditor before the
+        next step reads it, and the creditor's block is handed back (as moved) with the next returns.
+        """
+        transfers: list[Transfer] = []
+        budget = min(max_blocks, self.pool.num_free_blocks)
+        for table in self._tables.values():
+            if table.counts.keys() <= {self.instance_id, PENDING.instance_id}:
                 continue
             for logical_index, ref in enumerate(table.refs):
-                if ref == PENDING or ref.instance_id == self.instance_id:
+                if len(transfers) >= budget:
+                    return transfers
+                if ref.instance_id in (self.instance_id, PENDING.instance_id):
                     continue
-                bucket = candidates.setdefault(ref.instance_id, [])
-                if len(bucket) < max_candidates:
-                    bucket.append(RemoteBlock(request_id, logical_index, ref.block_id))
-        return Heartbeat(self.instance_id, self.pool.num_free_blocks, self.num_lendable_blocks,
-                         needs=self.pending_needs(), remote_blocks=candidates, returned=returned,
-                         num_reserved_blocks=num_reserved_blocks)
-
-    # -- DGFM -------------------------------------------------------------------------------------------
-
-    def apply_moves(self, relocations: list[Relocation]) -> None:
-        """Apply this instance's part of a DGFM move plan and record the block copies it takes part in."""
-        me = self.instance_id
-        self.transfers = []
-        for plan_index, relocation in enumerate(relocations):
-            old, new = relocation.old, relocation.new
-            if relocation.owner == me:
-                table = self._tables[relocation.request_id]
-                assert table.refs[relocation.logical_index] == old, "DGFM moved a block that is not there"
-                if new.block_id < 0:
-                    # Pulled home: the destination is a free block this instance picks now.
-                    new = BlockRef(me, self.pool.allocate(1)[0])
-                table.set(relocation.logical_index, new, next(self._versions))
-            if old.instance_id == me:
-                self._lent[relocation.owner].remove(old.block_id)
-                # In a rotation the block stays in use (by this instance's own request); otherwise it is free.
-                if not any(other.new == old for other in relocations):
-                    self.pool.free([old.block_id])
-            if me in (old.instance_id, new.instance_id):
-                self.transfers.append(Transfer(old.instance_id, old.block_id, new.instance_id, new.block_id,
-                                               plan_index))
+                home = self.pool.allocate(1)[0]
+                table.set(logical_index, BlockRef(self.instance_id, home), next(self._versions))
+                transfers.append(Transfer(ref.instance_id, ref.block_id, home))
+                self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
+                self._moved[ref.instance_id] = self._moved.get(ref.instance_id, 0) + 1
+        return transfers

@@ -9,12 +9,14 @@ DistKV cluster (``megakv.distkv.cluster_engine``), which drive it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from megakv.checkpoint.format import CheckpointInfo, load_shard
 from megakv.config import EngineConfig, ModelConfig, dtype_name
+from megakv.distkv.messages import PENDING
 from megakv.distkv.policy import LocalAdmission
 from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner
@@ -74,7 +76,8 @@ class InstanceCore:
     """One instance's scheduler, block manager and model runner."""
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None, admission: AdmissionPolicy | None = None) -> None:
+                 device: torch.device | None = None,
+                 admission: Callable[[RManager], AdmissionPolicy] | None = None) -> None:
         self.model_config = info.model
         self.config = config
         device = device or torch.device("cpu")
@@ -83,7 +86,9 @@ class InstanceCore:
         num_blocks = KVCache.num_blocks_for(info.model, tp, config.cache, dtype)
         self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size,
                                  config.distkv.lending_cap)
-        self.scheduler = Scheduler(config.scheduler, self.rmanager, admission or LocalAdmission())
+        # The policy may consult the pool (megakv.distkv.policy), so it is built around this core's rManager.
+        self.scheduler = Scheduler(config.scheduler, self.rmanager,
+                                   admission(self.rmanager) if admission is not None else LocalAdmission())
         model = load_model(info, dtype, device)
         kv_cache = KVCache(info.model.num_layers, num_blocks, config.cache.block_size,
                            info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
@@ -163,7 +168,7 @@ class InstanceCore:
 
     def placement(self, request: Request) -> Placement:
         """Where the request's blocks are now, and every instance that has held one."""
-        table = self.rmanager.block_table(request.request_id)
+        table = [ref for ref in self.rmanager.block_table(request.request_id) if ref != PENDING]
         num_local = sum(ref.instance_id == self.rmanager.instance_id for ref in table)
         instances = request.block_instances | {ref.instance_id for ref in table}
         return Placement(num_local, len(table) - num_local, sorted(instances))

@@ -29,11 +29,8 @@ class Request:
     finish_reason: str | None = None
     # Instances that have held blocks of this request.
     block_instances: set[int] = field(default_factory=set)
-    # Order of arrival at the engine's front (cluster-wide), for first-come-first-served admission.
+    # Order of arrival at the engine's front (cluster-wide): the gManager serves borrowers in this order.
     arrival: int = 0
-    # Set when the request lost its blocks for lack of room: such requests are admitted in arrival order
-    # across the cluster (megakv.distkv.policy) so that two cannot starve each other.
-    waits_for_room: bool = False
 
     @property
     def token_ids(self) -> list[int]:

@@ -2,10 +2,14 @@
 
 Ranks are laid out instance-major: instance ``i`` owns global ranks
 ``[i * tp, (i + 1) * tp)``. Besides Megatron's tensor-parallel group, each TP
-rank ``t`` belongs to the DistAttention group of rank ``t`` of every instance
+rank ``t`` belongs to the DistAttention groups of rank ``t`` of every instance
 (DistKV-LLM section 5): a remote micro-attention for the heads of shard ``t``
 runs on rank ``t`` of the instance holding the blocks, while the MLP
-all-reduces only inside its own instance.
+all-reduces only inside its own instance. There are two DistAttention groups,
+one carrying queries to the instances that hold the blocks and one carrying
+their answers back: each instance answers in a thread of its own while its main
+thread runs its own steps, and a group per direction keeps those two threads off
+each other's messages.
 
 Before :func:`initialize_model_parallel` every getter answers as a single
 process (world size 1, rank 0, group None), so single-process code needs no setup.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,12 +53,17 @@ class _ParallelState:
     instance_id: int = 0
     num_instances: int = 1
     dist_attention_group: dist.ProcessGroup | None = None
+    dist_attention_reply_group: dist.ProcessGroup | None = None
     initialized: bool = False
     # True when init_distributed created the default group, so destroy_model_parallel owns it.
     created_process_group: bool = False
 
 
 _state = _ParallelState()
+
+# How long a DistAttention receive may wait. A rank that lends blocks waits for queries as long as the
+# cluster runs, idle hours included; a dead peer ends the job through the launcher, not through this timeout.
+DIST_ATTENTION_TIMEOUT = timedelta(days=365)
 
 
 def _is_mpi_launch() -> bool:
@@ -158,10 +168,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances
         group = dist.new_group(instance_ranks(instance_id, tp))
         if instance_id == _state.instance_id:
             _state.tp_group = group
+    # Gloo whatever the default backend: the thread answering queries receives from any instance, which
+    # only gloo offers. Their tensors travel on the CPU.
     for tp_rank in range(tp):
-        group = dist.new_group(dist_attention_ranks(tp_rank, tp, num_instances))
+        ranks = dist_attention_ranks(tp_rank, tp, num_instances)
+        queries, replies = (dist.new_group(ranks, timeout=DIST_ATTENTION_TIMEOUT, backend="gloo") for _ in range(2))
         if tp_rank == _state.tp_rank:
-            _state.dist_attention_group = group
+            _state.dist_attention_group, _state.dist_attention_reply_group = queries, replies
 
 
 def model_parallel_is_initialized() -> bool:
@@ -177,7 +190,7 @@ def destroy_model_parallel() -> None:
             # Destroying the default group also destroys every group made with new_group.
             dist.destroy_process_group()
         else:
-            for group in (_state.tp_group, _state.dist_attention_group):
+            for group in (_state.tp_group, _state.dist_attention_group, _state.dist_attention_reply_group):
                 if group is not None:
                     dist.destroy_process_group(group)
     _state = _ParallelState()
@@ -214,8 +227,13 @@ def get_num_instances() -> int:
 
 
 def get_dist_attention_group() -> dist.ProcessGroup | None:
-    """The same TP rank of every instance (None in a single process)."""
+    """The same TP rank of every instance, carrying queries to the blocks (None in a single process)."""
     return _state.dist_attention_group
+
+
+def get_dist_attention_reply_group() -> dist.ProcessGroup | None:
+    """The same ranks as get_dist_attention_group, carrying the answers back."""
+    return _state.dist_attention_reply_group
 
 
 def get_dist_attention_rank() -> int:

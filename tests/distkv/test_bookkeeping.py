@@ -1,37 +1,62 @@
-"""Property tests of rManager / gManager / ledger / DGFM with the in-process transport."""
+"""Property tests of rManager / gManager / ledger / DGFM over the in-process control plane."""
 from __future__ import annotations
 
-import dataclasses
+import math
 from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megakv.distkv.control import InProcessCluster
-from megakv.distkv.dgfm import find_cycle
-from megakv.distkv.messages import PENDING
+from megakv.distkv.messages import PENDING, Loan
 from megakv.distkv.rmanager import RManager
 from megakv.kvcache.block_pool import BlockPool
 
 BLOCK_SIZE = 4
 
 
-def check_transfers_agree(rmanagers: list[RManager]) -> None:
-    """Both ends of every DGFM copy hold the same record of it (they tag the copy with its plan index)."""
-    by_index: dict[int, list] = {}
-    for rm in rmanagers:
-        for transfer in rm.transfers:
-            assert rm.instance_id in (transfer.src_instance, transfer.dst_instance)
-            by_index.setdefault(transfer.plan_index, []).append(transfer)
-    for records in by_index.values():
-        assert len(records) == 2, records
-        src_view, dst_view = sorted(records, key=lambda t: t.dst_block)
-        assert dataclasses.replace(src_view, dst_block=dst_view.dst_block) == dst_view
+class Cluster:
+    """An in-process control plane whose instances preempt a request when the gManager asks it to yield."""
+
+    def __init__(self, pool_sizes: list[int], lending_cap: float = 1.0) -> None:
+        self.rmanagers = [RManager(i, BlockPool(size), BLOCK_SIZE, lending_cap) for i, size in enumerate(pool_sizes)]
+        self.set_lending_cap(lending_cap)
+        self.yielded: list[tuple[int, str]] = []
+        self.turns: list[tuple[int, str]] = []
+        self.control = InProcessCluster(self.rmanagers, self._on_yield, lambda i, rid: self.turns.append((i, rid)))
+        self.gmanager = self.control.gmanager
+        self.arrivals: dict[str, int] = {}
+
+    def set_lending_cap(self, lending_cap: float) -> None:
+        """Requests grow into their pool and the other pools' lending caps, as in the cluster engine."""
+        for rm in self.rmanagers:
+            rm.lending_cap = lending_cap
+        for rm in self.rmanagers:
+            rm.borrowable_estimate = sum(math.floor(other.lending_cap * other.pool.num_blocks)
+                                         for other in self.rmanagers if other is not rm)
+
+    def _on_yield(self, instance: int, request_id: str) -> None:
+        self.rmanagers[instance].free(request_id)
+        self.yielded.append((instance, request_id))
+
+    def grow(self, instance: int, request_id: str, num_tokens: int) -> None:
+        self.arrivals.setdefault(request_id, len(self.arrivals))
+        self.rmanagers[instance].grow(request_id, num_tokens)
+
+    def free(self, instance: int, request_id: str) -> None:
+        self.rmanagers[instance].free(request_id)
+        self.control.nodes[instance].forget(request_id)
+
+    def sync(self) -> None:
+        """Every instance reports, then every message (and those it causes) is delivered."""
+        for node in self.control.nodes:
+            node.sync(self.arrivals)
+        self.control.deliver()
 
 
-def check_invariants(cluster: InProcessCluster) -> None:
-    rmanagers = [node.rmanager for node in cluster.nodes]
-    check_transfers_agree(rmanagers)
+def check_invariants(cluster: Cluster) -> None:
+    """At rest (nothing in flight): every block has one owner, loans match tables, the ledger matches both."""
+    rmanagers = cluster.rmanagers
     for creditor in rmanagers:
         owners: dict[int, str] = {}
         for rm in rmanagers:
@@ -44,9 +69,6 @@ def check_invariants(cluster: InProcessCluster) -> None:
                         owners[ref.block_id] = f"{rm.instance_id}/{request_id}"
                         if rm is not creditor:
                             assert ref.block_id in creditor.lent_to(rm.instance_id), "remote block not on loan"
-            for block_id in rm._returns.get(creditor.instance_id, []):
-                assert block_id not in owners, "returned block still in use"
-                owners[block_id] = "returning"
         for debtor, lent in creditor._lent.items():
             assert lent <= set(owners), "a lent block is owned by nobody"
         for block_id in range(creditor.pool.num_blocks):
@@ -54,122 +76,113 @@ def check_invariants(cluster: InProcessCluster) -> None:
     for debtor in rmanagers:
         counts = debtor.remote_block_counts()
         for creditor in rmanagers:
-            if creditor is debtor:
-                continue
-            expected = counts.get(creditor.instance_id, 0)
-            assert cluster.gmanager.debts[debtor.instance_id, creditor.instance_id] == expected, "ledger drift"
-            assert len(creditor.lent_to(debtor.instance_id)) == expected
+            if creditor is not debtor:
+                expected = counts.get(creditor.instance_id, 0)
+                assert cluster.gmanager.debts[debtor.instance_id, creditor.instance_id] == expected, "ledger drift"
+                assert len(creditor.lent_to(debtor.instance_id)) == expected
 
 
-operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "round"]), st.integers(0, 3),
+operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync", "pull", "local"]), st.integers(0, 3),
                                 st.integers(0, 5), st.integers(1, 24)), min_size=1, max_size=60)
 
 
 @settings(max_examples=150, deadline=None)
 @given(num_instances=st.integers(2, 4), pool_sizes=st.lists(st.integers(2, 12), min_size=4, max_size=4),
-       lending_cap=st.sampled_from([0.5, 1.0]), max_moves=st.integers(0, 6), ops=operations)
-def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes, lending_cap, max_moves, ops):
-    rmanagers = [RManager(i, BlockPool(pool_sizes[i]), BLOCK_SIZE, lending_cap) for i in range(num_instances)]
-    cluster = InProcessCluster(rmanagers, max_moves_per_step=max_moves)
-    cluster.run_round()
-    lengths: dict[tuple[int, str], int] = {}
-    for op, instance, request, tokens in ops:
-        rm = rmanagers[instance % num_instances]
+       lending_cap=st.sampled_from([0.5, 1.0]), ops=operations)
+def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes, lending_cap, ops):
+    cluster = Cluster(pool_sizes[:num_instances], lending_cap)
+    # A request lives on the instance where it first grew, and may grow again there after it yielded.
+    owners: dict[str, int] = {}
+    for op, instance, request, amount in ops:
         request_id = f"r{request}"
+        rm = cluster.rmanagers[owners.get(request_id, instance % num_instances)]
         if op == "grow":
-            target = lengths.get((rm.instance_id, request_id), 0) + tokens
+            target = len(rm.block_table(request_id)) * BLOCK_SIZE + amount
             if rm.can_grow(request_id, target):
-                rm.grow(request_id, target)
-                lengths[rm.instance_id, request_id] = target
+                owners[request_id] = rm.instance_id
+                cluster.grow(rm.instance_id, request_id, target)
         elif op == "free":
-            rm.free(request_id)
-            lengths.pop((rm.instance_id, request_id), None)
+            cluster.free(rm.instance_id, request_id)
+        elif op == "pull" and not rm.num_pending_blocks:
+            rm.pull_home(amount)
+        elif op == "local":
+            rm.fill_pending_locally(request_id, amount)
         else:
-            cluster.run_round()
-            for manager in rmanagers:
-                for rid in manager.request_ids:
-                    if manager.has_pending(rid):  # not enough room in the cluster: preempt (abort)
-                        manager.free(rid)
-                        lengths.pop((manager.instance_id, rid), None)
+            cluster.sync()
             check_invariants(cluster)
-    for manager in rmanagers:
-        for rid in manager.request_ids:
-            manager.free(rid)
-    cluster.run_round()
+    for request_id, instance in owners.items():
+        cluster.free(instance, request_id)
+    cluster.sync()
     check_invariants(cluster)
-    assert cluster.gmanager.outstanding() == {}
-    assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in rmanagers)
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
 
 
-def test_rmanager_borrows_when_local_pool_is_short():
-    rmanagers = [RManager(i, BlockPool(4), BLOCK_SIZE) for i in range(3)]
-    cluster = InProcessCluster(rmanagers)
-    cluster.run_round()
-    assert rmanagers[0].borrowable_estimate == 8
-    rmanagers[0].grow("long", 10 * BLOCK_SIZE)
-    assert rmanagers[0].block_table("long").count(PENDING) == 6
-    cluster.run_round()
-    table = rmanagers[0].block_table("long")
-    assert PENDING not in table
-    assert {ref.instance_id for ref in table} == {0, 1, 2}
-    assert cluster.gmanager.outstanding() == {"0->1": 4, "0->2": 2}  # most lendable room first
-    rmanagers[0].free("long")
-    cluster.run_round()
-    assert cluster.gmanager.outstanding() == {}
+def test_rmanager_borrows_from_the_most_lendable_instances_first():
+    cluster = Cluster([4, 4, 5])
+    cluster.grow(0, "long", 10 * BLOCK_SIZE)
+    assert cluster.rmanagers[0].block_table("long").count(PENDING) == 6
+    cluster.sync()
+    table = cluster.rmanagers[0].block_table("long")
+    assert PENDING not in table and {ref.instance_id for ref in table} == {0, 1, 2}
+    assert cluster.gmanager.outstanding() == {"0->1": 1, "0->2": 5}
+    cluster.free(0, "long")
+    cluster.sync()
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
 
 
 def test_rmanager_lending_cap_limits_loans():
-    rmanagers = [RManager(0, BlockPool(4), BLOCK_SIZE), RManager(1, BlockPool(10), BLOCK_SIZE, lending_cap=0.3)]
-    cluster = InProcessCluster(rmanagers)
-    cluster.run_round()
-    assert rmanagers[0].borrowable_estimate == 3
-    assert not rmanagers[0].can_grow("r", 8 * BLOCK_SIZE)
-    rmanagers[0].grow("r", 7 * BLOCK_SIZE)
-    cluster.run_round()
-    assert len(rmanagers[1].lent_to(0)) == 3
+    cluster = Cluster([4, 10], lending_cap=0.3)
+    cluster.grow(0, "r", 7 * BLOCK_SIZE)  # 4 local, and 3 of the other pool's 10 may be lent
+    cluster.sync()
+    assert len(cluster.rmanagers[1].lent_to(0)) == 3 and not cluster.rmanagers[0].has_pending("r")
+    assert not cluster.rmanagers[0].can_grow("r", 8 * BLOCK_SIZE)
 
 
-def test_dgfm_cancels_two_cycle_by_swapping_home():
-    rmanagers = [RManager(i, BlockPool(3), BLOCK_SIZE) for i in range(2)]
-    cluster = InProcessCluster(rmanagers, max_moves_per_step=0)
-    cluster.run_round()
-    rmanagers[0].grow("x", BLOCK_SIZE)
-    rmanagers[0].grow("a", 3 * BLOCK_SIZE)  # 2 local, 1 borrowed from instance 1
-    cluster.run_round()
-    rmanagers[0].free("x")
-    cluster.run_round()  # instance 1 learns that instance 0 has room again
-    rmanagers[1].grow("b", 3 * BLOCK_SIZE)  # 2 local, 1 borrowed from instance 0
-    cluster.run_round()
-    assert cluster.gmanager.outstanding() == {"0->1": 1, "1->0": 1}
+def test_two_borrowers_that_fit_one_at_a_time_are_served_first_come_first_served():
+    """Both pools are full of their own request and each needs two more blocks: the later one yields."""
+    cluster = Cluster([4, 4])
+    cluster.grow(0, "a", 6 * BLOCK_SIZE)
+    cluster.grow(1, "b", 6 * BLOCK_SIZE)
+    cluster.sync()
+    assert cluster.yielded == [(1, "b")]
+    assert not cluster.rmanagers[0].has_pending("a") and cluster.gmanager.outstanding() == {"0->1": 2}
+    assert cluster.turns == [(1, "b")]  # a needs nothing more: b is first in line again
     check_invariants(cluster)
-    cluster.gmanager.max_moves_per_step = 2
-    for node in cluster.nodes:
-        node.max_moves_per_step = 2
-    cluster.run_round()
+    cluster.free(0, "a")
+    cluster.sync()  # a's loan goes home
+    cluster.grow(1, "b", 6 * BLOCK_SIZE)
+    cluster.sync()
+    assert not cluster.rmanagers[1].has_pending("b") and cluster.gmanager.outstanding() == {"1->0": 2}
+    cluster.free(1, "b")
+    cluster.sync()
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+
+
+def test_blocks_freed_on_the_debtor_fill_its_pending_slots_and_a_surplus_loan_goes_back():
+    cluster = Cluster([4, 4])
+    cluster.grow(0, "x", 2 * BLOCK_SIZE)
+    cluster.grow(0, "a", 4 * BLOCK_SIZE)  # 2 local, 2 pending
+    cluster.control.nodes[0].sync(cluster.arrivals)
+    while not isinstance(cluster.control.queue[0][1], Loan):
+        cluster.control.deliver_one()
+    cluster.free(0, "x")
+    assert cluster.rmanagers[0].fill_pending_locally("a", 4) == 2
+    cluster.sync()  # the loan finds no slot left: its blocks go back
     check_invariants(cluster)
-    assert cluster.gmanager.outstanding() == {}
-    assert cluster.gmanager.num_blocks_moved == 2
-    assert {ref.instance_id for ref in rmanagers[0].block_table("a")} == {0}
-    assert {ref.instance_id for ref in rmanagers[1].block_table("b")} == {1}
-    transfers = {(t.src_instance, t.dst_instance) for t in rmanagers[0].transfers}
-    assert transfers == {(0, 1), (1, 0)}
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    assert cluster.rmanagers[1].pool.num_free_blocks == 4
 
 
 def test_dgfm_pulls_blocks_home_when_room_frees_up():
-    rmanagers = [RManager(i, BlockPool(3), BLOCK_SIZE) for i in range(2)]
-    cluster = InProcessCluster(rmanagers, max_moves_per_step=1)
-    cluster.run_round()
-    rmanagers[0].grow("x", BLOCK_SIZE)
-    rmanagers[0].grow("a", 4 * BLOCK_SIZE)  # 2 local, 2 borrowed
-    cluster.run_round()
-    rmanagers[0].free("x")
-    cluster.run_round()  # one move per step: one block comes home
+    cluster = Cluster([3, 3])
+    cluster.grow(0, "x", BLOCK_SIZE)
+    cluster.grow(0, "a", 4 * BLOCK_SIZE)  # 2 local, 2 borrowed
+    cluster.sync()
+    assert cluster.gmanager.outstanding() == {"0->1": 2}
+    cluster.free(0, "x")
+    transfers = cluster.rmanagers[0].pull_home(1)
+    assert [(t.creditor, t.dst_block >= 0) for t in transfers] == [(1, True)]
+    cluster.sync()
     check_invariants(cluster)
-    assert cluster.gmanager.outstanding() == {"0->1": 1}
-    assert rmanagers[0].transfers[0].dst_block >= 0
-
-
-def test_find_cycle():
-    assert find_cycle({(0, 1), (1, 2)}) is None
-    assert sorted(find_cycle({(0, 1), (1, 0)})) == [0, 1]
-    assert sorted(find_cycle({(0, 1), (1, 2), (2, 0), (3, 0)})) == [0, 1, 2]
+    assert cluster.gmanager.outstanding() == {"0->1": 1} and cluster.gmanager.num_blocks_moved == 1

@@ -61,12 +61,13 @@ def test_cluster_request_beyond_instance_pool_equals_hf(tp, instances, kind, hf_
 @pytest.mark.mpi
 def test_cluster_mixed_batch_borrows_both_ways_and_dgfm_keeps_tokens(hf_llama, megakv_checkpoint, hf_greedy,
                                                                      run_mpi, tmp_path):
-    prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230, 120, 30])]
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230, 230, 30])]
     records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 8},
                {"prompt_ids": prompts[1], "instance": 0},
-               {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 48},
+               {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 24},
                {"prompt_ids": prompts[3], "instance": 1}]
-    # A pool of 14 blocks and one DGFM move per step: both long requests borrow, and moves happen.
+    # A pool of 14 blocks (224 tokens) and one DGFM move per step: each long request borrows from the other
+    # instance whatever the two instances' timing, and moves happen once the short requests leave room.
     results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, records,
                                      "--kv-blocks-per-instance", "14", "--max-moves-per-step", "1")
     hf_dir = hf_llama("gqa")

@@ -44,7 +44,7 @@ def run_online(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, poo
                **options)
     (tmp_path / "job.json").write_text(json.dumps(job))
     run_mpi(tp * instances, [sys.executable, str(WORKER), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
-            timeout=600)
+            timeout=240)
     result = json.loads((tmp_path / "out.json").read_text())
     report = result["report"]
     assert result["ledger_before_shutdown"] == {} and report["ledger_outstanding"] == {}
