@@ -353,12 +353,15 @@ class ClusterEngine:
         self.scheduler.waiting.remove(request)
         self._parked[request_id] = request
 
-    def _give_turn(self, request_id: str) -> None:
-        """The gManager's Turn: the request that yielded is admitted before anyone else."""
+    def _give_turn(self, request_id: str) -> bool:
+        """The gManager's Turn: the request that yielded is admitted before anyone else. False if it is not
+        waiting for its turn (it did not yield, or it ended)."""
         request = self._parked.pop(request_id, None)
-        if request is not None:
-            self.admission.give_turn(request_id)
-            self.scheduler.waiting.appendleft(request)
+        if request is None:
+            return False
+        self.admission.give_turn(request_id)
+        self.scheduler.waiting.appendleft(request)
+        return True
 
     def _abort_here(self, request_id: str) -> None:
         parked = self._parked.pop(request_id, None)

@@ -36,16 +36,18 @@ class InstanceControl:
     """One instance's side of the control plane, around its rManager.
 
     ``on_yield(request_id)`` must take the request's blocks away (the scheduler preempts it) and
-    ``on_turn(request_id)`` let it be admitted again.
+    ``on_turn(request_id)`` let it be admitted again, returning False if it had not yielded.
     """
 
     def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], None],
-                 on_turn: Callable[[str], None]) -> None:
+                 on_turn: Callable[[str], bool]) -> None:
         self.rmanager = rmanager
         self.post = post
         self.on_yield, self.on_turn = on_yield, on_turn
         # request id -> blocks the gManager was last told it needs (_YIELDED after a Yield)
         self._asked: dict[str, int] = {}
+        # request id -> arrival, of the unfinished requests as of the last sync
+        self._arrivals: Mapping[str, int] = {}
         self._room_wanted = False
         self._room_reported: int | None = None
 
@@ -80,14 +82,27 @@ class InstanceControl:
             if rmanager.has_pending(message.request_id):
                 self.on_yield(message.request_id)
                 self._asked[message.request_id] = _YIELDED
+            else:
+                self._correct(message.request_id)
         elif isinstance(message, Turn):
-            self.on_turn(message.request_id)
+            if not self.on_turn(message.request_id):
+                self._correct(message.request_id)
         elif isinstance(message, WantRoom):
             self._room_wanted = message.wanted
             self._room_reported = None
             self.report_room()
         else:
             raise TypeError(f"instance {me} got an unexpected control message: {message!r}")
+
+    def _correct(self, request_id: str) -> None:
+        """The gManager waits on a request that needs other blocks than it thinks (a loan and a smaller need
+        crossed, or the request ended): tell it the request's need now, so that its queue moves on."""
+        need = self.rmanager.pending_needs().get(request_id, 0)
+        self.post(GMANAGER_INSTANCE, Borrow(self.instance_id, request_id, self._arrivals.get(request_id, 0), need))
+        if need:
+            self._asked[request_id] = need
+        else:
+            self._asked.pop(request_id, None)
 
     def _tell_gmanager(self, message: Lent | Settled) -> None:
         """Lent and Settled tell the gManager this instance's room too."""
@@ -108,6 +123,7 @@ class InstanceControl:
         home go back here too: call this only once their KV has been copied.
         """
         rmanager, me = self.rmanager, self.instance_id
+        self._arrivals = arrivals
         for creditor, (block_ids, num_moved) in rmanager.take_returns().items():
             self.post(creditor, ReturnBlocks(me, block_ids, num_moved))
         needs = rmanager.pending_needs()
@@ -185,7 +201,7 @@ class InProcessCluster:
     """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
 
     def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], None],
-                 on_turn: Callable[[int, str], None]) -> None:
+                 on_turn: Callable[[int, str], bool]) -> None:
         self.queue: deque[tuple[int, object]] = deque()
         self.gmanager = GManager([rm.num_lendable_blocks for rm in rmanagers])
         self.nodes = [InstanceControl(rm, self._post, lambda rid, i=rm.instance_id: on_yield(i, rid),

@@ -23,7 +23,7 @@ class Cluster:
         self.set_lending_cap(lending_cap)
         self.yielded: list[tuple[int, str]] = []
         self.turns: list[tuple[int, str]] = []
-        self.control = InProcessCluster(self.rmanagers, self._on_yield, lambda i, rid: self.turns.append((i, rid)))
+        self.control = InProcessCluster(self.rmanagers, self._on_yield, self._on_turn)
         self.gmanager = self.control.gmanager
         self.arrivals: dict[str, int] = {}
 
@@ -38,6 +38,10 @@ class Cluster:
     def _on_yield(self, instance: int, request_id: str) -> None:
         self.rmanagers[instance].free(request_id)
         self.yielded.append((instance, request_id))
+
+    def _on_turn(self, instance: int, request_id: str) -> bool:
+        self.turns.append((instance, request_id))
+        return (instance, request_id) in self.yielded
 
     def grow(self, instance: int, request_id: str, num_tokens: int) -> None:
         self.arrivals.setdefault(request_id, len(self.arrivals))
@@ -69,6 +73,10 @@ def check_invariants(cluster: Cluster) -> None:
                         owners[ref.block_id] = f"{rm.instance_id}/{request_id}"
                         if rm is not creditor:
                             assert ref.block_id in creditor.lent_to(rm.instance_id), "remote block not on loan"
+            # Blocks of a request that yielded while messages were delivered go back with the next sync.
+            for block_id in rm._returns.get(creditor.instance_id, []):
+                assert block_id not in owners, "returned block still in use"
+                owners[block_id] = "returning"
         for debtor, lent in creditor._lent.items():
             assert lent <= set(owners), "a lent block is owned by nobody"
         for block_id in range(creditor.pool.num_blocks):
