@@ -10,8 +10,9 @@ Prints one JSON object. In one run it measures
   ``--contexts``, in back-to-back pairs; the median slowdown of the pairs is the figure;
 * independence: instance 0's decode tokens/s while instance 1 serves a request of its own
   (no blocks shared), against instance 0 alone;
-* control traffic: control messages and bytes each instance's leader receives per step, with
-  one short request per instance, at each of ``--traffic-instances`` (oversubscribed).
+* control traffic: control messages and bytes each instance's leader sends per step (the mean
+  over instances, and the most any one sends), with one short request per instance, at each of
+  ``--traffic-instances`` (oversubscribed).
 
     python tools/bench_distkv.py [--contexts 2048,16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
 
@@ -120,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
                   "num_remote_blocks": output.placement.num_remote_blocks if completed else None,
                   "decode_tokens_per_s": median_decode_tokens_per_s(engine.step_log)}
         if traffic is not None:
-            record["per_instance"] = [{"messages_received": messages, "bytes_received": num_bytes, "steps": steps}
+            record["per_instance"] = [{"messages_sent": messages, "bytes_sent": num_bytes, "steps": steps}
                                       for messages, num_bytes, steps in traffic]
         print(json.dumps(record), flush=True)
     state.destroy_model_parallel()
@@ -168,20 +169,21 @@ def independence(model: Path, context: int, args: argparse.Namespace) -> dict:
 
 
 def control_traffic(model: Path, cluster_sizes: list[int]) -> list[dict]:
-    """Control messages and bytes each leader receives per step, one short request per instance."""
+    """Control messages and bytes each leader sends per step, one short request per instance."""
     rows = []
     for instances in cluster_sizes:
         if instances == 1:
             # One instance runs the plain engine: it has no control plane at all.
-            rows.append({"instances": 1, "messages_per_step_per_instance": 0, "bytes_per_step_per_instance": 0})
+            rows.append({"instances": 1, "messages_per_step_per_instance": 0, "bytes_per_step_per_instance": 0,
+                         "max_messages_per_step": 0})
             continue
         result = run_worker(model, instances, 16, 64, 32, mode="traffic")
         per_instance = result["per_instance"]
-        rows.append({"instances": instances,
-                     "messages_per_step_per_instance": statistics.mean(
-                         row["messages_received"] / row["steps"] for row in per_instance),
-                     "bytes_per_step_per_instance": statistics.mean(
-                         row["bytes_received"] / row["steps"] for row in per_instance)})
+        messages = [row["messages_sent"] / row["steps"] for row in per_instance]
+        rows.append({"instances": instances, "messages_per_step_per_instance": statistics.mean(messages),
+                     "bytes_per_step_per_instance": statistics.mean(row["bytes_sent"] / row["steps"]
+                                                                    for row in per_instance),
+                     "max_messages_per_step": max(messages)})
     return rows
 
 

@@ -70,6 +70,23 @@ def _tighten_timer_slack() -> None:
         libc.prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
 
 
+def _abort_job_on_uncaught_exception() -> None:
+    """Make an exception that escapes on this rank end the whole MPI job.
+
+    Otherwise the rank would not even exit: its KV server thread stays blocked in a receive that the
+    process group's teardown waits for, and the other ranks would wait for it forever.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        previous(kind, value, traceback)
+        print(f"megakv: rank {MPI.COMM_WORLD.Get_rank()} failed ({kind.__name__}: {value}): ending the job",
+              file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(1)
+
+    sys.excepthook = hook
+
+
 def wait_quietly(done: Callable[[], bool], timeout: float | None = None) -> bool:
     """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
     busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle."""
@@ -160,6 +177,8 @@ class ClusterEngine:
                                   info.model.num_kv_heads_per_partition(tp), info.model.head_dim,
                                   self._kv_server_failed) if self.num_instances > 1 else None
         _tighten_timer_slack()
+        if self.kv_server is not None:
+            _abort_job_on_uncaught_exception()
         self._stopping = False
         self._stopped = False
         # Counters last reported to the front, so that a leader reports only what changed.

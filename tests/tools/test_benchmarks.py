@@ -30,8 +30,10 @@ def test_bench_distkv_tiny_run_reaches_the_physical_limit():
     assert run["spread_num_remote_blocks"] > 0 and overhead["slowdown"] == run["slowdown"] > 0
     assert result["independence"]["ratio"] > 0
     alone, pair = result["control_traffic"]
-    # One instance alone receives nothing; two exchange a status every step.
-    assert alone["messages_per_step_per_instance"] == 0 and pair["messages_per_step_per_instance"] >= 1
+    # One instance alone has no control plane; of two, the one that is not the front reports its outputs once a
+    # step, and nothing else per step.
+    assert alone["messages_per_step_per_instance"] == 0
+    assert 0 < pair["messages_per_step_per_instance"] and pair["max_messages_per_step"] <= 1.5
 
 
 @pytest.mark.slow
