@@ -13,8 +13,8 @@ It then finds the longest single request each mode serves at each cluster size o
 ``max_context_instances``: the server's own bound (its /v1/models max_model_len) is served,
 and one block more is rejected.
 
-A server that fails during a run (its engine stops it) is recorded with the run, whose unanswered
-requests count as failed, and started again for the next run.
+A server that fails during a run (its engine stops it, or it keeps requests it no longer serves)
+is recorded with the run, whose unanswered requests count as failed, and started again for the next run.
 
 Prints one JSON object (also written to ``--output``): each metric side by side per mode
 with the ratios DistKV / independent and DistKV / single, the servers' DistKV counters, and
@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "bench"
 STARTUP_SECONDS = 300
 SHUTDOWN_SECONDS = 30
-IDLE_SECONDS = 120
+IDLE_SECONDS = 60
 # The modes of a workload run: the config's cluster lending (lending_cap 1) and not (0), and one instance alone.
 MODES = ("distkv", "independent", "single")
 # The figures of each run kept in the report (the per-request lists stay in bench serve's own JSON).
@@ -115,14 +115,28 @@ def load_config(path: str) -> dict:
     return config
 
 
-class ServerStopped(RuntimeError):
-    """The server no longer answers: it failed during a run."""
+class ServerFailed(RuntimeError):
+    """The server stopped answering, or kept requests it no longer serves: it failed during a run."""
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def session_pids(session_id: int) -> list[int]:
+    """The processes of a session that still run (zombies excluded), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # After the command name in parentheses: state, ppid, pgrp, session.
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:  # the process ended while the list was read
+            continue
+        if int(session) == session_id and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 class Server:
@@ -183,8 +197,10 @@ class Server:
                     lines[-1])
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL every process of the server's session: mpirun puts each rank in a process group of its own."""
+        for pid in session_pids(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait()
 
     def counters(self) -> dict[str, float]:
@@ -195,7 +211,7 @@ class Server:
             try:
                 text = httpx.get(f"{self.url}/metrics", timeout=30).text
             except httpx.HTTPError as err:
-                raise ServerStopped(f"the server no longer answers ({err}): {self.failure()}") from None
+                raise ServerFailed(f"the server no longer answers ({err}): {self.failure()}") from None
             for line in text.splitlines():
                 if line.startswith("megakv:"):
                     name, value = line.rsplit(" ", 1)
@@ -205,8 +221,8 @@ class Server:
             if busy == 0:
                 return {label: samples.get(name, 0.0) for name, label in SERVER_COUNTERS.items()}
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {self.url} still has {busy:.0f} requests {IDLE_SECONDS} s after "
-                                   f"the benchmark's last answer:\n{self.log()}")
+                raise ServerFailed(f"the server stalled: {busy:.0f} requests still running or waiting {IDLE_SECONDS} s "
+                                   f"after the benchmark's last answer")
             time.sleep(0.2)
 
 
@@ -229,11 +245,12 @@ def bench_serve(server: Server, config: dict, workload: dict, rate: float, out: 
     try:
         after = server.counters()
         counters, server_error = {key: after[key] - before[key] for key in after}, None
-    except ServerStopped as err:
+    except ServerFailed as err:
         # The requests it left unanswered are failed requests of this mode, as a client saw them.
         counters, server_error = None, str(err)
     return {**{key: result[key] for key in SUMMARY_KEYS},
             "errors": sorted({error.split(":", 1)[0] for error in result["errors"] if error}),
+            "failed_input_lens": [length for length, error in zip(result["input_lens"], result["errors"]) if error],
             "server": counters, "server_error": server_error}
 
 

@@ -63,6 +63,7 @@ def test_bench_cluster_modes_tiny_run_reports_every_field_and_figure(tmp_path):
         assert row["modes"]["distkv"]["failed"] == 0 and row["modes"]["distkv"]["server"]["blocks_borrowed"] > 0
         assert row["modes"]["independent"]["failed"] == row["modes"]["single"]["failed"] == 1
         assert row["modes"]["independent"]["errors"] == ["HTTP 400"]
+        assert row["modes"]["independent"]["failed_input_lens"][0] >= 150
     one, two = result["max_context"]
     assert (one["distkv"]["max_context_tokens"], one["independent"]["max_context_tokens"]) == (128, 128)
     assert (two["distkv"]["max_context_tokens"], two["independent"]["max_context_tokens"]) == (256, 128)
