@@ -364,13 +364,25 @@ class ClusterEngine:
         else:
             self.control.handle(message)
 
-    def _yield(self, request_id: str) -> None:
-        """The gManager's Yield: the waiting request gives its blocks back and leaves the queue until its turn,
-        so that the requests behind it are not held up."""
-        request = next(request for request in self.scheduler.running if request.request_id == request_id)
-        self.scheduler.preempt(request)
+    def _yield(self, request_id: str) -> bool:
+        """The gManager's Yield: a request that waits for blocks or for room gives its blocks back and leaves
+        the queue until its turn, so that the requests behind it are not held up. False for a request that runs
+        without waiting (its pool filled its need meanwhile) or is not here."""
+        if request_id in self._parked:
+            return True
+        request = next((r for r in self.scheduler.running if r.request_id == request_id), None)
+        if request is not None:
+            if not self.rmanager.has_pending(request_id):
+                return False
+            self.scheduler.preempt(request)
+        else:
+            request = next((r for r in self.scheduler.waiting if r.request_id == request_id), None)
+            if request is None:
+                return False
         self.scheduler.waiting.remove(request)
+        self.admission.forget(request_id)
         self._parked[request_id] = request
+        return True
 
     def _give_turn(self, request_id: str) -> bool:
         """The gManager's Turn: the request that yielded is admitted before anyone else. False if it is not

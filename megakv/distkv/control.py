@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, ReturnBlocks, Room, Settled, Turn, WantRoom,
-                                    Yield)
+                                    Yield, Yielded)
 from megakv.distkv.rmanager import RManager
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
 INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom)
-GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room)
+GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded)
 # Marks a request that yielded: nothing is reported for it until it holds blocks again.
 _YIELDED = -1
 
@@ -35,11 +35,12 @@ _YIELDED = -1
 class InstanceControl:
     """One instance's side of the control plane, around its rManager.
 
-    ``on_yield(request_id)`` must take the request's blocks away (the scheduler preempts it) and
-    ``on_turn(request_id)`` let it be admitted again, returning False if it had not yielded.
+    ``on_yield(request_id)`` must take the blocks away from a request that waits for blocks or for room and
+    keep it out of the queue (True), or return False for one that needs nothing more or is not here;
+    ``on_turn(request_id)`` lets it be admitted again, returning False if it had not yielded.
     """
 
-    def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], None],
+    def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], bool],
                  on_turn: Callable[[str], bool]) -> None:
         self.rmanager = rmanager
         self.post = post
@@ -70,7 +71,9 @@ class InstanceControl:
             if unused:
                 self.post(message.creditor, ReturnBlocks(me, unused))
             asked = self._asked.get(message.request_id, 0) - (len(message.block_ids) - len(unused))
-            if asked > 0:
+            if self._asked.get(message.request_id) == _YIELDED:
+                pass  # a loan that crossed the Yield: its blocks went back above
+            elif asked > 0:
                 self._asked[message.request_id] = asked
             else:
                 self._asked.pop(message.request_id, None)
@@ -79,9 +82,10 @@ class InstanceControl:
             self._tell_gmanager(Settled(me, message.debtor, len(message.block_ids), message.num_moved,
                                         rmanager.num_lendable_blocks))
         elif isinstance(message, Yield):
-            if rmanager.has_pending(message.request_id):
-                self.on_yield(message.request_id)
+            if self.on_yield(message.request_id):
                 self._asked[message.request_id] = _YIELDED
+                self.post(GMANAGER_INSTANCE, Yielded(me, message.request_id,
+                                                     self._arrivals.get(message.request_id, 0)))
             else:
                 self._correct(message.request_id)
         elif isinstance(message, Turn):
@@ -200,7 +204,7 @@ class Mailbox:
 class InProcessCluster:
     """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
 
-    def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], None],
+    def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], bool],
                  on_turn: Callable[[int, str], bool]) -> None:
         self.queue: deque[tuple[int, object]] = deque()
         self.gmanager = GManager([rm.num_lendable_blocks for rm in rmanagers])

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from megakv.distkv.messages import Borrow, Lend, Lent, Room, Settled, Turn, WantRoom, Yield
+from megakv.distkv.messages import Borrow, Lend, Lent, Room, Settled, Turn, WantRoom, Yield, Yielded
 
 
 @dataclass
@@ -80,6 +80,12 @@ class GManager:
             self._lendable[message.creditor] = message.num_lendable_blocks
         elif isinstance(message, Room):
             self._lendable[message.instance_id] = message.num_lendable_blocks
+        elif isinstance(message, Yielded):
+            borrower = self._queue.get(message.request_id)
+            if borrower is None:
+                self._enqueue(_Borrower(message.debtor, message.request_id, message.arrival, 0))
+                borrower = self._queue[message.request_id]
+            borrower.parked, borrower.turn_sent = True, False
         else:
             raise TypeError(f"the gManager got an unexpected message: {message!r}")
         return self._advance()
@@ -91,9 +97,11 @@ class GManager:
         elif borrower is not None:
             borrower.num_blocks, borrower.parked = message.num_blocks, False
         else:
-            self._queue[message.request_id] = _Borrower(message.debtor, message.request_id, message.arrival,
-                                                        message.num_blocks)
-            self._queue = dict(sorted(self._queue.items(), key=lambda item: item[1].arrival))
+            self._enqueue(_Borrower(message.debtor, message.request_id, message.arrival, message.num_blocks))
+
+    def _enqueue(self, borrower: _Borrower) -> None:
+        self._queue[borrower.request_id] = borrower
+        self._queue = dict(sorted(self._queue.items(), key=lambda item: item[1].arrival))
 
     def _advance(self) -> list[tuple[int, object]]:
         """Serve the first borrower, or make room for it."""

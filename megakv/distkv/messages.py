@@ -92,6 +92,19 @@ class Yield:
 
 
 @dataclass(frozen=True)
+class Yielded:
+    """Debtor -> gManager: the request gave its blocks back and waits for its Turn.
+
+    The gManager may have asked a request to yield that has since asked again (messages from the
+    debtor and the gManager cross): this tells it which requests really wait for a turn.
+    """
+
+    debtor: int
+    request_id: str
+    arrival: int
+
+
+@dataclass(frozen=True)
 class Turn:
     """gManager -> debtor: the request that yielded may run again; it is first in line for room."""
 

@@ -35,9 +35,12 @@ class Cluster:
             rm.borrowable_estimate = sum(math.floor(other.lending_cap * other.pool.num_blocks)
                                          for other in self.rmanagers if other is not rm)
 
-    def _on_yield(self, instance: int, request_id: str) -> None:
+    def _on_yield(self, instance: int, request_id: str) -> bool:
+        if not self.rmanagers[instance].has_pending(request_id):
+            return (instance, request_id) in self.yielded
         self.rmanagers[instance].free(request_id)
         self.yielded.append((instance, request_id))
+        return True
 
     def _on_turn(self, instance: int, request_id: str) -> bool:
         self.turns.append((instance, request_id))
