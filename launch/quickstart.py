@@ -12,7 +12,6 @@ stops the server, then every rank; the exit status is 1 if the cluster did not s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 from openai import OpenAI
+
+from megakv.processes import kill_session, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 # Loading the model on every rank, and on a first run building the CPU attention op (30-40 s), come first.
@@ -100,24 +101,8 @@ class Cluster:
 
     def kill(self) -> None:
         """SIGKILL to every process of the job that still runs."""
-        for pid in session_pids(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(self.proc.pid)
         self.proc.wait()
-
-
-def session_pids(session_id: int) -> list[int]:
-    """The processes of a session that still run (zombies excluded), from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # After the command name in parentheses: state, ppid, pgrp, session.
-            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except OSError:  # the process ended while the list was read
-            continue
-        if int(session) == session_id and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def ask(client: OpenAI, model: str, record: dict) -> None:

@@ -42,6 +42,7 @@ import yaml
 
 from megakv.bench.datasets import parse_length_distribution
 from megakv.bench.results import parse_goodput
+from megakv.processes import kill_session
 
 BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,20 +126,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def session_pids(session_id: int) -> list[int]:
-    """The processes of a session that still run (zombies excluded), from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # After the command name in parentheses: state, ppid, pgrp, session.
-            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except OSError:  # the process ended while the list was read
-            continue
-        if int(session) == session_id and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 class Server:
     """``megakv serve`` of the config's model and pools: ``instances`` ranks under mpirun, or one process."""
 
@@ -198,9 +185,7 @@ class Server:
 
     def kill(self) -> None:
         """SIGKILL every process of the server's session: mpirun puts each rank in a process group of its own."""
-        for pid in session_pids(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(self.proc.pid)
         self.proc.wait()
 
     def counters(self) -> dict[str, float]:

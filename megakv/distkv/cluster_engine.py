@@ -28,8 +28,7 @@ from mpi4py import MPI
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig
-from megakv.distkv.control import (GMANAGER_INSTANCE, GMANAGER_MESSAGES, ControlTraffic, InstanceControl,
-                                   Mailbox)
+from megakv.distkv.control import GMANAGER_MESSAGES, ControlTraffic, InstanceControl, Mailbox
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks

@@ -4,7 +4,6 @@ Every server runs on 127.0.0.1 and a free port; each wait on it is bounded in ti
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from megakv.processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[2]
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
@@ -88,24 +89,8 @@ class ServerProcess:
     def kill(self) -> None:
         """SIGKILL every process of the server's session (it was started in one of its own): mpirun puts each
         rank in a process group of its own, and an idle rank 0 outlives a killed mpirun."""
-        for pid in session_pids(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(self.proc.pid)
         self.proc.wait()
-
-
-def session_pids(session_id: int) -> list[int]:
-    """The processes of a session that still run (zombies excluded), from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # After the command name in parentheses: state, ppid, pgrp, session.
-            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except OSError:  # the process ended while the list was read
-            continue
-        if int(session) == session_id and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def serve_argv(checkpoint: Path, port: int, *flags: str) -> list[str]:
