@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -26,7 +30,29 @@ def session_pids(session_id: int) -> list[int]:
 
 
 def kill_session(session_id: int) -> None:
-    """SIGKILL every process of the session that still runs."""
+    """SIGKILL every process of the session that still runs, and remove what a killed mpirun leaves behind.
+
+    Open MPI's mpirun keeps a session directory, ``ompi.<pid>``, in the temporary directory and removes it when
+    it exits; killed, it cannot. A later mpirun that gets the same pid then refuses to start ("The PMIx
+    server's listener thread failed to start"). The job's session was started by its mpirun, so that pid is
+    the session id.
+    """
     for pid in session_pids(session_id):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"ompi.{session_id}", ignore_errors=True)
+
+
+def run_session(argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a session of its own and capture its output as text, like ``subprocess.run``; past
+    ``timeout`` seconds every process of the session is killed and ``subprocess.TimeoutExpired`` raised."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(proc.pid)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from functools import cached_property
 from pathlib import Path
 
 import pytest
+
+from megakv.processes import kill_session, run_session
 
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, that is when a megakv.kernels module is
 # first imported: set it before any test imports one, so that without a GPU the kernels run in the interpreter.
@@ -34,9 +35,7 @@ def run_mpi():
     """Run ``argv`` on ``num_ranks`` MPI ranks; fail the test with its output if it exits non-zero."""
 
     def run(num_ranks: int, argv: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(mpirun_command(num_ranks, argv), capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        proc = run_session(mpirun_command(num_ranks, argv), timeout, dict(os.environ, OMP_NUM_THREADS="1"))
         if check and proc.returncode != 0:
             pytest.fail(f"mpirun exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                         f"stderr:\n{proc.stderr[-4000:]}")
@@ -74,7 +73,7 @@ def start_mpi():
     yield start
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.communicate()
 
 

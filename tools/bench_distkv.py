@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megakv.processes import run_session
+
 BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 16
@@ -61,7 +63,7 @@ def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, n
         argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                 "-n", str(instances), *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
+    proc = run_session(argv, 3600, env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-2000:]}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.sampling import SamplingParams
+from megakv.processes import run_session
 
 BIN_DIR = Path(sys.executable).parent
 # Every id below the fixtures' smallest vocabulary (301), long enough to span a 16-token rBlock.
@@ -29,8 +29,7 @@ def run_mpirun(num_ranks: int, argv: list[str], timeout: float = 300) -> None:
     """Run ``argv`` on ``num_ranks`` local MPI ranks; fail the test with the output on a non-zero exit."""
     command = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                "-n", str(num_ranks), *argv]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_session(command, timeout, dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         pytest.fail(f"mpirun exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
 

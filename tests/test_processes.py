@@ -1,0 +1,56 @@
+"""megakv.processes: killing a job's session leaves nothing behind that stops a later mpirun from starting."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from megakv.processes import kill_session, run_session, session_pids
+
+MPIRUN = [str(Path(sys.executable).with_name("mpirun")), "--allow-run-as-root", "--oversubscribe", "--bind-to",
+          "none"]
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.mpi
+def test_kill_session_removes_the_killed_mpiruns_session_directory():
+    # A stale ompi.<pid> makes the next mpirun that gets this pid fail to start (seen in CI).
+    proc = subprocess.Popen([*MPIRUN, "-n", "2", "sleep", "600"], start_new_session=True)
+    session_dir = Path(tempfile.gettempdir()) / f"ompi.{proc.pid}"
+    wait_until(lambda: session_dir.exists() and len(session_pids(proc.pid)) >= 3)
+    kill_session(proc.pid)
+    proc.wait(timeout=30)
+    wait_until(lambda: not session_pids(proc.pid), timeout=10)
+    assert not session_dir.exists()
+
+
+@pytest.mark.mpi
+def test_run_session_kills_the_whole_job_past_its_timeout(tmp_path):
+    # Each rank writes its session id (mpirun's pid) to a file, then sleeps past the timeout.
+    rank = (f"import os, time; open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w')"
+            ".write(str(os.getsid(0))); time.sleep(600)")
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_session([*MPIRUN, "-n", "2", sys.executable, "-c", rank], timeout=15)
+    assert time.monotonic() - started < 45
+    sessions = {int(path.read_text()) for path in tmp_path.iterdir()}
+    assert len(sessions) == 1
+    session = sessions.pop()
+    wait_until(lambda: not session_pids(session), timeout=10)
+    assert not (Path(tempfile.gettempdir()) / f"ompi.{session}").exists()
+
+
+def test_run_session_returns_status_and_output():
+    proc = run_session([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); "
+                        "sys.exit(3)"], timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
