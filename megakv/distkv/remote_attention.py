@@ -57,8 +57,16 @@ class ServedQueries:
         return self.query_start_loc[-1]
 
 
-# Header of every message to a rank's KV server: kind, layer, bytes of pickled metadata, payload elements.
+# Every message to a KV server is one byte buffer: a header of HEADER_SIZE int64 (kind, layer, bytes of pickled
+# metadata, bytes of payload), the metadata padded to whole int64, then the payload. The server keeps a receive
+# from any instance posted into a buffer of INLINE_BYTES (a shorter message fills its start), so a layer's
+# queries land as soon as they are sent. A message that would only fill the buffer in two parts, header first,
+# would cost a rendezvous per layer: the creditor can post the second receive only after the first arrived,
+# and the debtor's send then waits for its own CPU. Larger messages (long prefill chunks) are rare enough to
+# pay it: their header comes alone and the rest follows on BODY_TAG.
 HEADER_SIZE = 4
+HEADER_BYTES = HEADER_SIZE * 8
+INLINE_BYTES = 4 << 20
 QUERY, FETCH, STOP = 0, 1, 2
 # Tags on the query group: headers are received from any instance, the rest from the header's sender.
 HEADER_TAG, BODY_TAG = 0, 1
@@ -75,14 +83,16 @@ def _ask(kind: int, creditor: int, layer_index: int, metadata: bytes = b"",
          payload: torch.Tensor | None = None) -> list:
     """Send one message to a creditor's KV server; returns the sends to wait on."""
     group, destination = state.get_dist_attention_group(), _peer(creditor)
-    header = torch.tensor([kind, layer_index, len(metadata), 0 if payload is None else payload.numel()])
-    works = [dist.isend(header, destination, group, HEADER_TAG)]
+    parts = [torch.tensor([kind, layer_index, len(metadata), 0 if payload is None else payload.nbytes])
+             .view(torch.uint8)]
     if metadata:
-        works.append(dist.isend(torch.frombuffer(bytearray(metadata), dtype=torch.uint8), destination, group,
-                                BODY_TAG))
+        parts.append(torch.frombuffer(bytearray(metadata + bytes(-len(metadata) % 8)), dtype=torch.uint8))
     if payload is not None:
-        works.append(dist.isend(payload.cpu(), destination, group, BODY_TAG))
-    return works
+        parts.append(payload.cpu().flatten().view(torch.uint8))
+    if sum(part.numel() for part in parts) <= INLINE_BYTES:
+        return [dist.isend(torch.cat(parts), destination, group, HEADER_TAG)]
+    return [dist.isend(parts[0], destination, group, HEADER_TAG),
+            dist.isend(torch.cat(parts[1:]), destination, group, BODY_TAG)]
 
 
 def _wait(works: list) -> None:
@@ -152,19 +162,21 @@ class KVServer:
         device = self.key_cache.device
         # Per debtor rank: its latest queries' metadata, sent with the first layer of each of its steps.
         served: dict[int, tuple[ServedQueries, AttentionMetadata]] = {}
-        header = torch.empty(HEADER_SIZE, dtype=torch.long)
+        inline = torch.empty(INLINE_BYTES, dtype=torch.uint8)
         num_stops = 0
         while num_stops < state.get_num_instances() - 1:
-            debtor = dist.recv(header, None, queries, HEADER_TAG)
-            kind, layer_index, metadata_size, payload_size = header.tolist()
+            debtor = dist.recv(inline, None, queries, HEADER_TAG)
+            kind, layer_index, metadata_size, payload_size = inline[:HEADER_BYTES].view(torch.long).tolist()
             if kind == STOP:
                 num_stops += 1
                 continue
-            metadata = None
-            if metadata_size:
-                raw = torch.empty(metadata_size, dtype=torch.uint8)
-                dist.recv(raw, debtor, queries, BODY_TAG)
-                metadata = pickle.loads(raw.numpy().tobytes())
+            body_size = metadata_size + (-metadata_size % 8) + payload_size
+            if HEADER_BYTES + body_size <= INLINE_BYTES:
+                body = inline[HEADER_BYTES:HEADER_BYTES + body_size]
+            else:
+                body = torch.empty(body_size, dtype=torch.uint8)
+                dist.recv(body, debtor, queries, BODY_TAG)
+            metadata = pickle.loads(body[:metadata_size].numpy().tobytes()) if metadata_size else None
             if kind == FETCH:
                 block_ids = torch.tensor(metadata, dtype=torch.long, device=device)
                 blocks = torch.stack([self.key_cache[:, block_ids], self.value_cache[:, block_ids]])
@@ -172,8 +184,8 @@ class KVServer:
                 continue
             if metadata is not None:
                 served[debtor] = (metadata, _served_metadata(metadata, device))
-            payload = torch.empty(payload_size, dtype=self.key_cache.dtype)
-            dist.recv(payload, debtor, queries, BODY_TAG)
+            # A view into the receive buffer: used up by the answer before the next receive overwrites it.
+            payload = body[body_size - payload_size:].view(self.key_cache.dtype)
             queries_meta, attention_meta = served[debtor]
             reply = _answer(queries_meta, attention_meta, payload.to(device), self.key_cache[layer_index],
                             self.value_cache[layer_index], self.num_q_heads, self.num_kv_heads, self.head_dim)
