@@ -4,12 +4,21 @@ When the cluster cannot hold every request that wants room, the gManager serves
 borrowers in arrival order and asks later ones that hold blocks without making
 progress to yield them (megakv.distkv.gmanager): two long prompts on two instances
 whose pools hold one of them would otherwise wait for each other forever. A request
-that yielded waits for its turn outside its instance's queue; the scheduler
-consults the policy through ``may_admit`` and ``on_preempt``.
+that yielded waits for its turn outside its instance's queue.
+
+Only a request that its own instance could not hold even with the whole pool is
+admitted on borrowed blocks; one that fits waits for local room, as it would on an
+independent instance. Borrowed blocks cost a remote micro-attention in every later
+step, and they crowd the creditor's own requests, so lending pays only where it
+lets a request run at all (a running request still borrows to grow rather than be
+preempted). The scheduler consults the policy through ``may_admit``,
+``may_borrow`` and ``on_preempt``.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
+
+from megakv.kvcache.block_pool import num_blocks_for
 
 if TYPE_CHECKING:
     from megakv.distkv.rmanager import RManager
@@ -19,6 +28,7 @@ class Request(Protocol):
     """What the policy reads of a request (megakv.engine.request.Request)."""
 
     request_id: str
+    num_tokens: int
 
 
 class LocalAdmission:
@@ -27,6 +37,10 @@ class LocalAdmission:
     def may_admit(self, request: Request) -> bool:
         """Whether the scheduler may admit this waiting request now."""
         return True
+
+    def may_borrow(self, request: Request) -> bool:
+        """Whether the request may be admitted on blocks that its own pool does not have free now."""
+        return False
 
     def on_preempt(self, request: Request) -> None:
         """The scheduler gave the request's blocks back."""
@@ -55,6 +69,13 @@ class ClusterAdmission:
     def may_admit(self, request: Request) -> bool:
         """Whether the scheduler may admit this waiting request now."""
         return request.request_id in self._turns or not self._rmanager.num_pending_blocks
+
+    def may_borrow(self, request: Request) -> bool:
+        """Whether the request may be admitted on borrowed blocks: one longer than this whole pool, or one
+        whose turn it is (the gManager serves it first)."""
+        rmanager = self._rmanager
+        return (request.request_id in self._turns
+                or num_blocks_for(request.num_tokens, rmanager.block_size) > rmanager.pool.num_blocks)
 
     def on_preempt(self, request: Request) -> None:
         """The scheduler gave the request's blocks back: it waits its turn in this instance's queue (one that

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
@@ -31,16 +32,17 @@ class Transfer(NamedTuple):
 class BlockTable:
     """One request's blocks by logical index.
 
-    Every change goes through ``extend`` and ``set``, which keep the per-instance block counts
-    (read by every step's status and scheduling, so they must not rescan thousands of refs) and
-    stamp a version that is unique across the rManager's tables: whoever builds tensors from a
-    table can reuse them while the version holds.
+    Every change goes through ``extend`` and ``set``, which keep the per-instance block counts of
+    the table and of all the rManager's tables together (``totals``: read by every scheduling
+    decision, so they must not rescan thousands of refs) and stamp a version that is unique across
+    the rManager's tables: whoever builds tensors from a table can reuse them while the version holds.
     """
 
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, totals: Counter[int]) -> None:
         self.refs: list[BlockRef] = []
         # instance id (PENDING's -1 for promised blocks) -> blocks there; instances with none are absent
         self.counts: dict[int, int] = {}
+        self.totals = totals
         self.version = version
 
     def extend(self, refs: Iterable[BlockRef], version: int) -> None:
@@ -49,6 +51,7 @@ class BlockTable:
         for ref in refs:
             self.refs.append(ref)
             self.counts[ref.instance_id] = self.counts.get(ref.instance_id, 0) + 1
+            self.totals[ref.instance_id] += 1
         if len(self.refs) > num_refs:
             self.version = version
 
@@ -58,9 +61,15 @@ class BlockTable:
         self.counts[old] -= 1
         if not self.counts[old]:
             del self.counts[old]
+        self.totals[old] -= 1
         self.refs[logical_index] = ref
         self.counts[ref.instance_id] = self.counts.get(ref.instance_id, 0) + 1
+        self.totals[ref.instance_id] += 1
         self.version = version
+
+    def drop(self) -> None:
+        """The table is discarded: its blocks leave the totals."""
+        self.totals.subtract(self.counts)
 
     @property
     def num_pending(self) -> int:
@@ -79,6 +88,8 @@ class RManager:
         self.block_size = block_size
         self.lending_cap = lending_cap
         self._tables: dict[str, BlockTable] = {}
+        # instance id -> blocks there over all tables (see BlockTable)
+        self._totals: Counter[int] = Counter()
         self._versions = itertools.count(1)
         # debtor instance -> ids of this pool's blocks it holds
         self._lent: dict[int, set[int]] = {}
@@ -124,16 +135,18 @@ class RManager:
     @property
     def num_pending_blocks(self) -> int:
         """Blocks promised to requests but not yet borrowed."""
-        return sum(table.num_pending for table in self._tables.values())
+        return self._totals[PENDING.instance_id]
 
     def has_pending(self, request_id: str) -> bool:
         """Whether the request still waits for borrowed blocks."""
         return PENDING.instance_id in self.block_counts(request_id)
 
-    def can_grow(self, request_id: str, num_tokens: int) -> bool:
-        """True when the local pool plus what the cluster could still lend covers the growth."""
-        borrowable = max(0, self.borrowable_estimate - self.num_pending_blocks - self.num_borrowed_blocks)
-        return self.num_new_blocks(request_id, num_tokens) <= self.pool.num_free_blocks + borrowable
+    def can_grow(self, request_id: str, num_tokens: int, borrow: bool = True) -> bool:
+        """True when the local pool, plus what the cluster could still lend if ``borrow``, covers the growth."""
+        room = self.pool.num_free_blocks
+        if borrow:
+            room += max(0, self.borrowable_estimate - self.num_pending_blocks - self.num_borrowed_blocks)
+        return self.num_new_blocks(request_id, num_tokens) <= room
 
     def grow(self, request_id: str, num_tokens: int) -> list[BlockRef]:
         """Extend the table to hold num_tokens: local blocks first, the rest PENDING until borrowed."""
@@ -143,7 +156,7 @@ class RManager:
         num_new = self.num_new_blocks(request_id, num_tokens)
         num_local = min(num_new, self.pool.num_free_blocks)
         if request_id not in self._tables:
-            self._tables[request_id] = BlockTable(next(self._versions))
+            self._tables[request_id] = BlockTable(next(self._versions), self._totals)
         table = self._tables[request_id]
         if num_new:
             new_refs = [BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local)]
@@ -153,6 +166,8 @@ class RManager:
     def free(self, request_id: str) -> None:
         """Release every block of the request: local ones at once, remote ones at the next heartbeat."""
         table = self._tables.pop(request_id, None)
+        if table is not None:
+            table.drop()
         for ref in table.refs if table is not None else []:
             if ref == PENDING:
                 continue
@@ -224,8 +239,10 @@ class RManager:
 
     @property
     def num_borrowed_blocks(self) -> int:
-        """Blocks of other pools that this instance's requests hold."""
-        return sum(self.remote_block_counts().values())
+        """Blocks of other pools that this instance's requests hold (released ones until handed back)."""
+        held = sum(count for instance_id, count in self._totals.items()
+                   if instance_id not in (PENDING.instance_id, self.instance_id))
+        return held + sum(len(block_ids) for block_ids in self._returns.values())
 
     def remote_block_counts(self) -> dict[int, int]:
         """Creditor -> blocks of this instance's requests it holds (what the ledger should say)."""

@@ -23,6 +23,8 @@ class AdmissionPolicy(Protocol):
 
     def may_admit(self, request: Request) -> bool: ...
 
+    def may_borrow(self, request: Request) -> bool: ...
+
     def on_preempt(self, request: Request) -> None: ...
 
 
@@ -92,7 +94,8 @@ class Scheduler:
             if not self.admission.may_admit(request):
                 break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new):
+            if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new,
+                                          borrow=self.admission.may_borrow(request)):
                 break
             self.rmanager.grow(request.request_id, request.num_computed_tokens + num_new)
             self.waiting.popleft()

@@ -86,6 +86,9 @@ def check_invariants(cluster: Cluster) -> None:
             assert creditor.pool.is_free(block_id) == (block_id not in owners), f"block {block_id} leaked"
     for debtor in rmanagers:
         counts = debtor.remote_block_counts()
+        # The running totals that scheduling reads agree with a rescan of the tables.
+        assert debtor.num_borrowed_blocks == sum(counts.values()), "stale borrowed count"
+        assert debtor.num_pending_blocks == sum(debtor.pending_needs().values()), "stale pending count"
         for creditor in rmanagers:
             if creditor is not debtor:
                 expected = counts.get(creditor.instance_id, 0)
