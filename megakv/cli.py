@@ -37,7 +37,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lending-cap", type=float,
                         help="fraction of an instance's pool it may lend to other instances, 0 to 1 (default 1)")
     parser.add_argument("--max-moves-per-step", type=int,
-                        help="DGFM: blocks moved home (cycle swaps, pulls) per step at most (default 8)")
+                        help="DGFM: blocks moved home per step at most (default 8)")
+    parser.add_argument("--stall-timeout", type=float,
+                        help="seconds with unfinished requests, every instance holding them waiting and no "
+                             "message moving, after which the cluster is declared stalled and stops (default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -232,8 +232,11 @@ class DistKVConfig:
 
     # Fraction of an instance's pool it may lend to other instances.
     lending_cap: float = 1.0
-    # DGFM: blocks moved (cycle swaps and pulls home) per step, at most.
+    # DGFM: blocks moved home per step, at most.
     max_moves_per_step: int = 8
+    # Seconds the front lets pass with unfinished requests, every instance holding them waiting and no message
+    # moving, before it declares the cluster stalled and stops.
+    stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         cap = self.lending_cap
@@ -242,6 +245,9 @@ class DistKVConfig:
         if not _is_int(self.max_moves_per_step) or self.max_moves_per_step < 0:
             raise ValueError(f"distkv config: max_moves_per_step must be an integer >= 0, "
                              f"got {self.max_moves_per_step!r}")
+        timeout = self.stall_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"distkv config: stall_timeout must be a number of seconds > 0, got {timeout!r}")
 
 
 # uvicorn's log levels, from the quietest.

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "max_num_batched_tokens": 512,
     "lending_cap": 1.0,
     "max_moves_per_step": 8,
+    "stall_timeout": 60.0,
 }
 
 # The server's settings: flags of megakv serve, keys of any config (megakv generate checks them, and has no use
@@ -194,7 +195,8 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=options["max_num_seqs"],
                                   max_num_batched_tokens=options["max_num_batched_tokens"]),
         parallel=ParallelConfig(tensor_parallel_size=options["tp"], num_instances=options["instances"]),
-        distkv=DistKVConfig(lending_cap=options["lending_cap"], max_moves_per_step=options["max_moves_per_step"]),
+        distkv=DistKVConfig(lending_cap=options["lending_cap"], max_moves_per_step=options["max_moves_per_step"],
+                            stall_timeout=options["stall_timeout"]),
     )
 
 

@@ -95,6 +95,8 @@ def test_flags_win_over_the_config_file():
     ("prot: 8000", "unknown option(s) prot (known: block_size, dtype, host,"),
     ("lending_cap: 2", "lending_cap must be between 0 and 1, got 2"),
     ("max_moves_per_step: -1", "max_moves_per_step must be an integer >= 0, got -1"),
+    ("stall_timeout: 0", "stall_timeout must be a number of seconds > 0, got 0"),
+    ("stall_timeout: soon", "stall_timeout must be a number of seconds > 0, got 'soon'"),
 ])
 def test_config_server_setting_errors_name_the_key_and_allowed_values(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

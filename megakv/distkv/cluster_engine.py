@@ -123,8 +123,14 @@ class Progress:
     num_waiting: int
     num_preemptions: int
     num_remote_micro_attentions: int
+    # Its last step ran nothing although it has unfinished requests: they wait for blocks or for their turn.
+    blocked: bool = False
     # The leader's last message: it has stopped.
     stopped: bool = False
+
+
+class ClusterStalledError(RuntimeError):
+    """No instance of the cluster can make progress (a bug: the gManager's queue always moves)."""
 
 
 @dataclass
@@ -180,6 +186,8 @@ class ClusterEngine:
             _abort_job_on_uncaught_exception()
         self._stopping = False
         self._stopped = False
+        # This instance's last step ran nothing although it has unfinished requests (see Progress.blocked).
+        self._blocked = False
         # Counters last reported to the front, so that a leader reports only what changed.
         self._reported: tuple | None = None
         # The front's state: where each unfinished request runs, its copy of each (the other instances report
@@ -192,6 +200,8 @@ class ClusterEngine:
         self._ready: list[RequestOutput] = []
         self._progress: dict[int, Progress] = {}
         self._running_leaders: set[int] = set(range(1, self.num_instances))
+        # When the front last saw the cluster move: a step of its own, a message, a new request or an abort.
+        self._last_activity = time.monotonic()
 
     def kv_capacity(self) -> KVCapacity:
         """This pool plus what every other instance may lend (same pool size and cap everywhere)."""
@@ -224,6 +234,7 @@ class ClusterEngine:
         self.core.validate(prompt_ids, params, self.kv_capacity())
         target = instance if instance is not None else self._route()
         request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
+        self._last_activity = time.monotonic()
         self._where[request_id] = target
         self._routed[request_id] = request
         if target == self.instance_id:
@@ -244,6 +255,7 @@ class ClusterEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request on its instance (before its next step) and release its blocks everywhere."""
         self._require_front()
+        self._last_activity = time.monotonic()
         target = self._where.get(request_id)
         if target == self.instance_id:
             self._abort_here(request_id)
@@ -260,15 +272,36 @@ class ClusterEngine:
         """Run one step of the front's own instance and collect what the other instances reported; with
         nothing to run here, wait up to FRONT_WAIT_SECONDS for their messages."""
         self._require_front()
-        if not self._instance_step() and not self._ready:
+        if self._instance_step():
+            self._last_activity = time.monotonic()
+        elif not self._ready:
             wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail(), FRONT_WAIT_SECONDS)
             self._take_mail()
+        self._check_stalled()
         ready, self._ready = self._ready, []
         for output in ready:
             if output.finished:
                 self._where.pop(output.request_id, None)
                 self._routed.pop(output.request_id, None)
         return ready
+
+    def _check_stalled(self) -> None:
+        """Raise ClusterStalledError once every instance holding unfinished requests has been waiting, and no
+        message has moved, for ``stall_timeout`` seconds. An instance that has not reported waiting counts as
+        busy: a long prefill step sends nothing until it ends."""
+        quiet = time.monotonic() - self._last_activity
+        if not self._where or quiet < self.config.distkv.stall_timeout:
+            return
+        holders = sorted(set(self._where.values()))
+        progress = {index: self._progress_now() if index == self.instance_id else self._progress.get(index)
+                    for index in holders}
+        if any(report is None or not report.blocked for report in progress.values()):
+            return
+        waits = "; ".join(f"instance {index}: {report.num_running} running, {report.num_waiting} waiting"
+                          for index, report in progress.items())
+        raise ClusterStalledError(
+            f"the cluster is stalled: {len(self._where)} unfinished request(s) and no progress for {quiet:.0f} s "
+            f"({waits}; gManager: {self.gmanager.describe()})")
 
     def stats(self) -> EngineStats:
         """Each instance's queues and pool as last reported (this instance's as they are now), and the
@@ -346,6 +379,7 @@ class ClusterEngine:
                 self._handle(message)
 
     def _handle(self, message: object) -> None:
+        self._last_activity = time.monotonic()
         if isinstance(message, Orders):
             for request in message.requests:
                 self.core.add(request)
@@ -428,8 +462,13 @@ class ClusterEngine:
                                  if not rmanager.has_pending(chunk.request.request_id)])
         pulls = self._plan_pulls()
         if not ready.chunks and not pulls:
+            self._blocked = scheduler.has_unfinished() or bool(self._parked)
             self._report()
             return False
+        if self._blocked:
+            # Before a step that may be long: the front must not take this instance for a stalled one.
+            self._blocked = False
+            self._report()
         started = time.perf_counter()
         for chunk in ready.chunks:
             chunk.request.block_instances.update(rmanager.block_counts(chunk.request.request_id))
@@ -461,7 +500,7 @@ class ClusterEngine:
     def _progress_now(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> Progress:
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
                         len(self.scheduler.waiting) + len(self._parked), self.scheduler.num_preemptions,
-                        self.model_runner.num_remote_micro_attentions, stopped=final)
+                        self.model_runner.num_remote_micro_attentions, self._blocked, stopped=final)
 
     def _report_outputs(self, outputs: list[RequestOutput]) -> None:
         """Outputs go to the front: directly on the front, in a Progress elsewhere.

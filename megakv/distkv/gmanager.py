@@ -52,6 +52,14 @@ class GManager:
         """Non-zero debts, as "debtor->creditor": blocks."""
         return {f"{d}->{c}": n for (d, c), n in sorted(self.debts.items()) if n}
 
+    def describe(self) -> str:
+        """The borrowers' queue and the Lend in flight, for a report on a stalled cluster."""
+        waiting = ", ".join(f"{b.request_id} of instance {b.debtor} " +
+                            (("has its turn" if b.turn_sent else "yielded") if b.parked else f"needs {b.num_blocks}")
+                            for b in self._queue.values())
+        asking = f"; a Lend for {self._asking} in flight" if self._asking is not None else ""
+        return f"borrowers: {waiting or 'none'}{asking}; lendable blocks per instance: {self._lendable}"
+
     @property
     def is_busy(self) -> bool:
         """True while a debt is outstanding, a borrower waits, or a Lend is in flight."""

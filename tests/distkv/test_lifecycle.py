@@ -1,4 +1,4 @@
-"""A DistKV cluster's life under mpirun: idle without burning CPU, and a killed rank ends the job."""
+"""A DistKV cluster's life under mpirun: idle without burning CPU; a killed rank, or a stall, ends the job."""
 from __future__ import annotations
 
 import os
@@ -64,3 +64,17 @@ def test_rank_killed_mid_run_ends_the_job_naming_it(megakv_checkpoint, start_mpi
     assert proc.returncode != 0
     assert time.monotonic() - killed < 30
     assert "rank 1" in stderr and ("signal 9" in stderr or "Killed" in stderr), stderr[-3000:]
+
+
+@pytest.mark.mpi
+def test_a_stalled_cluster_says_so_and_ends_the_job(megakv_checkpoint, run_mpi):
+    # The planted bug: the gManager never lends, so the request longer than its pool waits forever while the
+    # other instance finishes its own.
+    started = time.monotonic()
+    proc = run_mpi(2, [sys.executable, str(Path(__file__).with_name("stall_worker.py")),
+                       str(megakv_checkpoint("gqa", 1)), "2", "3"], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 90
+    assert "the cluster is stalled: 1 unfinished request(s) and no progress for" in proc.stderr, proc.stderr
+    assert "instance 0: 1 running, 0 waiting" in proc.stderr
+    assert "request-0 of instance 0 needs 4" in proc.stderr
