@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
+from megakv.bench.server_metrics import scrape, total
 from megakv.processes import kill_session, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,31 +126,19 @@ def ask(client: OpenAI, model: str, record: dict) -> None:
           f"{placement['num_remote_blocks']} borrowed; held by instances {placement['block_instances']}", flush=True)
 
 
-def metric_values(url: str) -> dict[str, float]:
-    """The megakv: samples of /metrics, as {"name{labels}": value}."""
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("megakv:"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-def total(samples: dict[str, float], name: str) -> float:
-    return sum(value for key, value in samples.items() if key.partition("{")[0] == name)
-
-
 def report_cluster(url: str) -> None:
     """Print the cluster's DistKV counters once every borrowed block is home (or after SETTLE_SECONDS)."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
-        samples = metric_values(url)
+        samples = scrape(url)
         settled = total(samples, "megakv:ledger_outstanding_blocks") == 0 and \
             total(samples, "megakv:kv_blocks_free") == total(samples, "megakv:kv_blocks_total")
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    free = [f"{value:.0f}" for key, value in sorted(samples.items()) if key.startswith("megakv:kv_blocks_free{")]
+    pools = sorted((int(sample.labels["instance"]), sample.value) for sample in samples
+                   if sample.name == "megakv:kv_blocks_free")
+    free = [f"{value:.0f}" for _, value in pools]
     print(f"\ncluster (/metrics): {total(samples, 'megakv:borrow_events_total'):.0f} borrow events, "
           f"{total(samples, 'megakv:blocks_borrowed_total'):.0f} blocks borrowed, "
           f"{total(samples, 'megakv:remote_micro_attentions_total'):.0f} remote micro-attentions, "

@@ -42,6 +42,7 @@ import yaml
 
 from megakv.bench.datasets import parse_length_distribution
 from megakv.bench.results import parse_goodput
+from megakv.bench.server_metrics import scrape, total
 from megakv.processes import kill_session
 
 BIN_DIR = Path(sys.executable).parent
@@ -192,19 +193,13 @@ class Server:
         """The DistKV counters of /metrics, once no request runs or waits (at most IDLE_SECONDS)."""
         deadline = time.monotonic() + IDLE_SECONDS
         while True:
-            samples: dict[str, float] = {}
             try:
-                text = httpx.get(f"{self.url}/metrics", timeout=30).text
+                samples = scrape(self.url)
             except httpx.HTTPError as err:
                 raise ServerFailed(f"the server no longer answers ({err}): {self.failure()}") from None
-            for line in text.splitlines():
-                if line.startswith("megakv:"):
-                    name, value = line.rsplit(" ", 1)
-                    name = name.partition("{")[0]
-                    samples[name] = samples.get(name, 0.0) + float(value)
-            busy = samples.get("megakv:num_requests_running", 0) + samples.get("megakv:num_requests_waiting", 0)
+            busy = total(samples, "megakv:num_requests_running") + total(samples, "megakv:num_requests_waiting")
             if busy == 0:
-                return {label: samples.get(name, 0.0) for name, label in SERVER_COUNTERS.items()}
+                return {label: total(samples, name) for name, label in SERVER_COUNTERS.items()}
             if time.monotonic() > deadline:
                 raise ServerFailed(f"the server stalled: {busy:.0f} requests still running or waiting {IDLE_SECONDS} s "
                                    f"after the benchmark's last answer")

@@ -23,6 +23,7 @@ tools/convert_checkpoint.py. Each configuration runs under mpirun as a worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -213,7 +214,9 @@ def main() -> None:
         return
     contexts = [int(context) for context in args.contexts.split(",")]
     with tempfile.TemporaryDirectory() as folder:
-        model = build_model(Path(folder), max_positions=max(2 * max(contexts), 8192))
+        # Saving a Hugging Face model imports deepspeed, which logs to stdout: keep the JSON alone there.
+        with contextlib.redirect_stdout(sys.stderr):
+            model = build_model(Path(folder), max_positions=max(2 * max(contexts), 8192))
         results = {"block_size": BLOCK_SIZE, "max_context": [
             max_context(model, int(n), args.pool_blocks, 4) for n in args.instances_list.split(",")]}
         results["remote_overhead"] = [remote_overhead(model, context, args) for context in contexts]

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from megakv.bench.server_metrics import Sample, scrape, total
 from megakv.processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,34 +113,14 @@ def spawn_server(checkpoint: Path, *flags: str) -> ServerProcess:
     return server
 
 
-def scrape(url: str) -> dict[str, float]:
-    """/metrics as {"name{labels}": value}, for the samples of the megakv: metrics."""
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("megakv:"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-def metric(samples: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels``."""
-    total = 0.0
-    for key, value in samples.items():
-        metric_name, _, label_text = key.partition("{")
-        if metric_name == name and all(f'{label}="{wanted}"' in label_text for label, wanted in labels.items()):
-            total += value
-    return total
-
-
-def wait_for_idle_pools(url: str, timeout: float = 30) -> dict[str, float]:
+def wait_for_idle_pools(url: str, timeout: float = 30) -> list[Sample]:
     """Scrape until no request runs or waits and every pool is whole (blocks back everywhere); the samples."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(url)
-        busy = metric(samples, "megakv:num_requests_running") + metric(samples, "megakv:num_requests_waiting")
-        leaked = metric(samples, "megakv:kv_blocks_total") - metric(samples, "megakv:kv_blocks_free")
-        if busy == 0 and leaked == 0 and metric(samples, "megakv:ledger_outstanding_blocks") == 0:
+        busy = total(samples, "megakv:num_requests_running") + total(samples, "megakv:num_requests_waiting")
+        leaked = total(samples, "megakv:kv_blocks_total") - total(samples, "megakv:kv_blocks_free")
+        if busy == 0 and leaked == 0 and total(samples, "megakv:ledger_outstanding_blocks") == 0:
             return samples
         if time.monotonic() > deadline:
             pytest.fail(f"pools not whole after {timeout} s: {samples}")

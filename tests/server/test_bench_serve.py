@@ -10,8 +10,10 @@ import pytest
 
 from megakv.bench.arrivals import arrival_offsets
 from megakv.bench.serve import benchmark
+from megakv.bench.server_metrics import total
 from megakv.cli import build_parser
-from server_process import MEGAKV, metric, wait_for_idle_pools
+
+from server_process import MEGAKV, wait_for_idle_pools
 
 pytestmark = pytest.mark.slow
 COUNTERS = ("megakv:request_success_total", "megakv:prompt_tokens_total", "megakv:generation_tokens_total",
@@ -28,7 +30,7 @@ def bench(url: str, *flags: str) -> dict:
 
 def counters(url: str) -> dict[str, float]:
     samples = wait_for_idle_pools(url)
-    return {name: metric(samples, name) for name in COUNTERS}
+    return {name: total(samples, name) for name in COUNTERS}
 
 
 def test_bench_serve_agrees_with_server_metrics_and_counts_oversized_prompts_as_failed(server, tmp_path):

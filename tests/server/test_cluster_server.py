@@ -9,7 +9,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from server_process import metric, scrape, wait_for_idle_pools
+from megakv.bench.server_metrics import scrape, total
+
+from server_process import wait_for_idle_pools
 
 # Pools of 8 blocks of 16 tokens: 128 tokens per instance, 256 with what the other lends.
 NUM_BLOCKS, BLOCK_SIZE = 8, 16
@@ -38,9 +40,9 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
     assert short_placement["num_remote_blocks"] == 0
     assert [len(choice.logprobs.top_logprobs) for choice in response.choices] == list(map(len, expected))
     samples = wait_for_idle_pools(server.url)
-    assert metric(samples, "megakv:borrow_events_total") >= 1
-    assert metric(samples, "megakv:remote_micro_attentions_total") >= 1
-    assert metric(samples, "megakv:kv_blocks_total", instance="1") == NUM_BLOCKS
+    assert total(samples, "megakv:borrow_events_total") >= 1
+    assert total(samples, "megakv:remote_micro_attentions_total") >= 1
+    assert total(samples, "megakv:kv_blocks_total", instance="1") == NUM_BLOCKS
 
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": long_prompt[:150], "max_tokens": 100, "ignore_eos": True, "stream": True}
@@ -48,8 +50,8 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
         lines = stream.iter_lines()
         assert sum(next(lines).startswith("data: ") for _ in range(6)) == 3
         running = scrape(server.url)
-        assert metric(running, "megakv:num_requests_running") == 1
-        assert metric(running, "megakv:kv_blocks_borrowed") > 0
+        assert total(running, "megakv:num_requests_running") == 1
+        assert total(running, "megakv:kv_blocks_borrowed") > 0
     wait_for_idle_pools(server.url)
 
     assert server.stop(signal.SIGTERM) == 0, server.output

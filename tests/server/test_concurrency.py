@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI
 
-from server_process import metric, spawn_server, wait_for_idle_pools
+from megakv.bench.server_metrics import total
+
+from server_process import spawn_server, wait_for_idle_pools
 
 NUM_REQUESTS = 32
 NUM_CLIENT_THREADS = 8
@@ -50,5 +52,5 @@ def test_server_32_concurrent_requests_equal_hugging_face_and_free_every_block(s
                                 range(NUM_REQUESTS)))
     assert results == expected
     samples = wait_for_idle_pools(server.url, timeout=60)
-    assert metric(samples, "megakv:kv_blocks_free") == NUM_BLOCKS
-    assert metric(samples, "megakv:request_success_total") >= NUM_REQUESTS
+    assert total(samples, "megakv:kv_blocks_free") == NUM_BLOCKS
+    assert total(samples, "megakv:request_success_total") >= NUM_REQUESTS

@@ -7,7 +7,9 @@ import time
 import httpx
 import pytest
 
-from server_process import metric, scrape, spawn_server, wait_for_idle_pools
+from megakv.bench.server_metrics import scrape, total
+
+from server_process import spawn_server, wait_for_idle_pools
 
 # 4096 tokens of KV: a request with EOS ignored runs for seconds, long enough to be cut off.
 NUM_BLOCKS = 256
@@ -26,7 +28,7 @@ def long_request(stream: bool) -> dict:
 
 
 def generated_since(before: dict[str, float], after: dict[str, float]) -> float:
-    return metric(after, "megakv:generation_tokens_total") - metric(before, "megakv:generation_tokens_total")
+    return total(after, "megakv:generation_tokens_total") - total(before, "megakv:generation_tokens_total")
 
 
 def test_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
@@ -38,11 +40,11 @@ def test_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
         events = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
         assert len(events) == 3
         running = scrape(server.url)
-        assert metric(running, "megakv:num_requests_running") == 1
-        assert metric(running, "megakv:kv_blocks_free") < NUM_BLOCKS
+        assert total(running, "megakv:num_requests_running") == 1
+        assert total(running, "megakv:kv_blocks_free") < NUM_BLOCKS
     samples = wait_for_idle_pools(server.url, timeout=30)
     assert 2 <= generated_since(before, samples) < MAX_TOKENS
-    assert metric(samples, "megakv:request_success_total") == metric(before, "megakv:request_success_total")
+    assert total(samples, "megakv:request_success_total") == total(before, "megakv:request_success_total")
 
 
 def test_disconnect_before_a_whole_response_aborts_the_request(server):
@@ -51,7 +53,7 @@ def test_disconnect_before_a_whole_response_aborts_the_request(server):
         httpx.post(f"{server.url}/v1/completions", json=long_request(False), timeout=httpx.Timeout(30, read=1.0))
     samples = wait_for_idle_pools(server.url, timeout=30)
     assert 0 < generated_since(before, samples) < MAX_TOKENS
-    assert metric(samples, "megakv:request_success_total") == metric(before, "megakv:request_success_total")
+    assert total(samples, "megakv:request_success_total") == total(before, "megakv:request_success_total")
 
 
 def test_sigterm_stops_the_server_cleanly(chat_model):

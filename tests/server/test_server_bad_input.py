@@ -5,7 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server_process import metric, spawn_server, wait_for_idle_pools
+from megakv.bench.server_metrics import total
+
+from server_process import spawn_server, wait_for_idle_pools
 
 NUM_BLOCKS, BLOCK_SIZE = 16, 16
 MAX_MODEL_LEN = NUM_BLOCKS * BLOCK_SIZE
@@ -122,4 +124,4 @@ def test_server_keeps_serving_after_bad_requests_with_every_block_free(server):
                           timeout=30)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 3
     samples = wait_for_idle_pools(server.url)
-    assert metric(samples, "megakv:kv_blocks_free") == NUM_BLOCKS
+    assert total(samples, "megakv:kv_blocks_free") == NUM_BLOCKS
