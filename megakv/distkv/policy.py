@@ -6,12 +6,12 @@ progress to yield them (megakv.distkv.gmanager): two long prompts on two instanc
 whose pools hold one of them would otherwise wait for each other forever. A request
 that yielded waits for its turn outside its instance's queue.
 
-Only a request that its own instance could not hold even with the whole pool is
-admitted on borrowed blocks; one that fits waits for local room, as it would on an
-independent instance. Borrowed blocks cost a remote micro-attention in every later
-step, and they crowd the creditor's own requests, so lending pays only where it
-lets a request run at all (a running request still borrows to grow rather than be
-preempted). The scheduler consults the policy through ``may_admit``,
+Only a request that its own instance could not hold even with the whole pool
+borrows, whether to be admitted or to grow; one that fits waits for local room, or
+is preempted, as it would be on an independent instance. Borrowed blocks cost a
+remote micro-attention in every later step of the instance's batch, and they crowd
+the creditor's own requests, so lending pays only where it lets a request run at
+all. The scheduler consults the policy through ``may_admit``,
 ``may_borrow`` and ``on_preempt``.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class LocalAdmission:
         return True
 
     def may_borrow(self, request: Request) -> bool:
-        """Whether the request may be admitted on blocks that its own pool does not have free now."""
+        """Whether the request may take blocks that its own pool does not have free now."""
         return False
 
     def on_preempt(self, request: Request) -> None:
@@ -71,8 +71,8 @@ class ClusterAdmission:
         return request.request_id in self._turns or not self._rmanager.num_pending_blocks
 
     def may_borrow(self, request: Request) -> bool:
-        """Whether the request may be admitted on borrowed blocks: one longer than this whole pool, or one
-        whose turn it is (the gManager serves it first)."""
+        """Whether the request may borrow blocks: one longer than this whole pool, or one whose turn it is
+        (the gManager serves it first)."""
         rmanager = self._rmanager
         return (request.request_id in self._turns
                 or num_blocks_for(request.num_tokens, rmanager.block_size) > rmanager.pool.num_blocks)

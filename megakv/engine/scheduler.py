@@ -107,7 +107,7 @@ class Scheduler:
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
         """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""
-        while not self.rmanager.can_grow(request.request_id, num_tokens):
+        while not self.rmanager.can_grow(request.request_id, num_tokens, borrow=self.admission.may_borrow(request)):
             victim = self.running[-1]
             self.preempt(victim)
             preempted.append(victim)

@@ -1,4 +1,4 @@
-"""ClusterAdmission: only a request that its own pool cannot hold is admitted on borrowed blocks."""
+"""ClusterAdmission: only a request that its own pool cannot hold borrows, to be admitted or to grow."""
 from __future__ import annotations
 
 from megakv.config import SchedulerConfig
@@ -50,15 +50,34 @@ def test_a_request_longer_than_the_pool_is_admitted_on_borrowed_blocks():
     assert table.count(PENDING) == 4 and len(table) == 12
 
 
-def test_a_running_request_borrows_to_grow_rather_than_be_preempted():
+def decoded(request: Request) -> None:
+    """As if the step computed every token of the request and sampled one more."""
+    request.num_computed_tokens = request.num_tokens
+    request.output_ids.append(0)
+
+
+def test_a_running_request_that_outgrows_the_pool_borrows_to_grow():
     scheduler = instance()
-    scheduler.add(request("short", POOL_BLOCKS * BLOCK_SIZE))
-    assert admitted(scheduler) == ["short"]
-    running = scheduler.running[0]
-    running.num_computed_tokens = running.num_tokens
-    running.output_ids.append(0)
-    assert admitted(scheduler) == ["short"]
+    scheduler.add(request("grows", POOL_BLOCKS * BLOCK_SIZE))
+    assert admitted(scheduler) == ["grows"]
+    decoded(scheduler.running[0])
+    assert admitted(scheduler) == ["grows"]
     assert scheduler.rmanager.num_pending_blocks == 1 and scheduler.num_preemptions == 0
+
+
+def test_a_running_request_that_fits_the_pool_preempts_rather_than_borrows():
+    scheduler = instance()
+    scheduler.add(request("first", 4 * BLOCK_SIZE))
+    scheduler.add(request("second", 4 * BLOCK_SIZE))
+    assert admitted(scheduler) == ["first", "second"]
+    first = scheduler.running[0]
+    decoded(first)
+    decoded(scheduler.running[1])
+    # The pool is full: the first request's fifth block comes from preempting the later one, as on an
+    # independent instance.
+    assert admitted(scheduler) == ["first"]
+    assert scheduler.num_preemptions == 1 and scheduler.rmanager.num_pending_blocks == 0
+    assert len(scheduler.rmanager.block_table("first")) == 5
 
 
 def test_a_request_whose_turn_it_is_may_borrow():

@@ -19,22 +19,22 @@ def random_prompt(length: int, seed: int, vocab_size: int = 301) -> list[int]:
 
 
 def run_cluster(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, records: list[dict],
-                *extra: str, check: bool = True):
+                *extra: str, check: bool = True, pool_blocks: int = POOL_BLOCKS):
     """Run megakv generate on a cluster; returns (request records, cluster report, process)."""
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps(record) + "\n" for record in records))
     proc = run_mpi(tp * instances, [MEGAKV, "generate", "--model", str(checkpoint), "--tp", str(tp),
                                     "--instances", str(instances), "--block-size", str(BLOCK_SIZE),
-                                    "--kv-blocks-per-instance", str(POOL_BLOCKS), "--max-num-batched-tokens", "64",
+                                    "--kv-blocks-per-instance", str(pool_blocks), "--max-num-batched-tokens", "64",
                                     "--max-new-tokens", str(MAX_NEW_TOKENS), "--lending-cap", "1.0",
                                     "--prompts-file", str(prompts_file), "--json", *extra], check=check)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return [line for line in lines if "cluster" not in line], lines[-1]["cluster"], proc
 
 
-def assert_cluster_clean(report: dict, instances: int) -> None:
+def assert_cluster_clean(report: dict, instances: int, pool_blocks: int = POOL_BLOCKS) -> None:
     assert report["ledger_outstanding"] == {}
-    assert report["free_blocks"] == {str(i): POOL_BLOCKS for i in range(instances)}
+    assert report["free_blocks"] == {str(i): pool_blocks for i in range(instances)}
 
 
 @pytest.mark.mpi
@@ -120,18 +120,20 @@ def test_cluster_two_requests_that_fit_only_one_at_a_time_both_complete(hf_llama
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_cluster_three_instances_dgfm_moves_keep_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi, tmp_path):
-    # Instances 0 and 1 each run a short and a long request; instance 2 only lends. When the short
-    # requests finish, both debtors pull blocks home in the same steps: copies between three instances.
-    prompts = [random_prompt(n, seed) for seed, n in enumerate([60, 150, 50, 160], start=10)]
-    records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 8},
-               {"prompt_ids": prompts[1], "instance": 0},
-               {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 6},
-               {"prompt_ids": prompts[3], "instance": 1}]
+    # Instances 0 and 1 each run a short request and a long one (17 blocks of prompt, more than a 16-block
+    # pool, so it borrows: 8 blocks each, all of instance 2's pool, which only lends). The long ones borrow
+    # during their prefill and run long after the short ones end; then both debtors pull blocks home in the
+    # same steps: copies between three instances.
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 270, 40, 265], start=10)]
+    records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 24},
+               {"prompt_ids": prompts[1], "instance": 0, "max_new_tokens": 40},
+               {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 24},
+               {"prompt_ids": prompts[3], "instance": 1, "max_new_tokens": 40}]
     results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 3, records,
-                                     "--max-moves-per-step", "4")
+                                     "--max-moves-per-step", "4", pool_blocks=16)
     hf_dir = hf_llama("gqa")
     for record, result in zip(records, results):
         expected = hf_greedy(hf_dir, [record["prompt_ids"]], record.get("max_new_tokens", MAX_NEW_TOKENS))[0]
         assert result["token_ids"] == expected
     assert report["blocks_moved_by_dgfm"] > 0
-    assert_cluster_clean(report, 3)
+    assert_cluster_clean(report, 3, pool_blocks=16)
