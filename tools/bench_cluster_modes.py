@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import yaml
 
 from megakv.bench.datasets import parse_length_distribution
@@ -229,6 +230,9 @@ def bench_serve(server: Server, config: dict, workload: dict, rate: float, out: 
         # The requests it left unanswered are failed requests of this mode, as a client saw them.
         counters, server_error = None, str(err)
     return {**{key: result[key] for key in SUMMARY_KEYS},
+            # Per request in sending order (the same in every mode), None where it failed.
+            "ttfts_ms": [None if error else ttft * 1e3 for ttft, error in zip(result["ttfts"], result["errors"])],
+            "e2els_ms": [None if error else e2el * 1e3 for e2el, error in zip(result["e2els"], result["errors"])],
             "errors": sorted({error.split(":", 1)[0] for error in result["errors"] if error}),
             "failed_input_lens": [length for length, error in zip(result["input_lens"], result["errors"]) if error],
             "server": counters, "server_error": server_error}
@@ -238,6 +242,22 @@ def ratios(numerator: dict, denominator: dict) -> dict:
     """numerator / denominator for every figure both have (None where the denominator is 0 or missing)."""
     return {key: numerator[key] / denominator[key] if numerator[key] is not None and denominator[key] else None
             for key in SUMMARY_KEYS}
+
+
+def served_by_all(modes: dict[str, dict]) -> dict[str, dict]:
+    """Per mode, latencies over only the requests that every mode served: the long requests that DistKV alone
+    serves are left out of its percentiles, as the other modes leave them out of theirs."""
+    common = [index for index in range(len(modes["distkv"]["ttfts_ms"]))
+              if all(figures["ttfts_ms"][index] is not None for figures in modes.values())]
+    summary = {}
+    for mode, figures in modes.items():
+        row: dict = {"requests": len(common)}
+        for metric in ("ttft", "e2el"):
+            values = [figures[f"{metric}s_ms"][index] for index in common]
+            for stat, percentile in (("median", 50), ("p99", 99)):
+                row[f"{stat}_{metric}_ms"] = float(np.percentile(values, percentile)) if values else None
+        summary[mode] = row
+    return summary
 
 
 def start_server(config: dict, model: Path, mode: str, log_path: Path) -> Server:
@@ -275,6 +295,7 @@ def run_workloads(config: dict, model: Path, folder: Path) -> list[dict]:
         modes = row["modes"]
         row["ratios"] = {"distkv/independent": ratios(modes["distkv"], modes["independent"]),
                          "distkv/single": ratios(modes["distkv"], modes["single"])}
+        row["served_by_all"] = served_by_all(modes)
     return list(runs.values())
 
 

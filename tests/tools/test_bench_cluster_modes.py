@@ -58,6 +58,12 @@ def test_bench_cluster_modes_tiny_run_reports_every_field_and_figure(tmp_path):
         for pair in ("distkv/independent", "distkv/single"):
             assert set(row["ratios"][pair]) == SUMMARY_KEYS
         assert row["ratios"]["distkv/independent"]["output_throughput"] > 0
+        # Only requests that every mode served: the long one is out, in DistKV's figures too.
+        served = row["served_by_all"]
+        assert {served[mode]["requests"] for mode in served} == {2 if row["workload"] == "longtail" else 3}
+        assert all(served[mode][key] > 0 for mode in served for key in ("median_ttft_ms", "p99_ttft_ms",
+                                                                        "median_e2el_ms", "p99_e2el_ms"))
+        assert all(len(row["modes"][mode]["ttfts_ms"]) == 3 for mode in served)
     for row in result["workloads"][:2]:
         # The long request fits only by borrowing: DistKV serves it, the others reject it.
         assert row["modes"]["distkv"]["failed"] == 0 and row["modes"]["distkv"]["server"]["blocks_borrowed"] > 0
