@@ -27,12 +27,12 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from megakv.checkpoint.format import CheckpointInfo
-from megakv.config import EngineConfig
+from megakv.config import DistKVConfig, EngineConfig
 from megakv.distkv.control import GMANAGER_MESSAGES, ControlTraffic, InstanceControl, Mailbox
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
-from megakv.distkv.rmanager import Transfer
+from megakv.distkv.rmanager import RManager, Transfer
 from megakv.engine.core import InstanceCore, KVCapacity
 from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
@@ -129,6 +129,13 @@ class Progress:
     stopped: bool = False
 
 
+def cluster_kv_capacity(pool_blocks: int, num_instances: int, distkv: DistKVConfig) -> KVCapacity:
+    """The most blocks one request may hold: its pool of ``pool_blocks`` plus each other instance's lendable share
+    (every instance has the same pool and lending cap)."""
+    cap = distkv.lending_cap
+    return KVCapacity(pool_blocks, num_instances - 1, int(cap * pool_blocks), cap)
+
+
 class ClusterStalledError(RuntimeError):
     """No instance of the cluster can make progress (a bug: the gManager's queue always moves)."""
 
@@ -148,7 +155,11 @@ class ClusterEngine:
 
     def __init__(self, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, count_traffic: bool = False) -> None:
-        self.core = InstanceCore(info, config, dtype=dtype, device=device, admission=ClusterAdmission)
+        def admission(rmanager: RManager) -> ClusterAdmission:
+            capacity = cluster_kv_capacity(rmanager.pool.num_blocks, state.get_num_instances(), config.distkv)
+            return ClusterAdmission(rmanager, capacity.num_lendable_elsewhere)
+
+        self.core = InstanceCore(info, config, dtype=dtype, device=device, admission=admission)
         self.config = config
         self.model_config = info.model
         self.rmanager, self.scheduler = self.core.rmanager, self.core.scheduler
@@ -161,9 +172,6 @@ class ClusterEngine:
         self.is_front = world.Get_rank() == 0
         self.instance_comm = world.Split(color=self.instance_id, key=state.get_tensor_model_parallel_rank())
         self.leaders_comm = world.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.instance_id)
-        capacity = self.kv_capacity()
-        # Requests grow into what the others could lend; the gManager settles what they get.
-        self.rmanager.borrowable_estimate = capacity.num_blocks - capacity.num_local_blocks
         self.gmanager = GManager([self.rmanager.num_lendable_blocks] * self.num_instances) if self.is_front else None
         # What this leader sent on the control plane, and in how many steps (count_traffic only).
         self.control_traffic = ControlTraffic() if count_traffic and self.is_leader else None
@@ -204,10 +212,8 @@ class ClusterEngine:
         self._last_activity = time.monotonic()
 
     def kv_capacity(self) -> KVCapacity:
-        """This pool plus what every other instance may lend (same pool size and cap everywhere)."""
-        pool = self.rmanager.pool.num_blocks
-        cap = self.config.distkv.lending_cap
-        return KVCapacity(pool, self.num_instances - 1, int(cap * pool), cap)
+        """This pool plus what every other instance may lend."""
+        return cluster_kv_capacity(self.rmanager.pool.num_blocks, self.num_instances, self.config.distkv)
 
     def kv_capacity_blocks(self) -> int:
         """The most blocks one request may ever hold, as a count."""

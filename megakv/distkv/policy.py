@@ -12,7 +12,7 @@ is preempted, as it would be on an independent instance. Borrowed blocks cost a
 remote micro-attention in every later step of the instance's batch, and they crowd
 the creditor's own requests, so lending pays only where it lets a request run at
 all. The scheduler consults the policy through ``may_admit``,
-``may_borrow`` and ``on_preempt``.
+``num_borrowable_blocks`` and ``on_preempt``.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ class LocalAdmission:
         """Whether the scheduler may admit this waiting request now."""
         return True
 
-    def may_borrow(self, request: Request) -> bool:
-        """Whether the request may take blocks that its own pool does not have free now."""
-        return False
+    def num_borrowable_blocks(self, request: Request) -> int:
+        """How many blocks beyond its pool's free ones the request may take now: one instance has no others."""
+        return 0
 
     def on_preempt(self, request: Request) -> None:
         """The scheduler gave the request's blocks back."""
@@ -54,8 +54,10 @@ class ClusterAdmission:
     blocks to an earlier request, and is now first in line) is admitted regardless.
     """
 
-    def __init__(self, rmanager: RManager) -> None:
+    def __init__(self, rmanager: RManager, num_lendable_elsewhere: int) -> None:
         self._rmanager = rmanager
+        # What the other instances may lend in all: their pools times the lending cap.
+        self._num_lendable_elsewhere = num_lendable_elsewhere
         self._turns: set[str] = set()
 
     def give_turn(self, request_id: str) -> None:
@@ -70,12 +72,15 @@ class ClusterAdmission:
         """Whether the scheduler may admit this waiting request now."""
         return request.request_id in self._turns or not self._rmanager.num_pending_blocks
 
-    def may_borrow(self, request: Request) -> bool:
-        """Whether the request may borrow blocks: one longer than this whole pool, or one whose turn it is
-        (the gManager serves it first)."""
+    def num_borrowable_blocks(self, request: Request) -> int:
+        """How many blocks beyond its pool's free ones the request may take now: what the cluster could still
+        lend, for a request longer than this whole pool or one whose turn it is (the gManager serves it first);
+        none for any other."""
         rmanager = self._rmanager
-        return (request.request_id in self._turns
-                or num_blocks_for(request.num_tokens, rmanager.block_size) > rmanager.pool.num_blocks)
+        if (request.request_id not in self._turns
+                and num_blocks_for(request.num_tokens, rmanager.block_size) <= rmanager.pool.num_blocks):
+            return 0
+        return rmanager.num_borrowable_blocks(self._num_lendable_elsewhere)
 
     def on_preempt(self, request: Request) -> None:
         """The scheduler gave the request's blocks back: it waits its turn in this instance's queue (one that

@@ -97,9 +97,6 @@ class RManager:
         self._returns: dict[int, list[int]] = {}
         # creditor instance -> how many of those DGFM moved home
         self._moved: dict[int, int] = {}
-        # The most the other instances could lend this one (their lending caps): requests grow into it, and
-        # the gManager settles what they really get.
-        self.borrowable_estimate = 0
 
     # -- what the scheduler uses ---------------------------------------------------------------------------
 
@@ -141,16 +138,20 @@ class RManager:
         """Whether the request still waits for borrowed blocks."""
         return PENDING.instance_id in self.block_counts(request_id)
 
-    def can_grow(self, request_id: str, num_tokens: int, borrow: bool = True) -> bool:
-        """True when the local pool, plus what the cluster could still lend if ``borrow``, covers the growth."""
-        room = self.pool.num_free_blocks
-        if borrow:
-            room += max(0, self.borrowable_estimate - self.num_pending_blocks - self.num_borrowed_blocks)
-        return self.num_new_blocks(request_id, num_tokens) <= room
+    def num_borrowable_blocks(self, num_lendable_elsewhere: int) -> int:
+        """Blocks this instance could still borrow when the other instances may lend ``num_lendable_elsewhere``
+        in all (their lending caps): those its requests neither hold nor await already. Requests grow into it,
+        and the gManager settles what they really get."""
+        return max(0, num_lendable_elsewhere - self.num_pending_blocks - self.num_borrowed_blocks)
 
-    def grow(self, request_id: str, num_tokens: int) -> list[BlockRef]:
-        """Extend the table to hold num_tokens: local blocks first, the rest PENDING until borrowed."""
-        if not self.can_grow(request_id, num_tokens):
+    def can_grow(self, request_id: str, num_tokens: int, num_borrowable: int = 0) -> bool:
+        """True when the local pool's free blocks, plus ``num_borrowable`` from other instances, cover the growth."""
+        return self.num_new_blocks(request_id, num_tokens) <= self.pool.num_free_blocks + num_borrowable
+
+    def grow(self, request_id: str, num_tokens: int, num_borrowable: int = 0) -> list[BlockRef]:
+        """Extend the table to hold num_tokens: local blocks first, then up to ``num_borrowable`` PENDING until
+        borrowed."""
+        if not self.can_grow(request_id, num_tokens, num_borrowable):
             raise KVCacheExhaustedError(f"instance {self.instance_id}: no room for request {request_id} to grow "
                                         f"to {num_tokens} tokens")
         num_new = self.num_new_blocks(request_id, num_tokens)

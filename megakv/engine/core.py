@@ -58,8 +58,13 @@ class KVCapacity:
     lending_cap: float = 1.0
 
     @property
+    def num_lendable_elsewhere(self) -> int:
+        """What the other instances may lend in all."""
+        return self.num_other_instances * self.num_lendable_blocks_per_instance
+
+    @property
     def num_blocks(self) -> int:
-        return self.num_local_blocks + self.num_other_instances * self.num_lendable_blocks_per_instance
+        return self.num_local_blocks + self.num_lendable_elsewhere
 
     def describe(self) -> str:
         """Where the blocks come from, for a request that needs more."""
@@ -67,8 +72,7 @@ class KVCapacity:
         if self.num_other_instances == 0:
             return local
         noun = "instance" if self.num_other_instances == 1 else "instances"
-        lendable = self.num_other_instances * self.num_lendable_blocks_per_instance
-        return f"{local} and the other {self.num_other_instances} {noun} may lend {lendable} " \
+        return f"{local} and the other {self.num_other_instances} {noun} may lend {self.num_lendable_elsewhere} " \
                f"(--lending-cap {self.lending_cap})"
 
 

@@ -23,7 +23,7 @@ class AdmissionPolicy(Protocol):
 
     def may_admit(self, request: Request) -> bool: ...
 
-    def may_borrow(self, request: Request) -> bool: ...
+    def num_borrowable_blocks(self, request: Request) -> int: ...
 
     def on_preempt(self, request: Request) -> None: ...
 
@@ -94,10 +94,10 @@ class Scheduler:
             if not self.admission.may_admit(request):
                 break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new,
-                                          borrow=self.admission.may_borrow(request)):
+            borrowable = self.admission.num_borrowable_blocks(request)
+            if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new, borrowable):
                 break
-            self.rmanager.grow(request.request_id, request.num_computed_tokens + num_new)
+            self.rmanager.grow(request.request_id, request.num_computed_tokens + num_new, borrowable)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -107,13 +107,14 @@ class Scheduler:
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
         """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""
-        while not self.rmanager.can_grow(request.request_id, num_tokens, borrow=self.admission.may_borrow(request)):
+        while not self.rmanager.can_grow(request.request_id, num_tokens,
+                                         self.admission.num_borrowable_blocks(request)):
             victim = self.running[-1]
             self.preempt(victim)
             preempted.append(victim)
             if victim is request:
                 return False
-        self.rmanager.grow(request.request_id, num_tokens)
+        self.rmanager.grow(request.request_id, num_tokens, self.admission.num_borrowable_blocks(request))
         return True
 
     def preempt(self, request: Request) -> None:

@@ -17,8 +17,7 @@ POOL_BLOCKS = 8
 def instance(borrowable: int = 16) -> Scheduler:
     """One cluster instance's scheduler whose pool holds 8 blocks, the others able to lend ``borrowable``."""
     rmanager = RManager(0, BlockPool(POOL_BLOCKS), BLOCK_SIZE)
-    rmanager.borrowable_estimate = borrowable
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=512), rmanager, ClusterAdmission(rmanager))
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=512), rmanager, ClusterAdmission(rmanager, borrowable))
 
 
 def request(name: str, num_tokens: int) -> Request:

@@ -20,20 +20,18 @@ class Cluster:
 
     def __init__(self, pool_sizes: list[int], lending_cap: float = 1.0) -> None:
         self.rmanagers = [RManager(i, BlockPool(size), BLOCK_SIZE, lending_cap) for i, size in enumerate(pool_sizes)]
-        self.set_lending_cap(lending_cap)
         self.yielded: list[tuple[int, str]] = []
         self.turns: list[tuple[int, str]] = []
         self.control = InProcessCluster(self.rmanagers, self._on_yield, self._on_turn)
         self.gmanager = self.control.gmanager
         self.arrivals: dict[str, int] = {}
 
-    def set_lending_cap(self, lending_cap: float) -> None:
-        """Requests grow into their pool and the other pools' lending caps, as in the cluster engine."""
-        for rm in self.rmanagers:
-            rm.lending_cap = lending_cap
-        for rm in self.rmanagers:
-            rm.borrowable_estimate = sum(math.floor(other.lending_cap * other.pool.num_blocks)
-                                         for other in self.rmanagers if other is not rm)
+    def borrowable(self, instance: int) -> int:
+        """Every request may grow into its pool and the other pools' lending caps (the mechanics under test do
+        not depend on which requests the cluster's policy lets borrow)."""
+        lendable = sum(math.floor(other.lending_cap * other.pool.num_blocks)
+                       for other in self.rmanagers if other.instance_id != instance)
+        return self.rmanagers[instance].num_borrowable_blocks(lendable)
 
     def _on_yield(self, instance: int, request_id: str) -> bool:
         if not self.rmanagers[instance].has_pending(request_id):
@@ -48,7 +46,7 @@ class Cluster:
 
     def grow(self, instance: int, request_id: str, num_tokens: int) -> None:
         self.arrivals.setdefault(request_id, len(self.arrivals))
-        self.rmanagers[instance].grow(request_id, num_tokens)
+        self.rmanagers[instance].grow(request_id, num_tokens, self.borrowable(instance))
 
     def free(self, instance: int, request_id: str) -> None:
         self.rmanagers[instance].free(request_id)
@@ -112,7 +110,7 @@ def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes
         rm = cluster.rmanagers[owners.get(request_id, instance % num_instances)]
         if op == "grow":
             target = len(rm.block_table(request_id)) * BLOCK_SIZE + amount
-            if rm.can_grow(request_id, target):
+            if rm.can_grow(request_id, target, cluster.borrowable(rm.instance_id)):
                 owners[request_id] = rm.instance_id
                 cluster.grow(rm.instance_id, request_id, target)
         elif op == "free":
@@ -150,7 +148,7 @@ def test_rmanager_lending_cap_limits_loans():
     cluster.grow(0, "r", 7 * BLOCK_SIZE)  # 4 local, and 3 of the other pool's 10 may be lent
     cluster.sync()
     assert len(cluster.rmanagers[1].lent_to(0)) == 3 and not cluster.rmanagers[0].has_pending("r")
-    assert not cluster.rmanagers[0].can_grow("r", 8 * BLOCK_SIZE)
+    assert not cluster.rmanagers[0].can_grow("r", 8 * BLOCK_SIZE, cluster.borrowable(0))
 
 
 def test_two_borrowers_that_fit_one_at_a_time_are_served_first_come_first_served():
