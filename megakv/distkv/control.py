@@ -5,18 +5,16 @@ lends or takes blocks back, and when the gManager has asked it to report room; t
 hand blocks back. Nothing here is collective, so no instance waits for another's step, and what an
 instance sends per step does not grow with the number of instances. ``InstanceControl`` and
 ``GManager`` are plain state machines over a ``post`` function: the MPI mailbox carries their messages
-between ranks, and ``InProcessCluster`` runs a whole cluster's control plane in one process for tests.
+between ranks (megakv.distkv.in_process carries them within one process).
 """
 from __future__ import annotations
 
 import pickle
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, ReturnBlocks, Room, Settled, Turn, WantRoom,
                                     Yield, Yielded)
 from megakv.distkv.rmanager import RManager
@@ -199,33 +197,3 @@ class Mailbox:
         while self._sends and time.monotonic() < deadline:
             self._sends = [send for send in self._sends if not send.Test()]
             time.sleep(1e-3)
-
-
-class InProcessCluster:
-    """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
-
-    def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], bool],
-                 on_turn: Callable[[int, str], bool]) -> None:
-        self.queue: deque[tuple[int, object]] = deque()
-        self.gmanager = GManager([rm.num_lendable_blocks for rm in rmanagers])
-        self.nodes = [InstanceControl(rm, self._post, lambda rid, i=rm.instance_id: on_yield(i, rid),
-                                      lambda rid, i=rm.instance_id: on_turn(i, rid)) for rm in rmanagers]
-
-    def _post(self, instance_id: int, message: object) -> None:
-        self.queue.append((instance_id, message))
-
-    def deliver_one(self) -> None:
-        """Deliver the oldest queued message."""
-        instance_id, message = self.queue.popleft()
-        if isinstance(message, GMANAGER_MESSAGES):
-            self.queue.extend(self.gmanager.handle(message))
-        else:
-            self.nodes[instance_id].handle(message)
-
-    def deliver(self, max_messages: int = 10_000) -> None:
-        """Deliver queued messages (and those they cause) until none is left."""
-        for _ in range(max_messages):
-            if not self.queue:
-                return
-            self.deliver_one()
-        raise RuntimeError(f"the control plane did not settle within {max_messages} messages")

@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megakv.distkv.control import InProcessCluster
+from megakv.distkv.in_process import InProcessCluster
 from megakv.distkv.messages import PENDING, Loan
 from megakv.distkv.rmanager import RManager
 from megakv.kvcache.block_pool import BlockPool
