@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,15 +80,16 @@ def _peer(instance_id: int) -> int:
 
 
 def _ask(kind: int, creditor: int, layer_index: int, metadata: bytes = b"",
-         payload: torch.Tensor | None = None) -> list:
-    """Send one message to a creditor's KV server; returns the sends to wait on."""
+         payload: Sequence[torch.Tensor] = ()) -> list:
+    """Send one message to a creditor's KV server (the payload's tensors back to back, copied once into the
+    message); returns the sends to wait on."""
     group, destination = state.get_dist_attention_group(), _peer(creditor)
-    parts = [torch.tensor([kind, layer_index, len(metadata), 0 if payload is None else payload.nbytes])
+    payload_bytes = [tensor.cpu().flatten().view(torch.uint8) for tensor in payload]
+    parts = [torch.tensor([kind, layer_index, len(metadata), sum(part.numel() for part in payload_bytes)])
              .view(torch.uint8)]
     if metadata:
         parts.append(torch.frombuffer(bytearray(metadata + bytes(-len(metadata) % 8)), dtype=torch.uint8))
-    if payload is not None:
-        parts.append(payload.cpu().flatten().view(torch.uint8))
+    parts += payload_bytes
     if sum(part.numel() for part in parts) <= INLINE_BYTES:
         return [dist.isend(torch.cat(parts), destination, group, HEADER_TAG)]
     return [dist.isend(parts[0], destination, group, HEADER_TAG),
@@ -208,10 +209,8 @@ class RemoteAttention:
         """One layer: query [T, Hq, D] and key/value [T, Hkv, D] are this step's new tokens."""
         replies, works, partials = state.get_dist_attention_reply_group(), [], []
         for out in self.outgoing:
-            payload = torch.cat([query[out.query_indices].flatten(), key[out.write_indices].flatten(),
-                                 value[out.write_indices].flatten()])
             works += _ask(QUERY, out.creditor, layer_index, self._metadata[out.creditor] if layer_index == 0 else b"",
-                          payload)
+                          (query[out.query_indices], key[out.write_indices], value[out.write_indices]))
             partial = torch.empty(len(out.query_indices) * self.num_q_heads * (self.head_dim + 1),
                                   dtype=torch.float32)
             works.append(dist.irecv(partial, _peer(out.creditor), replies, layer_index))
