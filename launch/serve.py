@@ -2,9 +2,12 @@
 
     deepspeed --num_gpus 1 launch/serve.py --model CKPT_DIR --port 8000
 
+    deepspeed --num_gpus 3 launch/serve.py --config configs/demo.yaml
+
 Takes the same options as ``megakv serve``; the ``--local_rank`` argument the
 deepspeed launcher appends is dropped (LOCAL_RANK is read from the environment).
-Several ranks hand requests over MPI: launch those with mpirun (launch/serve.sh).
+Without mpirun, the ranks' control messages go over sockets of their own
+(megakv.parallel.messaging).
 """
 import sys
 

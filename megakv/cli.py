@@ -84,12 +84,18 @@ def launcher_rank() -> int:
 
 
 def abort_other_ranks(status: int) -> None:
-    """Stop every rank of an MPI job: the others may be waiting in a collective this rank never reaches."""
+    """Stop every rank of the job: the others may be waiting in a collective this rank never reaches. Under
+    mpirun, MPI aborts the job; under deepspeed or torchrun, the launcher stops the others once this rank has
+    exited, which it does at once (its KV server thread may be blocked in a receive that exit would wait for)."""
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
             MPI.COMM_WORLD.Abort(status)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,8 +142,6 @@ def run_generate(args: argparse.Namespace) -> int:
     served = [index for index, value in enumerate(params) if isinstance(value, SamplingParams)]
 
     env = state.init_distributed()
-    if num_instances > 1 and env.launcher != "mpi":
-        raise UsageError("--instances > 1 runs the DistKV control plane over MPI: launch with mpirun")
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
         engine_class = LLMEngine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megakv.processes import kill_session, run_session
+from megakv.processes import free_port, kill_session, run_session
 
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, that is when a megakv.kernels module is
 # first imported: set it before any test imports one, so that without a GPU the kernels run in the interpreter.
@@ -59,14 +59,38 @@ def generate_tp2_json(run_mpi, tmp_path):
     return run
 
 
+def deepspeed_command(num_ranks: int, script: str, argv: list[str]) -> list[str]:
+    """The deepspeed launcher's command line that starts ``num_ranks`` copies of launch/``script`` on this machine.
+    Run it with DEEPSPEED_ENV: --quiet and a named accelerator keep the launcher's own lines off stdout."""
+    return [str(BIN_DIR / "deepspeed"), "--quiet", "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+            str(REPO_ROOT / "launch" / script), *argv]
+
+
+DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"}
+
+
 @pytest.fixture
-def start_mpi():
-    """Start ``argv`` on ``num_ranks`` MPI ranks in the background; what is still running at teardown is killed."""
+def run_deepspeed():
+    """Run launch/``script`` on ``num_ranks`` ranks of the deepspeed launcher; fail the test if it exits non-zero."""
+
+    def run(num_ranks: int, script: str, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = run_session(deepspeed_command(num_ranks, script, argv), timeout,
+                           dict(os.environ, OMP_NUM_THREADS="1", **DEEPSPEED_ENV))
+        if proc.returncode != 0:
+            pytest.fail(f"deepspeed exited {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}")
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def start_job():
+    """Start a command in a session of its own, in the background; what is still running at teardown is killed."""
     procs: list[subprocess.Popen] = []
 
-    def start(num_ranks: int, argv: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(mpirun_command(num_ranks, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    def start(command: list[str], **env: str) -> subprocess.Popen:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", **env), start_new_session=True)
         procs.append(proc)
         return proc
 
@@ -75,6 +99,18 @@ def start_mpi():
         if proc.poll() is None:
             kill_session(proc.pid)
             proc.communicate()
+
+
+@pytest.fixture
+def start_mpi(start_job):
+    """Start ``argv`` on ``num_ranks`` MPI ranks in the background; what is still running at teardown is killed."""
+    return lambda num_ranks, argv: start_job(mpirun_command(num_ranks, argv))
+
+
+@pytest.fixture
+def start_deepspeed(start_job):
+    """Start launch/``script`` on ``num_ranks`` ranks of the deepspeed launcher, like start_mpi."""
+    return lambda num_ranks, script, argv: start_job(deepspeed_command(num_ranks, script, argv), **DEEPSPEED_ENV)
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import yaml
 from megakv.bench.datasets import parse_length_distribution
 from megakv.bench.results import parse_goodput
 from megakv.bench.server_metrics import scrape, total
-from megakv.processes import kill_session
+from megakv.processes import free_port, kill_session
 
 BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,11 +120,6 @@ def load_config(path: str) -> dict:
 class ServerFailed(RuntimeError):
     """The server stopped answering, or kept requests it no longer serves: it failed during a run."""
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,16 +21,12 @@ from pathlib import Path
 
 import httpx
 
+from megakv.processes import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 NUM_BLOCKS = 128
 IDLE_SECONDS = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

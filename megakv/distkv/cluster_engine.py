@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from mpi4py import MPI
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import DistKVConfig, EngineConfig
@@ -41,6 +40,7 @@ from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.parallel import state
+from megakv.parallel.messaging import split, world_comm
 
 # How long a rank with nothing to do sleeps between checks for a message. After BACKOFF_AFTER_SECONDS
 # of waiting the sleep doubles up to the second bound, so that a long wait takes almost no CPU; a short
@@ -57,7 +57,7 @@ FLUSH_SECONDS = 5.0
 # ranks ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
 TIMER_SLACK_NS = 1000
-# MPI tag of the step plans a leader sends its TP ranks.
+# Tag of the step plans a leader sends its TP ranks.
 PLAN_TAG = 7
 
 
@@ -69,8 +69,8 @@ def _tighten_timer_slack() -> None:
         libc.prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
 
 
-def _abort_job_on_uncaught_exception() -> None:
-    """Make an exception that escapes on this rank end the whole MPI job.
+def _abort_job_on_uncaught_exception(world) -> None:
+    """Make an exception that escapes on this rank end the whole job.
 
     Otherwise the rank would not even exit: its KV server thread stays blocked in a receive that the
     process group's teardown waits for, and the other ranks would wait for it forever.
@@ -79,9 +79,9 @@ def _abort_job_on_uncaught_exception() -> None:
 
     def hook(kind, value, traceback) -> None:
         previous(kind, value, traceback)
-        print(f"megakv: rank {MPI.COMM_WORLD.Get_rank()} failed ({kind.__name__}: {value}): ending the job",
+        print(f"megakv: rank {world.Get_rank()} failed ({kind.__name__}: {value}): ending the job",
               file=sys.stderr, flush=True)
-        MPI.COMM_WORLD.Abort(1)
+        world.Abort(1)
 
     sys.excepthook = hook
 
@@ -165,13 +165,13 @@ class ClusterEngine:
         self.rmanager, self.scheduler = self.core.rmanager, self.core.scheduler
         self.model_runner, self.step_log = self.core.model_runner, self.core.step_log
         self.admission: ClusterAdmission = self.scheduler.admission
-        world = MPI.COMM_WORLD
+        self.world = world = world_comm()
         self.instance_id = state.get_instance_id()
         self.num_instances = state.get_num_instances()
         self.is_leader = state.get_tensor_model_parallel_rank() == 0
         self.is_front = world.Get_rank() == 0
-        self.instance_comm = world.Split(color=self.instance_id, key=state.get_tensor_model_parallel_rank())
-        self.leaders_comm = world.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.instance_id)
+        self.instance_comm = split(world, self.instance_id, state.get_tensor_model_parallel_rank())
+        self.leaders_comm = split(world, 0 if self.is_leader else None, self.instance_id)
         self.gmanager = GManager([self.rmanager.num_lendable_blocks] * self.num_instances) if self.is_front else None
         # What this leader sent on the control plane, and in how many steps (count_traffic only).
         self.control_traffic = ControlTraffic() if count_traffic and self.is_leader else None
@@ -191,7 +191,7 @@ class ClusterEngine:
                                   self._kv_server_failed) if self.num_instances > 1 else None
         _tighten_timer_slack()
         if self.kv_server is not None:
-            _abort_job_on_uncaught_exception()
+            _abort_job_on_uncaught_exception(world)
         self._stopping = False
         self._stopped = False
         # This instance's last step ran nothing although it has unfinished requests (see Progress.blocked).
@@ -575,9 +575,9 @@ class ClusterEngine:
         self._stopped = True
 
     def _kv_server_failed(self, err: BaseException) -> None:
-        print(f"megakv: rank {MPI.COMM_WORLD.Get_rank()}: the KV server failed: {err!r}", file=sys.stderr,
+        print(f"megakv: rank {self.world.Get_rank()}: the KV server failed: {err!r}", file=sys.stderr,
               flush=True)
-        MPI.COMM_WORLD.Abort(1)
+        self.world.Abort(1)
 
     def cluster_report(self) -> dict | None:
         """Ledger and pool state after serving (on the front; None elsewhere). Every leader calls it."""

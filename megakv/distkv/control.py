@@ -4,7 +4,7 @@ An instance talks to the gManager only when its requests need blocks or stop nee
 lends or takes blocks back, and when the gManager has asked it to report room; to a creditor only to
 hand blocks back. Nothing here is collective, so no instance waits for another's step, and what an
 instance sends per step does not grow with the number of instances. ``InstanceControl`` and
-``GManager`` are plain state machines over a ``post`` function: the MPI mailbox carries their messages
+``GManager`` are plain state machines over a ``post`` function: the mailbox carries their messages
 between ranks (megakv.distkv.in_process carries them within one process).
 """
 from __future__ import annotations
@@ -13,14 +13,9 @@ import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, ReturnBlocks, Room, Settled, Turn, WantRoom,
                                     Yield, Yielded)
 from megakv.distkv.rmanager import RManager
-
-if TYPE_CHECKING:
-    from mpi4py import MPI
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
@@ -160,17 +155,18 @@ class ControlTraffic:
         self.num_bytes += len(pickle.dumps(message))
 
 
-# MPI tag of control messages between leaders.
+# Tag of control messages between leaders.
 CONTROL_TAG = 11
 
 
 class Mailbox:
-    """Point-to-point control messages among the instances' leader ranks over an mpi4py communicator.
+    """Point-to-point control messages among the instances' leader ranks over their communicator (MPI's, or
+    megakv.parallel.messaging's sockets where no mpirun started the job).
 
     Sends never block: a leader may be mid-step when another writes to it.
     """
 
-    def __init__(self, comm: MPI.Comm, traffic: ControlTraffic | None = None) -> None:
+    def __init__(self, comm, traffic: ControlTraffic | None = None) -> None:
         self.comm = comm
         self.traffic = traffic
         self._sends: list = []

@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megakv.processes import free_port
+
 # Any one of these means mpirun (Open MPI, MPICH/Hydra or a PMIx launcher) started us.
 MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS")
 MPI_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK")
@@ -66,7 +68,8 @@ _state = _ParallelState()
 DIST_ATTENTION_TIMEOUT = timedelta(days=365)
 
 
-def _is_mpi_launch() -> bool:
+def is_mpi_launch() -> bool:
+    """True when mpirun started this process."""
     return any(variable in os.environ for variable in MPI_LAUNCH_VARIABLES)
 
 
@@ -77,13 +80,7 @@ def _default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def _host_address() -> str:
+def host_address() -> str:
     """An address of this host that other hosts can reach."""
     address = socket.gethostbyname(socket.gethostname())
     if not address.startswith("127."):
@@ -103,7 +100,7 @@ def _mpi_rendezvous(comm) -> str:
     single_host = len(set(comm.allgather(socket.gethostname()))) == 1
     endpoint = None
     if comm.Get_rank() == 0:
-        endpoint = ("127.0.0.1" if single_host else _host_address(), _free_port())
+        endpoint = ("127.0.0.1" if single_host else host_address(), free_port(""))
     host, port = comm.bcast(endpoint, root=0)
     return f"tcp://{host}:{port}"
 
@@ -114,7 +111,7 @@ def init_distributed(backend: str | None = None) -> DistributedEnv:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, "env", _default_device(local_rank))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if _is_mpi_launch():
+    if is_mpi_launch():
         from mpi4py import MPI  # imported only under mpirun: MPI_Init is slow and noisy elsewhere
 
         comm = MPI.COMM_WORLD

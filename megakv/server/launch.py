@@ -125,8 +125,6 @@ def run_serve(args: argparse.Namespace) -> int:
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     chat = ChatTemplate.from_checkpoint(args.model) if tokenizer is not None else None
     env = state.init_distributed()
-    if env.world_size > 1 and env.launcher != "mpi":
-        raise UsageError("megakv serve on several ranks hands requests to them over MPI: launch it with mpirun")
     num_instances = config.parallel.num_instances
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
@@ -164,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
             serve_http(context, settings, sock)
         finally:
             async_engine.shutdown()
-            # A failed engine cannot step the cluster to its end: its ranks are stopped below, by MPI.
+            # A failed engine cannot step the cluster to its end: its ranks are stopped below, by the launcher.
             if env.world_size > 1 and async_engine.error is None:
                 engine.shutdown()
         if async_engine.error is not None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from server_process import CHAT_TEMPLATE, ROOT, ServerProcess, free_port, serve_argv, spawn_server
+from megakv.processes import free_port
+
+from server_process import CHAT_TEMPLATE, ROOT, ServerProcess, serve_argv, serve_flags, spawn_server
 
 
 @pytest.fixture(scope="session")
@@ -38,16 +40,21 @@ def client(server) -> OpenAI:
 
 
 @pytest.fixture
-def start_server(start_mpi):
-    """start_server(checkpoint, *flags, ranks=1) -> a ready ServerProcess; killed at teardown if still running."""
+def start_server(start_mpi, start_deepspeed):
+    """start_server(checkpoint, *flags, ranks=1, launcher="mpirun") -> a ready ServerProcess (several ranks under
+    mpirun or the deepspeed launcher); killed at teardown if still running."""
     servers: list[ServerProcess] = []
 
-    def start(checkpoint: Path, *flags: str, ranks: int = 1) -> ServerProcess:
+    def start(checkpoint: Path, *flags: str, ranks: int = 1, launcher: str = "mpirun") -> ServerProcess:
         if ranks == 1:
             servers.append(spawn_server(checkpoint, *flags))
             return servers[-1]
         port = free_port()
-        server = ServerProcess(start_mpi(ranks, serve_argv(checkpoint, port, *flags)), port)
+        if launcher == "deepspeed":
+            proc = start_deepspeed(ranks, "serve.py", serve_flags(checkpoint, port, *flags))
+        else:
+            proc = start_mpi(ranks, serve_argv(checkpoint, port, *flags))
+        server = ServerProcess(proc, port)
         servers.append(server)
         server.wait_ready()
         return server

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from megakv.bench.server_metrics import Sample, scrape, total
-from megakv.processes import kill_session
+from megakv.processes import free_port, kill_session
 
 ROOT = Path(__file__).resolve().parents[2]
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
@@ -28,12 +27,6 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' 
 STARTUP_SECONDS = 120
 SHUTDOWN_SECONDS = 30
 
-
-def free_port() -> int:
-    """A port nobody listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
@@ -94,9 +87,14 @@ class ServerProcess:
         self.proc.wait()
 
 
+def serve_flags(checkpoint: Path, port: int, *flags: str) -> list[str]:
+    """The options of ``megakv serve`` (or launch/serve.py) on ``port``."""
+    return ["--model", str(checkpoint), "--port", str(port), "--log-level", "warning", *flags]
+
+
 def serve_argv(checkpoint: Path, port: int, *flags: str) -> list[str]:
     """The ``megakv serve`` command line on ``port``."""
-    return [MEGAKV, "serve", "--model", str(checkpoint), "--port", str(port), "--log-level", "warning", *flags]
+    return [MEGAKV, "serve", *serve_flags(checkpoint, port, *flags)]
 
 
 def spawn_server(checkpoint: Path, *flags: str) -> ServerProcess:

@@ -1,6 +1,7 @@
-"""megakv serve on a 2-instance DistKV cluster under mpirun: a prompt longer than one pool borrows blocks and
-decodes as Hugging Face does (its logprobs cross instances and its remote micro-attentions are counted), a client that leaves aborts its request with every block back home, and SIGTERM on
-rank 0 ends the whole job with status 0."""
+"""megakv serve on a 2-instance DistKV cluster, under mpirun and under the deepspeed launcher: a prompt longer
+than one pool borrows blocks and decodes as Hugging Face does (its logprobs cross instances and its remote
+micro-attentions are counted), a client that leaves aborts its request with every block back home, and SIGTERM
+on rank 0 ends the whole job with status 0."""
 from __future__ import annotations
 
 import signal
@@ -19,10 +20,11 @@ NUM_BLOCKS, BLOCK_SIZE = 8, 16
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model, start_server, hf_greedy):
+@pytest.mark.parametrize("launcher", ["mpirun", "deepspeed"])
+def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model, start_server, hf_greedy, launcher):
     hf_dir, checkpoint = chat_model
     server = start_server(checkpoint, "--instances", "2", "--num-blocks", str(NUM_BLOCKS), "--block-size",
-                          str(BLOCK_SIZE), "--served-model-name", "tiny", ranks=2)
+                          str(BLOCK_SIZE), "--served-model-name", "tiny", ranks=2, launcher=launcher)
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
     assert client.models.list().data[0].max_model_len == 2 * NUM_BLOCKS * BLOCK_SIZE
     assert "as 'tiny': 2 instances x TP 1\n" in server.output

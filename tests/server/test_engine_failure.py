@@ -18,6 +18,8 @@ import torch
 from openai import OpenAI
 from safetensors.torch import load_file, save_file
 
+from megakv.processes import session_pids
+
 from server_process import SHUTDOWN_SECONDS, ServerProcess
 
 SAMPLING_FAILURE = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0"
@@ -64,9 +66,10 @@ def test_engine_failure_stops_the_one_process_server_with_a_clear_line(nan_check
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_a_failing_rank_stops_the_cluster_server_with_a_clear_line(nan_checkpoint, start_server):
+@pytest.mark.parametrize("launcher", ["mpirun", "deepspeed"])
+def test_a_failing_rank_stops_the_cluster_server_with_a_clear_line(nan_checkpoint, start_server, launcher):
     server = start_server(nan_checkpoint, "--instances", "2", "--num-blocks", "16", "--served-model-name", "tiny",
-                          ranks=2)
+                          ranks=2, launcher=launcher)
     # A greedy request holds blocks on instance 0, so the router sends the sampled one to instance 1, whose rank
     # fails in its step.
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
@@ -87,24 +90,30 @@ def test_a_failing_rank_stops_the_cluster_server_with_a_clear_line(nan_checkpoin
 
 
 def rank_pids(server: ServerProcess) -> list[int]:
-    """The pids of the job's megakv ranks (children of mpirun), from /proc."""
+    """The pids of the job's ranks: the processes of its session that run ``megakv serve`` or launch/serve.py,
+    not the launchers (mpirun, deepspeed) that start them."""
     pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in session_pids(server.proc.pid):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if parent == server.proc.pid and b"megakv" in command:
-            pids.append(int(stat.parent.name))
+        if not argv[0].endswith(b"mpirun") and any(arg.endswith((b"/megakv", b"launch/serve.py")) for arg in argv[:3]):
+            pids.append(pid)
     return pids
 
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_cluster_server_and_its_streams(chat_model, start_server):
+@pytest.mark.parametrize(("launcher", "lost_rank_line"), [
+    # mpirun's own line.
+    ("mpirun", "process rank 1 with PID {pid}"),
+    # Without MPI, rank 0 sees rank 1's connection close without a goodbye.
+    ("deepspeed", "megakv: rank 0: rank 1 is gone (its connection closed without a goodbye"),
+])
+def test_a_killed_rank_ends_the_cluster_server_and_its_streams(chat_model, start_server, launcher, lost_rank_line):
     server = start_server(chat_model[1], "--instances", "2", "--num-blocks", "16", "--served-model-name", "tiny",
-                          ranks=2)
+                          ranks=2, launcher=launcher)
     (other_rank,) = [pid for pid in rank_pids(server) if pid != server.front_pid()]
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": list(range(1, 40)), "max_tokens": 200, "ignore_eos": True,
@@ -117,4 +126,4 @@ def test_a_killed_rank_ends_the_cluster_server_and_its_streams(chat_model, start
                 pass
     status, health = wait_for_exit(server)
     assert status != 0 and 200 not in health, server.output
-    assert f"process rank 1 with PID {other_rank}" in " ".join(server.output.split()), server.output
+    assert lost_rank_line.format(pid=other_rank) in " ".join(server.output.split()), server.output

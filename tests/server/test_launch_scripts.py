@@ -10,7 +10,9 @@ import sys
 import pytest
 from openai import OpenAI
 
-from server_process import ROOT, ServerProcess, free_port
+from megakv.processes import free_port
+
+from server_process import ROOT, ServerProcess
 
 
 def num_ranks(*argv: str) -> subprocess.CompletedProcess:

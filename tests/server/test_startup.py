@@ -10,7 +10,9 @@ import time
 
 import httpx
 
-from server_process import MEGAKV, STARTUP_SECONDS, ServerProcess, free_port, serve_argv
+from megakv.processes import free_port
+
+from server_process import MEGAKV, STARTUP_SECONDS, ServerProcess, serve_argv
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
