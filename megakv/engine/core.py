@@ -155,9 +155,11 @@ class InstanceCore:
         for chunk in scheduled.chunks:
             request = chunk.request
             request.num_computed_tokens += chunk.num_tokens
+            request.prompt_logprobs.extend(sampled.prompt_logprobs.get(request.request_id, ()))
             if not chunk.samples_next_token:
                 continue
             token, logprobs = next(next_tokens)
+            first = not request.output_ids
             request.output_ids.append(token)
             reason = self._finish_reason(request, token)
             placement = None
@@ -167,7 +169,9 @@ class InstanceCore:
                 self.model_runner.sampler.release(request.request_id)
             outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [token],
                                          reason, placement, instance=self.rmanager.instance_id,
-                                         new_logprobs=None if logprobs is None else [logprobs]))
+                                         new_logprobs=None if logprobs is None else [logprobs],
+                                         prompt_logprobs=list(request.prompt_logprobs) if first and
+                                         request.params.prompt_logprobs is not None else None))
         return outputs
 
     def placement(self, request: Request) -> Placement:

@@ -7,6 +7,7 @@ them to its TP group (see megakv.distkv.cluster_engine).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from megakv.attention.metadata import AttentionMetadata
 from megakv.distkv.messages import BlockRef
 from megakv.distkv.remote_attention import OutgoingQueries, ServedQueries
 from megakv.distkv.rmanager import RManager
-from megakv.engine.sampling import SampledTokens, Sampler
+from megakv.engine.sampling import SampledTokens, Sampler, token_logprobs
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.llama import LlamaModel
@@ -30,7 +31,8 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     metadata: AttentionMetadata
-    # Rows whose logits are sampled (the last token of each chunk that completes its request).
+    # Rows whose logits are computed: the last token of each chunk that completes its request (sampled), then
+    # the rows of the chunks' prompt_logprob_positions, in batch order.
     logits_indices: torch.Tensor
     # Per creditor: which rows attend to blocks there and whose K/V are stored there.
     outgoing: list[OutgoingQueries] = field(default_factory=list)
@@ -119,6 +121,7 @@ class ModelRunner:
         query_start_loc = [0]
         context_lens: list[int] = []
         logits_indices: list[int] = []
+        prompt_logprob_rows: list[int] = []
         slot_mapping: list[torch.Tensor] = []
         views = {chunk.request.request_id: self._table_view(chunk.request.request_id) for chunk in scheduled.chunks}
         # Only this step's requests stay cached: a finished request's views go with it.
@@ -137,6 +140,7 @@ class ModelRunner:
             context_lens.append(end)
             if chunk.samples_next_token:
                 logits_indices.append(len(input_ids) - 1)
+            prompt_logprob_rows.extend(first_row + position - start for position in chunk.prompt_logprob_positions)
             local_tables[row, :len(view.owners)] = view.local_row
             token_positions = torch.arange(start, end)
             token_blocks = token_positions // block_size
@@ -161,7 +165,7 @@ class ModelRunner:
                                      slot_mapping=torch.cat(slot_mapping).to(self.device), sliding_window=window)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device), metadata,
-                          torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+                          torch.tensor(logits_indices + prompt_logprob_rows, dtype=torch.long, device=self.device),
                           list(outgoing.values()), served)
 
     @torch.inference_mode()
@@ -175,11 +179,22 @@ class ModelRunner:
         return self.forward(self.prepare(scheduled), every_token)
 
     def sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> SampledTokens:
-        """The next token of every chunk that samples, in batch order, with logprobs where asked."""
+        """The next token of every chunk that samples, in batch order, with logprobs where asked, and the prompt
+        logprobs of the chunks that compute some (logits: the rows of StepInputs.logits_indices)."""
         sampling = [chunk.request for chunk in scheduled.chunks if chunk.samples_next_token]
-        if not sampling:
-            return SampledTokens([], [])
-        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+        sampled = SampledTokens([], [])
+        if sampling:
+            sampled = self.sampler.sample(logits[:len(sampling)], [r.request_id for r in sampling],
+                                          [r.params for r in sampling])
+        row = len(sampling)
+        for chunk in scheduled.chunks:
+            positions, request = chunk.prompt_logprob_positions, chunk.request
+            if positions:
+                sampled.prompt_logprobs[request.request_id] = token_logprobs(
+                    logits[row:row + len(positions)], request.prompt_ids[positions.start + 1:positions.stop + 1],
+                    request.params.prompt_logprobs)
+                row += len(positions)
+        return sampled
 
     def execute(self, scheduled: SchedulerOutput) -> SampledTokens:
         """Run one single-instance step; every TP rank returns the same tokens.
@@ -188,7 +203,7 @@ class ModelRunner:
         a client.
         """
         sampled = self.sample(scheduled, self.compute_logits(scheduled))
-        return SampledTokens(self._broadcast_from_tp_rank0(sampled.token_ids), sampled.logprobs)
+        return dataclasses.replace(sampled, token_ids=self._broadcast_from_tp_rank0(sampled.token_ids))
 
     def _broadcast_from_tp_rank0(self, tokens: list[int]) -> list[int]:
         if state.get_tensor_model_parallel_world_size() == 1 or not tokens:

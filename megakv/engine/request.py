@@ -31,6 +31,8 @@ class Request:
     block_instances: set[int] = field(default_factory=set)
     # Order of arrival at the engine's front (cluster-wide): the gManager serves borrowers in this order.
     arrival: int = 0
+    # When params ask for prompt logprobs: entry i is prompt token i + 1's, as computed so far.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -73,6 +75,9 @@ class RequestOutput:
     instance: int | None = None
     # Logprobs of new_token_ids, one each, when the request's params ask for them.
     new_logprobs: list[TokenLogprobs] | None = None
+    # On a request's first output, when its params ask for them: the logprobs of every prompt token after the
+    # first (the first has no context to be predicted from).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

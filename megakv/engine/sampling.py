@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     # Top logprobs wanted per sampled token (0 = the sampled token's alone); None = no logprobs.
     logprobs: int | None = None
+    # The same for each prompt token after the first (vLLM's prompt_logprobs): computed during prefill.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("temperature", "top_p"):
@@ -47,9 +49,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
+        for key in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{key} must be an integer from 0 to {MAX_LOGPROBS}, got {value!r}")
 
     @property
     def greedy(self) -> bool:
@@ -86,14 +90,20 @@ class SampledTokens:
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    # request id -> logprobs of the prompt tokens this step's chunk of it predicted, in order (prompt_logprobs).
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
-def token_logprobs(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
-    """The logprob of token_id and the num_top most likely tokens, from one logits row [vocab], in fp32."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(logprobs, num_top) if num_top else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return TokenLogprobs(float(logprobs[token_id]), pairs)
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprobs]:
+    """For each logits row [N, vocab] (fp32 log_softmax): the logprob of its token in ``token_ids`` [N] and its
+    ``num_top`` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, vocab]
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()
+    if not num_top:
+        return [TokenLogprobs(value, []) for value in chosen]
+    top = torch.topk(logprobs, num_top)
+    return [TokenLogprobs(value, list(zip(ids, values)))
+            for value, ids, values in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
 
 class Sampler:
@@ -113,7 +123,7 @@ class Sampler:
             probs = filtered.softmax(-1)
             tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, request_params)))
         logprobs = [None if request_params.logprobs is None else
-                    token_logprobs(logits[row], tokens[row], request_params.logprobs)
+                    token_logprobs(logits[row:row + 1], tokens[row:row + 1], request_params.logprobs)[0]
                     for row, request_params in enumerate(params)]
         return SampledTokens(tokens, logprobs)
 

@@ -41,6 +41,16 @@ class ScheduledChunk:
         """True when the chunk reaches the request's last token, so its logits give the next one."""
         return self.start + self.num_tokens == self.request.num_tokens
 
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """The chunk's positions whose logits give the logprob of the next prompt token, for a request that asks
+        for prompt logprobs; a preempted request's recomputed chunks skip those it already has."""
+        request = self.request
+        if request.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(self.start, len(request.prompt_logprobs)),
+                     min(self.start + self.num_tokens, len(request.prompt_ids) - 1))
+
 
 @dataclass(frozen=True)
 class SchedulerOutput:

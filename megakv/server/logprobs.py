@@ -25,16 +25,19 @@ def _logprob(value: float) -> float:
     return max(value, MIN_LOGPROB)
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], tokenizer: TextTokenizer | None,
-                        text_offset: int = 0) -> dict[str, Any]:
-    """A completion choice's logprobs; ``text_offset`` is where the first token's text starts in the choice."""
+def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs | None],
+                        tokenizer: TextTokenizer | None, text_offset: int = 0) -> dict[str, Any]:
+    """A completion choice's logprobs; ``text_offset`` is where the first token's text starts in the choice. A
+    token without logprobs (an echoed prompt's first) has None for them."""
     tokens, offsets = [], []
     for token_id in token_ids:
         tokens.append(token_text(tokenizer, token_id))
         offsets.append(text_offset)
         text_offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [_logprob(entry.logprob) for entry in logprobs],
-            "top_logprobs": [{token_text(tokenizer, top_id): _logprob(value) for top_id, value in entry.top}
+    return {"tokens": tokens,
+            "token_logprobs": [None if entry is None else _logprob(entry.logprob) for entry in logprobs],
+            "top_logprobs": [None if entry is None else
+                             {token_text(tokenizer, top_id): _logprob(value) for top_id, value in entry.top}
                              for entry in logprobs],
             "text_offset": offsets}
 

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as vLLM accepts them, checked strictly with pydantic.
 
 A field megakv does not know is rejected by name ("extra": "forbid"), and a known field that
-megakv does not implement is accepted only at its neutral value (no ``best_of``, no penalties, no
-prompt logprobs), so a client never gets an answer that silently ignored what it asked for.
+megakv does not implement is accepted only at its neutral value (no ``best_of``, no penalties), so a
+client never gets an answer that silently ignored what it asked for.
 """
 from __future__ import annotations
 
@@ -90,22 +90,24 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
-    # Top logprobs per generated token (vLLM's and OpenAI's legacy field).
+    # Top logprobs per generated token, and with echo per prompt token too (vLLM's and OpenAI's legacy field).
     logprobs: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> CompletionRequest:
         check_num_logprobs("logprobs", self.logprobs)
-        if self.logprobs is not None and self.echo:
-            raise ValueError("logprobs with echo asks for the prompt's logprobs, which megakv does not compute: "
-                             "leave out echo or logprobs")
         return self
 
     @property
     def num_top_logprobs(self) -> int | None:
         """Top logprobs wanted per generated token; None: no logprobs."""
         return self.logprobs
+
+    @property
+    def num_top_prompt_logprobs(self) -> int | None:
+        """Top logprobs wanted per prompt token: echo returns the prompt, with its logprobs when asked."""
+        return self.logprobs if self.echo else None
 
 
 class TextPart(StrictModel):
@@ -155,6 +157,11 @@ class ChatCompletionRequest(SamplingRequest):
     def num_top_logprobs(self) -> int | None:
         """Top logprobs wanted per generated token; None: no logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def num_top_prompt_logprobs(self) -> None:
+        """A chat response never returns its prompt."""
+        return None
 
 
 class TokenizeRequest(StrictModel):

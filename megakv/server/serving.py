@@ -138,7 +138,8 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
                               top_k=top_k, top_p=1.0 if values["top_p"] is None else values["top_p"],
                               seed=values["seed"], ignore_eos=bool(values["ignore_eos"]),
                               stop_token_ids=(*stop_token_ids, *extra_stop_ids),
-                              logprobs=request.num_top_logprobs)
+                              logprobs=request.num_top_logprobs,
+                              prompt_logprobs=request.num_top_prompt_logprobs)
     except ValueError as err:
         raise APIError(str(err)) from None
 
@@ -216,13 +217,24 @@ class Completion:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.context.model_name}
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None,
-                  text_offset: int) -> dict[str, Any] | None:
+    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None, text_offset: int,
+                  prompt: tuple[list[int], list[TokenLogprobs]] | None = None) -> dict[str, Any] | None:
+        """A choice's (or chunk's) logprobs; an echoed ``prompt`` (its token ids and the logprobs of all but
+        the first) comes first, as vLLM returns it: the first prompt token has none."""
         if logprobs is None:
             return None
         if self.chat:
             return chat_logprobs(token_ids, logprobs, self.context.tokenizer)
+        if prompt is not None:
+            prompt_ids, prompt_logprobs = prompt
+            token_ids, logprobs = prompt_ids + token_ids, [None, *prompt_logprobs, *logprobs]
         return completion_logprobs(token_ids, logprobs, self.context.tokenizer, text_offset)
+
+    def _echoed_prompt(self, index: int, delta: TextDelta) -> tuple[list[int], list[TokenLogprobs]] | None:
+        """The prompt of choice ``index`` and its logprobs, carried by the choice's first delta when it asked."""
+        if delta.prompt_logprobs is None:
+            return None
+        return self.prompts[index].token_ids, delta.prompt_logprobs
 
     def _choice(self, index: int, text: str, token_ids: list[int], delta: TextDelta | None, chunk: bool,
                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -247,6 +259,7 @@ class Completion:
         texts = [self._prompt_text(prompt) if self.echo else "" for prompt in self.prompts]
         token_ids: list[list[int]] = [[] for _ in self.prompts]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(self.prompts)
+        echoed: list[tuple[list[int], list[TokenLogprobs]] | None] = [None] * len(self.prompts)
         finals: list[TextDelta | None] = [None] * len(self.prompts)
         async with aclosing(self._streams()) as streams:
             async for index, delta in streams:
@@ -254,10 +267,11 @@ class Completion:
                 token_ids[index] += delta.token_ids
                 if delta.logprobs is not None:
                     logprobs[index] = (logprobs[index] or []) + delta.logprobs
+                echoed[index] = echoed[index] or self._echoed_prompt(index, delta)
                 if delta.finish_reason is not None:
                     finals[index] = delta
         choices = [self._choice(index, texts[index], token_ids[index], finals[index], chunk=False,
-                                logprobs=self._logprobs(token_ids[index], logprobs[index], 0))
+                                logprobs=self._logprobs(token_ids[index], logprobs[index], 0, echoed[index]))
                    for index in range(len(self.prompts))]
         return {**self._header(chunk=False), "choices": choices, "usage": self._usage(token_ids)}
 
@@ -266,24 +280,26 @@ class Completion:
         token_ids: list[list[int]] = [[] for _ in self.prompts]
         # Where each completion choice's next token text starts, for its logprobs' text_offset.
         text_offsets = [0] * len(self.prompts)
-        for index, prompt in enumerate(self.prompts):
-            if self.chat:
+        # As vLLM: an echoed prompt comes with its choice's first tokens, and so can carry its logprobs.
+        to_echo = [self.echo] * len(self.prompts)
+        if self.chat:
+            for index in range(len(self.prompts)):
                 opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                            "finish_reason": None}
                 yield sse({**self._header(chunk=True), "choices": [opening]})
-            elif self.echo:
-                yield sse({**self._header(chunk=True),
-                           "choices": [self._choice(index, self._prompt_text(prompt), [], None, chunk=True)]})
         try:
             async with aclosing(self._streams()) as streams:
                 async for index, delta in streams:
-                    logprobs = self._logprobs(delta.token_ids, delta.logprobs, text_offsets[index])
+                    text, prompt = delta.text, None
+                    if to_echo[index]:
+                        to_echo[index] = False
+                        text, prompt = self._prompt_text(self.prompts[index]) + text, self._echoed_prompt(index, delta)
+                    logprobs = self._logprobs(delta.token_ids, delta.logprobs, text_offsets[index], prompt)
                     if logprobs is not None and not self.chat:
                         text_offsets[index] += sum(map(len, logprobs["tokens"]))
                     token_ids[index] += delta.token_ids
-                    if delta.text or delta.finish_reason is not None or self.with_token_ids or logprobs:
-                        choice = self._choice(index, delta.text, delta.token_ids, delta, chunk=True,
-                                              logprobs=logprobs)
+                    if text or delta.finish_reason is not None or self.with_token_ids or logprobs:
+                        choice = self._choice(index, text, delta.token_ids, delta, chunk=True, logprobs=logprobs)
                         yield sse({**self._header(chunk=True), "choices": [choice]})
         except (RuntimeError, ValueError) as err:
             yield sse({"error": {"message": str(err), "type": "InternalServerError", "param": None, "code": 500}})

@@ -31,6 +31,8 @@ class TextDelta:
     stop_reason: str | int | None = None
     # Logprobs of token_ids, one each, when the request asked for them.
     logprobs: list[TokenLogprobs] | None = None
+    # On the first delta, when the request asked for them: the logprobs of the prompt's tokens after the first.
+    prompt_logprobs: list[TokenLogprobs] | None = None
     # On the last delta: the instance that served the request, and where its KV blocks were at the end (None
     # when the request never held a block, or when it was cut here and its caller did not wait for them).
     instance: int | None = None
@@ -72,7 +74,8 @@ async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: Samp
                     engine.abort(request_id)
                     placement = await _last_placement(outputs)
             logprobs = None if output.new_logprobs is None else output.new_logprobs[:len(token_ids)]
-            yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs, output.instance, placement)
+            yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs, output.prompt_logprobs,
+                            output.instance, placement)
             if finish_reason is not None:
                 # Leaving the loop closes the engine's generator: a request still running there is aborted.
                 return

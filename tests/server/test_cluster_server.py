@@ -1,14 +1,16 @@
 """megakv serve on a 2-instance DistKV cluster, under mpirun and under the deepspeed launcher: a prompt longer
 than one pool borrows blocks and decodes as Hugging Face does (its logprobs cross instances and its remote
-micro-attentions are counted), a client that leaves aborts its request with every block back home, and SIGTERM
-on rank 0 ends the whole job with status 0."""
+micro-attentions are counted), its prompt logprobs (echo) are Hugging Face's, a client that leaves aborts its
+request with every block back home, and SIGTERM on rank 0 ends the whole job with status 0."""
 from __future__ import annotations
 
 import signal
 
 import httpx
 import pytest
+import torch
 from openai import OpenAI
+from transformers import AutoModelForCausalLM
 
 from megakv.bench.server_metrics import scrape, total
 
@@ -41,6 +43,15 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
     assert long_placement["num_remote_blocks"] > 0 and long_placement["block_instances"] == [0, 1]
     assert short_placement["num_remote_blocks"] == 0
     assert [len(choice.logprobs.top_logprobs) for choice in response.choices] == list(map(len, expected))
+    # The prompt's own logprobs (echo), computed in prefill chunks whose attention spans both instances.
+    echoed = client.completions.create(model="tiny", prompt=long_prompt, max_tokens=1, temperature=0, echo=True,
+                                       logprobs=1).choices[0].logprobs
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([long_prompt])).logits[0, :-1], dim=-1)  # [199, vocab]
+    assert echoed.token_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(echoed.token_logprobs[1:len(long_prompt)]),
+                               expected.gather(1, torch.tensor(long_prompt[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
     samples = wait_for_idle_pools(server.url)
     assert total(samples, "megakv:borrow_events_total") >= 1
     assert total(samples, "megakv:remote_micro_attentions_total") >= 1

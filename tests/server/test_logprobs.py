@@ -77,3 +77,37 @@ def test_chat_logprobs_equal_hugging_face_top_k_in_order(client, chat_model, tok
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0,
                                            logprobs=True)
     assert all(entry.top_logprobs == [] for entry in plain.choices[0].logprobs.content)
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt_as_hugging_face(client, chat_model, tokenizer):
+    prompt_ids = [5, 80, 33, 120, 7, 64, 9]
+    choice = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=NUM_TOP, extra_body={"return_token_ids": True,
+                                                                     "ignore_eos": True}).choices[0]
+    token_ids = prompt_ids + choice.token_ids
+    model = AutoModelForCausalLM.from_pretrained(chat_model[0], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, :-1], dim=-1)  # [S - 1, vocab]
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([token]) for token in token_ids]
+    # As vLLM: the first prompt token has no context, so no logprobs.
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:]),
+                               expected.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
+    for position, top in enumerate(logprobs.top_logprobs[1:]):
+        values, ids = expected[position].topk(NUM_TOP)
+        # Keyed by text, as vLLM's: tokens with the same text (bytes that are not UTF-8 alone) share a key.
+        reference = {tokenizer.decode([token]): value for token, value in zip(ids.tolist(), values.tolist())}
+        assert top.keys() == reference.keys()
+        torch.testing.assert_close(torch.tensor(list(top.values())), torch.tensor(list(reference.values())),
+                                   atol=1e-4, rtol=0)
+    lengths = [len(token) for token in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:index]) for index in range(len(lengths))]
+
+    chunks = list(client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=NUM_TOP, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == choice.text
+    streamed = [chunk.choices[0].logprobs for chunk in chunks if chunk.choices[0].logprobs is not None]
+    assert sum((part.tokens for part in streamed), []) == logprobs.tokens
+    assert sum((part.token_logprobs for part in streamed), []) == logprobs.token_logprobs
+    assert sum((part.text_offset for part in streamed), []) == logprobs.text_offset
