@@ -21,7 +21,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
     parser.add_argument("--instances", type=int, help="serving instances (default 1)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt (default 32)")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="tokens to generate per prompt (default 32); serve: for requests without max_tokens "
+                             "(default: vLLM's, 16 for completions and the room left for chat)")
     parser.add_argument("--temperature", type=float, help="0 for greedy decoding (default 0)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (1: off)")

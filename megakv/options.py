@@ -90,15 +90,25 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _from_config_file(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.config:
+        return {}
+    return {OPTION_ALIASES.get(name, name): value for name, value in load_yaml(args.config).items()}
+
+
 def option_source(args: argparse.Namespace, key: str) -> str:
     """Where an option's value came from, for an error message: its flag, the config file's key, or the default."""
     if getattr(args, key, None) is not None:
         return f"--{key.replace('_', '-')} {getattr(args, key)}"
-    if args.config:
-        from_file = {OPTION_ALIASES.get(name, name): value for name, value in load_yaml(args.config).items()}
-        if key in from_file:
-            return f"{key}: {from_file[key]} in {args.config}"
+    from_file = _from_config_file(args)
+    if key in from_file:
+        return f"{key}: {from_file[key]} in {args.config}"
     return f"the default {key.replace('_', '-')} {DEFAULTS[key] if key in DEFAULTS else SERVER_DEFAULTS[key]}"
+
+
+def is_set(args: argparse.Namespace, key: str) -> bool:
+    """True when a flag or the config file gives the option (not its default)."""
+    return getattr(args, key, None) is not None or key in _from_config_file(args)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.core import KVCapacity
 from megakv.engine.llm_engine import LLMEngine
 from megakv.generate import RankLocalError, chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
-from megakv.options import UsageError, engine_config, option_source, resolve_options, server_config
+from megakv.options import UsageError, engine_config, is_set, option_source, resolve_options, server_config
 from megakv.parallel import state
 from megakv.server.app import build_app
 from megakv.server.metrics import ServerMetrics
@@ -36,7 +36,8 @@ from megakv.tokenizer import TextTokenizer
 
 # Seconds open responses may take to finish once the server is asked to stop.
 GRACEFUL_SHUTDOWN_SECONDS = 5
-# Options of the command that are the defaults of requests that do not set them.
+# Options of the command that are the defaults of requests that do not set them (max_new_tokens only when the
+# flag or the config gives it: else requests get vLLM's defaults, see megakv.server.serving).
 REQUEST_DEFAULTS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos")
 
 
@@ -153,8 +154,10 @@ def run_serve(args: argparse.Namespace) -> int:
                                                num_instances)
         async_engine = AsyncEngine(engine)
         model_name = settings.served_model_name or args.model
+        request_defaults = {key: options[key] for key in REQUEST_DEFAULTS
+                            if key != "max_new_tokens" or is_set(args, key)}
         context = ServingContext(async_engine, model_name, info.model.vocab_size, max_model_len, reason, tokenizer,
-                                 chat, ServerMetrics(model_name), {key: options[key] for key in REQUEST_DEFAULTS},
+                                 chat, ServerMetrics(model_name), request_defaults,
                                  chat_stop_token_ids(tokenizer, chat))
         for line in startup_lines(args.model, info, dtype, config, engine.kv_capacity(), context):
             print(f"megakv serve: {line}", file=sys.stderr, flush=True)

@@ -25,6 +25,9 @@ from megakv.server.protocol import ChatCompletionRequest, ChatMessage, Completio
 from megakv.server.streams import TextDelta, generate_text, merge
 from megakv.tokenizer import TextTokenizer
 
+# vLLM's (and OpenAI's legacy) max_tokens of a completion that sets none; a chat reply may fill the room left.
+COMPLETION_MAX_TOKENS = 16
+
 
 class APIError(ValueError):
     """A request the server cannot serve, answered with an OpenAI-style error body."""
@@ -120,7 +123,8 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
                        f"({context.max_model_len_reason}): shorten the prompt", param="prompt")
     max_tokens = request.max_tokens
     if max_tokens is None:
-        max_tokens = min(context.defaults.get("max_new_tokens", room), room)
+        default = COMPLETION_MAX_TOKENS if isinstance(request, CompletionRequest) else room
+        max_tokens = min(context.defaults.get("max_new_tokens", default), room)
     elif max_tokens < 1:
         raise APIError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     elif max_tokens > room:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from openai import OpenAI
 from transformers import PreTrainedTokenizerFast
 
 from server_process import CHAT_TEMPLATE
@@ -191,3 +192,23 @@ def test_models_health_version_tokenize_detokenize(server, client, reference_tok
                                                                   tokenize=True, return_dict=True)["input_ids"]
     decoded = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json()
     assert decoded == {"prompt": text}
+
+
+def test_max_tokens_defaults_to_vllm_s_or_to_the_operator_s(chat_model, start_server):
+    def default_lengths(server) -> tuple[int, int]:
+        """Tokens generated for a completion and a chat that set no max_tokens, and the room the chat's prompt
+        leaves."""
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
+        completion = client.completions.create(model="tiny", prompt=[5, 6, 7], extra_body={"ignore_eos": True})
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              extra_body={"ignore_eos": True})
+        assert chat.choices[0].finish_reason == "length"
+        return completion.usage.completion_tokens, chat.usage.completion_tokens, 128 - chat.usage.prompt_tokens
+
+    # Pools of 8 blocks of 16 tokens: a request may hold 128 tokens.
+    completion, chat, room = default_lengths(start_server(chat_model[1], "--num-blocks", "8",
+                                                          "--served-model-name", "tiny"))
+    assert (completion, chat) == (16, room)
+    operator_set = start_server(chat_model[1], "--num-blocks", "8", "--served-model-name", "tiny",
+                                "--max-new-tokens", "5")
+    assert default_lengths(operator_set)[:2] == (5, 5)
