@@ -1,12 +1,16 @@
-"""megakv serve on one process, through the real openai client: tokens equal Hugging Face's greedy decode."""
+"""megakv serve on one process, through the real openai client: tokens equal Hugging Face's greedy decode, and
+`megakv generate`'s for the same prompts."""
 from __future__ import annotations
+
+import json
+import subprocess
 
 import httpx
 import pytest
 from openai import OpenAI
 from transformers import PreTrainedTokenizerFast
 
-from server_process import CHAT_TEMPLATE
+from server_process import CHAT_TEMPLATE, MEGAKV
 
 MAX_TOKENS = 12
 
@@ -212,3 +216,21 @@ def test_max_tokens_defaults_to_vllm_s_or_to_the_operator_s(chat_model, start_se
     operator_set = start_server(chat_model[1], "--num-blocks", "8", "--served-model-name", "tiny",
                                 "--max-new-tokens", "5")
     assert default_lengths(operator_set)[:2] == (5, 5)
+
+
+def test_greedy_tokens_equal_megakv_generate_for_the_same_prompts(client, chat_model, tmp_path):
+    messages = [{"role": "user", "content": "Hi there"}]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "Once upon a time"}, {"prompt_ids": [5, 80, 33, 120, 7]}, {"messages": messages}]) + "\n")
+    generated = subprocess.run([MEGAKV, "generate", "--model", str(chat_model[1]), "--prompts-file",
+                                str(prompts_file), "--max-new-tokens", str(MAX_TOKENS), "--json"],
+                               capture_output=True, text=True, check=True, timeout=120)
+    expected = [json.loads(line)["token_ids"] for line in generated.stdout.splitlines()]
+    served = [client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                        extra_body={"return_token_ids": True}).choices[0].token_ids
+              for prompt in ("Once upon a time", [5, 80, 33, 120, 7])]
+    served.append(client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS,
+                                                 temperature=0, extra_body={"return_token_ids": True}
+                                                 ).choices[0].token_ids)
+    assert served == expected
