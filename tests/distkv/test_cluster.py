@@ -59,15 +59,16 @@ def test_cluster_request_beyond_instance_pool_equals_hf(tp, instances, kind, hf_
 
 
 @pytest.mark.mpi
-def test_cluster_mixed_batch_borrows_both_ways_and_dgfm_keeps_tokens(hf_llama, megakv_checkpoint, hf_greedy,
-                                                                     run_mpi, tmp_path):
+def test_cluster_mixed_batch_borrows_both_ways_keeping_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi,
+                                                              tmp_path):
     prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230, 230, 30])]
     records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 8},
                {"prompt_ids": prompts[1], "instance": 0},
                {"prompt_ids": prompts[2], "instance": 1, "max_new_tokens": 24},
                {"prompt_ids": prompts[3], "instance": 1}]
-    # A pool of 14 blocks (224 tokens) and one DGFM move per step: each long request borrows from the other
-    # instance whatever the two instances' timing, and moves happen once the short requests leave room.
+    # A pool of 14 blocks (224 tokens) and one DGFM move per step: each long request is longer than a pool, so
+    # it borrows from the other instance whatever the two instances' timing. Whether blocks then move home
+    # depends on that timing (a debtor's short request must end while its loan is held): see the next test.
     results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, records,
                                      "--kv-blocks-per-instance", "14", "--max-moves-per-step", "1")
     hf_dir = hf_llama("gqa")
@@ -75,6 +76,26 @@ def test_cluster_mixed_batch_borrows_both_ways_and_dgfm_keeps_tokens(hf_llama, m
         expected = hf_greedy(hf_dir, [record["prompt_ids"]], record.get("max_new_tokens", MAX_NEW_TOKENS))[0]
         assert result["token_ids"] == expected
     assert 1 in results[1]["block_instances"] and 0 in results[2]["block_instances"]
+    assert report["ledger_outstanding"] == {}
+    assert report["free_blocks"] == {"0": 14, "1": 14}
+
+
+@pytest.mark.mpi
+def test_cluster_dgfm_pulls_borrowed_blocks_home_keeping_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi,
+                                                                tmp_path):
+    # Instance 0 runs a short request and a long one (15 blocks of prompt, more than its 14-block pool, so it
+    # borrows during its prefill from instance 1, which has nothing to run and answers within milliseconds).
+    # The short one ends 24 steps later, long before the long one (48 new tokens): its blocks make room, and
+    # DGFM pulls the borrowed blocks home, one per step.
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230], start=20)]
+    records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 24},
+               {"prompt_ids": prompts[1], "instance": 0, "max_new_tokens": 48}]
+    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, records,
+                                     "--kv-blocks-per-instance", "14", "--max-moves-per-step", "1")
+    hf_dir = hf_llama("gqa")
+    for record, result in zip(records, results):
+        assert result["token_ids"] == hf_greedy(hf_dir, [record["prompt_ids"]], record["max_new_tokens"])[0]
+    assert results[1]["block_instances"] == [0, 1]
     assert report["blocks_moved_by_dgfm"] > 0
     assert report["ledger_outstanding"] == {}
     assert report["free_blocks"] == {"0": 14, "1": 14}
