@@ -13,6 +13,7 @@ import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
 from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, ReturnBlocks, Room, Settled, Turn, WantRoom,
                                     Yield, Yielded)
 from megakv.distkv.rmanager import RManager
