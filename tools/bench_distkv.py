@@ -12,7 +12,10 @@ Prints one JSON object. In one run it measures
   (no blocks shared), against instance 0 alone;
 * control traffic: control messages and bytes each instance's leader sends per step (the mean
   over instances, and the most any one sends), with one short request per instance, at each of
-  ``--traffic-instances`` (oversubscribed).
+  ``--traffic-instances`` (oversubscribed);
+* the transport's floor: the round trip of a 4 KB message (one decode step's query of a layer, with
+  room to spare) between two instances over the DistAttention groups, to set beside the remote
+  overhead per layer that the spread runs imply.
 
     python tools/bench_distkv.py [--contexts 2048,16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
 
@@ -37,15 +40,18 @@ from megakv.processes import run_session
 BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 16
+NUM_LAYERS = 2
+# Round trips of the transport-floor run, and the message each carries (bytes).
+NUM_ROUND_TRIPS, ROUND_TRIP_BYTES = 2000, 4096
 
 
 def build_model(folder: Path, max_positions: int) -> Path:
-    """A random LLaMA (4 KV heads of 64 dims, 2 layers) converted to a megakv checkpoint."""
+    """A random LLaMA (4 KV heads of 64 dims, NUM_LAYERS layers) converted to a megakv checkpoint."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=NUM_LAYERS,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
                          initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder / "hf")
@@ -81,7 +87,8 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration, inside mpirun; rank 0 prints its JSON line.
 
     Modes: ``single``, one request on instance 0 (borrowing when its pool is short); ``independent``, one
-    request per instance, each fitting its own pool; ``traffic``, the same with control-traffic counting.
+    request per instance, each fitting its own pool; ``traffic``, the same with control-traffic counting;
+    ``round_trip``, the transport's floor (see round_trip).
     """
     import torch
 
@@ -94,6 +101,10 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     env = state.init_distributed()
     state.initialize_model_parallel(1, args.instances)
+    if args.mode == "round_trip":
+        round_trip(env.rank)
+        state.destroy_model_parallel()
+        return
     info = read_checkpoint_info(args.model)
     config = EngineConfig(cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=args.pool_blocks),
                           scheduler=SchedulerConfig(max_num_batched_tokens=512),
@@ -130,6 +141,33 @@ def worker(args: argparse.Namespace) -> None:
     state.destroy_model_parallel()
 
 
+def round_trip(rank: int) -> None:
+    """Instance 0 sends a message on the query group and waits for instance 1's answer on the reply group, as
+    a remote micro-attention does, with no work between: the transport's own round trip."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from megakv.parallel import state
+
+    message = torch.zeros(ROUND_TRIP_BYTES // 4)
+    queries, replies = state.get_dist_attention_group(), state.get_dist_attention_reply_group()
+    times = []
+    for _ in range(NUM_ROUND_TRIPS):
+        started = time.perf_counter()
+        if rank == 0:
+            dist.send(message, 1, group=queries)
+            dist.recv(message, 1, group=replies)
+        else:
+            dist.recv(message, 0, group=queries)
+            dist.send(message, 0, group=replies)
+        times.append(time.perf_counter() - started)
+    if rank == 0:
+        print(json.dumps({"round_trip_us": 1e6 * statistics.median(times), "bytes": ROUND_TRIP_BYTES,
+                          "round_trips": NUM_ROUND_TRIPS}), flush=True)
+
+
 def max_context(model: Path, instances: int, pool_blocks: int, new_tokens: int) -> dict:
     """The longest request that completes: the full I x pool fits, one more block does not."""
     limit = instances * pool_blocks * BLOCK_SIZE
@@ -153,9 +191,13 @@ def remote_overhead(model: Path, context: int, args: argparse.Namespace) -> dict
                      "spread_decode_tokens_per_s": spread["decode_tokens_per_s"],
                      "spread_num_remote_blocks": spread["num_remote_blocks"],
                      "slowdown": local["decode_tokens_per_s"] / spread["decode_tokens_per_s"]})
-    return {"context": context, "runs": runs,
-            **{key: statistics.median(run[key] for run in runs)
-               for key in ("local_decode_tokens_per_s", "spread_decode_tokens_per_s", "slowdown")}}
+    medians = {key: statistics.median(run[key] for run in runs)
+               for key in ("local_decode_tokens_per_s", "spread_decode_tokens_per_s", "slowdown")}
+    # What each remote layer adds to a decode step, and what the 1.15x target would leave it.
+    local_step_us = 1e6 / medians["local_decode_tokens_per_s"]
+    return {"context": context, "runs": runs, **medians,
+            "remote_layer_overhead_us": (medians["slowdown"] - 1) * local_step_us / NUM_LAYERS,
+            "remote_layer_budget_at_1.15x_us": 0.15 * local_step_us / NUM_LAYERS}
 
 
 def independence(model: Path, context: int, args: argparse.Namespace) -> dict:
@@ -222,6 +264,7 @@ def main() -> None:
         results["remote_overhead"] = [remote_overhead(model, context, args) for context in contexts]
         results["independence"] = independence(model, max(contexts), args)
         results["control_traffic"] = control_traffic(model, [int(n) for n in args.traffic_instances.split(",")])
+        results["transport_round_trip"] = run_worker(model, 2, 16, 1, 1, mode="round_trip")
     print(json.dumps(results, indent=1))
 
 

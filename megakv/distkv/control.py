@@ -67,6 +67,9 @@ class InstanceControl:
             asked = self._asked.get(message.request_id, 0) - (len(message.block_ids) - len(unused))
             if self._asked.get(message.request_id) == _YIELDED:
                 pass  # a loan that crossed the Yield: its blocks went back above
+            elif unused:
+                # The gManager counts the whole loan as served: tell it what the request still needs.
+                self._correct(message.request_id)
             elif asked > 0:
                 self._asked[message.request_id] = asked
             else:

@@ -14,6 +14,7 @@ so the in-process tests and the MPI cluster drive the same code.
 """
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ class _Borrower:
     # Asked to yield; it waits for its Turn, then tells how many blocks it needs.
     parked: bool = False
     turn_sent: bool = False
+    # Changes whenever the debtor tells a new need: a Lend asked for an earlier need is not taken off this one.
+    version: int = 0
 
 
 class GManager:
@@ -44,8 +47,9 @@ class GManager:
         self._lendable = list(lendable_blocks)
         # Borrowers in arrival order, by request id.
         self._queue: dict[str, _Borrower] = {}
-        # The request whose Lend awaits its creditor's answer.
-        self._asking: str | None = None
+        # The request whose Lend awaits its creditor's answer, and the version of its need that the Lend served.
+        self._asking: tuple[str, int] | None = None
+        self._versions = itertools.count(1)
         self._room_wanted = False
 
     def outstanding(self) -> dict[str, int]:
@@ -57,7 +61,7 @@ class GManager:
         waiting = ", ".join(f"{b.request_id} of instance {b.debtor} " +
                             (("has its turn" if b.turn_sent else "yielded") if b.parked else f"needs {b.num_blocks}")
                             for b in self._queue.values())
-        asking = f"; a Lend for {self._asking} in flight" if self._asking is not None else ""
+        asking = f"; a Lend for {self._asking[0]} in flight" if self._asking is not None else ""
         return f"borrowers: {waiting or 'none'}{asking}; lendable blocks per instance: {self._lendable}"
 
     @property
@@ -70,6 +74,8 @@ class GManager:
         if isinstance(message, Borrow):
             self._on_borrow(message)
         elif isinstance(message, Lent):
+            assert self._asking is not None, "a Lent answers the one Lend in flight"
+            _, asked_version = self._asking
             self._asking = None
             self._lendable[message.creditor] = message.num_lendable_blocks
             self.debts[message.debtor, message.creditor] += message.num_blocks
@@ -77,7 +83,9 @@ class GManager:
                 self.num_borrow_events += 1
                 self.num_blocks_borrowed += message.num_blocks
             borrower = self._queue.get(message.request_id)
-            if borrower is not None and not borrower.parked:
+            # A need told after the Lend went out (the request ended, was preempted, or came back) is the
+            # debtor's own count: the loan may have reached it too late to fill it, and then goes back.
+            if borrower is not None and not borrower.parked and borrower.version == asked_version:
                 borrower.num_blocks -= message.num_blocks
                 if borrower.num_blocks <= 0:
                     del self._queue[message.request_id]
@@ -104,8 +112,10 @@ class GManager:
             self._queue.pop(message.request_id, None)
         elif borrower is not None:
             borrower.num_blocks, borrower.parked = message.num_blocks, False
+            borrower.version = next(self._versions)
         else:
-            self._enqueue(_Borrower(message.debtor, message.request_id, message.arrival, message.num_blocks))
+            self._enqueue(_Borrower(message.debtor, message.request_id, message.arrival, message.num_blocks,
+                                    version=next(self._versions)))
 
     def _enqueue(self, borrower: _Borrower) -> None:
         self._queue[borrower.request_id] = borrower
@@ -125,7 +135,7 @@ class GManager:
         creditors = [c for c in range(self.num_instances) if c != first.debtor and self._lendable[c] > 0]
         if not first.parked and creditors:
             creditor = max(creditors, key=lambda c: (self._lendable[c], -c))
-            self._asking = first.request_id
+            self._asking = (first.request_id, first.version)
             return [(creditor, Lend(first.debtor, first.request_id, min(first.num_blocks, self._lendable[creditor])))]
         if first.parked and not first.turn_sent:
             first.turn_sent = True

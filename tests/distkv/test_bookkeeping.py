@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megakv.distkv.in_process import InProcessCluster
-from megakv.distkv.messages import PENDING, Loan
+from megakv.distkv.messages import PENDING, Borrow, Lend, Loan
 from megakv.distkv.rmanager import RManager
 from megakv.kvcache.block_pool import BlockPool
 
@@ -198,3 +198,36 @@ def test_dgfm_pulls_blocks_home_when_room_frees_up():
     cluster.sync()
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {"0->1": 1} and cluster.gmanager.num_blocks_moved == 1
+
+
+def deliver_next(cluster: Cluster, kind: type) -> None:
+    """Deliver the oldest queued message of ``kind`` ahead of the others (messages from different senders may
+    reach the gManager in any order)."""
+    queue = cluster.control.queue
+    index = next(i for i, (_, message) in enumerate(queue) if isinstance(message, kind))
+    queue.rotate(-index)
+    cluster.control.deliver_one()
+    queue.rotate(index)
+
+
+def test_a_loan_that_crosses_a_preemption_does_not_count_against_the_readmitted_request():
+    # Found by CI as a cluster stalled for 60 s ("1 running, 3 waiting; borrowers: none"). The request's Lend is
+    # answered while it is preempted, so its loan goes back unused; the creditor's Lent then reaches the gManager
+    # after the readmitted request's new Borrow, and must not be taken off that new need.
+    cluster = Cluster([4, 4])
+    node = cluster.control.nodes[0]
+    cluster.grow(0, "r", 6 * BLOCK_SIZE)  # 4 local blocks, 2 pending
+    node.sync(cluster.arrivals)
+    deliver_next(cluster, Borrow)
+    deliver_next(cluster, Lend)  # instance 1 lends 2: its Loan and its Lent are on their way
+    cluster.rmanagers[0].free("r")  # preempted
+    deliver_next(cluster, Loan)  # no slot for it: handed back
+    node.sync(cluster.arrivals)  # needs nothing now
+    cluster.grow(0, "r", 6 * BLOCK_SIZE)  # admitted again: 2 pending
+    node.sync(cluster.arrivals)
+    deliver_next(cluster, Borrow)
+    deliver_next(cluster, Borrow)
+    cluster.sync()
+    cluster.sync()
+    assert not cluster.rmanagers[0].has_pending("r")
+    assert cluster.gmanager.outstanding() == {"0->1": 2}

@@ -28,6 +28,8 @@ def test_bench_distkv_tiny_run_reaches_the_physical_limit():
     [overhead] = result["remote_overhead"]
     [run] = overhead["runs"]
     assert run["spread_num_remote_blocks"] > 0 and overhead["slowdown"] == run["slowdown"] > 0
+    assert overhead["remote_layer_budget_at_1.15x_us"] > 0 and "remote_layer_overhead_us" in overhead
+    assert result["transport_round_trip"]["round_trip_us"] > 0
     assert result["independence"]["ratio"] > 0
     alone, pair = result["control_traffic"]
     # One instance alone has no control plane; of two, the one that is not the front reports its outputs once a
