@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megakv.distkv.in_process import InProcessCluster
-from megakv.distkv.messages import PENDING, Borrow, Lend, Loan
+from megakv.distkv.control import GMANAGER_MESSAGES
+from megakv.distkv.messages import (PENDING, Borrow, Lend, Lent, Loan, ReturnBlocks, Settled, Turn, WantRoom, Yield,
+                                    Yielded)
 from megakv.distkv.rmanager import RManager
 from megakv.kvcache.block_pool import BlockPool
 
@@ -200,14 +202,19 @@ def test_dgfm_pulls_blocks_home_when_room_frees_up():
     assert cluster.gmanager.outstanding() == {"0->1": 1} and cluster.gmanager.num_blocks_moved == 1
 
 
+def deliver_at(cluster: Cluster, index: int) -> None:
+    """Deliver the queued message at ``index`` ahead of the others; what it causes is queued last."""
+    queue = cluster.control.queue
+    entry = queue[index]
+    del queue[index]
+    queue.appendleft(entry)
+    cluster.control.deliver_one()
+
+
 def deliver_next(cluster: Cluster, kind: type) -> None:
     """Deliver the oldest queued message of ``kind`` ahead of the others (messages from different senders may
     reach the gManager in any order)."""
-    queue = cluster.control.queue
-    index = next(i for i, (_, message) in enumerate(queue) if isinstance(message, kind))
-    queue.rotate(-index)
-    cluster.control.deliver_one()
-    queue.rotate(index)
+    deliver_at(cluster, next(i for i, (_, message) in enumerate(cluster.control.queue) if isinstance(message, kind)))
 
 
 def test_a_loan_that_crosses_a_preemption_does_not_count_against_the_readmitted_request():
@@ -231,3 +238,99 @@ def test_a_loan_that_crosses_a_preemption_does_not_count_against_the_readmitted_
     cluster.sync()
     assert not cluster.rmanagers[0].has_pending("r")
     assert cluster.gmanager.outstanding() == {"0->1": 2}
+
+
+def channel(destination: int, message: object) -> tuple:
+    """(sender, receiver) of a queued control message; "g" is the gManager. Messages on one channel arrive in
+    the order they were sent (MPI's and TCP's guarantee), those on different channels in any order."""
+    receiver = "g" if isinstance(message, GMANAGER_MESSAGES) else destination
+    if isinstance(message, (Lend, Yield, Turn, WantRoom)):
+        return "g", receiver
+    if isinstance(message, (Borrow, ReturnBlocks, Yielded)):
+        return message.debtor, receiver
+    if isinstance(message, (Loan, Lent, Settled)):
+        return message.creditor, receiver
+    return message.instance_id, receiver
+
+
+def deliver_in_any_order(cluster: Cluster, data, max_messages: int = 10_000) -> None:
+    """Deliver up to ``max_messages`` queued messages (and those they cause), each time the oldest of a channel
+    drawn at random; all of them unless the bound stops it first."""
+    queue = cluster.control.queue
+    for _ in range(max_messages):
+        if not queue:
+            return
+        heads: dict[tuple, int] = {}
+        for index, (destination, message) in enumerate(queue):
+            heads.setdefault(channel(destination, message), index)
+        deliver_at(cluster, data.draw(st.sampled_from(sorted(heads.values()))))
+    if max_messages == 10_000:
+        raise AssertionError("the control plane did not settle")
+
+
+def quiesce(cluster: Cluster, data) -> None:
+    """Sync every instance and deliver, until a sync sends nothing."""
+    for _ in range(100):
+        for node in cluster.control.nodes:
+            node.sync(cluster.arrivals)
+        if not cluster.control.queue:
+            return
+        deliver_in_any_order(cluster, data)
+    raise AssertionError("the instances kept telling the gManager something new")
+
+
+def check_live(cluster: Cluster) -> None:
+    """At rest: the gManager counts at least the blocks each waiting request needs (more is harmless: a loan it
+    cannot use goes back, and the debtor tells its need again), and its first borrower waits only when no other
+    instance could lend it anything. Otherwise the cluster would stall, as once seen in CI."""
+    borrowers = cluster.gmanager._queue
+    for rm in cluster.rmanagers:
+        for request_id, need in rm.pending_needs().items():
+            borrower = borrowers.get(request_id)
+            assert borrower is not None and (borrower.parked or borrower.num_blocks >= need), \
+                f"instance {rm.instance_id}: {request_id} waits for {need} blocks the gManager does not know of"
+    first = next(iter(borrowers.values()), None)
+    if first is not None and not first.parked:
+        assert not any(rm.num_lendable_blocks for rm in cluster.rmanagers if rm.instance_id != first.debtor), \
+            f"{first.request_id} waits while another instance could lend"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(num_instances=st.integers(2, 3), pool_sizes=st.lists(st.integers(2, 8), min_size=3, max_size=3),
+       ops=st.lists(st.tuples(st.sampled_from(["grow", "grow", "preempt", "finish", "sync", "deliver", "deliver",
+                                                       "local"]),
+                              st.integers(0, 2), st.integers(0, 1), st.integers(1, 40)), min_size=1, max_size=40),
+       data=st.data())
+def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unseen(num_instances, pool_sizes, ops,
+                                                                                  data):
+    """Requests grow, are preempted and admitted again, and finish, while the control messages cross in any
+    order a real network allows; whenever the cluster comes to rest, no request waits for blocks that the
+    gManager does not know it needs, or that another instance could lend."""
+    cluster = Cluster(pool_sizes[:num_instances])
+    owners: dict[str, int] = {}
+    for op, instance, request, amount in ops:
+        request_id = f"r{request}"
+        rm = cluster.rmanagers[owners.get(request_id, instance % num_instances)]
+        if op == "grow":
+            target = len(rm.block_table(request_id)) * BLOCK_SIZE + amount
+            if rm.can_grow(request_id, target, cluster.borrowable(rm.instance_id)):
+                owners[request_id] = rm.instance_id
+                cluster.grow(rm.instance_id, request_id, target)
+        elif op == "preempt":
+            rm.free(request_id)  # as the scheduler does: the next sync tells the gManager
+        elif op == "finish":
+            cluster.free(rm.instance_id, request_id)
+        elif op == "local":
+            rm.fill_pending_locally(request_id, amount)
+        elif op == "sync":
+            cluster.control.nodes[rm.instance_id].sync(cluster.arrivals)
+        else:
+            deliver_in_any_order(cluster, data, amount)
+    quiesce(cluster, data)
+    check_invariants(cluster)
+    check_live(cluster)
+    for request_id, instance in owners.items():
+        cluster.free(instance, request_id)
+    quiesce(cluster, data)
+    check_invariants(cluster)
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
