@@ -27,6 +27,8 @@ class Cluster:
         self.control = InProcessCluster(self.rmanagers, self._on_yield, self._on_turn)
         self.gmanager = self.control.gmanager
         self.arrivals: dict[str, int] = {}
+        # request id -> the instance where it first grew
+        self.homes: dict[str, int] = {}
 
     def borrowable(self, instance: int) -> int:
         """Every request may grow into its pool and the other pools' lending caps (the mechanics under test do
@@ -49,6 +51,24 @@ class Cluster:
     def grow(self, instance: int, request_id: str, num_tokens: int) -> None:
         self.arrivals.setdefault(request_id, len(self.arrivals))
         self.rmanagers[instance].grow(request_id, num_tokens, self.borrowable(instance))
+
+    def home(self, request_id: str, drawn_instance: int) -> RManager:
+        """The rManager of the instance where the request first grew (it stays there, and may grow again there
+        after it yielded or was preempted), else of the drawn instance."""
+        return self.rmanagers[self.homes.get(request_id, drawn_instance % len(self.rmanagers))]
+
+    def grow_if_room(self, instance: int, request_id: str, num_new_tokens: int) -> None:
+        """Grow the request by ``num_new_tokens`` where it may."""
+        rm = self.rmanagers[instance]
+        target = len(rm.block_table(request_id)) * BLOCK_SIZE + num_new_tokens
+        if rm.can_grow(request_id, target, self.borrowable(instance)):
+            self.homes[request_id] = instance
+            self.grow(instance, request_id, target)
+
+    def free_all(self) -> None:
+        """Every request ends."""
+        for request_id, instance in self.homes.items():
+            self.free(instance, request_id)
 
     def free(self, instance: int, request_id: str) -> None:
         self.rmanagers[instance].free(request_id)
@@ -105,16 +125,11 @@ operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync",
        lending_cap=st.sampled_from([0.5, 1.0]), ops=operations)
 def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes, lending_cap, ops):
     cluster = Cluster(pool_sizes[:num_instances], lending_cap)
-    # A request lives on the instance where it first grew, and may grow again there after it yielded.
-    owners: dict[str, int] = {}
     for op, instance, request, amount in ops:
         request_id = f"r{request}"
-        rm = cluster.rmanagers[owners.get(request_id, instance % num_instances)]
+        rm = cluster.home(request_id, instance)
         if op == "grow":
-            target = len(rm.block_table(request_id)) * BLOCK_SIZE + amount
-            if rm.can_grow(request_id, target, cluster.borrowable(rm.instance_id)):
-                owners[request_id] = rm.instance_id
-                cluster.grow(rm.instance_id, request_id, target)
+            cluster.grow_if_room(rm.instance_id, request_id, amount)
         elif op == "free":
             cluster.free(rm.instance_id, request_id)
         elif op == "pull" and not rm.num_pending_blocks:
@@ -124,8 +139,7 @@ def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes
         else:
             cluster.sync()
             check_invariants(cluster)
-    for request_id, instance in owners.items():
-        cluster.free(instance, request_id)
+    cluster.free_all()
     cluster.sync()
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
@@ -307,15 +321,11 @@ def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unsee
     order a real network allows; whenever the cluster comes to rest, no request waits for blocks that the
     gManager does not know it needs, or that another instance could lend."""
     cluster = Cluster(pool_sizes[:num_instances])
-    owners: dict[str, int] = {}
     for op, instance, request, amount in ops:
         request_id = f"r{request}"
-        rm = cluster.rmanagers[owners.get(request_id, instance % num_instances)]
+        rm = cluster.home(request_id, instance)
         if op == "grow":
-            target = len(rm.block_table(request_id)) * BLOCK_SIZE + amount
-            if rm.can_grow(request_id, target, cluster.borrowable(rm.instance_id)):
-                owners[request_id] = rm.instance_id
-                cluster.grow(rm.instance_id, request_id, target)
+            cluster.grow_if_room(rm.instance_id, request_id, amount)
         elif op == "preempt":
             rm.free(request_id)  # as the scheduler does: the next sync tells the gManager
         elif op == "finish":
@@ -329,8 +339,7 @@ def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unsee
     quiesce(cluster, data)
     check_invariants(cluster)
     check_live(cluster)
-    for request_id, instance in owners.items():
-        cluster.free(instance, request_id)
+    cluster.free_all()
     quiesce(cluster, data)
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy

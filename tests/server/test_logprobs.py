@@ -22,6 +22,27 @@ def hf_logprobs(hf_dir, prompt_ids: list[int], output_ids: list[int]) -> torch.T
     return torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
 
 
+def check_completion_logprobs(logprobs, token_ids: list[int], expected: torch.Tensor, tokenizer,
+                              first_scored: int = 0) -> None:
+    """A completion's ``logprobs`` over ``token_ids``: each token's text and offset; from ``first_scored`` on
+    (before it, None), the token's logprob and the top ones equal ``expected``, HF's log_softmax rows of the
+    scored tokens [N, vocab]."""
+    assert logprobs.tokens == [tokenizer.decode([token]) for token in token_ids]
+    assert logprobs.token_logprobs[:first_scored] == logprobs.top_logprobs[:first_scored] == [None] * first_scored
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[first_scored:]),
+                               expected.gather(1, torch.tensor(token_ids[first_scored:])[:, None])[:, 0],
+                               atol=1e-4, rtol=0)
+    for row, top in enumerate(logprobs.top_logprobs[first_scored:]):
+        values, ids = expected[row].topk(NUM_TOP)
+        # Keyed by text, as vLLM's: tokens with the same text (bytes that are not UTF-8 alone) share a key.
+        reference = {tokenizer.decode([token]): value for token, value in zip(ids.tolist(), values.tolist())}
+        assert top.keys() == reference.keys()
+        torch.testing.assert_close(torch.tensor(list(top.values())), torch.tensor(list(reference.values())),
+                                   atol=1e-4, rtol=0)
+    lengths = [len(token) for token in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:index]) for index in range(len(lengths))]
+
+
 def test_completions_logprobs_equal_hugging_face(client, chat_model, tokenizer):
     prompt_ids = [5, 80, 33, 120, 7]
     choice = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=MAX_TOKENS, temperature=0,
@@ -30,18 +51,7 @@ def test_completions_logprobs_equal_hugging_face(client, chat_model, tokenizer):
     expected = hf_logprobs(chat_model[0], prompt_ids, choice.token_ids)
     assert choice.token_ids == expected.argmax(-1).tolist()
     logprobs = choice.logprobs
-    assert logprobs.tokens == [tokenizer.decode([token]) for token in choice.token_ids]
-    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs),
-                               expected.gather(1, torch.tensor(choice.token_ids)[:, None])[:, 0],
-                               atol=1e-4, rtol=0)
-    for step, top in enumerate(logprobs.top_logprobs):
-        values, ids = expected[step].topk(NUM_TOP)
-        reference = {tokenizer.decode([token]): value for token, value in zip(ids.tolist(), values.tolist())}
-        assert top.keys() == reference.keys()
-        torch.testing.assert_close(torch.tensor(list(top.values())), torch.tensor(list(reference.values())),
-                                   atol=1e-4, rtol=0)
-    lengths = [len(token) for token in logprobs.tokens]
-    assert logprobs.text_offset == [sum(lengths[:index]) for index in range(len(lengths))]
+    check_completion_logprobs(logprobs, choice.token_ids, expected, tokenizer)
 
     chunks = list(client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=MAX_TOKENS, temperature=0,
                                             logprobs=NUM_TOP, stream=True, extra_body={"ignore_eos": True}))
@@ -89,20 +99,8 @@ def test_completions_echo_with_logprobs_scores_the_prompt_as_hugging_face(client
     with torch.no_grad():
         expected = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, :-1], dim=-1)  # [S - 1, vocab]
     logprobs = choice.logprobs
-    assert logprobs.tokens == [tokenizer.decode([token]) for token in token_ids]
     # As vLLM: the first prompt token has no context, so no logprobs.
-    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
-    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:]),
-                               expected.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
-    for position, top in enumerate(logprobs.top_logprobs[1:]):
-        values, ids = expected[position].topk(NUM_TOP)
-        # Keyed by text, as vLLM's: tokens with the same text (bytes that are not UTF-8 alone) share a key.
-        reference = {tokenizer.decode([token]): value for token, value in zip(ids.tolist(), values.tolist())}
-        assert top.keys() == reference.keys()
-        torch.testing.assert_close(torch.tensor(list(top.values())), torch.tensor(list(reference.values())),
-                                   atol=1e-4, rtol=0)
-    lengths = [len(token) for token in logprobs.tokens]
-    assert logprobs.text_offset == [sum(lengths[:index]) for index in range(len(lengths))]
+    check_completion_logprobs(logprobs, token_ids, expected, tokenizer, first_scored=1)
 
     chunks = list(client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=3, temperature=0, echo=True,
                                             logprobs=NUM_TOP, stream=True, extra_body={"ignore_eos": True}))
