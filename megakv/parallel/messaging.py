@@ -127,8 +127,9 @@ class _Node:
 
     def take(self, comm_id: tuple, source: int, tag: int) -> object:
         with self._arrived:
-            self._arrived.wait_for(lambda: self._find(comm_id, source, tag) is not None)
-            return self._inbox[comm_id].pop(self._find(comm_id, source, tag)).payload
+            while (index := self._find(comm_id, source, tag)) is None:
+                self._arrived.wait()
+            return self._inbox[comm_id].pop(index).payload
 
 
 class SocketComm:

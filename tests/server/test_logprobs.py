@@ -95,9 +95,8 @@ def test_completions_echo_with_logprobs_scores_the_prompt_as_hugging_face(client
                                        logprobs=NUM_TOP, extra_body={"return_token_ids": True,
                                                                      "ignore_eos": True}).choices[0]
     token_ids = prompt_ids + choice.token_ids
-    model = AutoModelForCausalLM.from_pretrained(chat_model[0], dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, :-1], dim=-1)  # [S - 1, vocab]
+    # Every token after the first is scored: the rows that predict them from the first one on.
+    expected = hf_logprobs(chat_model[0], token_ids[:1], token_ids[1:])
     logprobs = choice.logprobs
     # As vLLM: the first prompt token has no context, so no logprobs.
     check_completion_logprobs(logprobs, token_ids, expected, tokenizer, first_scored=1)
