@@ -40,12 +40,16 @@ def _load_variant(isa: str):
         return None
 
 
-def _use_extension(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    return (query.dtype == key_cache.dtype and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and query.shape[-1] in (64, 128) and key_cache.is_contiguous() and load_extension() is not None)
+def _extension_for(query: torch.Tensor, key_cache: torch.Tensor):
+    """The C++ op module when it can attend these tensors, else None. Looked up once per call: each lookup
+    reads the environment, and the decode path runs per layer."""
+    if (query.dtype == key_cache.dtype and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and query.shape[-1] in (64, 128) and key_cache.is_contiguous()):
+        return load_extension()
+    return None
 
 
-def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+def _decode_extension(extension, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_seq: torch.Tensor, query_visible: torch.Tensor,
                       max_visible: int, scale: float, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ op over any queries; splits the blocks so that every thread has work."""
@@ -56,7 +60,7 @@ def _decode_extension(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     blocks_per_split = max(1, -(-max_blocks // num_splits))
     num_splits = max(1, -(-max_blocks // blocks_per_split))
     # The op computes in fp32 over K/V in their own dtype; only the small query and output are converted.
-    out, lse = load_extension().paged_attention(query.float().contiguous(), key_cache, value_cache.contiguous(),
+    out, lse = extension.paged_attention(query.float().contiguous(), key_cache, value_cache.contiguous(),
                                                 block_tables.to(torch.int32).contiguous(), query_seq,
                                                 query_visible, scale, blocks_per_split, num_splits,
                                                 NO_WINDOW if sliding_window is None else sliding_window)
@@ -122,13 +126,14 @@ def micro_attention_cpu(
     """The fastest CPU micro-attention; same contract as :func:`micro_attention_ref`."""
     check_micro_attention_args(query, key_cache, value_cache, block_tables, query_start_loc, context_lens)
     num_seq_queries = queries_per_sequence(query_start_loc)
-    use_extension = _use_extension(query, key_cache)
+    extension = _extension_for(query, key_cache)
+    use_extension = extension is not None
     if use_extension and all(n <= MAX_DECODE_QUERIES for n in num_seq_queries):
         # A decode batch: one call over every query, with no scatter of partial results.
         query_seq, query_visible = query_layout_lists(query_start_loc, context_lens)
         if not query_seq:
             return torch.zeros_like(query), torch.full(query.shape[:2], float("-inf"), dtype=torch.float32)
-        return _decode_extension(query, key_cache, value_cache, block_tables,
+        return _decode_extension(extension, query, key_cache, value_cache, block_tables,
                                  torch.tensor(query_seq, dtype=torch.int32),
                                  torch.tensor(query_visible, dtype=torch.int32), max(query_visible), scale,
                                  sliding_window)
@@ -141,7 +146,7 @@ def micro_attention_cpu(
     decode_rows = (decode_seq[query_seq.long()] & (query_visible > 0)).nonzero().flatten()  # [num_decode]
     if len(decode_rows) > 0:
         out[decode_rows], lse[decode_rows] = _decode_extension(
-            query[decode_rows], key_cache, value_cache, block_tables, query_seq[decode_rows],
+            extension, query[decode_rows], key_cache, value_cache, block_tables, query_seq[decode_rows],
             query_visible[decode_rows], int(query_visible[decode_rows].max()), scale, sliding_window)
     for seq_index, num_seq in enumerate(num_seq_queries):
         start = query_start_loc[seq_index]
@@ -158,6 +163,19 @@ def micro_attention_cpu(
 
 def merge_partials_cpu(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The C++ merge for fp32 partials (see merge_partials_ref); None when the op cannot take them."""
-    if outs.dtype != torch.float32 or outs.dim() != 4 or lses.shape != outs.shape[:3] or load_extension() is None:
+    extension = load_extension()
+    if outs.dtype != torch.float32 or outs.dim() != 4 or lses.shape != outs.shape[:3] or extension is None:
         return None
-    return tuple(load_extension().merge_partials(outs.contiguous(), lses.float().contiguous()))
+    return tuple(extension.merge_partials(outs.contiguous(), lses.float().contiguous()))
+
+
+def store_kv_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> bool:
+    """The C++ KV store (see store_kv_ref); False when the op cannot take these tensors."""
+    extension = load_extension()
+    if (key.dtype != key_cache.dtype or value.dtype != key_cache.dtype or value_cache.dtype != key_cache.dtype
+            or not (key_cache.is_contiguous() and value_cache.is_contiguous()) or extension is None):
+        return False
+    extension.store_kv(key.contiguous(), value.contiguous(), key_cache, value_cache,
+                              slot_mapping.long().contiguous())
+    return True

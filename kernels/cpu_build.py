@@ -31,7 +31,7 @@ import torch
 from filelock import FileLock, Timeout
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
-FUNCTIONS = ["paged_attention", "merge_partials"]
+FUNCTIONS = ["paged_attention", "merge_partials", "store_kv"]
 COMMON_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 # A waiting process says why it waits after this long (a build takes 30-60 s on two cores).
 WAIT_MESSAGE_AFTER_S = 2.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from megakv.kernels.cpu_attention import merge_partials_cpu, micro_attention_cpu
+from megakv.kernels.cpu_attention import merge_partials_cpu, micro_attention_cpu, store_kv_cpu
 from megakv.kernels.kv_store import store_kv_ref, store_kv_triton
 from megakv.kernels.merge import merge_partials_ref, merge_partials_triton
 from megakv.kernels.micro_attention import micro_attention_ref, micro_attention_triton, triton
@@ -47,5 +47,5 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
     """Write key/value [T, Hkv, D] into the pool at ``slot_mapping`` (< 0 skips); see :func:`store_kv_ref`."""
     if _on_triton(key):
         store_kv_triton(key, value, key_cache, value_cache, slot_mapping.to(key.device))
-    else:
+    elif key.is_cuda or not store_kv_cpu(key, value, key_cache, value_cache, slot_mapping):
         store_kv_ref(key, value, key_cache, value_cache, slot_mapping)

@@ -394,3 +394,40 @@ std::vector<torch::Tensor> merge_partials(torch::Tensor outs, torch::Tensor lses
   }
   return {out, lse};
 }
+
+// key/value [T, Hkv, D] -> the caches [num_blocks, Hkv, block_size, D] at slot_mapping [T] (block * block_size +
+// offset; < 0 skips the token). One call instead of the eight small torch ops of the reference: every layer of
+// every step stores its new tokens, and a KV server stores a debtor's on the debtor's critical path.
+void store_kv(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
+              torch::Tensor slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key_cache.dim() == 4 &&
+                  value_cache.sizes() == key_cache.sizes() && key.size(1) == key_cache.size(1) &&
+                  key.size(2) == key_cache.size(3) && slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0),
+              "store_kv: key/value [T, Hkv, D], caches [num_blocks, Hkv, block_size, D] and slot_mapping [T]");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type() &&
+                  value_cache.scalar_type() == key_cache.scalar_type() && slot_mapping.scalar_type() == torch::kLong,
+              "store_kv: key, value and caches share one dtype, and slot_mapping is int64");
+  TORCH_CHECK(key.is_contiguous() && value.is_contiguous() && key_cache.is_contiguous() &&
+                  value_cache.is_contiguous() && slot_mapping.is_contiguous(),
+              "store_kv: every tensor must be contiguous");
+  const int64_t num_tokens = key.size(0), num_heads = key.size(1), head_dim = key.size(2);
+  const int64_t block_size = key_cache.size(2), num_slots = key_cache.size(0) * block_size;
+  const int64_t row_bytes = head_dim * key.element_size();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const char* key_base = static_cast<const char*>(key.data_ptr());
+  const char* value_base = static_cast<const char*>(value.data_ptr());
+  char* key_cache_base = static_cast<char*>(key_cache.data_ptr());
+  char* value_cache_base = static_cast<char*>(value_cache.data_ptr());
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(slots[t] < num_slots, "store_kv: slot ", slots[t], " is beyond the cache's ", num_slots, " slots");
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slots[t] < 0) continue;
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      const int64_t src = (t * num_heads + h) * row_bytes;
+      const int64_t dst = ((block * num_heads + h) * block_size + offset) * row_bytes;
+      std::memcpy(key_cache_base + dst, key_base + src, row_bytes);
+      std::memcpy(value_cache_base + dst, value_base + src, row_bytes);
+    }
+  }
+}

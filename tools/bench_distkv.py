@@ -14,8 +14,8 @@ Prints one JSON object. In one run it measures
   over instances, and the most any one sends), with one short request per instance, at each of
   ``--traffic-instances`` (oversubscribed);
 * the transport's floor: the round trip of a 4 KB message (one decode step's query of a layer, with
-  room to spare) between two instances over the DistAttention groups, to set beside the remote
-  overhead per layer that the spread runs imply.
+  room to spare) between two instances over their KV link, to set beside the remote overhead per
+  layer that the spread runs imply.
 
     python tools/bench_distkv.py [--contexts 2048,16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
 
@@ -142,27 +142,27 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def round_trip(rank: int) -> None:
-    """Instance 0 sends a message on the query group and waits for instance 1's answer on the reply group, as
-    a remote micro-attention does, with no work between: the transport's own round trip."""
+    """Instance 0 sends a message over its KV link to instance 1, which sends it back, as a remote
+    micro-attention's query and answer travel, with no work between: the transport's own round trip."""
     import time
 
     import torch
-    import torch.distributed as dist
 
-    from megakv.parallel import state
+    from megakv.parallel.kv_links import KVLinks, receive_into, send_all, tensor_bytes
 
-    message = torch.zeros(ROUND_TRIP_BYTES // 4)
-    queries, replies = state.get_dist_attention_group(), state.get_dist_attention_reply_group()
+    links = KVLinks()
+    message = tensor_bytes(torch.zeros(ROUND_TRIP_BYTES, dtype=torch.uint8))
     times = []
     for _ in range(NUM_ROUND_TRIPS):
         started = time.perf_counter()
         if rank == 0:
-            dist.send(message, 1, group=queries)
-            dist.recv(message, 1, group=replies)
+            send_all(links.outgoing[1], [message])
+            receive_into(links.outgoing[1], message, "instance 1")
         else:
-            dist.recv(message, 0, group=queries)
-            dist.send(message, 0, group=replies)
+            receive_into(links.incoming[0], message, "instance 0")
+            send_all(links.incoming[0], [message])
         times.append(time.perf_counter() - started)
+    links.close()
     if rank == 0:
         print(json.dumps({"round_trip_us": 1e6 * statistics.median(times), "bytes": ROUND_TRIP_BYTES,
                           "round_trips": NUM_ROUND_TRIPS}), flush=True)

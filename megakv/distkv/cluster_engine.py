@@ -549,7 +549,7 @@ class ClusterEngine:
     def _run_plan(self, plan: StepPlan) -> torch.Tensor | None:
         cache = self.model_runner.kv_cache
         if plan.pulls:
-            fetch_blocks(plan.pulls, cache.key_cache, cache.value_cache)
+            fetch_blocks(self.kv_server.links, plan.pulls, cache.key_cache, cache.value_cache)
             if plan.inputs is None and self.instance_comm.Get_size() > 1:
                 # The leader hands the moved blocks back after this step: every TP rank must have copied them.
                 dist.barrier(state.get_tensor_model_parallel_group())
@@ -557,7 +557,8 @@ class ClusterEngine:
             return None
         if plan.inputs.outgoing:
             config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
-            plan.inputs.metadata.remote = RemoteAttention(plan.inputs.outgoing, plan.inputs.served_by_creditor,
+            plan.inputs.metadata.remote = RemoteAttention(self.kv_server.links, plan.inputs.outgoing,
+                                                          plan.inputs.served_by_creditor,
                                                           config.num_attention_heads // tp, config.head_dim)
         return self.model_runner.forward(plan.inputs)
 

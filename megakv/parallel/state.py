@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,17 +54,12 @@ class _ParallelState:
     instance_id: int = 0
     num_instances: int = 1
     dist_attention_group: dist.ProcessGroup | None = None
-    dist_attention_reply_group: dist.ProcessGroup | None = None
     initialized: bool = False
     # True when init_distributed created the default group, so destroy_model_parallel owns it.
     created_process_group: bool = False
 
 
 _state = _ParallelState()
-
-# How long a DistAttention receive may wait. A rank that lends blocks waits for queries as long as the
-# cluster runs, idle hours included; a dead peer ends the job through the launcher, not through this timeout.
-DIST_ATTENTION_TIMEOUT = timedelta(days=365)
 
 
 def is_mpi_launch() -> bool:
@@ -165,13 +159,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances
         group = dist.new_group(instance_ranks(instance_id, tp))
         if instance_id == _state.instance_id:
             _state.tp_group = group
-    # Gloo whatever the default backend: the thread answering queries receives from any instance, which
-    # only gloo offers. Their tensors travel on the CPU.
+    # Gloo whatever the default backend: the group only sets up the KV links (megakv.parallel.kv_links), which
+    # carry the micro-attentions.
     for tp_rank in range(tp):
-        ranks = dist_attention_ranks(tp_rank, tp, num_instances)
-        queries, replies = (dist.new_group(ranks, timeout=DIST_ATTENTION_TIMEOUT, backend="gloo") for _ in range(2))
+        group = dist.new_group(dist_attention_ranks(tp_rank, tp, num_instances), backend="gloo")
         if tp_rank == _state.tp_rank:
-            _state.dist_attention_group, _state.dist_attention_reply_group = queries, replies
+            _state.dist_attention_group = group
 
 
 def model_parallel_is_initialized() -> bool:
@@ -187,7 +180,7 @@ def destroy_model_parallel() -> None:
             # Destroying the default group also destroys every group made with new_group.
             dist.destroy_process_group()
         else:
-            for group in (_state.tp_group, _state.dist_attention_group, _state.dist_attention_reply_group):
+            for group in (_state.tp_group, _state.dist_attention_group):
                 if group is not None:
                     dist.destroy_process_group(group)
     _state = _ParallelState()
@@ -224,13 +217,9 @@ def get_num_instances() -> int:
 
 
 def get_dist_attention_group() -> dist.ProcessGroup | None:
-    """The same TP rank of every instance, carrying queries to the blocks (None in a single process)."""
+    """The same TP rank of every instance, whose KV links carry queries to the blocks (None in a single
+    process)."""
     return _state.dist_attention_group
-
-
-def get_dist_attention_reply_group() -> dist.ProcessGroup | None:
-    """The same ranks as get_dist_attention_group, carrying the answers back."""
-    return _state.dist_attention_reply_group
 
 
 def get_dist_attention_rank() -> int:

@@ -6,10 +6,11 @@ import torch
 
 from megakv.kernels import cpu_attention
 from megakv.kernels.cpu_build import runnable_isas
-from megakv.kernels.cpu_attention import MAX_DECODE_QUERIES, merge_partials_cpu, micro_attention_cpu
+from megakv.kernels.cpu_attention import MAX_DECODE_QUERIES, merge_partials_cpu, micro_attention_cpu, store_kv_cpu
+from megakv.kernels.kv_store import store_kv_ref
 from megakv.kernels.merge import merge_partials_ref
 from megakv.kernels.micro_attention import micro_attention_ref
-from megakv.kernels.ops import micro_attention
+from megakv.kernels.ops import micro_attention, store_kv
 
 # Decode sequences, a short chunk (still the decode op) and a long chunk (the torch path) in one batch;
 # and a batch of decode sequences only (one without queries among them), which takes the one-call path.
@@ -87,6 +88,41 @@ def test_merge_partials_cpu_matches_reference(random_partials, cpu_path, num_par
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, expected_lse)
     assert torch.isneginf(lse[0, 0]) and (out[0, 0] == 0).all() and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_kv_heads,block_size,head_dim", [(1, 16, 64), (4, 24, 128), (8, 16, 32)])
+def test_store_kv_cpu_matches_reference(cpu_path, dtype, num_kv_heads, block_size, head_dim):
+    generator = torch.Generator().manual_seed(num_kv_heads * block_size)
+    num_blocks, num_tokens = 6, 20
+    key, value = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    # Scattered slots, some skipped (the token's block lives on another instance).
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
+    slots[::3] = -1
+    expected = [torch.full((num_blocks, num_kv_heads, block_size, head_dim), float("nan"), dtype=dtype)
+                for _ in range(2)]
+    caches = [cache.clone() for cache in expected]
+    store_kv_ref(key, value, *expected, slots)
+    store_kv(key, value, *caches, slots)
+    for cache, reference in zip(caches, expected):
+        assert torch.equal(cache.isnan(), reference.isnan())
+        assert torch.equal(cache.nan_to_num(), reference.nan_to_num())
+    assert store_kv_cpu(key, value, *caches, slots) == (cpu_path != "torch")
+
+
+def test_store_kv_cpu_leaves_other_dtypes_and_bad_slots_alone(cpu_path):
+    cache = torch.zeros(2, 1, 16, 64, dtype=torch.bfloat16)
+    # An fp32 key into a bf16 cache converts, which the reference does.
+    assert not store_kv_cpu(torch.ones(1, 1, 64), torch.ones(1, 1, 64), cache, cache.clone(), torch.tensor([3]))
+    store_kv(torch.ones(1, 1, 64), torch.ones(1, 1, 64), cache, cache.clone(), torch.tensor([3]))
+    assert cache[0, 0, 3].eq(1).all()
+    if cpu_path != "torch":
+        # Nothing is half-written: the first token's slot is valid, the second's is not.
+        fresh = torch.zeros_like(cache)
+        with pytest.raises(RuntimeError, match="slot 32 is beyond the cache's 32 slots"):
+            store_kv_cpu(torch.ones(2, 1, 64, dtype=torch.bfloat16), torch.ones(2, 1, 64, dtype=torch.bfloat16),
+                         fresh, fresh.clone(), torch.tensor([5, 32]))
+        assert fresh.eq(0).all()
 
 
 @pytest.mark.parametrize("case", [0, 3, 5])
