@@ -152,10 +152,11 @@ class KVServer:
                 for key, _ in waiting.select():
                     link, debtor = key.fileobj, key.data
                     peer = f"instance {debtor}"
-                    if link.recv_into(header, _HEADER.size, socket.MSG_PEEK) == 0:
+                    received = link.recv_into(header)
+                    if received == 0:
                         raise ConnectionError(f"{peer} closed its DistKV link without a goodbye: it was killed "
                                               "or failed")
-                    receive_into(link, header, peer)
+                    receive_into(link, memoryview(header)[received:], peer)
                     kind, layer_index, metadata_size, payload_size = _HEADER.unpack(header)
                     if kind == STOP:
                         waiting.unregister(link)
