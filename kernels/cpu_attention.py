@@ -179,3 +179,12 @@ def store_kv_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor
     extension.store_kv(key.contiguous(), value.contiguous(), key_cache, value_cache,
                               slot_mapping.long().contiguous())
     return True
+
+
+def native_kv_server(key_cache: torch.Tensor, value_cache: torch.Tensor):
+    """The C++ module whose ``kv_serve`` runs the KV server's loop over these caches ([layers, num_blocks, Hkv,
+    block_size, D]), or None when the op cannot attend them."""
+    if (key_cache.device.type != "cpu" or key_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or key_cache.shape[-1] not in (64, 128) or not (key_cache.is_contiguous() and value_cache.is_contiguous())):
+        return None
+    return load_extension()

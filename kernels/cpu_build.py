@@ -30,8 +30,9 @@ from types import ModuleType
 import torch
 from filelock import FileLock, Timeout
 
-SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
-FUNCTIONS = ["paged_attention", "merge_partials", "store_kv"]
+# One translation unit, in this order: the KV server's loop calls the attention and store ops.
+SOURCES = (Path(__file__).with_name("paged_attention_cpu.cpp"), Path(__file__).with_name("kv_server_cpu.cpp"))
+FUNCTIONS = ["paged_attention", "merge_partials", "store_kv", "kv_serve"]
 COMMON_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 # A waiting process says why it waits after this long (a build takes 30-60 s on two cores).
 WAIT_MESSAGE_AFTER_S = 2.0
@@ -122,8 +123,9 @@ def cache_root() -> Path:
 def build_name(variant: Variant) -> str:
     """The module name of a variant's build: its ISA and a hash of everything the binary depends on."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_text(), " ".join(COMMON_FLAGS + list(variant.cflags)), _compiler_version(),
-                 torch.__version__, str(torch.version.git_version), sys.version, platform.machine()):
+    flags = " ".join(COMMON_FLAGS + list(variant.cflags))
+    for part in (*(source.read_text() for source in SOURCES), flags, _compiler_version(), torch.__version__,
+                 str(torch.version.git_version), sys.version, platform.machine()):
         key.update(part.encode())
         key.update(b"\0")
     return f"megakv_cpu_attention_{variant.isa}_{key.hexdigest()[:16]}"
@@ -145,7 +147,7 @@ def _build(name: str, folder: Path, variant: Variant) -> ModuleType:
     # Only a dead builder leaves torch's baton behind: this process holds the lock every builder takes.
     (folder / "lock").unlink(missing_ok=True)
     try:
-        module = load_inline(name, cpp_sources=[SOURCE.read_text()], functions=FUNCTIONS,
+        module = load_inline(name, cpp_sources=[source.read_text() for source in SOURCES], functions=FUNCTIONS,
                              extra_cflags=COMMON_FLAGS + list(variant.cflags), extra_ldflags=["-fopenmp"],
                              build_directory=str(folder))
     except RuntimeError as error:

@@ -12,7 +12,7 @@ the partials.
 """
 from __future__ import annotations
 
-import pickle
+import array
 import selectors
 import socket
 import struct
@@ -24,6 +24,7 @@ import torch
 
 from megakv.attention.metadata import AttentionMetadata
 from megakv.distkv.rmanager import Transfer
+from megakv.kernels.cpu_attention import native_kv_server
 from megakv.kernels.ops import merge_partials, micro_attention, store_kv
 from megakv.parallel.kv_links import KVLinks, receive_into, send_all, tensor_bytes
 
@@ -59,9 +60,8 @@ class ServedQueries:
         return self.query_start_loc[-1]
 
 
-# A request to a KV server is a header (kind, layer, bytes of pickled metadata, bytes of payload), the
-# metadata, then the payload: the tensors back to back. A query's answer is its partials, (out, lse) in fp32;
-# a fetch's, the blocks; a stop has none.
+# The wire format of a request and its answer is described at the top of kernels/kv_server_cpu.cpp, the KV
+# server's loop on the CPU; KVServer's Python loop (other devices, or no C++ op) speaks the same.
 _HEADER = struct.Struct("<4q")
 QUERY, FETCH, STOP = 0, 1, 2
 
@@ -78,27 +78,41 @@ def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
     return tensor if len(indices) == len(tensor) else tensor[indices]
 
 
-def _served_metadata(served: ServedQueries, device: torch.device) -> AttentionMetadata:
+def _encode_plan(served: ServedQueries) -> bytes:
+    """A step's plan as the metadata of its first query: int64 [num_seqs, num_writes, width, window or -1],
+    the write slots, query_start_loc, context_lens, then the block tables padded with -1 to ``width``."""
     width = max((len(row) for row in served.block_tables), default=0)
-    tables = torch.full((len(served.block_tables), width), -1, dtype=torch.int32)
-    for row, table in enumerate(served.block_tables):
-        tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
-    return AttentionMetadata(query_start_loc=served.query_start_loc, context_lens=served.context_lens,
-                             block_tables=tables.to(device),
-                             slot_mapping=torch.tensor(served.write_slots, dtype=torch.long, device=device),
-                             sliding_window=served.sliding_window)
+    values = [len(served.context_lens), len(served.write_slots), width,
+              -1 if served.sliding_window is None else served.sliding_window,
+              *served.write_slots, *served.query_start_loc, *served.context_lens]
+    for row in served.block_tables:
+        values += [*row, *[-1] * (width - len(row))]
+    return array.array("q", values).tobytes()
 
 
-def _answer(served: ServedQueries, metadata: AttentionMetadata, payload: torch.Tensor, key_cache: torch.Tensor,
-            value_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int,
-            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_plan(metadata: bytes, device: torch.device) -> AttentionMetadata:
+    values = array.array("q")
+    values.frombytes(metadata)
+    num_seqs, num_writes, width, window = values[:4]
+    slots_end = 4 + num_writes
+    starts_end = slots_end + num_seqs + 1
+    lens_end = starts_end + num_seqs
+    tables = torch.tensor(values[lens_end:], dtype=torch.int32).view(num_seqs, width)
+    return AttentionMetadata(query_start_loc=list(values[slots_end:starts_end]),
+                             context_lens=list(values[starts_end:lens_end]), block_tables=tables.to(device),
+                             slot_mapping=torch.tensor(values[4:slots_end], dtype=torch.long, device=device),
+                             sliding_window=None if window < 0 else window)
+
+
+def _answer(metadata: AttentionMetadata, payload: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+            num_q_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Store a debtor's new K/V, attend its queries over the blocks held here; the partials (out, lse)."""
-    num_writes = len(served.write_slots)
+    num_writes = len(metadata.slot_mapping)
     kv_size = num_writes * num_kv_heads * head_dim
     query, key, value = payload.split([payload.numel() - 2 * kv_size, kv_size, kv_size])
     store_kv(key.view(num_writes, num_kv_heads, head_dim), value.view(num_writes, num_kv_heads, head_dim),
              key_cache, value_cache, metadata.slot_mapping)
-    out, lse = micro_attention(query.view(served.num_queries, num_q_heads, head_dim), key_cache, value_cache,
+    out, lse = micro_attention(query.view(metadata.query_start_loc[-1], num_q_heads, head_dim), key_cache, value_cache,
                                metadata.block_tables, metadata.query_start_loc, metadata.context_lens,
                                head_dim ** -0.5, metadata.sliding_window)
     return out, lse
@@ -108,7 +122,9 @@ class KVServer:
     """This rank's answers to other instances: their micro-attentions over the blocks it lends, and DGFM copies.
 
     It runs in a thread of its own, blocked on its incoming links while nobody asks, so a debtor's layer
-    waits only for the micro-attention it asked for, never for the creditor's own step. The KV it touches
+    waits only for the micro-attention it asked for, never for the creditor's own step. On the CPU the loop
+    is C++ (kernels/kv_server_cpu.cpp) and holds no GIL; elsewhere, or without the C++ op, it is Python
+    below, on the same wire format. The KV it touches
     is disjoint from what the instance's own step touches: the slots it writes are lent, and a lent
     block is reused only after its debtor has handed it back, which it does only once it no longer asks.
     Creating it sets up the links to the other instances, a collective over the DistAttention group.
@@ -119,6 +135,7 @@ class KVServer:
         self.key_cache, self.value_cache = key_cache, value_cache
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.links = KVLinks()
+        self._native = native_kv_server(key_cache, value_cache)
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="megakv-kv-server", daemon=True)
         self._thread.start()
@@ -139,9 +156,15 @@ class KVServer:
             self._on_error(err)
 
     def _serve(self) -> None:
+        if self._native is not None:
+            debtors = list(self.links.incoming)
+            self._native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
+                                  [self.links.peer_name(debtor) for debtor in debtors], self.key_cache,
+                                  self.value_cache, self.num_q_heads, self.head_dim ** -0.5)
+            return
         device = self.key_cache.device
-        # Per debtor: its latest queries' metadata, sent with the first layer of each of its steps.
-        served: dict[int, tuple[ServedQueries, AttentionMetadata]] = {}
+        # Per debtor: the plan of its current step, sent with the first layer's queries.
+        plans: dict[int, AttentionMetadata] = {}
         header = bytearray(_HEADER.size)
         # Payloads land here; it grows to the largest one and stays.
         inbox = torch.empty(1 << 20, dtype=torch.uint8)
@@ -151,14 +174,14 @@ class KVServer:
             while waiting.get_map():
                 for key, _ in waiting.select():
                     link, debtor = key.fileobj, key.data
-                    peer = f"instance {debtor}"
+                    peer = self.links.peer_name(debtor)
                     received = link.recv_into(header)
-                    if received == 0:
-                        raise ConnectionError(f"{peer} closed its DistKV link without a goodbye: it was killed "
-                                              "or failed")
-                    receive_into(link, memoryview(header)[received:], peer)
+                    # A link that ends between requests ends its debtor's requests, as a stop does: that rank
+                    # died, and the launcher (or megakv's messaging, without MPI) ends the job naming it.
+                    if received:
+                        receive_into(link, memoryview(header)[received:], peer)
                     kind, layer_index, metadata_size, payload_size = _HEADER.unpack(header)
-                    if kind == STOP:
+                    if kind == STOP or not received:
                         waiting.unregister(link)
                         continue
                     metadata = bytearray(metadata_size)
@@ -168,15 +191,13 @@ class KVServer:
                     payload = inbox[:payload_size]
                     receive_into(link, tensor_bytes(payload), peer)
                     if kind == FETCH:
-                        block_ids = torch.tensor(pickle.loads(metadata), dtype=torch.long, device=device)
+                        block_ids = torch.frombuffer(metadata, dtype=torch.long).to(device)
                         blocks = torch.stack([self.key_cache[:, block_ids], self.value_cache[:, block_ids]])
                         send_all(link, [tensor_bytes(blocks.cpu())])
                         continue
                     if metadata_size:
-                        queries = pickle.loads(metadata)
-                        served[debtor] = (queries, _served_metadata(queries, device))
-                    queries_meta, attention_meta = served[debtor]
-                    out, lse = _answer(queries_meta, attention_meta, payload.view(self.key_cache.dtype).to(device),
+                        plans[debtor] = _decode_plan(metadata, device)
+                    out, lse = _answer(plans[debtor], payload.view(self.key_cache.dtype).to(device),
                                        self.key_cache[layer_index], self.value_cache[layer_index],
                                        self.num_q_heads, self.num_kv_heads, self.head_dim)
                     send_all(link, [tensor_bytes(out.float().cpu()), tensor_bytes(lse.float().cpu())])
@@ -192,7 +213,7 @@ class RemoteAttention:
         self.outgoing = outgoing
         self.num_q_heads, self.head_dim = num_q_heads, head_dim
         # Each creditor learns the step's block tables with the first layer's queries.
-        self._metadata = {creditor: pickle.dumps(queries) for creditor, queries in served.items()}
+        self._metadata = {creditor: _encode_plan(queries) for creditor, queries in served.items()}
 
     def attend(self, layer_index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -210,7 +231,7 @@ class RemoteAttention:
             num_queries = len(out_plan.query_indices)
             partial = torch.empty(num_queries * self.num_q_heads * (self.head_dim + 1), dtype=torch.float32)
             receive_into(self.links.outgoing[out_plan.creditor], tensor_bytes(partial),
-                         f"instance {out_plan.creditor}")
+                         self.links.peer_name(out_plan.creditor))
             out_part, lse_part = partial.to(local_out.device).split([num_queries * self.num_q_heads * self.head_dim,
                                                                      num_queries * self.num_q_heads])
             out_part = out_part.view(num_queries, self.num_q_heads, self.head_dim)
@@ -236,9 +257,9 @@ def fetch_blocks(links: KVLinks, transfers: list[Transfer], key_cache: torch.Ten
         by_creditor.setdefault(transfer.creditor, []).append(transfer)
     for creditor, moves in by_creditor.items():
         link = links.outgoing[creditor]
-        _ask(link, FETCH, 0, pickle.dumps([move.src_block for move in moves]))
+        _ask(link, FETCH, 0, array.array("q", [move.src_block for move in moves]).tobytes())
         blocks = torch.empty((2, key_cache.shape[0], len(moves), *key_cache.shape[2:]), dtype=key_cache.dtype)
-        receive_into(link, tensor_bytes(blocks), f"instance {creditor}")
+        receive_into(link, tensor_bytes(blocks), links.peer_name(creditor))
         destination = torch.tensor([move.dst_block for move in moves], dtype=torch.long, device=key_cache.device)
         key_cache[:, destination] = blocks[0].to(key_cache.device)
         value_cache[:, destination] = blocks[1].to(key_cache.device)

@@ -113,6 +113,12 @@ class KVLinks:
                 continue  # a stranger without the job's key, or one that left during the handshake
             self.incoming[instance] = _as_socket(connection)
 
+    @staticmethod
+    def peer_name(instance: int) -> str:
+        """How errors name this rank's counterpart in ``instance``."""
+        rank = instance * state.get_tensor_model_parallel_world_size() + state.get_tensor_model_parallel_rank()
+        return f"rank {rank} (instance {instance})"
+
     def close(self) -> None:
         for sock in (*self.outgoing.values(), *self.incoming.values()):
             sock.close()

@@ -38,7 +38,8 @@ def assert_cluster_clean(report: dict, instances: int, pool_blocks: int = POOL_B
 
 
 @pytest.mark.mpi
-# "gqa64" (head_dim 64) runs local and remote micro-attentions through the C++ CPU decode op.
+# "gqa64" (head_dim 64) runs local and remote micro-attentions through the C++ CPU decode op, and the KV
+# server's C++ loop; "gqa" (head_dim 16) the torch path and the KV server's Python loop.
 @pytest.mark.parametrize("tp,instances,kind", [(1, 2, "gqa"), (2, 2, "gqa"), (1, 2, "gqa64"),
                                                pytest.param(2, 2, "gqa64", marks=pytest.mark.slow),
                                                pytest.param(1, 3, "gqa", marks=pytest.mark.slow),
@@ -59,7 +60,8 @@ def test_cluster_request_beyond_instance_pool_equals_hf(tp, instances, kind, hf_
 
 
 @pytest.mark.mpi
-def test_cluster_mixed_batch_borrows_both_ways_keeping_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi,
+@pytest.mark.parametrize("kind", ["gqa", "gqa64"])
+def test_cluster_mixed_batch_borrows_both_ways_keeping_tokens(kind, hf_llama, megakv_checkpoint, hf_greedy, run_mpi,
                                                               tmp_path):
     prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230, 230, 30])]
     records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 8},
@@ -69,9 +71,9 @@ def test_cluster_mixed_batch_borrows_both_ways_keeping_tokens(hf_llama, megakv_c
     # A pool of 14 blocks (224 tokens) and one DGFM move per step: each long request is longer than a pool, so
     # it borrows from the other instance whatever the two instances' timing. Whether blocks then move home
     # depends on that timing (a debtor's short request must end while its loan is held): see the next test.
-    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, records,
+    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint(kind, 1), 1, 2, records,
                                      "--kv-blocks-per-instance", "14", "--max-moves-per-step", "1")
-    hf_dir = hf_llama("gqa")
+    hf_dir = hf_llama(kind)
     for record, result in zip(records, results):
         expected = hf_greedy(hf_dir, [record["prompt_ids"]], record.get("max_new_tokens", MAX_NEW_TOKENS))[0]
         assert result["token_ids"] == expected
@@ -81,7 +83,9 @@ def test_cluster_mixed_batch_borrows_both_ways_keeping_tokens(hf_llama, megakv_c
 
 
 @pytest.mark.mpi
-def test_cluster_dgfm_pulls_borrowed_blocks_home_keeping_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi,
+# "gqa64": the KV server's C++ loop copies the blocks; "gqa" (head_dim 16): its Python loop.
+@pytest.mark.parametrize("kind", ["gqa", "gqa64"])
+def test_cluster_dgfm_pulls_borrowed_blocks_home_keeping_tokens(kind, hf_llama, megakv_checkpoint, hf_greedy, run_mpi,
                                                                 tmp_path):
     # Instance 0 runs a short request and a long one (15 blocks of prompt, more than its 14-block pool, so it
     # borrows during its prefill from instance 1, which has nothing to run and answers within milliseconds).
@@ -90,9 +94,9 @@ def test_cluster_dgfm_pulls_borrowed_blocks_home_keeping_tokens(hf_llama, megakv
     prompts = [random_prompt(n, seed) for seed, n in enumerate([40, 230], start=20)]
     records = [{"prompt_ids": prompts[0], "instance": 0, "max_new_tokens": 24},
                {"prompt_ids": prompts[1], "instance": 0, "max_new_tokens": 48}]
-    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, records,
+    results, report, _ = run_cluster(run_mpi, tmp_path, megakv_checkpoint(kind, 1), 1, 2, records,
                                      "--kv-blocks-per-instance", "14", "--max-moves-per-step", "1")
-    hf_dir = hf_llama("gqa")
+    hf_dir = hf_llama(kind)
     for record, result in zip(records, results):
         assert result["token_ids"] == hf_greedy(hf_dir, [record["prompt_ids"]], record["max_new_tokens"])[0]
     assert results[1]["block_instances"] == [0, 1]

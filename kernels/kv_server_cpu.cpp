@@ -1,0 +1,219 @@
+// The KV server's loop on the CPU (megakv.distkv.remote_attention.KVServer), built into the same module as the
+// paged-attention op, after it. A remote micro-attention is a round trip on the asking instance's critical path
+// at every layer; in Python, reading a request and storing and attending took the creditor 330 us per layer of a
+// 2K decode step, against 130 us for the attention itself. Here the whole loop runs without the GIL, so it also
+// never waits for the creditor's own step to let go of it.
+//
+// Wire format (megakv.distkv.remote_attention): a request is a header of 4 int64 (kind, layer, metadata bytes,
+// payload bytes), the metadata as int64, then the payload. A query's metadata, sent with the first layer of each
+// of the debtor's steps, is [num_seqs, num_writes, width, window (-1: none)], the write slots, query_start_loc,
+// context_lens and the block tables [num_seqs x width] (-1 where a block lives elsewhere); its payload is the
+// queries [Q, Hq, D], then the new keys and values [num_writes, Hkv, D], in the cache's dtype. The answer is out
+// [Q, Hq, D] then lse [Q, Hq], in fp32. A fetch's metadata is the block ids; its answer the blocks
+// [2, layers, n, Hkv, block_size, D]. A stop has neither, and ends what that link asks. A link that ends
+// between requests ends that debtor's requests too: its rank died, and the launcher (or megakv's messaging,
+// without MPI) ends the job naming it; one that ends inside a request is an error here.
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+namespace {
+
+constexpr int64_t kQuery = 0, kFetch = 1, kStop = 2;
+constexpr int64_t kNoWindow = int64_t{1} << 30;
+
+// One debtor's link, and the plan of its current step.
+struct Debtor {
+  int fd;
+  std::string name;
+  bool open = true;
+  bool has_plan = false;
+  int64_t num_queries = 0, num_writes = 0, max_visible = 0, window = kNoWindow;
+  torch::Tensor tables, query_seq, query_visible, slots;
+};
+
+size_t receive_some(int fd, char* data, size_t size) {
+  for (;;) {
+    const ssize_t received = ::recv(fd, data, size, 0);
+    if (received >= 0) return static_cast<size_t>(received);
+    TORCH_CHECK(errno == EINTR, "KV server: a receive failed: ", std::strerror(errno));
+  }
+}
+
+void receive_all(const Debtor& debtor, char* data, size_t size) {
+  while (size > 0) {
+    const size_t received = receive_some(debtor.fd, data, size);
+    TORCH_CHECK(received > 0, "the DistKV link with ", debtor.name, " closed mid-exchange: it was killed or failed");
+    data += received;
+    size -= received;
+  }
+}
+
+void send_all(int fd, std::vector<iovec> parts) {
+  size_t first = 0;
+  while (first < parts.size()) {
+    msghdr message{};
+    message.msg_iov = parts.data() + first;
+    message.msg_iovlen = parts.size() - first;
+    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL);
+    if (sent < 0) {
+      TORCH_CHECK(errno == EINTR, "KV server: a send failed: ", std::strerror(errno));
+      continue;
+    }
+    while (first < parts.size() && static_cast<size_t>(sent) >= parts[first].iov_len) {
+      sent -= static_cast<ssize_t>(parts[first].iov_len);
+      ++first;
+    }
+    if (first < parts.size()) {
+      parts[first].iov_base = static_cast<char*>(parts[first].iov_base) + sent;
+      parts[first].iov_len -= static_cast<size_t>(sent);
+    }
+  }
+}
+
+void set_plan(Debtor& debtor, const std::vector<int64_t>& metadata) {
+  TORCH_CHECK(metadata.size() >= 4, "KV server: a query's metadata is too short");
+  const int64_t num_seqs = metadata[0], num_writes = metadata[1], width = metadata[2];
+  TORCH_CHECK(num_seqs >= 0 && num_writes >= 0 && width >= 0 &&
+                  static_cast<int64_t>(metadata.size()) == 4 + num_writes + 2 * num_seqs + 1 + num_seqs * width,
+              "KV server: a query's metadata does not hold what its header says");
+  const int64_t* slots = metadata.data() + 4;
+  const int64_t* query_start_loc = slots + num_writes;
+  const int64_t* context_lens = query_start_loc + num_seqs + 1;
+  const int64_t* tables = context_lens + num_seqs;
+  debtor.num_writes = num_writes;
+  debtor.num_queries = query_start_loc[num_seqs];
+  debtor.window = metadata[3] < 0 ? kNoWindow : metadata[3];
+  debtor.slots = torch::from_blob(const_cast<int64_t*>(slots), {num_writes}, torch::kLong).clone();
+  debtor.tables = torch::from_blob(const_cast<int64_t*>(tables), {num_seqs, width}, torch::kLong).to(torch::kInt);
+  // Per query, its sequence and how many context tokens it sees: the last query of a sequence sees the whole
+  // context, each earlier one a token less (megakv.kernels.micro_attention.query_layout_lists).
+  debtor.query_seq = torch::empty({debtor.num_queries}, torch::kInt);
+  debtor.query_visible = torch::empty({debtor.num_queries}, torch::kInt);
+  int32_t* seq_of = debtor.query_seq.data_ptr<int32_t>();
+  int32_t* visible = debtor.query_visible.data_ptr<int32_t>();
+  debtor.max_visible = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t num_seq_queries = query_start_loc[s + 1] - query_start_loc[s];
+    for (int64_t j = 0; j < num_seq_queries; ++j) {
+      const int64_t q = query_start_loc[s] + j;
+      seq_of[q] = static_cast<int32_t>(s);
+      visible[q] = static_cast<int32_t>(context_lens[s] - num_seq_queries + 1 + j);
+      debtor.max_visible = std::max<int64_t>(debtor.max_visible, visible[q]);
+    }
+  }
+  debtor.has_plan = true;
+}
+
+void answer_query(Debtor& debtor, int64_t layer, const std::vector<char>& payload, const torch::Tensor& key_cache,
+                  const torch::Tensor& value_cache, int64_t num_q_heads, double scale) {
+  TORCH_CHECK(debtor.has_plan, "KV server: ", debtor.name, " asked before sending its step's plan");
+  const int64_t num_kv_heads = key_cache.size(2), block_size = key_cache.size(3), head_dim = key_cache.size(4);
+  const int64_t query_size = debtor.num_queries * num_q_heads * head_dim;
+  const int64_t kv_size = debtor.num_writes * num_kv_heads * head_dim;
+  const int64_t element = key_cache.element_size();
+  TORCH_CHECK(static_cast<int64_t>(payload.size()) == (query_size + 2 * kv_size) * element,
+              "KV server: a query's payload does not fit its plan");
+  const auto options = key_cache.options();
+  char* data = const_cast<char*>(payload.data());
+  auto query = torch::from_blob(data, {debtor.num_queries, num_q_heads, head_dim}, options);
+  auto key = torch::from_blob(data + query_size * element, {debtor.num_writes, num_kv_heads, head_dim}, options);
+  auto value = torch::from_blob(data + (query_size + kv_size) * element, {debtor.num_writes, num_kv_heads, head_dim},
+                                options);
+  auto layer_keys = key_cache.select(0, layer);
+  auto layer_values = value_cache.select(0, layer);
+  store_kv(key, value, layer_keys, layer_values, debtor.slots);
+  torch::Tensor out, lse;
+  if (debtor.num_queries == 0 || debtor.max_visible <= 0) {
+    out = torch::zeros({debtor.num_queries, num_q_heads, head_dim}, torch::kFloat);
+    lse = torch::full({debtor.num_queries, num_q_heads}, -std::numeric_limits<float>::infinity(), torch::kFloat);
+  } else {
+    // The split of the blocks over threads that megakv.kernels.cpu_attention._decode_extension makes.
+    int64_t max_blocks = (debtor.max_visible + block_size - 1) / block_size;
+    if (debtor.window != kNoWindow) max_blocks = std::min(max_blocks, (debtor.window + block_size - 1) / block_size + 1);
+    const int64_t num_items = debtor.num_queries * num_kv_heads;
+    int64_t num_splits = std::max<int64_t>(
+        1, std::min<int64_t>((4 * at::get_num_threads() + num_items - 1) / num_items, max_blocks / 32));
+    const int64_t blocks_per_split = std::max<int64_t>(1, (max_blocks + num_splits - 1) / num_splits);
+    num_splits = std::max<int64_t>(1, (max_blocks + blocks_per_split - 1) / blocks_per_split);
+    auto partials = paged_attention(query.to(torch::kFloat).contiguous(), layer_keys, layer_values, debtor.tables,
+                                    debtor.query_seq, debtor.query_visible, scale, blocks_per_split, num_splits,
+                                    debtor.window);
+    out = partials[0];
+    lse = partials[1];
+  }
+  send_all(debtor.fd, {{out.data_ptr(), static_cast<size_t>(out.numel()) * sizeof(float)},
+                       {lse.data_ptr(), static_cast<size_t>(lse.numel()) * sizeof(float)}});
+}
+
+void answer_fetch(const Debtor& debtor, const std::vector<int64_t>& block_ids, const torch::Tensor& key_cache,
+                  const torch::Tensor& value_cache) {
+  auto ids = torch::from_blob(const_cast<int64_t*>(block_ids.data()), {static_cast<int64_t>(block_ids.size())},
+                              torch::kLong);
+  auto blocks = torch::stack({key_cache.index_select(1, ids), value_cache.index_select(1, ids)}).contiguous();
+  send_all(debtor.fd, {{blocks.data_ptr(), static_cast<size_t>(blocks.numel() * blocks.element_size())}});
+}
+
+}  // namespace
+
+// Answer every link in ``fds`` (the debtor rank of each named in ``names``) until each has sent its stop or
+// ended. key_cache/value_cache: [layers, num_blocks, Hkv, block_size, D], contiguous; head_dim 64 or 128.
+void kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::Tensor key_cache,
+              torch::Tensor value_cache, int64_t num_q_heads, double scale) {
+  TORCH_CHECK(fds.size() == names.size(), "kv_serve: one name per link");
+  TORCH_CHECK(key_cache.dim() == 5 && value_cache.sizes() == key_cache.sizes() && key_cache.is_contiguous() &&
+                  value_cache.is_contiguous() && value_cache.scalar_type() == key_cache.scalar_type(),
+              "kv_serve: the caches must be contiguous [layers, num_blocks, Hkv, block_size, D] of one dtype");
+  pybind11::gil_scoped_release no_gil;
+  std::vector<Debtor> debtors;
+  for (size_t i = 0; i < fds.size(); ++i) debtors.push_back({static_cast<int>(fds[i]), names[i]});
+  size_t num_open = debtors.size();
+  std::vector<char> payload;
+  std::vector<int64_t> metadata;
+  std::vector<pollfd> waiting;
+  std::vector<Debtor*> waiting_debtors;
+  while (num_open > 0) {
+    waiting.clear();
+    waiting_debtors.clear();
+    for (auto& debtor : debtors) {
+      if (!debtor.open) continue;
+      waiting.push_back({debtor.fd, POLLIN, 0});
+      waiting_debtors.push_back(&debtor);
+    }
+    if (::poll(waiting.data(), waiting.size(), -1) < 0) {
+      TORCH_CHECK(errno == EINTR, "KV server: poll failed: ", std::strerror(errno));
+      continue;
+    }
+    for (size_t i = 0; i < waiting.size(); ++i) {
+      if (waiting[i].revents == 0) continue;
+      Debtor& debtor = *waiting_debtors[i];
+      int64_t header[4] = {};
+      const size_t received = receive_some(debtor.fd, reinterpret_cast<char*>(header), sizeof(header));
+      if (received > 0) receive_all(debtor, reinterpret_cast<char*>(header) + received, sizeof(header) - received);
+      const int64_t kind = received > 0 ? header[0] : kStop;
+      const int64_t layer = header[1], metadata_size = header[2], payload_size = header[3];
+      if (kind == kStop) {
+        debtor.open = false;
+        --num_open;
+        continue;
+      }
+      TORCH_CHECK((kind == kQuery || kind == kFetch) && metadata_size % 8 == 0 && metadata_size >= 0 &&
+                      payload_size >= 0 && layer >= 0 && layer < key_cache.size(0),
+                  "KV server: ", debtor.name, " sent a request this server does not know");
+      metadata.resize(metadata_size / 8);
+      receive_all(debtor, reinterpret_cast<char*>(metadata.data()), metadata_size);
+      payload.resize(payload_size);
+      receive_all(debtor, payload.data(), payload_size);
+      if (kind == kFetch) {
+        answer_fetch(debtor, metadata, key_cache, value_cache);
+        continue;
+      }
+      if (metadata_size > 0) set_plan(debtor, metadata);
+      answer_query(debtor, layer, payload, key_cache, value_cache, num_q_heads, scale);
+    }
+  }
+}
