@@ -134,7 +134,8 @@ void answer_query(Debtor& debtor, int64_t layer, const std::vector<char>& payloa
   } else {
     // The split of the blocks over threads that megakv.kernels.cpu_attention._decode_extension makes.
     int64_t max_blocks = (debtor.max_visible + block_size - 1) / block_size;
-    if (debtor.window != kNoWindow) max_blocks = std::min(max_blocks, (debtor.window + block_size - 1) / block_size + 1);
+    if (debtor.window != kNoWindow)
+      max_blocks = std::min(max_blocks, (debtor.window + block_size - 1) / block_size + 1);
     const int64_t num_items = debtor.num_queries * num_kv_heads;
     int64_t num_splits = std::max<int64_t>(
         1, std::min<int64_t>((4 * at::get_num_threads() + num_items - 1) / num_items, max_blocks / 32));
@@ -216,4 +217,97 @@ void kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::T
       answer_query(debtor, layer, payload, key_cache, value_cache, num_q_heads, scale);
     }
   }
+}
+
+// The asking side's end of a layer: receive each creditor's answer on ``fds`` (the creditor ranks named in
+// ``names``) for the batch rows in ``rows`` (ascending), and merge them with the local partial local_out
+// [N, Hq, D] and local_lse [N, Hq] (fp32, contiguous) by log-sum-exp, local first and then the creditors in
+// order, exactly as merge_partials does over the stacked partials (a row a creditor did not see weighs 0).
+// Waiting and merging hold no GIL: the instance's own KV server thread may answer meanwhile.
+std::vector<torch::Tensor> kv_merge_answers(std::vector<int64_t> fds, std::vector<std::string> names,
+                                            std::vector<std::vector<int64_t>> rows, torch::Tensor local_out,
+                                            torch::Tensor local_lse) {
+  TORCH_CHECK(fds.size() == names.size() && fds.size() == rows.size(),
+              "kv_merge_answers: one name and rows per link");
+  TORCH_CHECK(local_out.dim() == 3 && local_lse.dim() == 2 && local_lse.size(0) == local_out.size(0) &&
+                  local_lse.size(1) == local_out.size(1) && local_out.is_contiguous() && local_lse.is_contiguous() &&
+                  local_out.scalar_type() == torch::kFloat && local_lse.scalar_type() == torch::kFloat,
+              "kv_merge_answers: local_out [N, Hq, D] and local_lse [N, Hq] must be contiguous float32");
+  const int64_t num_rows = local_out.size(0), num_heads = local_out.size(1), head_dim = local_out.size(2);
+  for (const auto& creditor_rows : rows)
+    for (int64_t row : creditor_rows)
+      TORCH_CHECK(0 <= row && row < num_rows, "kv_merge_answers: row ", row, " is out of range");
+  pybind11::gil_scoped_release no_gil;
+  std::vector<std::vector<float>> answers(fds.size());
+  for (size_t i = 0; i < fds.size(); ++i) {
+    const int64_t num_answered = static_cast<int64_t>(rows[i].size());
+    answers[i].resize(num_answered * num_heads * (head_dim + 1));
+    const Debtor link{static_cast<int>(fds[i]), names[i]};
+    receive_all(link, reinterpret_cast<char*>(answers[i].data()), answers[i].size() * sizeof(float));
+  }
+  // Per creditor, per batch row: the index of that row in its answer, or -1.
+  std::vector<std::vector<int64_t>> slot(fds.size(), std::vector<int64_t>(num_rows, -1));
+  for (size_t i = 0; i < fds.size(); ++i)
+    for (size_t j = 0; j < rows[i].size(); ++j) slot[i][rows[i][j]] = static_cast<int64_t>(j);
+  auto out = torch::empty_like(local_out);
+  auto lse = torch::empty_like(local_lse);
+  const float* local_out_base = local_out.data_ptr<float>();
+  const float* local_lse_base = local_lse.data_ptr<float>();
+  float* out_base = out.data_ptr<float>();
+  float* lse_base = lse.data_ptr<float>();
+  std::vector<const float*> partial_outs(fds.size() + 1);
+  std::vector<float> partial_lses(fds.size() + 1);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    for (int64_t h = 0; h < num_heads; ++h) {
+      const int64_t row = r * num_heads + h;
+      size_t num_partials = 0;
+      partial_outs[num_partials] = local_out_base + row * head_dim;
+      partial_lses[num_partials++] = local_lse_base[row];
+      for (size_t i = 0; i < fds.size(); ++i) {
+        const int64_t j = slot[i][r];
+        if (j < 0) continue;
+        const int64_t num_answered = static_cast<int64_t>(rows[i].size());
+        partial_outs[num_partials] = answers[i].data() + (j * num_heads + h) * head_dim;
+        partial_lses[num_partials++] = answers[i][num_answered * num_heads * head_dim + j * num_heads + h];
+      }
+      float merged_max = -1e30f;
+      for (size_t p = 0; p < num_partials; ++p) merged_max = std::max(merged_max, partial_lses[p]);
+      float* out_row = out_base + row * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
+      if (!(merged_max > -1e30f)) {
+        lse_base[row] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      float total = 0.f;
+      for (size_t p = 0; p < num_partials; ++p) {
+        const float weight = std::exp(partial_lses[p] - merged_max);
+        if (weight == 0.f) continue;
+        total += weight;
+        for (int64_t d = 0; d < head_dim; ++d) out_row[d] += weight * partial_outs[p][d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < head_dim; ++d) out_row[d] *= inv;
+      lse_base[row] = merged_max + std::log(total);
+    }
+  }
+  return {out, lse};
+}
+
+// The asking side's request for one layer: the header, the metadata (the step's plan on its first layer, else
+// empty) and the payload tensors, in one sendmsg from their memory.
+void kv_send_query(int64_t fd, int64_t layer, std::string metadata, std::vector<torch::Tensor> payload) {
+  std::vector<torch::Tensor> parts;
+  int64_t payload_size = 0;
+  for (const auto& tensor : payload) {
+    TORCH_CHECK(tensor.device().is_cpu(), "kv_send_query: the payload must be on the CPU");
+    parts.push_back(tensor.contiguous());
+    payload_size += parts.back().numel() * parts.back().element_size();
+  }
+  int64_t header[4] = {kQuery, layer, static_cast<int64_t>(metadata.size()), payload_size};
+  std::vector<iovec> message{{header, sizeof(header)}};
+  if (!metadata.empty()) message.push_back({metadata.data(), metadata.size()});
+  for (const auto& part : parts)
+    if (part.numel() > 0) message.push_back({part.data_ptr(), static_cast<size_t>(part.numel() * part.element_size())});
+  pybind11::gil_scoped_release no_gil;
+  send_all(static_cast<int>(fd), std::move(message));
 }

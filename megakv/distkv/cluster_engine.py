@@ -557,7 +557,7 @@ class ClusterEngine:
             return None
         if plan.inputs.outgoing:
             config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
-            plan.inputs.metadata.remote = RemoteAttention(self.kv_server.links, plan.inputs.outgoing,
+            plan.inputs.metadata.remote = RemoteAttention(self.kv_server, plan.inputs.outgoing,
                                                           plan.inputs.served_by_creditor,
                                                           config.num_attention_heads // tp, config.head_dim)
         return self.model_runner.forward(plan.inputs)

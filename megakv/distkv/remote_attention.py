@@ -135,7 +135,8 @@ class KVServer:
         self.key_cache, self.value_cache = key_cache, value_cache
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.links = KVLinks()
-        self._native = native_kv_server(key_cache, value_cache)
+        # The C++ module whose kv_serve loop answers here (None: the Python loop below).
+        self.native = native_kv_server(key_cache, value_cache)
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="megakv-kv-server", daemon=True)
         self._thread.start()
@@ -156,9 +157,9 @@ class KVServer:
             self._on_error(err)
 
     def _serve(self) -> None:
-        if self._native is not None:
+        if self.native is not None:
             debtors = list(self.links.incoming)
-            self._native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
+            self.native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
                                   [self.links.peer_name(debtor) for debtor in debtors], self.key_cache,
                                   self.value_cache, self.num_q_heads, self.head_dim ** -0.5)
             return
@@ -207,10 +208,16 @@ class RemoteAttention:
     """The debtor's side of one step: each layer's queries go to the creditors' KV servers, the local
     micro-attention runs while they compute, and their partials merge with it exactly."""
 
-    def __init__(self, links: KVLinks, outgoing: list[OutgoingQueries], served: dict[int, ServedQueries],
+    def __init__(self, kv_server: KVServer, outgoing: list[OutgoingQueries], served: dict[int, ServedQueries],
                  num_q_heads: int, head_dim: int) -> None:
-        self.links = links
+        self.links = kv_server.links
+        # The C++ module that sends the queries and merges the answers where the KV server's loop is C++, else
+        # None.
+        self._native = kv_server.native
         self.outgoing = outgoing
+        self._link_args = ([self.links.outgoing[out.creditor].fileno() for out in outgoing],
+                           [self.links.peer_name(out.creditor) for out in outgoing],
+                           [out.query_indices for out in outgoing])
         self.num_q_heads, self.head_dim = num_q_heads, head_dim
         # Each creditor learns the step's block tables with the first layer's queries.
         self._metadata = {creditor: _encode_plan(queries) for creditor, queries in served.items()}
@@ -219,12 +226,20 @@ class RemoteAttention:
                local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One layer: query [T, Hq, D] and key/value [T, Hkv, D] are this step's new tokens."""
         for out in self.outgoing:
+            link = self.links.outgoing[out.creditor]
+            metadata = self._metadata[out.creditor] if layer_index == 0 else b""
             # Indices ascend without repeats (ModelRunner.prepare): as many as the rows means all of them,
             # which go without a copy.
-            _ask(self.links.outgoing[out.creditor], QUERY, layer_index,
-                 self._metadata[out.creditor] if layer_index == 0 else b"",
-                 (_rows(query, out.query_indices), _rows(key, out.write_indices), _rows(value, out.write_indices)))
+            payload = [_rows(query, out.query_indices), _rows(key, out.write_indices), _rows(value, out.write_indices)]
+            if self._native is not None:
+                self._native.kv_send_query(link.fileno(), layer_index, metadata, payload)
+            else:
+                _ask(link, QUERY, layer_index, metadata, payload)
         local_out, local_lse = local_attention()
+        if self._native is not None:
+            merged, _ = self._native.kv_merge_answers(*self._link_args, local_out.float().contiguous(),
+                                                      local_lse.float().contiguous())
+            return merged.to(local_out.dtype)
         # Partials merge in fp32 (the creditors send them so), and only the merged rows take the model's dtype.
         outs, lses = [local_out.float()], [local_lse]
         for out_plan in self.outgoing:
