@@ -11,8 +11,8 @@
 // queries [Q, Hq, D], then the new keys and values [num_writes, Hkv, D], in the cache's dtype. The answer is out
 // [Q, Hq, D] then lse [Q, Hq], in fp32. A fetch's metadata is the block ids; its answer the blocks
 // [2, layers, n, Hkv, block_size, D]. A stop has neither, and ends what that link asks. A link that ends
-// between requests ends that debtor's requests too: its rank died, and the launcher (or megakv's messaging,
-// without MPI) ends the job naming it; one that ends inside a request is an error here.
+// without a stop means its rank died: between requests, kv_serve returns that rank's name for the caller to
+// end the job with; inside a request, it raises.
 #include <poll.h>
 #include <sched.h>
 #include <sys/socket.h>
@@ -169,9 +169,10 @@ void answer_fetch(const Debtor& debtor, const std::vector<int64_t>& block_ids, c
 
 }  // namespace
 
-// Answer every link in ``fds`` (the debtor rank of each named in ``names``) until each has sent its stop or
-// ended. key_cache/value_cache: [layers, num_blocks, Hkv, block_size, D], contiguous; head_dim 64 or 128.
-void kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::Tensor key_cache,
+// Answer every link in ``fds`` (the debtor rank of each named in ``names``) until each has sent its stop; the
+// empty string then, or the name of the first whose link ended between requests without one.
+// key_cache/value_cache: [layers, num_blocks, Hkv, block_size, D], contiguous; head_dim 64 or 128.
+std::string kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::Tensor key_cache,
               torch::Tensor value_cache, int64_t num_q_heads, double scale) {
   TORCH_CHECK(fds.size() == names.size(), "kv_serve: one name per link");
   TORCH_CHECK(key_cache.dim() == 5 && value_cache.sizes() == key_cache.sizes() && key_cache.is_contiguous() &&
@@ -200,11 +201,11 @@ void kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::T
     for (size_t i = 0; i < waiting.size(); ++i) {
       if (waiting[i].revents == 0) continue;
       Debtor& debtor = *waiting_debtors[i];
-      int64_t header[4] = {};
+      int64_t header[4];
       const size_t received = receive_some(debtor.fd, reinterpret_cast<char*>(header), sizeof(header));
-      if (received > 0) receive_all(debtor, reinterpret_cast<char*>(header) + received, sizeof(header) - received);
-      const int64_t kind = received > 0 ? header[0] : kStop;
-      const int64_t layer = header[1], metadata_size = header[2], payload_size = header[3];
+      if (received == 0) return debtor.name;
+      receive_all(debtor, reinterpret_cast<char*>(header) + received, sizeof(header) - received);
+      const int64_t kind = header[0], layer = header[1], metadata_size = header[2], payload_size = header[3];
       if (kind == kStop) {
         debtor.open = false;
         --num_open;
@@ -225,6 +226,7 @@ void kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::T
       answer_query(debtor, layer, payload, key_cache, value_cache, num_q_heads, scale);
     }
   }
+  return "";
 }
 
 // The asking side's end of a layer: receive each creditor's answer on ``fds`` (the creditor ranks named in

@@ -40,6 +40,7 @@ from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.parallel import state
+from megakv.parallel.kv_links import PeerGone
 from megakv.parallel.messaging import split, world_comm
 
 # How long a rank with nothing to do sleeps between checks for a message. After BACKOFF_AFTER_SECONDS
@@ -576,8 +577,8 @@ class ClusterEngine:
         self._stopped = True
 
     def _kv_server_failed(self, err: BaseException) -> None:
-        print(f"megakv: rank {self.world.Get_rank()}: the KV server failed: {err!r}", file=sys.stderr,
-              flush=True)
+        cause = f"{err}: ending this rank" if isinstance(err, PeerGone) else f"the KV server failed: {err!r}"
+        print(f"megakv: rank {self.world.Get_rank()}: {cause}", file=sys.stderr, flush=True)
         self.world.Abort(1)
 
     def cluster_report(self) -> dict | None:

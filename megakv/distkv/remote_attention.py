@@ -26,7 +26,7 @@ from megakv.attention.metadata import AttentionMetadata
 from megakv.distkv.rmanager import Transfer
 from megakv.kernels.cpu_attention import native_kv_server
 from megakv.kernels.ops import merge_partials, micro_attention, store_kv
-from megakv.parallel.kv_links import KVLinks, receive_into, send_all, tensor_bytes
+from megakv.parallel.kv_links import KVLinks, PeerGone, receive_into, send_all, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,11 @@ class KVServer:
     def _serve(self) -> None:
         if self.native is not None:
             debtors = list(self.links.incoming)
-            self.native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
-                                  [self.links.peer_name(debtor) for debtor in debtors], self.key_cache,
-                                  self.value_cache, self.num_q_heads, self.head_dim ** -0.5)
+            lost = self.native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
+                                        [self.links.peer_name(debtor) for debtor in debtors], self.key_cache,
+                                        self.value_cache, self.num_q_heads, self.head_dim ** -0.5)
+            if lost:
+                raise PeerGone(lost)
             return
         device = self.key_cache.device
         # Per debtor: the plan of its current step, sent with the first layer's queries.
@@ -177,12 +179,11 @@ class KVServer:
                     link, debtor = key.fileobj, key.data
                     peer = self.links.peer_name(debtor)
                     received = link.recv_into(header)
-                    # A link that ends between requests ends its debtor's requests, as a stop does: that rank
-                    # died, and the launcher (or megakv's messaging, without MPI) ends the job naming it.
-                    if received:
-                        receive_into(link, memoryview(header)[received:], peer)
+                    if not received:
+                        raise PeerGone(peer)
+                    receive_into(link, memoryview(header)[received:], peer)
                     kind, layer_index, metadata_size, payload_size = _HEADER.unpack(header)
-                    if kind == STOP or not received:
+                    if kind == STOP:
                         waiting.unregister(link)
                         continue
                     metadata = bytearray(metadata_size)

@@ -31,6 +31,13 @@ from megakv.parallel import state
 _BACKLOG = 1024
 
 
+class PeerGone(ConnectionError):
+    """A link ended without the goodbye its peer sends when it stops: the peer was killed or failed."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(f"{peer} is gone (its DistKV link closed without a goodbye; it was killed or failed)")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor, without a copy when it is contiguous (for sendmsg and recv_into)."""
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())

@@ -38,13 +38,14 @@ class Served:
     def __init__(self, extension, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         self.link, self._theirs = socket.socketpair()
         self.error: BaseException | None = None
+        self.lost: str | None = None
         self._thread = threading.Thread(target=self._serve, args=(extension, key_cache, value_cache), daemon=True)
         self._thread.start()
 
     def _serve(self, extension, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         try:
-            extension.kv_serve([self._theirs.fileno()], [PEER], key_cache, value_cache, NUM_Q_HEADS,
-                               HEAD_DIM ** -0.5)
+            self.lost = extension.kv_serve([self._theirs.fileno()], [PEER], key_cache, value_cache, NUM_Q_HEADS,
+                                           HEAD_DIM ** -0.5)
         except RuntimeError as error:
             self.error = error
 
@@ -95,14 +96,14 @@ def test_kv_serve_stores_attends_fetches_and_stops(extension, paged_batch, atten
     expected_blocks = torch.stack([key_cache[:, block_ids], value_cache[:, block_ids]])
     assert torch.equal(blocks.nan_to_num(), expected_blocks.nan_to_num())
     send_all(served.link, [header(STOP, 0, 0, 0)])
-    assert served.ended() and served.error is None
+    assert served.ended() and served.error is None and served.lost == ""
 
 
-def test_kv_serve_ends_quietly_when_a_link_closes_between_requests(extension):
+def test_kv_serve_returns_the_rank_whose_link_closes_between_requests(extension):
     caches = [torch.zeros(1, 2, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM) for _ in range(2)]
     served = Served(extension, *caches)
     served.link.close()
-    assert served.ended() and served.error is None
+    assert served.ended() and served.error is None and served.lost == PEER
 
 
 def test_kv_serve_names_the_rank_whose_link_closes_inside_a_request(extension):

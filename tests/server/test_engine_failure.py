@@ -24,6 +24,10 @@ from server_process import SHUTDOWN_SECONDS, ServerProcess
 
 SAMPLING_FAILURE = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0"
 
+# Whoever notices first names the lost rank: rank 0's KV server, whose link from rank 1 ends without a goodbye,
+# or the launcher's side: mpirun itself, or, without MPI, rank 0's messaging connection from rank 1.
+KV_LINK_LOST = "megakv: rank 0: rank 1 (instance 1) is gone (its DistKV link closed without a goodbye"
+
 
 @pytest.fixture(scope="module")
 def nan_checkpoint(chat_model, tmp_path_factory) -> Path:
@@ -106,9 +110,7 @@ def rank_pids(server: ServerProcess) -> list[int]:
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize(("launcher", "lost_rank_line"), [
-    # mpirun's own line.
     ("mpirun", "process rank 1 with PID {pid}"),
-    # Without MPI, rank 0 sees rank 1's connection close without a goodbye.
     ("deepspeed", "megakv: rank 0: rank 1 is gone (its connection closed without a goodbye"),
 ])
 def test_a_killed_rank_ends_the_cluster_server_and_its_streams(chat_model, start_server, launcher, lost_rank_line):
@@ -126,4 +128,5 @@ def test_a_killed_rank_ends_the_cluster_server_and_its_streams(chat_model, start
                 pass
     status, health = wait_for_exit(server)
     assert status != 0 and 200 not in health, server.output
-    assert lost_rank_line.format(pid=other_rank) in " ".join(server.output.split()), server.output
+    output = " ".join(server.output.split())
+    assert lost_rank_line.format(pid=other_rank) in output or KV_LINK_LOST in output, server.output
