@@ -283,24 +283,8 @@ std::vector<torch::Tensor> kv_merge_answers(std::vector<int64_t> fds, std::vecto
         partial_outs[num_partials] = answers[i].data() + (j * num_heads + h) * head_dim;
         partial_lses[num_partials++] = answers[i][num_answered * num_heads * head_dim + j * num_heads + h];
       }
-      float merged_max = -1e30f;
-      for (size_t p = 0; p < num_partials; ++p) merged_max = std::max(merged_max, partial_lses[p]);
-      float* out_row = out_base + row * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
-      if (!(merged_max > -1e30f)) {
-        lse_base[row] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      float total = 0.f;
-      for (size_t p = 0; p < num_partials; ++p) {
-        const float weight = std::exp(partial_lses[p] - merged_max);
-        if (weight == 0.f) continue;
-        total += weight;
-        for (int64_t d = 0; d < head_dim; ++d) out_row[d] += weight * partial_outs[p][d];
-      }
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < head_dim; ++d) out_row[d] *= inv;
-      lse_base[row] = merged_max + std::log(total);
+      merge_row(partial_outs.data(), partial_lses.data(), static_cast<int64_t>(num_partials), head_dim,
+                out_base + row * head_dim, lse_base + row);
     }
   }
   return {out, lse};

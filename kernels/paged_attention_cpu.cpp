@@ -355,8 +355,33 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor query, torch::Tensor ke
   }
 }
 
-// outs [P, N, H, D], lses [P, N, H] (fp32, contiguous) -> out [N, H, D], lse [N, H]; an empty partial has
-// lse -inf and weight 0, and a row no partial saw gets out 0 and lse -inf. One call instead of the ten
+// One row's merge of partials by log-sum-exp: out_row = sum_j w_j outs[j] / sum_j w_j with w_j = exp(lses[j] - max),
+// lse = max + log(sum_j w_j). An empty partial has lse -inf and weight 0; a row no partial saw gets out 0 and
+// lse -inf. The order of the partials is the order of the sums, so merge_partials and kv_merge_answers
+// (kv_server_cpu.cpp) agree to the bit over the same partials.
+static inline void merge_row(const float* const* outs, const float* lses, int64_t num_partials, int64_t head_dim,
+                             float* out_row, float* lse) {
+  // A finite floor rather than -inf: -ffast-math lets the compiler assume no infinities in comparisons.
+  float merged_max = -1e30f;
+  for (int64_t j = 0; j < num_partials; ++j) merged_max = std::max(merged_max, lses[j]);
+  for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
+  if (!(merged_max > -1e30f)) {
+    *lse = -std::numeric_limits<float>::infinity();
+    return;
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < num_partials; ++j) {
+    const float weight = std::exp(lses[j] - merged_max);
+    if (weight == 0.f) continue;
+    total += weight;
+    for (int64_t d = 0; d < head_dim; ++d) out_row[d] += weight * outs[j][d];
+  }
+  const float inv = 1.f / total;
+  for (int64_t d = 0; d < head_dim; ++d) out_row[d] *= inv;
+  *lse = merged_max + std::log(total);
+}
+
+// outs [P, N, H, D], lses [P, N, H] (fp32, contiguous) -> out [N, H, D], lse [N, H]. One call instead of the ten
 // small torch ops of the reference: a remote decode step merges every layer on its critical path.
 std::vector<torch::Tensor> merge_partials(torch::Tensor outs, torch::Tensor lses) {
   TORCH_CHECK(outs.dim() == 4 && lses.dim() == 3 && lses.size(0) == outs.size(0) && lses.size(1) == outs.size(1) &&
@@ -370,27 +395,14 @@ std::vector<torch::Tensor> merge_partials(torch::Tensor outs, torch::Tensor lses
   const float* lses_base = lses.data_ptr<float>();
   float* out_base = out.data_ptr<float>();
   float* lse_base = lse.data_ptr<float>();
+  std::vector<const float*> row_outs(num_partials);
+  std::vector<float> row_lses(num_partials);
   for (int64_t r = 0; r < num_rows; ++r) {
-    // A finite floor rather than -inf: -ffast-math lets the compiler assume no infinities in comparisons.
-    float merged_max = -1e30f;
-    for (int64_t j = 0; j < num_partials; ++j) merged_max = std::max(merged_max, lses_base[j * num_rows + r]);
-    float* out_row = out_base + r * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) out_row[d] = 0.f;
-    if (!(merged_max > -1e30f)) {
-      lse_base[r] = -std::numeric_limits<float>::infinity();
-      continue;
-    }
-    float total = 0.f;
     for (int64_t j = 0; j < num_partials; ++j) {
-      const float weight = std::exp(lses_base[j * num_rows + r] - merged_max);
-      if (weight == 0.f) continue;
-      total += weight;
-      const float* partial = outs_base + (j * num_rows + r) * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) out_row[d] += weight * partial[d];
+      row_outs[j] = outs_base + (j * num_rows + r) * head_dim;
+      row_lses[j] = lses_base[j * num_rows + r];
     }
-    const float inv = 1.f / total;
-    for (int64_t d = 0; d < head_dim; ++d) out_row[d] *= inv;
-    lse_base[r] = merged_max + std::log(total);
+    merge_row(row_outs.data(), row_lses.data(), num_partials, head_dim, out_base + r * head_dim, lse_base + r);
   }
   return {out, lse};
 }
