@@ -1,10 +1,11 @@
 """The DistKV data plane's links: a stream socket from each rank to the same TP rank of every other instance.
 
 A remote micro-attention is one round trip per layer on the asking instance's critical path, so the
-transport's latency is paid per layer of every step of a request with remote blocks. Over gloo a 4 KB
-round trip took 160 us on a 2-vCPU host, as much as a whole layer of a small model's decode step; over a
-Unix socket it takes about 7 us. So ranks on one host link over Unix sockets (in the abstract namespace:
-nothing on disk to leak when a rank is killed), and ranks on different hosts over TCP with Nagle off.
+transport's latency is paid per layer of every step of a request with remote blocks. Between two blocked
+processes of a 2-vCPU host, a 4 KB round trip over gloo took 160-170 us, as much as a whole layer of a small
+model's decode step; over a Unix socket it takes 44-62 us, most of it the two wake-ups (tools/bench_distkv.py).
+So ranks on one host link over Unix sockets (in the abstract namespace: nothing on disk to leak when a rank is
+killed), and ranks on different hosts over TCP with Nagle off.
 Links are authenticated with multiprocessing.connection's HMAC handshake, under a key instance 0 draws
 for the job.
 
