@@ -40,13 +40,16 @@ def _load_variant(isa: str):
         return None
 
 
+def _op_reads(cache: torch.Tensor) -> bool:
+    """Whether the C++ op can read this cache: its dtypes and head dims, laid out contiguously."""
+    return (cache.dtype in (torch.float32, torch.bfloat16, torch.float16) and cache.shape[-1] in (64, 128)
+            and cache.is_contiguous())
+
+
 def _extension_for(query: torch.Tensor, key_cache: torch.Tensor):
     """The C++ op module when it can attend these tensors, else None. Looked up once per call: each lookup
     reads the environment, and the decode path runs per layer."""
-    if (query.dtype == key_cache.dtype and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and query.shape[-1] in (64, 128) and key_cache.is_contiguous()):
-        return load_extension()
-    return None
+    return load_extension() if query.dtype == key_cache.dtype and _op_reads(key_cache) else None
 
 
 def _decode_extension(extension, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -184,7 +187,6 @@ def store_kv_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor
 def native_kv_server(key_cache: torch.Tensor, value_cache: torch.Tensor):
     """The C++ module whose ``kv_serve`` runs the KV server's loop over these caches ([layers, num_blocks, Hkv,
     block_size, D]), or None when the op cannot attend them."""
-    if (key_cache.device.type != "cpu" or key_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            or key_cache.shape[-1] not in (64, 128) or not (key_cache.is_contiguous() and value_cache.is_contiguous())):
+    if key_cache.device.type != "cpu" or not (_op_reads(key_cache) and value_cache.is_contiguous()):
         return None
     return load_extension()

@@ -52,10 +52,10 @@ size_t receive_some(int fd, char* data, size_t size) {
   }
 }
 
-void receive_all(const Debtor& debtor, char* data, size_t size) {
+void receive_all(int fd, const std::string& peer, char* data, size_t size) {
   while (size > 0) {
-    const size_t received = receive_some(debtor.fd, data, size);
-    TORCH_CHECK(received > 0, "the DistKV link with ", debtor.name, " closed mid-exchange: it was killed or failed");
+    const size_t received = receive_some(fd, data, size);
+    TORCH_CHECK(received > 0, "the DistKV link with ", peer, " closed mid-exchange: it was killed or failed");
     data += received;
     size -= received;
   }
@@ -204,7 +204,7 @@ std::string kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, t
       int64_t header[4];
       const size_t received = receive_some(debtor.fd, reinterpret_cast<char*>(header), sizeof(header));
       if (received == 0) return debtor.name;
-      receive_all(debtor, reinterpret_cast<char*>(header) + received, sizeof(header) - received);
+      receive_all(debtor.fd, debtor.name, reinterpret_cast<char*>(header) + received, sizeof(header) - received);
       const int64_t kind = header[0], layer = header[1], metadata_size = header[2], payload_size = header[3];
       if (kind == kStop) {
         debtor.open = false;
@@ -215,9 +215,9 @@ std::string kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, t
                       payload_size >= 0 && layer >= 0 && layer < key_cache.size(0),
                   "KV server: ", debtor.name, " sent a request this server does not know");
       metadata.resize(metadata_size / 8);
-      receive_all(debtor, reinterpret_cast<char*>(metadata.data()), metadata_size);
+      receive_all(debtor.fd, debtor.name, reinterpret_cast<char*>(metadata.data()), metadata_size);
       payload.resize(payload_size);
-      receive_all(debtor, payload.data(), payload_size);
+      receive_all(debtor.fd, debtor.name, payload.data(), payload_size);
       if (kind == kFetch) {
         answer_fetch(debtor, metadata, key_cache, value_cache);
         continue;
@@ -252,11 +252,11 @@ std::vector<torch::Tensor> kv_merge_answers(std::vector<int64_t> fds, std::vecto
   for (size_t i = 0; i < fds.size(); ++i) {
     const int64_t num_answered = static_cast<int64_t>(rows[i].size());
     answers[i].resize(num_answered * num_heads * (head_dim + 1));
-    const Debtor link{static_cast<int>(fds[i]), names[i]};
+    const int fd = static_cast<int>(fds[i]);
     const auto poll_until = std::chrono::steady_clock::now() + kAnswerPoll;
-    pollfd answer{link.fd, POLLIN, 0};
+    pollfd answer{fd, POLLIN, 0};
     while (::poll(&answer, 1, 0) == 0 && std::chrono::steady_clock::now() < poll_until) sched_yield();
-    receive_all(link, reinterpret_cast<char*>(answers[i].data()), answers[i].size() * sizeof(float));
+    receive_all(fd, names[i], reinterpret_cast<char*>(answers[i].data()), answers[i].size() * sizeof(float));
   }
   // Per creditor, per batch row: the index of that row in its answer, or -1.
   std::vector<std::vector<int64_t>> slot(fds.size(), std::vector<int64_t>(num_rows, -1));
