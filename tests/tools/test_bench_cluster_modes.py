@@ -77,7 +77,8 @@ def test_bench_cluster_modes_tiny_run_reports_every_field_and_figure(tmp_path):
     assert all(row[mode]["one_block_more_rejected"] for row in result["max_context"]
                for mode in ("distkv", "independent"))
     assert sorted(Path(path).name for path in result["figures"]) == [
-        "bench_cluster_modes_max_context.png", "bench_cluster_modes_p99_ttft.png", "bench_cluster_modes_throughput.png"]
+        "bench_cluster_modes_goodput.png", "bench_cluster_modes_max_context.png", "bench_cluster_modes_p99_ttft.png",
+        "bench_cluster_modes_throughput.png"]
     for path in result["figures"]:
         assert Path(path).parent == tmp_path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -27,6 +27,19 @@ def test_make_demo_model_random_builds_tp2_with_tokenizer(tmp_path):
     assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
 
 
+def test_make_demo_model_random_takes_a_shape_and_keeps_only_its_own(tmp_path):
+    folders = ("--output", tmp_path / "ckpt", "--hf-output", tmp_path / "hf")
+    proc = make_demo_model("--random", "--tp", "1", "--hidden-size", "128", "--heads", "2", *folders)
+    assert proc.returncode == 0, proc.stderr
+    model = read_checkpoint_info(tmp_path / "ckpt").model
+    assert (model.hidden_size, model.num_attention_heads, model.num_kv_heads, model.head_dim) == (128, 2, 1, 64)
+    again = make_demo_model("--random", "--tp", "1", *folders)
+    assert again.returncode == 2 and "holds a model of hidden size 128 with 2 heads, not 64 with 4" in again.stderr
+    odd = make_demo_model("--random", "--heads", "3", "--output", tmp_path / "odd", "--hf-output", tmp_path / "odd-hf")
+    assert odd.returncode == 2 and "must be a positive multiple of --heads 3" in odd.stderr
+    assert not (tmp_path / "odd").exists()
+
+
 @pytest.mark.slow
 def test_make_demo_model_converts_smollm2_and_keeps_it(smollm2, tmp_path):
     proc = make_demo_model("--output", tmp_path / "ckpt", "--tp", "3")
