@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -49,6 +50,8 @@ BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "bench"
 STARTUP_SECONDS = 300
+# Starts of a server whose port another process took first (see Server.start).
+PORT_ATTEMPTS = 3
 SHUTDOWN_SECONDS = 30
 IDLE_SECONDS = 60
 # The modes of a workload run: the config's cluster lending (lending_cap 1) and not (0), and one instance alone.
@@ -142,8 +145,22 @@ class Server:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
+    @classmethod
+    def start(cls, config: dict, model: Path, instances: int, lending_cap: float, log_path: Path) -> Server:
+        """A server that answers /health. The port is free when chosen, but mpirun's own listeners may take it
+        before the server binds it: then the server starts again on another, at most PORT_ATTEMPTS times."""
+        for attempt in itertools.count(1):
+            server = cls(config, model, instances, lending_cap, log_path)
+            try:
+                return server.wait_ready()
+            except RuntimeError:
+                if attempt == PORT_ATTEMPTS or "Address already in use" not in server.log():
+                    raise
+                print(f"port {server.url.rsplit(':', 1)[1]} was taken before the server bound it: starting it "
+                      f"again on another", file=sys.stderr, flush=True)
+
     def __enter__(self) -> Server:
-        return self.wait_ready()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -257,7 +274,7 @@ def served_by_all(modes: dict[str, dict]) -> dict[str, dict]:
 def start_server(config: dict, model: Path, mode: str, log_path: Path) -> Server:
     """A ready, warmed-up server of ``mode``."""
     instances = 1 if mode == "single" else config["instances"]
-    server = Server(config, model, instances, 0.0 if mode == "independent" else 1.0, log_path).wait_ready()
+    server = Server.start(config, model, instances, 0.0 if mode == "independent" else 1.0, log_path)
     warm_up = {"num_prompts": 4, "input_len_dist": "fixed:16", "output_len_dist": "fixed:4"}
     bench_serve(server, config, warm_up, float("inf"), log_path.with_suffix(".warm-up.json"))
     return server
@@ -315,7 +332,8 @@ def max_context(config: dict, model: Path, folder: Path) -> list[dict]:
         row: dict = {"instances": instances, "pool_tokens_per_instance": pool_tokens}
         for mode, cap in (("distkv", 1.0), ("independent", 0.0)):
             print(f"{mode}: longest context on {instances} instance(s)", file=sys.stderr, flush=True)
-            with Server(config, model, instances, cap, folder / f"server-context-{mode}-{instances}.log") as server:
+            with Server.start(config, model, instances, cap,
+                              folder / f"server-context-{mode}-{instances}.log") as server:
                 bound = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["max_model_len"]
                 served, answer = completion(server, bound - MAX_CONTEXT_NEW_TOKENS)
                 beyond, _ = completion(server, bound - MAX_CONTEXT_NEW_TOKENS + config["block_size"])

@@ -1,12 +1,18 @@
 """tools/bench_cluster_modes.py on a tiny configuration: every mode, metric, ratio, context row and figure."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
+
+from megakv.processes import free_port
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_cluster_modes.py"
 # Two instances of 8 blocks (128 tokens each); one request in three of the long-tail workload needs 150-200.
@@ -92,3 +98,20 @@ def test_bench_cluster_modes_bad_config_names_the_key(tmp_path):
     config.write_text(TINY_CONFIG.replace("seed: 0", "seeds: 0"))
     proc = run_tool("--config", str(config), timeout=120)
     assert proc.returncode == 2 and "missing key(s) seed; unknown key(s) seeds" in proc.stderr
+
+
+def test_a_server_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_cluster_modes", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tool.build_random_model(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port, free = taken.getsockname()[1], free_port()
+        ports = iter([taken_port, free])
+        monkeypatch.setattr(tool, "free_port", lambda: next(ports))
+        with tool.Server.start(yaml.safe_load(TINY_CONFIG), model, 1, 0.0, tmp_path / "server.log") as server:
+            assert server.url == f"http://127.0.0.1:{free}"
+            assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert f"port {taken_port} was taken before the server bound it" in capsys.readouterr().err
