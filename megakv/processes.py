@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,8 +17,32 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
+# The kernel hands out ports of this range on its own: to a bind to port 0 and to every outgoing connection. A
+# port found free there can be taken by any process's ephemeral socket (mpirun's own listeners, say) before the
+# caller binds it, so free_port draws below it.
+EPHEMERAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Below this are the ports that well-known services are configured on.
+LOWEST_DRAWN_PORT = 10000
+DRAWS = 100
+_draw = random.SystemRandom()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nobody listens on now ("" for every interface)."""
+    """A TCP port on ``host`` that nobody listens on now ("" for every interface), drawn at random between
+    LOWEST_DRAWN_PORT and the kernel's ephemeral range; where the range leaves no room there, or no drawn port
+    is free, one the kernel picks."""
+    try:
+        lowest_ephemeral = int(EPHEMERAL_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = LOWEST_DRAWN_PORT
+    ports = range(LOWEST_DRAWN_PORT, lowest_ephemeral)
+    for port in [_draw.choice(ports) for _ in range(DRAWS)] if ports else []:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

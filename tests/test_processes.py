@@ -1,6 +1,7 @@
 """megakv.processes: killing a job's session leaves nothing behind that stops a later mpirun from starting."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import tempfile
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megakv.processes import kill_session, run_session, session_pids
+from megakv import processes
+from megakv.processes import free_port, kill_session, run_session, session_pids
 
 MPIRUN = [str(Path(sys.executable).with_name("mpirun")), "--allow-run-as-root", "--oversubscribe", "--bind-to",
           "none"]
@@ -54,3 +56,34 @@ def test_run_session_returns_status_and_output():
     proc = run_session([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); "
                         "sys.exit(3)"], timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
+
+
+def test_free_port_draws_below_the_kernels_ephemeral_range(tmp_path, monkeypatch):
+    # Any process's own ephemeral socket may take a port of that range between free_port and the bind.
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    monkeypatch.setattr(processes, "EPHEMERAL_PORT_RANGE", ranges)
+    ports = {free_port() for _ in range(20)}
+    assert all(processes.LOWEST_DRAWN_PORT <= port < 32768 for port in ports) and len(ports) > 1
+
+
+def test_free_port_lets_the_kernel_pick_where_no_drawn_port_is_free(tmp_path, monkeypatch):
+    kernel_range = processes.EPHEMERAL_PORT_RANGE.read_text().split()
+    ranges = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(processes, "EPHEMERAL_PORT_RANGE", ranges)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        # The only port to draw from is taken.
+        monkeypatch.setattr(processes, "LOWEST_DRAWN_PORT", taken.getsockname()[1])
+        ranges.write_text(f"{taken.getsockname()[1] + 1} 60999\n")
+        port = free_port()
+        assert port != taken.getsockname()[1]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    # No room below the range, or no range to read.
+    monkeypatch.setattr(processes, "LOWEST_DRAWN_PORT", 10000)
+    ranges.write_text("1024 65535\n")
+    assert int(kernel_range[0]) <= free_port() <= int(kernel_range[1])
+    monkeypatch.setattr(processes, "EPHEMERAL_PORT_RANGE", tmp_path / "missing")
+    assert int(kernel_range[0]) <= free_port() <= int(kernel_range[1])
