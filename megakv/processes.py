@@ -36,7 +36,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     except (OSError, ValueError, IndexError):
         lowest_ephemeral = LOWEST_DRAWN_PORT
     ports = range(LOWEST_DRAWN_PORT, lowest_ephemeral)
-    for port in [_draw.choice(ports) for _ in range(DRAWS)] if ports else []:
+    for _ in range(DRAWS if ports else 0):
+        port = _draw.choice(ports)
         with socket.socket() as sock:
             try:
                 sock.bind((host, port))

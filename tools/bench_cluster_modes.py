@@ -147,8 +147,8 @@ class Server:
 
     @classmethod
     def start(cls, config: dict, model: Path, instances: int, lending_cap: float, log_path: Path) -> Server:
-        """A server that answers /health. The port is free when chosen, but mpirun's own listeners may take it
-        before the server binds it: then the server starts again on another, at most PORT_ATTEMPTS times."""
+        """A server that answers /health. The port is free when chosen (free_port), but another process may still
+        bind it before the server does: then the server starts again on another, at most PORT_ATTEMPTS times."""
         for attempt in itertools.count(1):
             server = cls(config, model, instances, lending_cap, log_path)
             try:
