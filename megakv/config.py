@@ -226,6 +226,10 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.num_instances
 
 
+# The default recall_after: a tenth of a second, far below a time-to-first-token SLO, far above a step.
+RECALL_AFTER_SECONDS = 0.1
+
+
 @dataclass(frozen=True)
 class DistKVConfig:
     """How instances lend KV memory to one another (DistKV-LLM section 4.3-4.4)."""
@@ -237,6 +241,9 @@ class DistKVConfig:
     # Seconds the front lets pass with unfinished requests, every instance holding them waiting and no message
     # moving, before it declares the cluster stalled and stops.
     stall_timeout: float = 60.0
+    # Seconds a request that fits its own instance's pool may wait for room while blocks of that pool are lent,
+    # before the instance recalls them (the request that borrowed them is preempted, once at most); inf: never.
+    recall_after: float = RECALL_AFTER_SECONDS
 
     def __post_init__(self) -> None:
         cap = self.lending_cap
@@ -248,6 +255,10 @@ class DistKVConfig:
         timeout = self.stall_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"distkv config: stall_timeout must be a number of seconds > 0, got {timeout!r}")
+        recall = self.recall_after
+        if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not recall >= 0:
+            raise ValueError(f"distkv config: recall_after must be a number of seconds >= 0 (inf: never), "
+                             f"got {recall!r}")
 
 
 # uvicorn's log levels, from the quietest.

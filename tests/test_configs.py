@@ -97,6 +97,9 @@ def test_flags_win_over_the_config_file():
     ("max_moves_per_step: -1", "max_moves_per_step must be an integer >= 0, got -1"),
     ("stall_timeout: 0", "stall_timeout must be a number of seconds > 0, got 0"),
     ("stall_timeout: soon", "stall_timeout must be a number of seconds > 0, got 'soon'"),
+    ("recall_after: -1", "recall_after must be a number of seconds >= 0 (inf: never), got -1"),
+    ("recall_after: never", "recall_after must be a number of seconds >= 0 (inf: never), got 'never'"),
+    ("recall_after: .nan", "recall_after must be a number of seconds >= 0 (inf: never), got nan"),
 ])
 def test_config_server_setting_errors_name_the_key_and_allowed_values(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -114,3 +117,11 @@ def test_config_server_setting_errors_name_the_key_and_allowed_values(tmp_path, 
 def test_server_flag_errors_name_the_key_and_allowed_values(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load("--model", "ckpt", *flags)
+
+
+def test_recall_after_defaults_to_a_tenth_of_a_second_and_inf_turns_recalls_off(tmp_path):
+    assert load("--model", "ckpt")[0].distkv.recall_after == 0.1
+    assert load("--model", "ckpt", "--recall-after", "inf")[0].distkv.recall_after == float("inf")
+    path = tmp_path / "never.yaml"
+    path.write_text("model: ckpt\nrecall_after: .inf\n")
+    assert load("--config", str(path))[0].distkv.recall_after == float("inf")

@@ -39,6 +39,7 @@ from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
+from megakv.kvcache.block_pool import num_blocks_for
 from megakv.parallel import state
 from megakv.parallel.kv_links import PeerGone
 from megakv.parallel.messaging import split, world_comm
@@ -124,6 +125,7 @@ class Progress:
     num_waiting: int
     num_preemptions: int
     num_remote_micro_attentions: int
+    num_recalled: int
     # Its last step ran nothing although it has unfinished requests: they wait for blocks or for their turn.
     blocked: bool = False
     # The leader's last message: it has stopped.
@@ -181,9 +183,17 @@ class ClusterEngine:
         self.before_step: Callable[[], None] | None = None
         if self.is_leader:
             self.mailbox = Mailbox(self.leaders_comm, self.control_traffic)
-            self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn)
+            self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn, self._recall)
         # Requests that yielded their blocks, out of the scheduler's queue until the gManager gives them their turn.
         self._parked: dict[str, Request] = {}
+        # Requests of this instance that a creditor recalled blocks from: never recalled again, so that a long
+        # request is not preempted over and over.
+        self._recalled: set[str] = set()
+        # Requests preempted by a Recall since start, for monitoring.
+        self.num_recalled = 0
+        # The first waiting request while lending keeps it from room it would have, since when, and whether this
+        # instance recalled blocks for it already.
+        self._starving: tuple[str, float, bool] | None = None
         self._local_mail: list[object] = []
         tp = state.get_tensor_model_parallel_world_size()
         cache = self.model_runner.kv_cache
@@ -321,14 +331,15 @@ class ClusterEngine:
             if index == self.instance_id:
                 progress = self._progress_now()
             else:
-                progress = self._progress.get(index, Progress(index, [], num_blocks, 0, 0, 0, 0))
+                progress = self._progress.get(index, Progress(index, [], num_blocks, 0, 0, 0, 0, 0))
             instances.append(InstanceStats(
                 index, progress.num_running, progress.num_waiting, num_blocks=num_blocks,
                 num_free_blocks=progress.num_free_blocks,
                 num_lent_blocks=sum(n for (_, creditor), n in debts.items() if creditor == index),
                 num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index),
                 num_preemptions=progress.num_preemptions,
-                num_remote_micro_attentions=progress.num_remote_micro_attentions))
+                num_remote_micro_attentions=progress.num_remote_micro_attentions,
+                num_recalled=progress.num_recalled))
         return EngineStats(instances, self.gmanager.num_borrow_events, self.gmanager.num_blocks_borrowed,
                            self.gmanager.num_blocks_moved, self.gmanager.outstanding())
 
@@ -351,7 +362,7 @@ class ClusterEngine:
             return
         while not self._stopping:
             if not self._instance_step() and not self._stopping:
-                wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail())
+                wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail(), self._recall_due_in())
         self._report(final=True)
         self._stop()
 
@@ -434,6 +445,52 @@ class ClusterEngine:
         self.scheduler.waiting.appendleft(request)
         return True
 
+    def _recall(self, creditor: int, num_blocks: int) -> int:
+        """A creditor's Recall: preempt the latest requests holding its blocks, none recalled before, until
+        ``num_blocks`` of them are free; returns how many were freed. A preempted request waits first in line and
+        recomputes, as after any preemption."""
+        freed = 0
+        holders = [request for request in self.scheduler.running if request.request_id not in self._recalled
+                   and creditor in self.rmanager.block_counts(request.request_id)]
+        for request in sorted(holders, key=lambda request: request.arrival, reverse=True):
+            if freed >= num_blocks:
+                break
+            freed += self.rmanager.block_counts(request.request_id)[creditor]
+            self._recalled.add(request.request_id)
+            self.num_recalled += 1
+            self.scheduler.preempt(request)
+        return freed
+
+    def _recall_for_starving(self) -> None:
+        """Lending must not starve the lender. When the first request waiting here fits this pool, but not the
+        part of it that lending left free, and has waited ``recall_after`` seconds, ask for the difference back
+        (one Recall per request, one at a time)."""
+        rmanager, waiting = self.rmanager, self.scheduler.waiting
+        head = waiting[0] if waiting else None
+        need = num_blocks_for(head.num_tokens, rmanager.block_size) if head is not None else 0
+        lent = rmanager.num_lent_blocks
+        if head is None or not lent or need > rmanager.pool.num_blocks or need <= rmanager.num_free_blocks:
+            self._starving = None
+            return
+        now = time.monotonic()
+        if self._starving is None or self._starving[0] != head.request_id:
+            self._starving = (head.request_id, now, False)
+        request_id, since, recalled = self._starving
+        if recalled or self.control.awaiting_recall or now - since < self.config.distkv.recall_after:
+            return
+        # It keeps out of lending the room to grow to its last token, so that a borrower does not take it.
+        lifetime = num_blocks_for(len(head.prompt_ids) + head.params.max_new_tokens, rmanager.block_size)
+        if self.control.recall(request_id, min(need - rmanager.num_free_blocks, lent),
+                               min(lifetime, rmanager.pool.num_blocks)):
+            self._starving = (request_id, since, True)
+
+    def _recall_due_in(self) -> float | None:
+        """Seconds until this instance recalls lent blocks for its first waiting request; None if it will not
+        before a message comes (the answer to a Recall in flight is one)."""
+        if self._starving is None or self._starving[2] or self.control.awaiting_recall:
+            return None
+        return max(0.0, self._starving[1] + self.config.distkv.recall_after - time.monotonic())
+
     def _abort_here(self, request_id: str) -> None:
         parked = self._parked.pop(request_id, None)
         if parked is not None:
@@ -446,6 +503,7 @@ class ClusterEngine:
     def _finished(self, request_id: str) -> None:
         self.control.forget(request_id)
         self.admission.forget(request_id)
+        self._recalled.discard(request_id)
 
     def _arrivals_here(self) -> dict[str, int]:
         return {request.request_id: request.arrival
@@ -460,6 +518,7 @@ class ClusterEngine:
             self.before_step()
         rmanager, scheduler = self.rmanager, self.scheduler
         scheduled = scheduler.schedule()
+        self._recall_for_starving()
         # Blocks freed since a request went PENDING serve it before any creditor does.
         spare = rmanager.num_free_blocks - sum(not rmanager.has_pending(r.request_id) for r in scheduler.running)
         for request in scheduler.running:
@@ -507,7 +566,8 @@ class ClusterEngine:
     def _progress_now(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> Progress:
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
                         len(self.scheduler.waiting) + len(self._parked), self.scheduler.num_preemptions,
-                        self.model_runner.num_remote_micro_attentions, self._blocked, stopped=final)
+                        self.model_runner.num_remote_micro_attentions, self.num_recalled, self._blocked,
+                        stopped=final)
 
     def _report_outputs(self, outputs: list[RequestOutput]) -> None:
         """Outputs go to the front: directly on the front, in a Progress elsewhere.

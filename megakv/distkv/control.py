@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, ReturnBlocks, Room, Settled, Turn, WantRoom,
-                                    Yield, Yielded)
+from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room, Settled, Turn,
+                                    WantRoom, Yield, Yielded)
 from megakv.distkv.rmanager import RManager
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
-INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom)
+INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled)
 GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded)
 # Marks a request that yielded: nothing is reported for it until it holds blocks again.
 _YIELDED = -1
@@ -31,14 +31,20 @@ class InstanceControl:
 
     ``on_yield(request_id)`` must take the blocks away from a request that waits for blocks or for room and
     keep it out of the queue (True), or return False for one that needs nothing more or is not here;
-    ``on_turn(request_id)`` lets it be admitted again, returning False if it had not yielded.
+    ``on_turn(request_id)`` lets it be admitted again, returning False if it had not yielded;
+    ``on_recall(creditor, num_blocks)`` preempts requests holding blocks of ``creditor`` to free up to
+    ``num_blocks`` of them, returning how many it freed.
     """
 
     def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], bool],
-                 on_turn: Callable[[str], bool]) -> None:
+                 on_turn: Callable[[str], bool], on_recall: Callable[[int, int], int]) -> None:
         self.rmanager = rmanager
         self.post = post
-        self.on_yield, self.on_turn = on_yield, on_turn
+        self.on_yield, self.on_turn, self.on_recall = on_yield, on_turn, on_recall
+        # Answers to Recalls (creditor, blocks freed), sent after the freed blocks go back.
+        self._recall_answers: list[tuple[int, Recalled]] = []
+        # Creditor side: the request and the blocks asked of the Recall awaiting its answer.
+        self._recall: tuple[str, int] | None = None
         # request id -> blocks the gManager was last told it needs (_YIELDED after a Yield)
         self._asked: dict[str, int] = {}
         # request id -> arrival, of the unfinished requests as of the last sync
@@ -92,6 +98,14 @@ class InstanceControl:
             self._room_wanted = message.wanted
             self._room_reported = None
             self.report_room()
+        elif isinstance(message, Recall):
+            freed = self.on_recall(message.creditor, message.num_blocks)
+            self._recall_answers.append((message.creditor, Recalled(me, freed)))
+        elif isinstance(message, Recalled):
+            request_id, num_asked = self._recall
+            self._recall = None
+            if message.num_blocks < num_asked:
+                rmanager.end_reservation(request_id)
         else:
             raise TypeError(f"instance {me} got an unexpected control message: {message!r}")
 
@@ -127,6 +141,10 @@ class InstanceControl:
         self._arrivals = arrivals
         for creditor, (block_ids, num_moved) in rmanager.take_returns().items():
             self.post(creditor, ReturnBlocks(me, block_ids, num_moved))
+        # On the same channel as the returns, so that a creditor reads an answer only once it has the blocks.
+        for creditor, answer in self._recall_answers:
+            self.post(creditor, answer)
+        self._recall_answers = []
         needs = rmanager.pending_needs()
         for request_id in [*self._asked, *(rid for rid in needs if rid not in self._asked)]:
             need, asked = needs.get(request_id, 0), self._asked.get(request_id)
@@ -141,8 +159,32 @@ class InstanceControl:
                 del self._asked[request_id]
         self.report_room()
 
+    def recall(self, request_id: str, num_blocks: int, need: int) -> bool:
+        """Ask the instance that holds the most of this pool to give ``num_blocks`` back, for ``request_id`` of
+        this instance, which needs ``need`` blocks in all; False when no block of this pool is lent.
+
+        Until the request ends, the blocks it does not hold yet are kept out of lending: on the front, the
+        gManager's next Lend is handled with the returns, before the scheduler could admit the request, and a
+        borrower would take the blocks the request needs to grow. The reservation ends at once if the answer
+        shows fewer blocks freed than asked (the debtor's requests were recalled before): the request then waits
+        as it would without a recall, and reserving would only hold up the borrower it waits for.
+        """
+        debtor = self.rmanager.largest_debtor()
+        if debtor is None:
+            return False
+        self.rmanager.reserve(request_id, need)
+        self._recall = (request_id, num_blocks)
+        self.post(debtor, Recall(self.instance_id, num_blocks))
+        return True
+
+    @property
+    def awaiting_recall(self) -> bool:
+        """Whether a Recall this instance sent is still unanswered."""
+        return self._recall is not None
+
     def forget(self, request_id: str) -> None:
         """The request ended (finished or aborted): it needs nothing more."""
+        self.rmanager.end_reservation(request_id)
         if self._asked.pop(request_id, None) is not None:
             self.post(GMANAGER_INSTANCE, Borrow(self.instance_id, request_id, 0, 0))
 

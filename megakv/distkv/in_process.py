@@ -18,11 +18,14 @@ class InProcessCluster:
     """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
 
     def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], bool],
-                 on_turn: Callable[[int, str], bool]) -> None:
+                 on_turn: Callable[[int, str], bool], on_recall: Callable[[int, int, int], int]) -> None:
+        """The callbacks are InstanceControl's, each with the instance it is called on first."""
         self.queue: deque[tuple[int, object]] = deque()
         self.gmanager = GManager([rm.num_lendable_blocks for rm in rmanagers])
         self.nodes = [InstanceControl(rm, self._post, lambda rid, i=rm.instance_id: on_yield(i, rid),
-                                      lambda rid, i=rm.instance_id: on_turn(i, rid)) for rm in rmanagers]
+                                      lambda rid, i=rm.instance_id: on_turn(i, rid),
+                                      lambda creditor, n, i=rm.instance_id: on_recall(i, creditor, n))
+                      for rm in rmanagers]
 
     def _post(self, instance_id: int, message: object) -> None:
         self.queue.append((instance_id, message))

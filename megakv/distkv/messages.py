@@ -85,6 +85,23 @@ class Settled:
 
 
 @dataclass(frozen=True)
+class Recall:
+    """Creditor -> debtor: a request of the creditor's own waits for room that it lent you; give back up to
+    ``num_blocks`` by preempting requests that hold them (none that was recalled before)."""
+
+    creditor: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """Debtor -> creditor, after the returns of a Recall: how many blocks of the creditor's it freed."""
+
+    debtor: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
 class Yield:
     """gManager -> debtor: a request that came first needs room; give up this waiting request's blocks."""
 

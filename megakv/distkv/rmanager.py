@@ -97,6 +97,9 @@ class RManager:
         self._returns: dict[int, list[int]] = {}
         # creditor instance -> how many of those DGFM moved home
         self._moved: dict[int, int] = {}
+        # Requests of this instance that recalled lent blocks (InstanceControl.recall) -> the blocks each needs in
+        # all: what they do not hold yet is kept out of lending until they end.
+        self._reservations: dict[str, int] = {}
 
     # -- what the scheduler uses ---------------------------------------------------------------------------
 
@@ -186,13 +189,31 @@ class RManager:
 
     @property
     def num_lendable_blocks(self) -> int:
-        """Blocks this instance may still lend: free ones, within the lending cap."""
+        """Blocks this instance may still lend: free ones not reserved, within the lending cap."""
         cap = math.floor(self.lending_cap * self.pool.num_blocks)
-        return max(0, min(self.pool.num_free_blocks, cap - self.num_lent_blocks))
+        return max(0, min(self.pool.num_free_blocks - self.reserved_blocks, cap - self.num_lent_blocks))
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Blocks kept out of lending: what the requests holding a reservation still need."""
+        return sum(max(0, num_blocks - len(self.block_table(request_id)))
+                   for request_id, num_blocks in self._reservations.items())
+
+    def reserve(self, request_id: str, num_blocks: int) -> None:
+        """Keep free blocks out of lending until ``request_id`` holds ``num_blocks`` or ``end_reservation``."""
+        self._reservations[request_id] = num_blocks
+
+    def end_reservation(self, request_id: str) -> None:
+        self._reservations.pop(request_id, None)
 
     def lent_to(self, debtor: int) -> set[int]:
         """Ids of this pool's blocks that ``debtor`` holds."""
         return self._lent.get(debtor, set())
+
+    def largest_debtor(self) -> int | None:
+        """The instance that holds the most blocks of this pool; None when none is lent."""
+        debtors = [debtor for debtor, block_ids in self._lent.items() if block_ids]
+        return max(debtors, key=lambda debtor: (len(self._lent[debtor]), -debtor)) if debtors else None
 
     def lend(self, debtor: int, num_blocks: int) -> list[int]:
         """Hand ``num_blocks`` of this pool to ``debtor``."""

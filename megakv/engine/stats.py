@@ -22,6 +22,8 @@ class InstanceStats:
     # Micro-attentions this instance's steps asked of other instances since start: one per request chunk and
     # creditor instance in a step (all layers together).
     num_remote_micro_attentions: int = 0
+    # Requests of this instance preempted because a creditor recalled its blocks (megakv.distkv), since start.
+    num_recalled: int = 0
 
 
 @dataclass(frozen=True)

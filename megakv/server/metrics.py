@@ -49,6 +49,8 @@ class EngineStatsCollector:
             "remote_micro_attentions": (CounterMetricFamily, "Micro-attentions this instance's steps asked of other "
                                         "instances: one per request chunk and creditor instance in a step, all "
                                         "layers together", "num_remote_micro_attentions"),
+            "num_recalled": (CounterMetricFamily, "Requests of this instance preempted because the instance that "
+                             "lent them blocks recalled them for a request of its own", "num_recalled"),
         }
         for name, (family_class, documentation, attribute) in per_instance.items():
             family = family_class(f"megakv:{name}", documentation, labels=LABELS)

@@ -12,7 +12,8 @@ import json
 import sys
 
 from megakv.checkpoint.format import read_checkpoint_info
-from megakv.config import CacheConfig, DistKVConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from megakv.config import (RECALL_AFTER_SECONDS, CacheConfig, DistKVConfig, EngineConfig, ParallelConfig,
+                           SchedulerConfig)
 from megakv.distkv.cluster_engine import ClusterEngine
 from megakv.engine.sampling import SamplingParams
 from megakv.parallel import state
@@ -25,7 +26,8 @@ def main() -> None:
     config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=job["pool_blocks"]),
                           scheduler=SchedulerConfig(max_num_batched_tokens=job.get("max_num_batched_tokens", 64)),
                           parallel=ParallelConfig(job["tp"], job["instances"]),
-                          distkv=DistKVConfig(lending_cap=job.get("lending_cap", 1.0)))
+                          distkv=DistKVConfig(lending_cap=job.get("lending_cap", 1.0),
+                                              recall_after=job.get("recall_after", RECALL_AFTER_SECONDS)))
     engine = ClusterEngine(read_checkpoint_info(job["checkpoint"]), config, device=env.device)
     if not engine.is_front:
         engine.serve_forever()
@@ -61,9 +63,11 @@ def main() -> None:
             break
     # Every block must be home while the cluster still runs, not only after the shutdown's last round.
     ledger_before_shutdown = engine.gmanager.outstanding()
+    recalled = [instance.num_recalled for instance in engine.stats().instances]
     engine.shutdown()
     report = engine.cluster_report()
-    json.dump({"results": results, "report": report, "steps": step, "ledger_before_shutdown": ledger_before_shutdown},
+    json.dump({"results": results, "report": report, "steps": step, "ledger_before_shutdown": ledger_before_shutdown,
+               "recalled": recalled},
               open(sys.argv[2], "w"))
     state.destroy_model_parallel()
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from megakv.distkv.in_process import InProcessCluster
 from megakv.distkv.control import GMANAGER_MESSAGES
-from megakv.distkv.messages import (PENDING, Borrow, Lend, Lent, Loan, ReturnBlocks, Settled, Turn, WantRoom, Yield,
-                                    Yielded)
+from megakv.distkv.messages import (PENDING, Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Turn,
+                                    WantRoom, Yield, Yielded)
 from megakv.distkv.rmanager import RManager
 from megakv.kvcache.block_pool import BlockPool
 
@@ -18,13 +18,15 @@ BLOCK_SIZE = 4
 
 
 class Cluster:
-    """An in-process control plane whose instances preempt a request when the gManager asks it to yield."""
+    """An in-process control plane whose instances preempt a request when the gManager asks it to yield, or when
+    a creditor recalls its blocks."""
 
     def __init__(self, pool_sizes: list[int], lending_cap: float = 1.0) -> None:
         self.rmanagers = [RManager(i, BlockPool(size), BLOCK_SIZE, lending_cap) for i, size in enumerate(pool_sizes)]
         self.yielded: list[tuple[int, str]] = []
         self.turns: list[tuple[int, str]] = []
-        self.control = InProcessCluster(self.rmanagers, self._on_yield, self._on_turn)
+        self.recalled: list[tuple[int, str]] = []
+        self.control = InProcessCluster(self.rmanagers, self._on_yield, self._on_turn, self._on_recall)
         self.gmanager = self.control.gmanager
         self.arrivals: dict[str, int] = {}
         # request id -> the instance where it first grew
@@ -47,6 +49,19 @@ class Cluster:
     def _on_turn(self, instance: int, request_id: str) -> bool:
         self.turns.append((instance, request_id))
         return (instance, request_id) in self.yielded
+
+    def _on_recall(self, instance: int, creditor: int, num_blocks: int) -> int:
+        """As the cluster engine: preempt the latest requests holding the creditor's blocks, none twice."""
+        rm, freed = self.rmanagers[instance], 0
+        holders = [rid for rid in rm.request_ids if creditor in rm.block_counts(rid)
+                   and (instance, rid) not in self.recalled]
+        for request_id in sorted(holders, key=lambda rid: self.arrivals[rid], reverse=True):
+            if freed >= num_blocks:
+                break
+            freed += rm.block_counts(request_id)[creditor]
+            self.recalled.append((instance, request_id))
+            rm.free(request_id)
+        return freed
 
     def grow(self, instance: int, request_id: str, num_tokens: int) -> None:
         self.arrivals.setdefault(request_id, len(self.arrivals))
@@ -116,7 +131,8 @@ def check_invariants(cluster: Cluster) -> None:
                 assert len(creditor.lent_to(debtor.instance_id)) == expected
 
 
-operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync", "pull", "local"]), st.integers(0, 3),
+operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync", "pull", "local", "recall"]),
+                                st.integers(0, 3),
                                 st.integers(0, 5), st.integers(1, 24)), min_size=1, max_size=60)
 
 
@@ -136,11 +152,15 @@ def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes
             rm.pull_home(amount)
         elif op == "local":
             rm.fill_pending_locally(request_id, amount)
+        elif op == "recall" and rm.block_table(request_id):
+            cluster.control.nodes[rm.instance_id].recall(request_id, amount, amount // 2)
         else:
             cluster.sync()
             check_invariants(cluster)
     cluster.free_all()
     cluster.sync()
+    cluster.sync()  # the answers to Recalls delivered in the last one
+    assert all(rm.reserved_blocks == 0 for rm in cluster.rmanagers)
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
     assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
@@ -216,6 +236,41 @@ def test_dgfm_pulls_blocks_home_when_room_frees_up():
     assert cluster.gmanager.outstanding() == {"0->1": 1} and cluster.gmanager.num_blocks_moved == 1
 
 
+def test_a_recall_frees_the_creditors_blocks_and_keeps_what_its_request_needs_from_lending():
+    cluster = Cluster([4, 4])
+    debtor, creditor = cluster.control.nodes
+    cluster.grow(0, "long", 7 * BLOCK_SIZE)  # 4 local blocks, 3 of instance 1's
+    cluster.sync()
+    assert cluster.gmanager.outstanding() == {"0->1": 3}
+    # Instance 1's own request needs 2 blocks now and 3 by its last token, and 1 is free: it asks for 1 back.
+    assert creditor.recall("own", 1, 3) and creditor.awaiting_recall
+    cluster.control.deliver()
+    assert cluster.recalled == [(0, "long")] and cluster.rmanagers[1].reserved_blocks == 3
+    # The debtor hands the blocks back and answers; the preempted request is admitted again and borrows anew: the
+    # gManager's Lend reaches instance 1 with the returned blocks, and takes only what the reservation leaves.
+    debtor.sync(cluster.arrivals)
+    cluster.grow(0, "long", 7 * BLOCK_SIZE)
+    debtor.sync(cluster.arrivals)
+    cluster.control.deliver()
+    assert not creditor.awaiting_recall and cluster.rmanagers[1].num_free_blocks == 3
+    assert cluster.rmanagers[0].has_pending("long")
+    # The request is admitted, and grows into its reservation while the borrower still waits.
+    cluster.grow(1, "own", 2 * BLOCK_SIZE)
+    cluster.sync()
+    assert cluster.rmanagers[1].reserved_blocks == 1 and cluster.rmanagers[1].num_free_blocks == 1
+    cluster.grow(1, "own", 3 * BLOCK_SIZE)
+    check_invariants(cluster)
+    check_live(cluster)
+    # A request recalled once is not recalled again: the answer frees nothing and the new reservation ends.
+    cluster.free(1, "own")
+    cluster.grow(1, "again", 1)
+    cluster.sync()
+    assert creditor.recall("again", 1, 4)
+    cluster.sync()
+    cluster.sync()
+    assert cluster.recalled == [(0, "long")] and cluster.rmanagers[1].reserved_blocks == 0
+
+
 def deliver_at(cluster: Cluster, index: int) -> None:
     """Deliver the queued message at ``index`` ahead of the others; what it causes is queued last."""
     queue = cluster.control.queue
@@ -260,9 +315,9 @@ def channel(destination: int, message: object) -> tuple:
     receiver = "g" if isinstance(message, GMANAGER_MESSAGES) else destination
     if isinstance(message, (Lend, Yield, Turn, WantRoom)):
         return "g", receiver
-    if isinstance(message, (Borrow, ReturnBlocks, Yielded)):
+    if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled)):
         return message.debtor, receiver
-    if isinstance(message, (Loan, Lent, Settled)):
+    if isinstance(message, (Loan, Lent, Settled, Recall)):
         return message.creditor, receiver
     return message.instance_id, receiver
 
@@ -312,7 +367,7 @@ def check_live(cluster: Cluster) -> None:
 @settings(max_examples=3000, deadline=None)
 @given(num_instances=st.integers(2, 3), pool_sizes=st.lists(st.integers(2, 8), min_size=3, max_size=3),
        ops=st.lists(st.tuples(st.sampled_from(["grow", "grow", "preempt", "finish", "sync", "deliver", "deliver",
-                                                       "local"]),
+                                                       "local", "recall"]),
                               st.integers(0, 2), st.integers(0, 1), st.integers(1, 40)), min_size=1, max_size=40),
        data=st.data())
 def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unseen(num_instances, pool_sizes, ops,
@@ -334,6 +389,8 @@ def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unsee
             rm.fill_pending_locally(request_id, amount)
         elif op == "sync":
             cluster.control.nodes[rm.instance_id].sync(cluster.arrivals)
+        elif op == "recall" and rm.block_table(request_id):
+            cluster.control.nodes[rm.instance_id].recall(request_id, amount, amount // 4)
         else:
             deliver_in_any_order(cluster, data, amount)
     quiesce(cluster, data)

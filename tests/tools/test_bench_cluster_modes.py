@@ -23,6 +23,7 @@ block_size: 16
 kv_blocks_per_instance: 8
 max_num_seqs: 8
 max_num_batched_tokens: 128
+recall_after: 0.1
 seed: 0
 goodput: [ttft:60000, tpot:60000]
 request_timeout: 60
@@ -60,7 +61,7 @@ def test_bench_cluster_modes_tiny_run_reports_every_field_and_figure(tmp_path):
             assert SUMMARY_KEYS <= set(figures) and figures["completed"] + figures["failed"] == 3
             assert figures["server_error"] is None
             assert set(figures["server"]) == {"borrow_events", "blocks_borrowed", "remote_micro_attentions",
-                                              "preemptions"}
+                                              "preemptions", "recalled"}
         for pair in ("distkv/independent", "distkv/single"):
             assert set(row["ratios"][pair]) == SUMMARY_KEYS
         assert row["ratios"]["distkv/independent"]["output_throughput"] > 0
