@@ -4,10 +4,11 @@ The front (global rank 0, also instance 0's leader and the gManager) offers the 
 requests and aborts at any time, each request routed to the instance it names or to the one
 with the most free KV room, and each request's outputs streamed back as they are generated.
 Every instance's leader (TP rank 0) runs its own step loop: take the control messages that
-arrived (new requests and aborts from the front; loans, returns and turns from the gManager
-and the other instances), schedule its batch, tell the gManager what its requests need to
-borrow, pull remote blocks home when its pool has room (DGFM), hand the step to its TP ranks,
-and send the step's outputs to the front. A step waits for no other instance, except, layer
+arrived (new requests and aborts from the front; loans, returns, turns and recalls from the
+gManager and the other instances), schedule its batch, recall lent blocks for a request of its
+own that waited too long for them, tell the gManager what its requests need to borrow, pull
+remote blocks home when its pool has room (DGFM), hand the step to its TP ranks, and send the
+step's outputs to the front. A step waits for no other instance, except, layer
 by layer, for the KV servers of the instances holding its requests' blocks; those answer from
 a thread of their own. An instance with nothing to do sleeps until a message arrives.
 """

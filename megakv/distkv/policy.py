@@ -11,7 +11,8 @@ borrows, whether to be admitted or to grow; one that fits waits for local room, 
 is preempted, as it would be on an independent instance. Borrowed blocks cost a
 remote micro-attention in every later step of the instance's batch, and they crowd
 the creditor's own requests, so lending pays only where it lets a request run at
-all. The scheduler consults the policy through ``may_admit``,
+all; and a creditor whose own request waits too long for the room it lent recalls
+it (megakv.distkv.cluster_engine). The scheduler consults the policy through ``may_admit``,
 ``num_borrowable_blocks`` and ``on_preempt``.
 """
 from __future__ import annotations
