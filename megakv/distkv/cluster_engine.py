@@ -477,7 +477,7 @@ class ClusterEngine:
         if self._starving is None or self._starving[0] != head.request_id:
             self._starving = (head.request_id, now, False)
         request_id, since, recalled = self._starving
-        if recalled or self.control.awaiting_recall or now - since < self.config.distkv.recall_after:
+        if recalled or now - since < self.config.distkv.recall_after:
             return
         # It keeps out of lending the room to grow to its last token, so that a borrower does not take it.
         lifetime = num_blocks_for(len(head.prompt_ids) + head.params.max_new_tokens, rmanager.block_size)

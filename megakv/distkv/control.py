@@ -161,7 +161,8 @@ class InstanceControl:
 
     def recall(self, request_id: str, num_blocks: int, need: int) -> bool:
         """Ask the instance that holds the most of this pool to give ``num_blocks`` back, for ``request_id`` of
-        this instance, which needs ``need`` blocks in all; False when no block of this pool is lent.
+        this instance, which needs ``need`` blocks in all; False when no block of this pool is lent, or while an
+        earlier Recall awaits its answer (one at a time).
 
         Until the request ends, the blocks it does not hold yet are kept out of lending: on the front, the
         gManager's next Lend is handled with the returns, before the scheduler could admit the request, and a
@@ -170,7 +171,7 @@ class InstanceControl:
         as it would without a recall, and reserving would only hold up the borrower it waits for.
         """
         debtor = self.rmanager.largest_debtor()
-        if debtor is None:
+        if debtor is None or self._recall is not None:
             return False
         self.rmanager.reserve(request_id, need)
         self._recall = (request_id, num_blocks)

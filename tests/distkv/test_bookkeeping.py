@@ -152,8 +152,9 @@ def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes
             rm.pull_home(amount)
         elif op == "local":
             rm.fill_pending_locally(request_id, amount)
-        elif op == "recall" and rm.block_table(request_id):
-            cluster.control.nodes[rm.instance_id].recall(request_id, amount, amount // 2)
+        elif op == "recall":
+            if rm.block_table(request_id):
+                cluster.control.nodes[rm.instance_id].recall(request_id, amount, amount // 2)
         else:
             cluster.sync()
             check_invariants(cluster)
@@ -244,6 +245,7 @@ def test_a_recall_frees_the_creditors_blocks_and_keeps_what_its_request_needs_fr
     assert cluster.gmanager.outstanding() == {"0->1": 3}
     # Instance 1's own request needs 2 blocks now and 3 by its last token, and 1 is free: it asks for 1 back.
     assert creditor.recall("own", 1, 3) and creditor.awaiting_recall
+    assert not creditor.recall("other", 1, 1), "one Recall at a time"
     cluster.control.deliver()
     assert cluster.recalled == [(0, "long")] and cluster.rmanagers[1].reserved_blocks == 3
     # The debtor hands the blocks back and answers; the preempted request is admitted again and borrows anew: the
@@ -389,8 +391,9 @@ def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unsee
             rm.fill_pending_locally(request_id, amount)
         elif op == "sync":
             cluster.control.nodes[rm.instance_id].sync(cluster.arrivals)
-        elif op == "recall" and rm.block_table(request_id):
-            cluster.control.nodes[rm.instance_id].recall(request_id, amount, amount // 4)
+        elif op == "recall":
+            if rm.block_table(request_id):
+                cluster.control.nodes[rm.instance_id].recall(request_id, amount, amount // 4)
         else:
             deliver_in_any_order(cluster, data, amount)
     quiesce(cluster, data)
