@@ -192,9 +192,11 @@ class ClusterEngine:
         self._recalled: set[str] = set()
         # Requests preempted by a Recall since start, for monitoring.
         self.num_recalled = 0
-        # The first waiting request while lending keeps it from room it would have, since when, and whether this
-        # instance recalled blocks for it already.
-        self._starving: tuple[str, float, bool] | None = None
+        # Requests of this instance that waited for room it lent: since when (kept across the admissions and
+        # preemptions of a chunked prefill that does not fit, until the request has computed its whole context),
+        # and those that sent their one Recall.
+        self._starving_since: dict[str, float] = {}
+        self._recalled_for: set[str] = set()
         self._local_mail: list[object] = []
         tp = state.get_tensor_model_parallel_world_size()
         cache = self.model_runner.kv_cache
@@ -462,35 +464,48 @@ class ClusterEngine:
             self.scheduler.preempt(request)
         return freed
 
-    def _recall_for_starving(self) -> None:
-        """Lending must not starve the lender. When the first request waiting here fits this pool, but not the
-        part of it that lending left free, and has waited ``recall_after`` seconds, ask for the difference back
-        (one Recall per request, one at a time)."""
+    def _starving_head(self) -> tuple[Request, int, int, int] | None:
+        """The first request waiting here, if lent room keeps it waiting and a recall would let it in: it fits this
+        pool to its last token, has not recalled yet, and would be admitted with the blocks that the largest
+        debtor holds. Returns it with that debtor, the blocks it lacks and the blocks it needs to its last token.
+
+        Only a request that never borrows recalls: one that outgrows the pool would borrow, and could then be asked
+        to yield while its reservation kept the gManager's first borrower waiting for this pool."""
         rmanager, waiting = self.rmanager, self.scheduler.waiting
         head = waiting[0] if waiting else None
-        need = num_blocks_for(head.num_tokens, rmanager.block_size) if head is not None else 0
-        lent = rmanager.num_lent_blocks
-        if head is None or not lent or need > rmanager.pool.num_blocks or need <= rmanager.num_free_blocks:
-            self._starving = None
-            return
-        now = time.monotonic()
-        if self._starving is None or self._starving[0] != head.request_id:
-            self._starving = (head.request_id, now, False)
-        request_id, since, recalled = self._starving
-        if recalled or now - since < self.config.distkv.recall_after:
-            return
-        # It keeps out of lending the room to grow to its last token, so that a borrower does not take it.
+        debtor = rmanager.largest_debtor()
+        if head is None or debtor is None or head.request_id in self._recalled_for:
+            return None
+        free = rmanager.num_free_blocks
+        need = num_blocks_for(head.num_tokens, rmanager.block_size)
         lifetime = num_blocks_for(len(head.prompt_ids) + head.params.max_new_tokens, rmanager.block_size)
-        if self.control.recall(request_id, min(need - rmanager.num_free_blocks, lent),
-                               min(lifetime, rmanager.pool.num_blocks)):
-            self._starving = (request_id, since, True)
+        if lifetime > rmanager.pool.num_blocks or not free < need <= free + len(rmanager.lent_to(debtor)):
+            return None
+        return head, debtor, need - free, lifetime
+
+    def _recall_for_starving(self) -> None:
+        """Lending must not starve the lender: a starving head (``_starving_head``) that has waited
+        ``recall_after`` seconds asks its debtor for the blocks it lacks."""
+        for request in self.scheduler.running:
+            if request.num_computed_tokens == request.num_tokens:
+                self._starving_since.pop(request.request_id, None)
+        starving = self._starving_head()
+        if starving is None:
+            return
+        head, debtor, num_lacking, lifetime = starving
+        since = self._starving_since.setdefault(head.request_id, time.monotonic())
+        if (time.monotonic() - since >= self.config.distkv.recall_after
+                and self.control.recall(head.request_id, debtor, num_lacking, lifetime)):
+            self._recalled_for.add(head.request_id)
 
     def _recall_due_in(self) -> float | None:
         """Seconds until this instance recalls lent blocks for its first waiting request; None if it will not
         before a message comes (the answer to a Recall in flight is one)."""
-        if self._starving is None or self._starving[2] or self.control.awaiting_recall:
+        starving = self._starving_head()
+        if starving is None or self.control.awaiting_recall:
             return None
-        return max(0.0, self._starving[1] + self.config.distkv.recall_after - time.monotonic())
+        since = self._starving_since.get(starving[0].request_id, time.monotonic())
+        return max(0.0, since + self.config.distkv.recall_after - time.monotonic())
 
     def _abort_here(self, request_id: str) -> None:
         parked = self._parked.pop(request_id, None)
@@ -505,6 +520,8 @@ class ClusterEngine:
         self.control.forget(request_id)
         self.admission.forget(request_id)
         self._recalled.discard(request_id)
+        self._recalled_for.discard(request_id)
+        self._starving_since.pop(request_id, None)
 
     def _arrivals_here(self) -> dict[str, int]:
         return {request.request_id: request.arrival

@@ -2,7 +2,8 @@
 
 An instance talks to the gManager only when its requests need blocks or stop needing them, when it
 lends or takes blocks back, and when the gManager has asked it to report room; to a creditor only to
-hand blocks back. Nothing here is collective, so no instance waits for another's step, and what an
+hand blocks back and answer its recalls, and to a debtor only to recall blocks for a request of its own
+that waits for them. Nothing here is collective, so no instance waits for another's step, and what an
 instance sends per step does not grow with the number of instances. ``InstanceControl`` and
 ``GManager`` are plain state machines over a ``post`` function: the mailbox carries their messages
 between ranks (megakv.distkv.in_process carries them within one process).
@@ -159,19 +160,18 @@ class InstanceControl:
                 del self._asked[request_id]
         self.report_room()
 
-    def recall(self, request_id: str, num_blocks: int, need: int) -> bool:
-        """Ask the instance that holds the most of this pool to give ``num_blocks`` back, for ``request_id`` of
-        this instance, which needs ``need`` blocks in all; False when no block of this pool is lent, or while an
-        earlier Recall awaits its answer (one at a time).
+    def recall(self, request_id: str, debtor: int, num_blocks: int, need: int) -> bool:
+        """Ask ``debtor`` to give ``num_blocks`` of this pool back, for ``request_id`` of this instance, which needs
+        ``need`` blocks in all; False when ``debtor`` holds none, or while an earlier Recall awaits its answer
+        (one at a time).
 
         Until the request ends, the blocks it does not hold yet are kept out of lending: on the front, the
         gManager's next Lend is handled with the returns, before the scheduler could admit the request, and a
         borrower would take the blocks the request needs to grow. The reservation ends at once if the answer
-        shows fewer blocks freed than asked (the debtor's requests were recalled before): the request then waits
-        as it would without a recall, and reserving would only hold up the borrower it waits for.
+        shows fewer blocks freed than asked (the debtor's holders were recalled before, or have ended): the request
+        then waits as it would without a recall, and reserving would only hold up the borrower it waits for.
         """
-        debtor = self.rmanager.largest_debtor()
-        if debtor is None or self._recall is not None:
+        if not self.rmanager.lent_to(debtor) or self._recall is not None:
             return False
         self.rmanager.reserve(request_id, need)
         self._recall = (request_id, num_blocks)

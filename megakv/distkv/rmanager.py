@@ -200,7 +200,8 @@ class RManager:
                    for request_id, num_blocks in self._reservations.items())
 
     def reserve(self, request_id: str, num_blocks: int) -> None:
-        """Keep free blocks out of lending until ``request_id`` holds ``num_blocks`` or ``end_reservation``."""
+        """Keep free blocks out of lending, as many as ``request_id`` lacks of ``num_blocks`` (again after a
+        preemption), until ``end_reservation``."""
         self._reservations[request_id] = num_blocks
 
     def end_reservation(self, request_id: str) -> None:

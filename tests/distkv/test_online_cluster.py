@@ -155,18 +155,20 @@ def test_online_cluster_abort_returns_blocks_on_three_instances_and_waiting_abor
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("recall_after", [0.0, float("inf")])
+@pytest.mark.parametrize("recall_after", [0.1, float("inf")])
 def test_online_cluster_creditor_recalls_lent_blocks_for_its_own_request(recall_after, megakv_checkpoint, reference,
                                                                          run_mpi, tmp_path):
-    # 440 + 48 tokens need 31 blocks: 20 local and 11 of instance 1's. Instance 1's own request, 250 tokens (16
-    # blocks), arrives once 8 are lent and does not fit in the 12 left. With recall, instance 1 asks for its
-    # blocks back: the long request is preempted and recomputed, and the short one ends first. Without, it
-    # waits for the long one to end.
-    requests = [{"prompt_ids": random_prompt(440, 700), "max_new_tokens": 48, "arrive_step": 0, "instance": 0},
+    # 440 + 180 tokens need 39 blocks: 20 local and 19 of instance 1's. Instance 1's own request, 250 + 8 tokens
+    # (17 blocks), arrives once 8 are lent: its 64-token chunks are admitted and preempted in turn, as its
+    # prompt does not fit in the 12 blocks left. With recall (the default, after 0.1 s), instance 1 asks for its
+    # blocks back: the long request is preempted and recomputed, and the short one ends first. Without, the
+    # short one waits for the long one to end.
+    requests = [{"prompt_ids": random_prompt(440, 700), "max_new_tokens": 180, "arrive_step": 0, "instance": 0},
                 {"prompt_ids": random_prompt(250, 701), "max_new_tokens": 8, "arrive_step": 10, "instance": 1}]
     result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", 1), 1, 2, 20, requests,
                         recall_after=recall_after)
     check_served(result["results"], requests, reference)
     long_end, short_end = (served["steps"][-1] for served in result["results"])
-    assert (short_end < long_end) == (recall_after == 0.0)
-    assert result["recalled"] == ([1, 0] if recall_after == 0.0 else [0, 0])
+    recalls = recall_after != float("inf")
+    assert (short_end < long_end) == recalls
+    assert result["recalled"] == ([1, 0] if recalls else [0, 0])
