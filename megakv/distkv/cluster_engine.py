@@ -36,7 +36,7 @@ from megakv.distkv.rmanager import RManager, Transfer
 from megakv.engine.core import InstanceCore, KVCapacity
 from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
-from megakv.engine.request import Request, RequestOutput
+from megakv.engine.request import Request, RequestOutput, max_kv_tokens
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
@@ -478,7 +478,8 @@ class ClusterEngine:
             return None
         free = rmanager.num_free_blocks
         need = num_blocks_for(head.num_tokens, rmanager.block_size)
-        lifetime = num_blocks_for(len(head.prompt_ids) + head.params.max_new_tokens, rmanager.block_size)
+        lifetime = num_blocks_for(max_kv_tokens(len(head.prompt_ids), head.params.max_new_tokens),
+                                  rmanager.block_size)
         if lifetime > rmanager.pool.num_blocks or not free < need <= free + len(rmanager.lent_to(debtor)):
             return None
         return head, debtor, need - free, lifetime
@@ -486,9 +487,10 @@ class ClusterEngine:
     def _recall_for_starving(self) -> None:
         """Lending must not starve the lender: a starving head (``_starving_head``) that has waited
         ``recall_after`` seconds asks its debtor for the blocks it lacks."""
-        for request in self.scheduler.running:
-            if request.num_computed_tokens == request.num_tokens:
-                self._starving_since.pop(request.request_id, None)
+        if self._starving_since:
+            for request in self.scheduler.running:
+                if request.num_computed_tokens == request.num_tokens:
+                    self._starving_since.pop(request.request_id, None)
         starving = self._starving_head()
         if starving is None:
             return

@@ -20,7 +20,7 @@ from megakv.distkv.messages import PENDING
 from megakv.distkv.policy import LocalAdmission
 from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner
-from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus
+from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus, max_kv_tokens
 from megakv.engine.sampling import SampledTokens, SamplingParams
 from megakv.engine.scheduler import AdmissionPolicy, ScheduledChunk, Scheduler, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool, num_blocks_for
@@ -113,7 +113,7 @@ class InstanceCore:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
                              f"{total} exceeds the model's maximum position {model.max_position_embeddings}")
         block_size = self.rmanager.block_size
-        needed = num_blocks_for(total - 1, block_size)
+        needed = num_blocks_for(max_kv_tokens(len(prompt_ids), params.max_new_tokens), block_size)
         if needed > capacity.num_blocks:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
                              f"{needed} KV blocks of {block_size} tokens, but {capacity.describe()}")

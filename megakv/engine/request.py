@@ -15,6 +15,11 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+def max_kv_tokens(num_prompt_tokens: int, max_new_tokens: int) -> int:
+    """The most tokens whose KV a request ever holds: its last generated token is never fed back."""
+    return num_prompt_tokens + max_new_tokens - 1
+
+
 @dataclass
 class Request:
     """One prompt being generated; its KV covers the first ``num_computed_tokens`` tokens."""
