@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# The test suite, from nothing: sets up .venv (launch/setup_env.sh), then runs pytest.
-#   bash launch/run_tests.sh           full suite (unit, kernel, mpirun/gloo, end to end)
-#   bash launch/run_tests.sh --quick   skips tests marked slow
-# Extra arguments go to pytest.
+# The test suite, from nothing: sets up the environment (launch/setup_env.sh), then runs pytest.
+#   bash launch/run_tests.sh            full suite (unit, kernel, mpirun/gloo, end to end), pinned packages (.venv)
+#   bash launch/run_tests.sh --quick    skips tests marked slow
+#   bash launch/run_tests.sh --newest   against the newest releases of every package but torch (.venv-newest)
+# The flags combine; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_env.sh
 marker=()
-if [ "${1:-}" = "--quick" ]; then
-  marker=(-m "not slow")
-  shift
+export MEGAKV_DEPS=pinned
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) marker=(-m "not slow"); shift ;;
+    --newest) MEGAKV_DEPS=newest; shift ;;
+    *) break ;;
+  esac
+done
+venv=.venv
+if [ "$MEGAKV_DEPS" = newest ]; then
+  venv=.venv-newest
 fi
+# The launch scripts that tests start run megakv from the same environment.
+export MEGAKV_VENV=$venv
+bash launch/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest "${marker[@]}" "$@"
+exec "$venv/bin/python" -m pytest "${marker[@]}" "$@"

@@ -3,11 +3,12 @@
 #   bash launch/serve.sh configs/demo.yaml [--port 8000 ...]
 # Every option after the config goes to megakv serve (flags win over the file). SIGTERM to rank 0 (the pid it
 # prints) shuts the cluster down cleanly; Ctrl-C here makes mpirun kill every rank at once. Across several
-# machines: launch/serve_hostfile.sh.
+# machines: launch/serve_hostfile.sh. Both run megakv from .venv, or from $MEGAKV_VENV when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:?usage: bash launch/serve.sh CONFIG.yaml [megakv serve options]}
 shift
-ranks=$(.venv/bin/python launch/num_ranks.py "$config" "$@")
-exec .venv/bin/mpirun --allow-run-as-root --oversubscribe --bind-to none -n "$ranks" \
-  .venv/bin/megakv serve --config "$config" "$@"
+venv=${MEGAKV_VENV:-.venv}
+ranks=$("$venv/bin/python" launch/num_ranks.py "$config" "$@")
+exec "$venv/bin/mpirun" --allow-run-as-root --oversubscribe --bind-to none -n "$ranks" \
+  "$venv/bin/megakv" serve --config "$config" "$@"

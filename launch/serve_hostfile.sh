@@ -14,8 +14,8 @@ usage="usage: bash launch/serve_hostfile.sh HOSTFILE CONFIG.yaml [megakv serve o
 hostfile=${1:?$usage}
 config=${2:?$usage}
 shift 2
-ranks=$(.venv/bin/python launch/num_ranks.py "$config" "$@")
-venv=$(cd .venv && pwd)
+venv=$(cd "${MEGAKV_VENV:-.venv}" && pwd)
+ranks=$("$venv/bin/python" launch/num_ranks.py "$config" "$@")
 as_root=()
 if [ "$(id -u)" = 0 ]; then
   as_root=(--allow-run-as-root)

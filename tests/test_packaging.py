@@ -1,4 +1,5 @@
-"""A non-editable install works: the wheel holds every package, and its `megakv` command serves a request."""
+"""megakv installs and imports cleanly: a non-editable wheel holds every package and serves a request, and the
+repository root, on sys.path under `python -m pytest` or `python -c`, shadows no package of PyPI."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in_root(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``argv`` with the repository root as the working directory, which Python puts first on sys.path."""
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_repository_root_does_not_shadow_hugging_face_kernels():
+    # transformers imports Hugging Face's `kernels` package; megakv's top-level kernels/ folder must not stand in
+    # for it. The folder is no regular package (megakv.kernels links to it), so an installed one wins.
+    proc = run_in_root([sys.executable, "-c", "import importlib.util, transformers.activations; "
+                                              "print(importlib.util.find_spec('kernels').origin)"])
+    assert proc.returncode == 0, proc.stderr
+    assert not proc.stdout.strip().startswith(str(ROOT / "kernels")), proc.stdout
+    proc = run_in_root([sys.executable, "-c", "import megakv.kernels.ops"])
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_python_m_pytest_and_pytest_collect_the_same_tests():
+    collected = []
+    for argv in ([sys.executable, "-m", "pytest"], [str(Path(sys.executable).with_name("pytest"))]):
+        proc = run_in_root([*argv, "--collect-only", "-q", "-p", "no:cacheprovider"])
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        collected.append(sorted(line for line in proc.stdout.splitlines() if "::" in line))
+    assert collected[0] == collected[1] and len(collected[0]) > 1000
 
 
 @pytest.mark.slow

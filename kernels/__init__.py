@@ -1,1 +1,0 @@
-"""Attention kernels over rBlocks: Triton kernels with torch references beside them."""
