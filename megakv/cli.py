@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model's name in the API (default: the --model path)")
     serve.add_argument("--log-level", help="uvicorn's log level: critical, error, warning, info or debug "
                                            "(default info)")
+    serve.add_argument("--max-request-bytes", type=int,
+                       help="the largest request body accepted; larger ones get HTTP 413 (default 32 MiB)")
+    serve.add_argument("--max-prompts-per-request", type=int,
+                       help="the most prompts one completion request may hold (default 4096)")
+    serve.add_argument("--max-choices-per-request", type=int,
+                       help="the most choices (prompts x n) one request may ask for (default 4096)")
+    serve.add_argument("--max-request-tokens", type=int,
+                       help="the most prompt tokens plus max_tokens, summed over a request's choices "
+                            "(default 4194304)")
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     add_bench_serve_options(bench_commands.add_parser(

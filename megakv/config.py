@@ -290,6 +290,13 @@ class ServerConfig:
     # The ``model`` requests must name; None: the checkpoint path as given.
     served_model_name: str | None = None
     log_level: str = "info"
+    # What one HTTP request may ask for: larger ones get a 413 or 400 before any of their work starts.
+    max_request_bytes: int = 32 * 2**20
+    max_prompts_per_request: int = 4096
+    # Prompts x n: each choice is one engine request.
+    max_choices_per_request: int = 4096
+    # Prompt tokens plus max_tokens, summed over the request's choices.
+    max_request_tokens: int = 4 * 2**20
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not is_host(self.host):
@@ -304,6 +311,27 @@ class ServerConfig:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"server config: log_level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}")
+        for key in ("max_request_bytes", "max_prompts_per_request", "max_choices_per_request",
+                    "max_request_tokens"):
+            value = getattr(self, key)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"server config: {key} must be a positive integer, got {value!r}")
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The bounds the API handlers check."""
+        return RequestLimits(self.max_request_bytes, self.max_prompts_per_request, self.max_choices_per_request,
+                             self.max_request_tokens)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one HTTP request may ask for (see ServerConfig)."""
+
+    max_bytes: int
+    max_prompts: int
+    max_choices: int
+    max_tokens: int
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,30 @@
 """The checkpoint's tokenizer (``tokenizer.json``), read with the ``tokenizers`` library."""
 from __future__ import annotations
 
+import json
 import os
 
 from tokenizers import Tokenizer
+
+
+class TooManyTokensError(ValueError):
+    """A text has more tokens than its caller accepts: ``num_tokens`` of them, or at least that many."""
+
+    def __init__(self, num_tokens: int, exact: bool = True) -> None:
+        self.count = f"{'' if exact else 'at least '}{num_tokens}"
+        super().__init__(f"{self.count} tokens")
+        self.num_tokens = num_tokens
+
+
+def max_bytes_per_token(config: dict) -> int | None:
+    """The most bytes of text one token covers, for a byte-level BPE tokenizer without a normalizer (GPT-2, LLaMA 3,
+    SmolLM2, Qwen): each character of its vocabulary's entries stands for one byte, and an added token covers its
+    own content. None for other tokenizers, whose normalizer or pre-tokenizer may change the text's length."""
+    pre_tokenizer, model = config.get("pre_tokenizer") or {}, config.get("model") or {}
+    if config.get("normalizer") is not None or pre_tokenizer.get("type") != "ByteLevel" or model.get("type") != "BPE":
+        return None
+    added = [len(token["content"].encode("utf-8")) for token in config.get("added_tokens") or ()]
+    return max([*map(len, model["vocab"]), *added], default=None)
 
 
 class TextTokenizer:
@@ -14,19 +35,35 @@ class TextTokenizer:
             self._tokenizer = Tokenizer.from_file(path)
         except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
             raise ValueError(f"cannot read tokenizer {path}: {err}") from None
+        self._max_bytes_per_token = max_bytes_per_token(json.loads(self._tokenizer.to_str()))
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str) -> TextTokenizer | None:
         path = os.path.join(checkpoint_dir, "tokenizer.json")
         return cls(path) if os.path.exists(path) else None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; a chat prompt passes False, as its template already wrote the special tokens."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text``; a chat prompt passes False, as its template already wrote the special tokens.
+
+        The tokenizers library releases the GIL in its batch calls only, so a long text is encoded as a batch of
+        one: the server's event loop runs meanwhile. With ``max_tokens``, a text of more tokens raises
+        TooManyTokensError before its ids become a Python list, and one that has more tokens by its length alone
+        (see max_bytes_per_token) before it is encoded: both the list and freeing an encoding hold the GIL, for
+        a fraction of a second at millions of tokens.
+        """
+        if max_tokens is not None and self._max_bytes_per_token is not None:
+            at_least = -(-len(text.encode("utf-8", "surrogatepass")) // self._max_bytes_per_token)
+            if at_least > max_tokens:
+                raise TooManyTokensError(at_least, exact=False)
+        encoding = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise TooManyTokensError(len(encoding))
+        return encoding.ids
 
     def token_to_id(self, token: str) -> int | None:
         """The id of one token of the vocabulary, or None when it has no such token."""
         return self._tokenizer.token_to_id(token)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        """The text of ``token_ids``, special tokens left out (a batch of one releases the GIL, see encode)."""
+        return self._tokenizer.decode_batch([token_ids], skip_special_tokens=True)[0]

@@ -21,7 +21,7 @@ from megakv.distkv.policy import LocalAdmission
 from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner
 from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus, max_kv_tokens
-from megakv.engine.sampling import SampledTokens, SamplingParams
+from megakv.engine.sampling import SAMPLING_FAILED, SampledTokens, SamplingParams
 from megakv.engine.scheduler import AdmissionPolicy, ScheduledChunk, Scheduler, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool, num_blocks_for
 from megakv.kvcache.kv_cache import KVCache
@@ -30,6 +30,8 @@ from megakv.parallel import state
 
 # finish_reason of a request its client aborted.
 ABORTED = "abort"
+# finish_reason of a request that failed alone (its output's error says why).
+FAILED = "error"
 
 
 def load_model(info: CheckpointInfo, dtype: torch.dtype, device: torch.device) -> LlamaModel:
@@ -160,15 +162,21 @@ class InstanceCore:
                 continue
             token, logprobs = next(next_tokens)
             first = not request.output_ids
-            request.output_ids.append(token)
-            reason = self._finish_reason(request, token)
+            error = None
+            if token == SAMPLING_FAILED:
+                # Only the rank that sampled knows why; the others end the request just as well.
+                error = sampled.errors.get(request.request_id, "sampling failed on another tensor-parallel rank")
+                reason, new_token_ids = FAILED, []
+            else:
+                request.output_ids.append(token)
+                reason, new_token_ids = self._finish_reason(request, token), [token]
             placement = None
             if reason is not None:
                 placement = self.placement(request)
                 self.scheduler.finish(request, reason)
                 self.model_runner.sampler.release(request.request_id)
-            outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [token],
-                                         reason, placement, instance=self.rmanager.instance_id,
+            outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids),
+                                         new_token_ids, reason, placement, error, instance=self.rmanager.instance_id,
                                          new_logprobs=None if logprobs is None else [logprobs],
                                          prompt_logprobs=list(request.prompt_logprobs) if first and
                                          request.params.prompt_logprobs is not None else None))

@@ -8,6 +8,10 @@ import torch
 
 # The most top logprobs a request may ask for per token (OpenAI's and vLLM's default bound).
 MAX_LOGPROBS = 20
+# Temperatures below this sample greedily, as vLLM's do: dividing logits by a smaller one overflows fp32.
+GREEDY_TEMPERATURE = 1e-5
+# The token a failed sampling step gives its request (broadcast to every TP rank, so all of them end it).
+SAMPLING_FAILED = -1
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,7 @@ class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
     max_new_tokens: int = 16
-    # 0 means greedy decoding.
+    # Below GREEDY_TEMPERATURE (0 included) means greedy decoding.
     temperature: float = 0.0
     # 0 disables top-k filtering.
     top_k: int = 0
@@ -57,11 +61,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf the logits [vocab] outside the top-k and the top-p nucleus."""
+    """Set to -inf the logits [vocab] outside the top-k and the top-p nucleus; the most likely token always stays
+    (a top_p that rounds to 0 in the logits' dtype keeps it alone)."""
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -70,6 +75,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[0] = False
         logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
     return logits
 
@@ -88,10 +94,13 @@ class TokenLogprobs:
 class SampledTokens:
     """One step's sampled token per request, in batch order, with logprobs for requests that asked."""
 
+    # SAMPLING_FAILED for a request whose sampling raised: it alone ends, with finish_reason "error".
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     # request id -> logprobs of the prompt tokens this step's chunk of it predicted, in order (prompt_logprobs).
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # request id -> why its sampling failed, on the rank that sampled.
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprobs]:
@@ -113,19 +122,29 @@ class Sampler:
         self._generators: dict[str, torch.Generator] = {}
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> SampledTokens:
-        """logits [num_requests, vocab] -> one token id per request, and logprobs where asked."""
+        """logits [num_requests, vocab] -> one token id per request, and logprobs where asked.
+
+        A row whose sampling raises (logits the model made non-finite) fails its own request, not the step.
+        """
         tokens = logits.argmax(dim=-1).tolist()
+        errors = {}
         for row, (request_id, request_params) in enumerate(zip(request_ids, params)):
             if request_params.greedy:
                 continue
-            filtered = filter_logits(logits[row] / request_params.temperature, request_params.top_k,
-                                     request_params.top_p)
-            probs = filtered.softmax(-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(request_id, request_params)))
-        logprobs = [None if request_params.logprobs is None else
+            try:
+                tokens[row] = self._sample_row(logits[row], request_id, request_params)
+            except RuntimeError as err:
+                tokens[row] = SAMPLING_FAILED
+                errors[request_id] = f"sampling failed: {err}"
+        logprobs = [None if request_params.logprobs is None or tokens[row] == SAMPLING_FAILED else
                     token_logprobs(logits[row:row + 1], tokens[row:row + 1], request_params.logprobs)[0]
                     for row, request_params in enumerate(params)]
-        return SampledTokens(tokens, logprobs)
+        return SampledTokens(tokens, logprobs, errors=errors)
+
+    def _sample_row(self, logits: torch.Tensor, request_id: str, params: SamplingParams) -> int:
+        # fp32 whatever the model's dtype; a temperature of at least GREEDY_TEMPERATURE keeps finite logits finite.
+        filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)  # [vocab]
+        return int(torch.multinomial(filtered.softmax(-1), 1, generator=self._generator(request_id, params)))
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
         if request_id not in self._generators:

@@ -43,11 +43,18 @@ REQUEST_DEFAULTS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "
 
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal handling (it would raise the signal again once stopped, killing
-    the process before the cluster is shut down), which stops when the engine loop does."""
+    the process before the cluster is shut down), which stops when the engine loop does, and whose open
+    responses end with an error event (or a 503) as soon as it stops, rather than being cut after the grace
+    period."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+    def __init__(self, config: uvicorn.Config, context: ServingContext) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.engine = context.engine
+        self.context = context
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.context.shutting_down.set()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -157,7 +164,7 @@ def run_serve(args: argparse.Namespace) -> int:
         request_defaults = {key: options[key] for key in REQUEST_DEFAULTS
                             if key != "max_new_tokens" or is_set(args, key)}
         context = ServingContext(async_engine, model_name, info.model.vocab_size, max_model_len, reason, tokenizer,
-                                 chat, ServerMetrics(model_name), request_defaults,
+                                 chat, ServerMetrics(model_name), settings.request_limits, request_defaults,
                                  chat_stop_token_ids(tokenizer, chat))
         for line in startup_lines(args.model, info, dtype, config, engine.kv_capacity(), context):
             print(f"megakv serve: {line}", file=sys.stderr, flush=True)
@@ -180,7 +187,7 @@ def serve_http(context: ServingContext, settings: ServerConfig, sock: socket.soc
     """Run the HTTP server on ``sock`` in this thread until SIGINT or SIGTERM."""
     port = sock.getsockname()[1]
     server = _Server(uvicorn.Config(build_app(context), host=settings.host, port=port, log_level=settings.log_level,
-                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS), context.engine)
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS), context)
 
     def stop(signum: int, frame: object) -> None:
         # A second Ctrl-C stops without waiting for open responses.

@@ -6,11 +6,22 @@ client never gets an answer that silently ignored what it asked for.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from megakv.engine.sampling import MAX_LOGPROBS
+
+
+def _integral(value: Any) -> Any:
+    """2.0 -> 2, as vLLM accepts in integer fields; 2.5 stays a float, which the field refuses."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field that also takes an integral float.
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class StrictModel(BaseModel):
@@ -36,12 +47,12 @@ class SamplingRequest(StrictModel):
     """The fields shared by completions and chat completions."""
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Integer | None = None
     temperature: float | None = None
     top_p: float | None = None
     # vLLM's extension; -1 (vLLM's "off") and 0 both disable top-k.
-    top_k: int | None = None
-    seed: int | None = None
+    top_k: Integer | None = None
+    seed: Integer | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
@@ -54,13 +65,13 @@ class SamplingRequest(StrictModel):
     # Names the end user; it changes nothing here.
     user: str | None = None
     # Choices per prompt, sampled independently.
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    best_of: int | None = None
+    n: Integer = Field(default=1, ge=1, le=MAX_N)
+    best_of: Integer | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
-    min_tokens: int = 0
+    min_tokens: Integer = 0
 
     @model_validator(mode="after")
     def _only_neutral_values(self) -> SamplingRequest:
@@ -91,7 +102,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     # Top logprobs per generated token, and with echo per prompt token too (vLLM's and OpenAI's legacy field).
-    logprobs: int | None = None
+    logprobs: Integer | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -135,10 +146,10 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     # The newer name of max_tokens; it wins when both are given.
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Integer | None = None
     logprobs: bool = False
     # Top logprobs per generated token; needs logprobs.
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> ChatCompletionRequest:

@@ -7,6 +7,7 @@ each; streamed responses are Server-Sent Events, one JSON chunk per step.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -17,16 +18,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megakv.chat import ChatTemplate
+from megakv.config import RequestLimits
 from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.logprobs import chat_logprobs, completion_logprobs
 from megakv.server.metrics import ServerMetrics
-from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from megakv.server.streams import TextDelta, generate_text, merge
-from megakv.tokenizer import TextTokenizer
+from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from megakv.server.streams import ServerShuttingDownError, TextDelta, generate_text, merge
+from megakv.tokenizer import TextTokenizer, TooManyTokensError
 
 # vLLM's (and OpenAI's legacy) max_tokens of a completion that sets none; a chat reply may fill the room left.
 COMPLETION_MAX_TOKENS = 16
+# The error type of each status, as OpenAI's and vLLM's error bodies name them.
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+               413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+def error_body(message: str, status_code: int, param: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    kind = ERROR_TYPES.get(status_code, "BadRequestError" if status_code < 500 else "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status_code}}
 
 
 class APIError(ValueError):
@@ -51,10 +62,13 @@ class ServingContext:
     tokenizer: TextTokenizer | None
     chat: ChatTemplate | None
     metrics: ServerMetrics
+    limits: RequestLimits
     # Sampling values of a request that does not set them (the server's options).
     defaults: dict[str, Any] = field(default_factory=dict)
     # The chat template's end-of-turn token, which ends a chat reply as EOS does.
     chat_stop_token_ids: tuple[int, ...] = ()
+    # Set when the server starts to stop: every open response ends at once (see streams.merge).
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
 
     def check_model(self, model: str | None) -> None:
         """Raise APIError unless ``model`` is None or the served model's name."""
@@ -66,6 +80,11 @@ class ServingContext:
         bad = [token for token in token_ids if not 0 <= token < self.vocab_size]
         if bad:
             raise APIError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param=what)
+
+    def prompt_too_long(self, num_prompt_tokens: int | str) -> APIError:
+        """The error for a prompt that leaves no room for a generated token (its count, or "at least" one)."""
+        return APIError(f"the prompt has {num_prompt_tokens} tokens, and a request may hold at most "
+                        f"{self.max_model_len} ({self.max_model_len_reason}): shorten the prompt", param="prompt")
 
     def require_tokenizer(self, what: str) -> TextTokenizer:
         """The tokenizer, or an APIError saying that ``what`` needs one."""
@@ -88,17 +107,26 @@ def completion_prompts(request: CompletionRequest, context: ServingContext) -> l
     if not prompt:
         raise APIError("prompt is empty: a request needs at least one prompt token", param="prompt")
     items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    max_prompts = context.limits.max_prompts
+    if len(items) > max_prompts:
+        raise APIError(f"the request has {len(items)} prompts, more than the {max_prompts} the server takes in one "
+                       f"request (megakv serve --max-prompts-per-request)", param="prompt")
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(context.require_tokenizer("a text prompt").encode(item), item))
+            tokenizer = context.require_tokenizer("a text prompt")
+            try:
+                prompts.append(Prompt(tokenizer.encode(item, max_tokens=context.max_model_len), item))
+            except TooManyTokensError as err:
+                raise context.prompt_too_long(err.count) from None
         else:
             prompts.append(Prompt(list(item), None))
     return prompts
 
 
-def chat_prompt(messages: list[ChatMessage], context: ServingContext) -> Prompt:
-    """The conversation rendered with the checkpoint's chat template, as transformers renders it."""
+def chat_prompt(messages: list[ChatMessage], context: ServingContext, max_tokens: int | None = None) -> Prompt:
+    """The conversation rendered with the checkpoint's chat template, as transformers renders it; a prompt of more
+    than ``max_tokens`` (default: what a request may hold) is an APIError."""
     tokenizer = context.require_tokenizer("a chat")
     if context.chat is None:
         raise APIError("the checkpoint has no chat template (chat_template.jinja): use /v1/completions")
@@ -106,8 +134,27 @@ def chat_prompt(messages: list[ChatMessage], context: ServingContext) -> Prompt:
         text = context.chat.render([{"role": message.role, "content": message.text} for message in messages])
     except ValueError as err:
         raise APIError(str(err), param="messages") from None
-    # The template writes every special token itself.
-    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
+    try:
+        # The template writes every special token itself.
+        return Prompt(tokenizer.encode(text, add_special_tokens=False,
+                                       max_tokens=context.max_model_len if max_tokens is None else max_tokens), text)
+    except TooManyTokensError as err:
+        if max_tokens is None:
+            raise context.prompt_too_long(err.count) from None
+        raise APIError(f"the conversation has {err.count} tokens, more than the {max_tokens} the server "
+                       f"tokenizes in one request (megakv serve --max-request-tokens)", param="messages") from None
+
+
+def tokenize_body(body: TokenizeRequest, context: ServingContext) -> list[int]:
+    """The token ids /tokenize answers: of a prompt, or of messages rendered with the chat template."""
+    max_tokens = context.limits.max_tokens
+    if body.messages is not None:
+        return chat_prompt(body.messages, context, max_tokens).token_ids
+    try:
+        return context.require_tokenizer("/tokenize").encode(body.prompt, body.add_special_tokens, max_tokens)
+    except TooManyTokensError as err:
+        raise APIError(f"the prompt has {err.count} tokens, more than the {max_tokens} the server tokenizes "
+                       f"in one request (megakv serve --max-request-tokens)", param="prompt") from None
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: Prompt, context: ServingContext,
@@ -119,8 +166,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
     num_prompt_tokens, limit = len(prompt.token_ids), context.max_model_len
     room = limit - num_prompt_tokens
     if room <= 0:
-        raise APIError(f"the prompt has {num_prompt_tokens} tokens, and a request may hold at most {limit} "
-                       f"({context.max_model_len_reason}): shorten the prompt", param="prompt")
+        raise context.prompt_too_long(num_prompt_tokens)
     max_tokens = request.max_tokens
     if max_tokens is None:
         default = COMPLETION_MAX_TOKENS if isinstance(request, CompletionRequest) else room
@@ -195,7 +241,18 @@ class Completion:
         else:
             prompts = completion_prompts(request, context)
             stop_ids = ()
+        num_choices = len(prompts) * request.n
+        if num_choices > context.limits.max_choices:
+            raise APIError(f"{len(prompts)} prompt(s) x n = {request.n} ask for {num_choices} choices, more than the "
+                           f"{context.limits.max_choices} the server takes in one request "
+                           f"(megakv serve --max-choices-per-request)", param="n")
         params = [sampling_params(request, prompt, context, stop_ids) for prompt in prompts]
+        num_tokens = request.n * sum(len(prompt.token_ids) + prompt_params.max_new_tokens
+                                     for prompt, prompt_params in zip(prompts, params))
+        if num_tokens > context.limits.max_tokens:
+            raise APIError(f"the request's choices hold {num_tokens} tokens (prompt and max_tokens of each), more "
+                           f"than the {context.limits.max_tokens} the server takes in one request "
+                           f"(megakv serve --max-request-tokens)", param="max_tokens")
         # One entry per choice.
         self.prompts = [prompt for prompt in prompts for _ in range(request.n)]
         self.params = [sample_params(prompt_params, index) for prompt_params in params for index in range(request.n)]
@@ -210,7 +267,8 @@ class Completion:
         return merge([generate_text(context.engine, prompt.token_ids, params, f"{self.id}-{index}",
                                     context.tokenizer, self.request.stop_strings, context.metrics.track(),
                                     self.request.return_kv_placement)
-                      for index, (prompt, params) in enumerate(zip(self.prompts, self.params))])
+                      for index, (prompt, params) in enumerate(zip(self.prompts, self.params))],
+                     context.shutting_down)
 
     def _prompt_text(self, prompt: Prompt) -> str:
         if prompt.text is not None or self.context.tokenizer is None:
@@ -306,7 +364,7 @@ class Completion:
                         choice = self._choice(index, text, delta.token_ids, delta, chunk=True, logprobs=logprobs)
                         yield sse({**self._header(chunk=True), "choices": [choice]})
         except (RuntimeError, ValueError) as err:
-            yield sse({"error": {"message": str(err), "type": "InternalServerError", "param": None, "code": 500}})
+            yield sse(error_body(str(err), 503 if isinstance(err, ServerShuttingDownError) else 500))
         else:
             options = self.request.stream_options
             if options is not None and options.include_usage:

@@ -19,6 +19,14 @@ from megakv.server.text import IncrementalDecoder, StopStringMatcher
 from megakv.tokenizer import TextTokenizer
 
 
+class RequestFailedError(RuntimeError):
+    """The engine ended one request with an error (its sampling failed, say); the others go on."""
+
+
+class ServerShuttingDownError(RuntimeError):
+    """The server is stopping: a response still open ends with this error, and its requests are aborted."""
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """What one step added to a request: text, token ids, and at the end why it finished."""
@@ -54,7 +62,7 @@ async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: Samp
     async with aclosing(engine.generate(prompt_ids, params, request_id)) as outputs:
         async for output in outputs:
             if output.error is not None:
-                raise RuntimeError(output.error)
+                raise RequestFailedError(output.error)
             tracker.on_output(output)
             token_ids, finish_reason, stop_reason = output.new_token_ids, output.finish_reason, None
             # Checked here too: the engine's ignore_eos also ignores stop tokens, vLLM's does not.
@@ -92,8 +100,10 @@ async def _last_placement(outputs: AsyncIterator[RequestOutput]) -> Placement | 
 _DONE = object()
 
 
-async def merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple[int, TextDelta]]:
-    """(index of its stream, delta) as each stream yields; the first error ends (and aborts) every stream."""
+async def merge(streams: list[AsyncIterator[TextDelta]],
+                stop: asyncio.Event) -> AsyncIterator[tuple[int, TextDelta]]:
+    """(index of its stream, delta) as each stream yields; the first error ends (and aborts) every stream, and
+    so does ``stop``, with ServerShuttingDownError."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[TextDelta]) -> None:
@@ -107,10 +117,16 @@ async def merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple[
         queue.put_nowait((index, _DONE))
 
     tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    stopping = asyncio.ensure_future(stop.wait())
+    getting: asyncio.Future | None = None
     try:
         num_running = len(tasks)
         while num_running:
-            index, item = await queue.get()
+            getting = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not getting.done():
+                raise ServerShuttingDownError("the server is shutting down: the request was aborted")
+            index, item = getting.result()
             if isinstance(item, Exception):
                 raise item
             if item is _DONE:
@@ -118,6 +134,7 @@ async def merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple[
             else:
                 yield index, item
     finally:
-        for task in tasks:
-            task.cancel()
+        for task in [*tasks, stopping, getting]:
+            if task is not None:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

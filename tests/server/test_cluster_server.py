@@ -1,6 +1,7 @@
 """megakv serve on a 2-instance DistKV cluster, under mpirun and under the deepspeed launcher: a prompt longer
 than one pool borrows blocks and decodes as Hugging Face does (its logprobs cross instances and its remote
-micro-attentions are counted), its prompt logprobs (echo) are Hugging Face's, a client that leaves aborts its
+micro-attentions are counted), a temperature or top_p too small for fp32 picks the same tokens, its prompt logprobs
+(echo) are Hugging Face's, a client that leaves aborts its
 request with every block back home, and SIGTERM on rank 0 ends the whole job with status 0."""
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def test_cluster_server_borrows_matches_hugging_face_aborts_and_stops(chat_model
     assert long_placement["num_remote_blocks"] > 0 and long_placement["block_instances"] == [0, 1]
     assert short_placement["num_remote_blocks"] == 0
     assert [len(choice.logprobs.top_logprobs) for choice in response.choices] == list(map(len, expected))
+    # Sampling parameters that once made the probabilities NaN and ended every rank: both pick the top token.
+    for sampling in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-320}):
+        response = client.completions.create(model="tiny", prompt=[long_prompt, short_prompt], max_tokens=16,
+                                             extra_body={"return_token_ids": True}, **sampling)
+        assert [choice.token_ids for choice in response.choices] == expected
     # The prompt's own logprobs (echo), computed in prefill chunks whose attention spans both instances.
     echoed = client.completions.create(model="tiny", prompt=long_prompt, max_tokens=1, temperature=0, echo=True,
                                        logprobs=1).choices[0].logprobs

@@ -1,8 +1,11 @@
-"""A client that goes away aborts its request (every block goes back), and SIGTERM stops the server cleanly."""
+"""A client that goes away aborts its request (every block goes back), and SIGTERM stops the server cleanly: open
+responses end with an error at once."""
 from __future__ import annotations
 
+import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -62,5 +65,34 @@ def test_sigterm_stops_the_server_cleanly(chat_model):
         started = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0, server.output
         assert time.monotonic() - started < 15
+    finally:
+        server.kill()
+
+
+def test_sigterm_ends_open_streams_with_an_error_event_and_no_traceback(chat_model):
+    server = spawn_server(chat_model[1], "--num-blocks", str(NUM_BLOCKS), "--served-model-name", "tiny")
+    try:
+        streams = [httpx.stream("POST", f"{server.url}/v1/completions", json=long_request(True), timeout=30)
+                   for _ in range(2)]
+        responses = [stream.__enter__() for stream in streams]
+        lines = [response.iter_lines() for response in responses]
+        for response_lines in lines:
+            assert next(response_lines).startswith("data: ")
+        with ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(httpx.post, f"{server.url}/v1/completions", json=long_request(False), timeout=30)
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert server.stop(signal.SIGTERM) == 0, server.output
+            assert time.monotonic() - started < 4  # well within the 5 s grace period: nothing waited for it
+            answer = whole.result(timeout=30)
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "ServiceUnavailableError"
+        for response_lines in lines:
+            events = [line[len("data: "):] for line in response_lines if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["code"] == 503 and "shutting down" in error["message"]
+        for stream in streams:
+            stream.__exit__(None, None, None)
+        assert "Traceback" not in server.output and "CancelledError" not in server.output, server.output
     finally:
         server.kill()

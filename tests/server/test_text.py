@@ -1,10 +1,11 @@
-"""Incremental detokenization equals decoding the whole output; stop strings cut the text at their first match."""
+"""Incremental detokenization equals decoding the whole output; stop strings cut the text at their first match; a
+text over a token limit is refused, by its length alone where that suffices."""
 from __future__ import annotations
 
 import pytest
 
 from megakv.server.text import IncrementalDecoder, StopStringMatcher
-from megakv.tokenizer import TextTokenizer
+from megakv.tokenizer import TextTokenizer, TooManyTokensError, max_bytes_per_token
 
 TEXT = "Grüße, 世界! naïve café 🙂 end"
 
@@ -39,3 +40,26 @@ def test_stop_string_matcher_releases_everything_at_the_end_without_a_match():
     assert matcher.feed("once and for all, never", final=False) == "once and for al"
     assert matcher.feed(" again", final=True) == "l, never again" and matcher.matched is None
     assert StopStringMatcher([]).feed("all at once", final=False) == "all at once"
+
+
+def test_encode_with_max_tokens_counts_exactly_or_bounds_by_length(tokenizer):
+    text = "ab " * 50
+    num_tokens = len(tokenizer.encode(text))
+    assert tokenizer.encode(text, max_tokens=num_tokens) == tokenizer.encode(text)
+    with pytest.raises(TooManyTokensError) as exact:
+        tokenizer.encode(text, max_tokens=num_tokens - 1)
+    assert exact.value.num_tokens == num_tokens and exact.value.count == str(num_tokens)
+    # A byte-level BPE token covers at most its longest entry's bytes: a long text is refused before encoding.
+    with pytest.raises(TooManyTokensError) as bounded:
+        tokenizer.encode("é" * 10_000, max_tokens=100)
+    assert bounded.value.count.startswith("at least ") and bounded.value.num_tokens > 100
+
+
+def test_max_bytes_per_token_only_for_byte_level_bpe_without_normalizer():
+    vocab = {"a": 0, "ab": 1, "Ġabc": 2}
+    config = {"normalizer": None, "pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": vocab},
+              "added_tokens": [{"content": "<|im_start|>"}]}
+    assert max_bytes_per_token(config) == len("<|im_start|>")
+    assert max_bytes_per_token({**config, "added_tokens": []}) == 4
+    assert max_bytes_per_token({**config, "normalizer": {"type": "NFKC"}}) is None
+    assert max_bytes_per_token({**config, "pre_tokenizer": {"type": "Metaspace"}}) is None
