@@ -20,6 +20,9 @@ from megakv.checkpoint.format import CONFIG_FILE, CheckpointError, load_shard, r
 from megakv.checkpoint.hf_config import model_config_from_hf
 from megakv.config import ModelConfig
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONVERT_TOOL = REPO_ROOT / "tools" / "convert_checkpoint.py"
 

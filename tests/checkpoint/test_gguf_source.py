@@ -20,6 +20,9 @@ from megakv.checkpoint.gguf_source import GGUFReader
 from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 CONVERT_TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 PROMPT_WORKER = Path(__file__).resolve().parents[1] / "models" / "prompt_logits_worker.py"
 # GQA (4 query heads over 2 KV heads), untied, a vocabulary no TP degree divides; rows of 64 and 96 for Q8_0.

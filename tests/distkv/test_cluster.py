@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 BLOCK_SIZE = 16
 POOL_BLOCKS = 10
@@ -143,7 +146,6 @@ def test_cluster_two_requests_that_fit_only_one_at_a_time_both_complete(hf_llama
 
 
 @pytest.mark.mpi
-@pytest.mark.slow
 def test_cluster_three_instances_dgfm_moves_keep_tokens(hf_llama, megakv_checkpoint, hf_greedy, run_mpi, tmp_path):
     # Instances 0 and 1 each run a short request and a long one (17 blocks of prompt, more than a 16-block
     # pool, so it borrows: 8 blocks each, all of instance 2's pool, which only lends). The long ones borrow

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("lifecycle_worker.py")
 NUM_RANKS = 2
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

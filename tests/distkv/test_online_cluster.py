@@ -18,6 +18,9 @@ from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.sampling import SamplingParams
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("online_worker.py")
 
 
@@ -116,7 +119,6 @@ def test_online_cluster_contention_completes_with_one_instance_tokens(case, mega
 
 
 @pytest.mark.mpi
-@pytest.mark.slow
 def test_online_cluster_contention_tp2_completes(megakv_checkpoint, reference, run_mpi, tmp_path):
     requests = [{"prompt_ids": random_prompt(500, 400 + i), "max_new_tokens": 16, "arrive_step": 0, "instance": i}
                 for i in range(2)]

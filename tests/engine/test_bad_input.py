@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 
 

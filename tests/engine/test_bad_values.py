@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 
 

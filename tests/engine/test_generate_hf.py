@@ -15,6 +15,9 @@ from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.sampling import SamplingParams
 from megakv.kernels.cpu_build import runnable_isas
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 MAX_NEW_TOKENS = 32
 # Prompt lengths spanning one block, many blocks, and several 64-token prefill chunks.

@@ -20,6 +20,9 @@ from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.sampling import SamplingParams
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 MAX_NEW_TOKENS = 24
 # One prompt shorter than the window below, the others spanning it many times over and several prefill chunks.

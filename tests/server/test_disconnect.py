@@ -14,6 +14,9 @@ from megakv.bench.server_metrics import scrape, total
 
 from server_process import spawn_server, wait_for_idle_pools
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 # 4096 tokens of KV: a request with EOS ignored runs for seconds, long enough to be cut off.
 NUM_BLOCKS = 256
 MAX_TOKENS = 4000

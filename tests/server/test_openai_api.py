@@ -12,6 +12,9 @@ from transformers import PreTrainedTokenizerFast
 
 from server_process import CHAT_TEMPLATE, MEGAKV
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 MAX_TOKENS = 12
 
 

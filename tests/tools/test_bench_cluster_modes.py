@@ -14,6 +14,9 @@ import yaml
 
 from megakv.processes import free_port
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_cluster_modes.py"
 # Two instances of 8 blocks (128 tokens each); one request in three of the long-tail workload needs 150-200.
 TINY_CONFIG = """
@@ -43,7 +46,6 @@ def run_tool(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
 @pytest.mark.mpi
 def test_bench_cluster_modes_tiny_run_reports_every_field_and_figure(tmp_path):
     config = tmp_path / "tiny.yaml"

@@ -10,6 +10,9 @@ import pytest
 
 from megakv.checkpoint.format import read_checkpoint_info
 
+# Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 MEGAKV = str(Path(sys.executable).with_name("megakv"))
 
@@ -40,7 +43,6 @@ def test_make_demo_model_random_takes_a_shape_and_keeps_only_its_own(tmp_path):
     assert not (tmp_path / "odd").exists()
 
 
-@pytest.mark.slow
 def test_make_demo_model_converts_smollm2_and_keeps_it(smollm2, tmp_path):
     proc = make_demo_model("--output", tmp_path / "ckpt", "--tp", "3")
     assert proc.returncode == 0, proc.stderr
@@ -52,7 +54,6 @@ def test_make_demo_model_converts_smollm2_and_keeps_it(smollm2, tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.slow
 def test_demo_config_borrows_for_the_long_chat_and_answers(smollm2, run_mpi):
     proc = run_mpi(3, [MEGAKV, "generate", "--config", str(ROOT / "configs" / "demo.yaml"), "--model",
                        str(smollm2.checkpoint(1)), "--prompts-file", str(ROOT / "configs" / "demo_prompts.jsonl"),
