@@ -98,6 +98,7 @@ async def _last_placement(outputs: AsyncIterator[RequestOutput]) -> Placement | 
 
 
 _DONE = object()
+_STOP = object()
 
 
 async def merge(streams: list[AsyncIterator[TextDelta]],
@@ -117,16 +118,15 @@ async def merge(streams: list[AsyncIterator[TextDelta]],
         queue.put_nowait((index, _DONE))
 
     tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    # Stopping is one more item in the queue, so each delta costs a plain get.
     stopping = asyncio.ensure_future(stop.wait())
-    getting: asyncio.Future | None = None
+    stopping.add_done_callback(lambda waited: waited.cancelled() or queue.put_nowait((None, _STOP)))
     try:
         num_running = len(tasks)
         while num_running:
-            getting = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not getting.done():
+            index, item = await queue.get()
+            if item is _STOP:
                 raise ServerShuttingDownError("the server is shutting down: the request was aborted")
-            index, item = getting.result()
             if isinstance(item, Exception):
                 raise item
             if item is _DONE:
@@ -134,7 +134,7 @@ async def merge(streams: list[AsyncIterator[TextDelta]],
             else:
                 yield index, item
     finally:
-        for task in [*tasks, stopping, getting]:
-            if task is not None:
-                task.cancel()
+        stopping.cancel()
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
