@@ -17,13 +17,8 @@ from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.kvcache.kv_cache import KVCache, available_memory_bytes
 from megakv.parallel import state
+from megakv.parallel.state import RankLocalError
 from megakv.tokenizer import TextTokenizer
-
-
-class RankLocalError(RuntimeError):
-    """An error only some ranks saw (a rank's own shard, say): each reports its own, and the job is aborted."""
-
-    rank_local = True
 
 
 def tokenize(specs: list[PromptSpec], tokenizer: TextTokenizer | None, chat: ChatTemplate | None,
@@ -141,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params = request_params(specs, options, chat_stop_token_ids(tokenizer, chat), num_instances)
     served = [index for index, value in enumerate(params) if isinstance(value, SamplingParams)]
 
-    env = state.init_distributed()
+    env = state.init_distributed(layout=(config.parallel.tensor_parallel_size, num_instances))
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
         engine_class = LLMEngine

@@ -62,6 +62,13 @@ class _ParallelState:
 _state = _ParallelState()
 
 
+class RankLocalError(RuntimeError):
+    """An error only some ranks saw (a rank's own shard, a failed connection): each reports its own, and the job
+    is aborted, since the other ranks may be waiting for this one in a collective."""
+
+    rank_local = True
+
+
 def is_mpi_launch() -> bool:
     """True when mpirun started this process."""
     return any(variable in os.environ for variable in MPI_LAUNCH_VARIABLES)
@@ -99,8 +106,21 @@ def _mpi_rendezvous(comm) -> str:
     return f"tcp://{host}:{port}"
 
 
-def init_distributed(backend: str | None = None) -> DistributedEnv:
-    """Create the default process group from mpirun, the deepspeed/torchrun variables, or not at all."""
+def check_layout(world_size: int, tp: int, num_instances: int) -> None:
+    """Refuse a world that is not ``num_instances`` instances of ``tp`` ranks each."""
+    if tp < 1 or num_instances < 1:
+        raise ValueError(f"--tp ({tp}) and --instances ({num_instances}) must both be at least 1")
+    if world_size != tp * num_instances:
+        raise ValueError(f"world size {world_size} does not fit --tp {tp} x --instances {num_instances}: "
+                         f"launch {tp * num_instances} ranks")
+
+
+def init_distributed(backend: str | None = None, layout: tuple[int, int] | None = None) -> DistributedEnv:
+    """Create the default process group from mpirun, the deepspeed/torchrun variables, or not at all.
+
+    ``layout`` (tp, instances) is checked against the launcher's world size first, so a wrong rank count is
+    refused by every rank alike before any rank waits for another.
+    """
     if dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, "env", _default_device(local_rank))
@@ -118,10 +138,15 @@ def init_distributed(backend: str | None = None) -> DistributedEnv:
         launcher, init_method = "env", "env://"
     else:
         return DistributedEnv(0, 1, 0, "single", _default_device(0))
+    if layout is not None:
+        check_layout(world_size, *layout)
     device = _default_device(local_rank)
     # One rank needs no group: every collective short-circuits at world size 1.
     if world_size > 1:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        except RuntimeError as err:
+            raise RankLocalError(f"[rank {rank}] could not join the process group at {init_method}: {err}") from err
         _state.created_process_group = True
     return DistributedEnv(rank, world_size, local_rank, launcher, device)
 
@@ -141,19 +166,23 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, num_instances
     tp = tensor_model_parallel_size
     if _state.initialized:
         raise RuntimeError("model parallel state is already initialized: call destroy_model_parallel() first")
-    if tp < 1 or num_instances < 1:
-        raise ValueError(f"--tp ({tp}) and --instances ({num_instances}) must both be at least 1")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world_size != tp * num_instances:
-        raise ValueError(f"world size {world_size} does not fit --tp {tp} x --instances {num_instances}: "
-                         f"launch {tp * num_instances} ranks")
+    check_layout(world_size, tp, num_instances)
     _state.tp_size, _state.num_instances = tp, num_instances
     _state.instance_id, _state.tp_rank = divmod(rank, tp)
     _state.tp_src_rank = _state.instance_id * tp
     _state.initialized = True
     if world_size == 1:
         return
+    try:
+        _create_groups(tp, num_instances)
+    except RuntimeError as err:
+        raise RankLocalError(f"[rank {rank}] could not create the tensor-parallel and DistAttention groups: "
+                             f"{err}") from err
+
+
+def _create_groups(tp: int, num_instances: int) -> None:
     # new_group is collective: every rank creates every group, in the same order.
     for instance_id in range(num_instances):
         group = dist.new_group(instance_ranks(instance_id, tp))

@@ -26,9 +26,10 @@ from megakv.config import EngineConfig, ServerConfig, dtype_name
 from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.core import KVCapacity
 from megakv.engine.llm_engine import LLMEngine
-from megakv.generate import RankLocalError, chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
+from megakv.generate import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.options import UsageError, engine_config, is_set, option_source, resolve_options, server_config
 from megakv.parallel import state
+from megakv.parallel.state import RankLocalError
 from megakv.server.app import build_app
 from megakv.server.metrics import ServerMetrics
 from megakv.server.serving import ServingContext
@@ -132,8 +133,8 @@ def run_serve(args: argparse.Namespace) -> int:
     info, dtype = open_checkpoint(args.model, options, config)
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     chat = ChatTemplate.from_checkpoint(args.model) if tokenizer is not None else None
-    env = state.init_distributed()
     num_instances = config.parallel.num_instances
+    env = state.init_distributed(layout=(config.parallel.tensor_parallel_size, num_instances))
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
         try:

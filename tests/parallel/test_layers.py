@@ -171,6 +171,17 @@ def test_init_distributed_single_process_without_launcher(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_init_distributed_refuses_wrong_layout_before_any_rendezvous(monkeypatch):
+    # Rank 0 of 3 with no other rank started: a rendezvous would wait for them, the layout check must not.
+    for variable in state.MPI_LAUNCH_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="world size 3 does not fit --tp 2 x --instances 2: launch 4 ranks"):
+        state.init_distributed(layout=(2, 2))
+    assert not torch.distributed.is_initialized()
+
+
 def test_initialize_model_parallel_single_process_without_group(fresh_state):
     state.initialize_model_parallel(1, 1)
     assert state.model_parallel_is_initialized()
