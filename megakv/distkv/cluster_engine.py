@@ -1,8 +1,8 @@
 """A DistKV cluster behind one front, its instances stepping independently (DistKV-LLM sections 4-5).
 
-The front (global rank 0, also instance 0's leader and the gManager) offers the engine API:
-requests and aborts at any time, each request routed to the instance it names or to the one
-with the most free KV room, and each request's outputs streamed back as they are generated.
+The front (global rank 0, also instance 0's leader, and host of the gManager service's thread) offers
+the engine API: requests and aborts at any time, each request routed to the instance it names or to
+the one with the most free KV room, and each request's outputs streamed back as they are generated.
 Every instance's leader (TP rank 0) runs its own step loop: take the control messages that
 arrived (new requests and aborts from the front; loans, returns, turns and recalls from the
 gManager and the other instances), schedule its batch, recall lent blocks for a request of its
@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,8 +28,11 @@ import torch.distributed as dist
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import DistKVConfig, EngineConfig
-from megakv.distkv.control import GMANAGER_MESSAGES, ControlTraffic, InstanceControl, Mailbox
+from megakv.distkv.control import (GMANAGER_INSTANCE, GMANAGER_MESSAGES, GMANAGER_TAG, ControlTraffic, InstanceControl,
+                                   Mailbox, wait_quietly)
 from megakv.distkv.gmanager import GManager
+from megakv.distkv.gmanager_service import GManagerService
+from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
 from megakv.distkv.rmanager import RManager, Transfer
@@ -45,12 +48,6 @@ from megakv.parallel import state
 from megakv.parallel.kv_links import PeerGone
 from megakv.parallel.messaging import split, world_comm
 
-# How long a rank with nothing to do sleeps between checks for a message. After BACKOFF_AFTER_SECONDS
-# of waiting the sleep doubles up to the second bound, so that a long wait takes almost no CPU; a short
-# wait keeps the short sleep, which oversleeps the message by little.
-IDLE_POLL_SECONDS = 50e-6
-MAX_IDLE_POLL_SECONDS = 5e-3
-BACKOFF_AFTER_SECONDS = 0.02
 # The longest the front's step() waits for the other instances' outputs when its own has nothing to run:
 # its caller (the server's engine loop) takes new requests between two steps.
 FRONT_WAIT_SECONDS = 0.02
@@ -87,22 +84,6 @@ def _abort_job_on_uncaught_exception(world) -> None:
         world.Abort(1)
 
     sys.excepthook = hook
-
-
-def wait_quietly(done: Callable[[], bool], timeout: float | None = None) -> bool:
-    """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
-    busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle."""
-    pause = IDLE_POLL_SECONDS
-    now = time.monotonic()
-    backoff_at, deadline = now + BACKOFF_AFTER_SECONDS, None if timeout is None else now + timeout
-    while not done():
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            return False
-        time.sleep(pause)
-        if now > backoff_at:
-            pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
-    return True
 
 
 @dataclass(frozen=True)
@@ -176,7 +157,10 @@ class ClusterEngine:
         self.is_front = world.Get_rank() == 0
         self.instance_comm = split(world, self.instance_id, state.get_tensor_model_parallel_rank())
         self.leaders_comm = split(world, 0 if self.is_leader else None, self.instance_id)
-        self.gmanager = GManager([self.rmanager.num_lendable_blocks] * self.num_instances) if self.is_front else None
+        # The gManager service's own communicator: rank i is instance i's leader, and rank 0 the service.
+        gmanager_comm = split(world, 0 if self.is_leader else None, self.instance_id)
+        # Messages this leader posted to itself, and (on the front) the gManager service's answers to it.
+        self._local_mail: deque[object] = deque()
         # What this leader sent on the control plane, and in how many steps (count_traffic only).
         self.control_traffic = ControlTraffic() if count_traffic and self.is_leader else None
         self.num_steps = 0
@@ -184,6 +168,13 @@ class ClusterEngine:
         self.before_step: Callable[[], None] | None = None
         if self.is_leader:
             self.mailbox = Mailbox(self.leaders_comm, self.control_traffic)
+            self.gmanager_service = self.gmanager_mailbox = None
+            if self.is_front:
+                self.gmanager_service = GManagerService(
+                    GManager([self.rmanager.num_lendable_blocks] * self.num_instances),
+                    Mailbox(gmanager_comm, tag=GMANAGER_TAG), self._local_mail.append)
+            else:
+                self.gmanager_mailbox = Mailbox(gmanager_comm, self.control_traffic, GMANAGER_TAG)
             self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn, self._recall)
         # Requests that yielded their blocks, out of the scheduler's queue until the gManager gives them their turn.
         self._parked: dict[str, Request] = {}
@@ -197,7 +188,6 @@ class ClusterEngine:
         # and those that sent their one Recall.
         self._starving_since: dict[str, float] = {}
         self._recalled_for: set[str] = set()
-        self._local_mail: list[object] = []
         tp = state.get_tensor_model_parallel_world_size()
         cache = self.model_runner.kv_cache
         self.kv_server = KVServer(cache.key_cache, cache.value_cache, info.model.num_attention_heads // tp,
@@ -285,17 +275,18 @@ class ClusterEngine:
     def has_unfinished(self) -> bool:
         """True while a request runs anywhere in the cluster, has an output not yet returned, or blocks are
         still owed: an idle front stops stepping, and the ledger settles only while it steps."""
-        owed = self.rmanager.has_returns or self.gmanager.is_busy or bool(self._local_mail)
+        owed = self.rmanager.has_returns or self.gmanager_service.is_busy or bool(self._local_mail)
         return bool(self._where) or bool(self._ready) or owed
 
     def step(self) -> list[RequestOutput]:
         """Run one step of the front's own instance and collect what the other instances reported; with
         nothing to run here, wait up to FRONT_WAIT_SECONDS for their messages."""
         self._require_front()
+        self.gmanager_service.check()
         if self._instance_step():
             self._last_activity = time.monotonic()
         elif not self._ready:
-            wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail(), FRONT_WAIT_SECONDS)
+            wait_quietly(self._has_mail, FRONT_WAIT_SECONDS)
             self._take_mail()
         self._check_stalled()
         ready, self._ready = self._ready, []
@@ -321,13 +312,18 @@ class ClusterEngine:
                           for index, report in progress.items())
         raise ClusterStalledError(
             f"the cluster is stalled: {len(self._where)} unfinished request(s) and no progress for {quiet:.0f} s "
-            f"({waits}; gManager: {self.gmanager.describe()})")
+            f"({waits}; gManager: {self.gmanager_service.describe()})")
 
     def stats(self) -> EngineStats:
         """Each instance's queues and pool as last reported (this instance's as they are now), and the
         gManager's counters and ledger; blocks lent and borrowed are the ledger's debts."""
         self._require_front()
-        debts = {pair: n for pair, n in self.gmanager.debts.items() if n}
+        service = self.gmanager_service
+        with service.lock:
+            gmanager = service.gmanager
+            debts = {pair: n for pair, n in gmanager.debts.items() if n}
+            counters = (gmanager.num_borrow_events, gmanager.num_blocks_borrowed, gmanager.num_blocks_moved,
+                        gmanager.outstanding())
         instances = []
         num_blocks = self.rmanager.pool.num_blocks
         for index in range(self.num_instances):
@@ -343,8 +339,7 @@ class ClusterEngine:
                 num_preemptions=progress.num_preemptions,
                 num_remote_micro_attentions=progress.num_remote_micro_attentions,
                 num_recalled=progress.num_recalled))
-        return EngineStats(instances, self.gmanager.num_borrow_events, self.gmanager.num_blocks_borrowed,
-                           self.gmanager.num_blocks_moved, self.gmanager.outstanding())
+        return EngineStats(instances, *counters)
 
     def shutdown(self) -> None:
         """Stop every instance: each leader leaves its loop after the step it is in, then every rank stops."""
@@ -352,7 +347,7 @@ class ClusterEngine:
         for index in self._running_leaders:
             self._post(index, Orders(stop=True))
         while self._running_leaders:
-            wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail())
+            wait_quietly(self._has_mail)
             self._take_mail()
         self._stop()
 
@@ -365,7 +360,7 @@ class ClusterEngine:
             return
         while not self._stopping:
             if not self._instance_step() and not self._stopping:
-                wait_quietly(lambda: bool(self._local_mail) or self.mailbox.has_mail(), self._recall_due_in())
+                wait_quietly(self._has_mail, self._recall_due_in())
         self._report(final=True)
         self._stop()
 
@@ -383,16 +378,28 @@ class ClusterEngine:
     # -- the leader ------------------------------------------------------------------------------------
 
     def _post(self, instance_id: int, message: object) -> None:
-        if instance_id == self.instance_id:
+        if isinstance(message, GMANAGER_MESSAGES):
+            if self.gmanager_service is not None:
+                self.gmanager_service.submit(message)
+            else:
+                self.gmanager_mailbox.post(GMANAGER_INSTANCE, message)
+        elif instance_id == self.instance_id:
             self._local_mail.append(message)
         else:
             self.mailbox.post(instance_id, message)
+
+    def _has_mail(self) -> bool:
+        return (bool(self._local_mail) or self.mailbox.has_mail()
+                or (self.gmanager_mailbox is not None and self.gmanager_mailbox.has_mail()))
 
     def _take_mail(self) -> bool:
         """Handle every message that has arrived; True if there was one."""
         handled = False
         while True:
-            messages, self._local_mail = [*self._local_mail, *self.mailbox.receive()], []
+            messages = [self._local_mail.popleft() for _ in range(len(self._local_mail))]
+            messages += self.mailbox.receive()
+            if self.gmanager_mailbox is not None:
+                messages += self.gmanager_mailbox.receive()
             if not messages:
                 return handled
             handled = True
@@ -412,9 +419,6 @@ class ClusterEngine:
             self._ready.extend(self._restore(output) for output in message.outputs)
             if message.stopped:
                 self._running_leaders.discard(message.instance_id)
-        elif isinstance(message, GMANAGER_MESSAGES):
-            for instance_id, reply in self.gmanager.handle(message):
-                self._post(instance_id, reply)
         else:
             self.control.handle(message)
 
@@ -648,6 +652,11 @@ class ClusterEngine:
         self._stopping = True
         for tp_rank in range(1, self.instance_comm.Get_size()):
             self.instance_comm.send(StepPlan(None, stop=True), dest=tp_rank, tag=PLAN_TAG)
+        if self.gmanager_service is not None:
+            self.gmanager_service.stop(FLUSH_SECONDS)
+        else:
+            self.gmanager_mailbox.post(GMANAGER_INSTANCE, Left(self.instance_id))
+            self.gmanager_mailbox.flush(FLUSH_SECONDS)
         self.mailbox.flush(FLUSH_SECONDS)
         self._stop_kv_server()
 
@@ -666,11 +675,10 @@ class ClusterEngine:
         if not self.is_leader:
             return None
         free = self.leaders_comm.gather(self.rmanager.num_free_blocks, root=0)
-        if self.gmanager is None:
+        if not self.is_front:
             return None
+        stats = self.stats()
         return {"instances": self.num_instances, "blocks_per_instance": self.rmanager.pool.num_blocks,
-                "borrow_events": self.gmanager.num_borrow_events,
-                "blocks_borrowed": self.gmanager.num_blocks_borrowed,
-                "blocks_moved_by_dgfm": self.gmanager.num_blocks_moved,
-                "ledger_outstanding": self.gmanager.outstanding(),
+                "borrow_events": stats.num_borrow_events, "blocks_borrowed": stats.num_blocks_borrowed,
+                "blocks_moved_by_dgfm": stats.num_blocks_moved, "ledger_outstanding": stats.ledger_outstanding,
                 "free_blocks": dict(enumerate(free))}

@@ -202,8 +202,15 @@ class ControlTraffic:
         self.num_bytes += len(pickle.dumps(message))
 
 
-# Tag of control messages between leaders.
+# Tags of control messages between leaders, and between the leaders and the gManager service.
 CONTROL_TAG = 11
+GMANAGER_TAG = 12
+# How long a rank with nothing to do sleeps between checks for a message. After BACKOFF_AFTER_SECONDS
+# of waiting the sleep doubles up to the second bound, so that a long wait takes almost no CPU; a short
+# wait keeps the short sleep, which oversleeps the message by little.
+IDLE_POLL_SECONDS = 50e-6
+MAX_IDLE_POLL_SECONDS = 5e-3
+BACKOFF_AFTER_SECONDS = 0.02
 
 
 class Mailbox:
@@ -213,25 +220,26 @@ class Mailbox:
     Sends never block: a leader may be mid-step when another writes to it.
     """
 
-    def __init__(self, comm, traffic: ControlTraffic | None = None) -> None:
+    def __init__(self, comm, traffic: ControlTraffic | None = None, tag: int = CONTROL_TAG) -> None:
         self.comm = comm
         self.traffic = traffic
+        self.tag = tag
         self._sends: list = []
 
     def post(self, rank: int, message: object) -> None:
         if self.traffic is not None:
             self.traffic.record(message)
         self._sends = [send for send in self._sends if not send.Test()]
-        self._sends.append(self.comm.isend(message, dest=rank, tag=CONTROL_TAG))
+        self._sends.append(self.comm.isend(message, dest=rank, tag=self.tag))
 
     def has_mail(self) -> bool:
-        return self.comm.iprobe(tag=CONTROL_TAG)
+        return self.comm.iprobe(tag=self.tag)
 
     def receive(self) -> list:
         """Every message that has arrived, in order of arrival per sender."""
         messages = []
-        while self.comm.iprobe(tag=CONTROL_TAG):
-            messages.append(self.comm.recv(tag=CONTROL_TAG))
+        while self.comm.iprobe(tag=self.tag):
+            messages.append(self.comm.recv(tag=self.tag))
         return messages
 
     def flush(self, timeout: float) -> None:
@@ -240,3 +248,19 @@ class Mailbox:
         while self._sends and time.monotonic() < deadline:
             self._sends = [send for send in self._sends if not send.Test()]
             time.sleep(1e-3)
+
+
+def wait_quietly(done: Callable[[], bool], timeout: float | None = None) -> bool:
+    """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
+    busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle."""
+    pause = IDLE_POLL_SECONDS
+    now = time.monotonic()
+    backoff_at, deadline = now + BACKOFF_AFTER_SECONDS, None if timeout is None else now + timeout
+    while not done():
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
+        time.sleep(pause)
+        if now > backoff_at:
+            pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
+    return True

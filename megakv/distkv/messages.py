@@ -141,3 +141,10 @@ class Room:
 
     instance_id: int
     num_lendable_blocks: int
+
+
+@dataclass(frozen=True)
+class Left:
+    """Instance leader -> gManager service, its last message: it has stopped and will send nothing more."""
+
+    instance_id: int

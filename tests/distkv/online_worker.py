@@ -62,8 +62,9 @@ def main() -> None:
         if len(ids) == len(requests) and not engine.has_unfinished():
             break
     # Every block must be home while the cluster still runs, not only after the shutdown's last round.
-    ledger_before_shutdown = engine.gmanager.outstanding()
-    recalled = [instance.num_recalled for instance in engine.stats().instances]
+    stats = engine.stats()
+    ledger_before_shutdown = stats.ledger_outstanding
+    recalled = [instance.num_recalled for instance in stats.instances]
     engine.shutdown()
     report = engine.cluster_report()
     json.dump({"results": results, "report": report, "steps": step, "ledger_before_shutdown": ledger_before_shutdown,

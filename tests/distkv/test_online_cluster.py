@@ -174,3 +174,23 @@ def test_online_cluster_creditor_recalls_lent_blocks_for_its_own_request(recall_
     recalls = recall_after != float("inf")
     assert (short_end < long_end) == recalls
     assert result["recalled"] == ([1, 0] if recalls else [0, 0])
+
+
+@pytest.mark.mpi
+def test_gmanager_lends_while_the_front_instance_is_held_in_a_step(megakv_checkpoint, reference, run_mpi, tmp_path):
+    hold_seconds = 5.0
+    out = tmp_path / "out.json"
+    run_mpi(3, [sys.executable, str(WORKER.with_name("gmanager_service_worker.py")),
+                str(megakv_checkpoint("gqa", 1)), str(out), str(hold_seconds)], timeout=240)
+    result = json.loads(out.read_text())
+    loans = json.loads(Path(f"{out}.rank1").read_text())
+    hold = result["hold"]
+    assert hold["end"] - hold["start"] >= hold_seconds
+    # Hosted in instance 0's step loop, the gManager would answer B's Borrow only after the hold.
+    loans_of_b = [loan for loan in loans if loan["request_id"] == "B"]
+    assert loans_of_b and loans_of_b[0]["creditor"] == 2
+    assert hold["start"] < loans_of_b[0]["time"] < hold["end"] - hold_seconds / 2
+    for request_id, (prompt_ids, max_new_tokens) in result["prompts"].items():
+        assert result["outputs"][request_id] == reference(prompt_ids, max_new_tokens)
+    report = result["report"]
+    assert report["ledger_outstanding"] == {} and report["free_blocks"] == {str(i): 8 for i in range(3)}
