@@ -24,6 +24,8 @@ EPHEMERAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Below this are the ports that well-known services are configured on.
 LOWEST_DRAWN_PORT = 10000
 DRAWS = 100
+# How long the processes of a job past its timeout have to print their stacks before they are killed.
+HANG_DUMP_SECONDS = 3.0
 _draw = random.SystemRandom()
 
 
@@ -80,13 +82,27 @@ def kill_session(session_id: int) -> None:
 def run_session(argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
                 ) -> subprocess.CompletedProcess:
     """Run ``argv`` in a session of its own and capture its output as text, like ``subprocess.run``; past
-    ``timeout`` seconds every process of the session is killed and ``subprocess.TimeoutExpired`` raised."""
+    ``timeout`` seconds every process of the session is killed and ``subprocess.TimeoutExpired`` raised.
+
+    A job that hangs says where: its Python processes run with faulthandler on, and get SIGABRT, which makes
+    each print every thread's stack, HANG_DUMP_SECONDS before the kill; the exception carries all the output.
+    """
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # The session's leader (mpirun) is left alone: it would kill its ranks before they have printed.
+            for pid in session_pids(proc.pid):
+                if pid != proc.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(HANG_DUMP_SECONDS)
             kill_session(proc.pid)
-            proc.communicate()
-            raise
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(proc.args, timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+

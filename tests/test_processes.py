@@ -37,14 +37,17 @@ def test_kill_session_removes_the_killed_mpiruns_session_directory():
 
 
 @pytest.mark.mpi
-def test_run_session_kills_the_whole_job_past_its_timeout(tmp_path):
+def test_run_session_kills_the_whole_job_past_its_timeout_after_its_stacks_are_printed(tmp_path):
     # Each rank writes its session id (mpirun's pid) to a file, then sleeps past the timeout.
     rank = (f"import os, time; open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w')"
             ".write(str(os.getsid(0))); time.sleep(600)")
     started = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired):
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
         run_session([*MPIRUN, "-n", "2", sys.executable, "-c", rank], timeout=15)
     assert time.monotonic() - started < 45
+    # Before the kill, the ranks printed where they hung.
+    assert "Fatal Python error: Aborted" in timed_out.value.stderr
+    assert 'File "<string>", line 1 in <module>' in timed_out.value.stderr
     sessions = {int(path.read_text()) for path in tmp_path.iterdir()}
     assert len(sessions) == 1
     session = sessions.pop()

@@ -15,9 +15,14 @@ Prints one JSON object. In one run it measures
   ``--traffic-instances`` (oversubscribed);
 * the transport's floor: the round trip of a 4 KB message (one decode step's query of a layer, with
   room to spare) between two instances over their KV link, to set beside the remote overhead per
-  layer that the spread runs imply.
+  layer that the spread runs imply;
+* borrow latency: on a cluster of 3, instance 1 serves ``--borrow-samples`` requests one after
+  another, each one block longer than its pool, and times each from its Borrow to its first Loan,
+  with instance 0 (the front's, beside the gManager service) idle and decoding a batch of 16; the
+  median and p99 must not depend on instance 0's step.
 
     python tools/bench_distkv.py [--contexts 2048,16384] [--pool-blocks 32] [--decode-tokens 48] [--repeats 3]
+                                 [--parts max_context,borrow_latency,...]
 
 The model is a random LLaMA built here (transformers, fixed seed) and converted with
 tools/convert_checkpoint.py. Each configuration runs under mpirun as a worker
@@ -43,6 +48,10 @@ BLOCK_SIZE = 16
 NUM_LAYERS = 2
 # Round trips of the transport-floor run, and the message each carries (bytes).
 NUM_ROUND_TRIPS, ROUND_TRIP_BYTES = 2000, 4096
+PARTS = ("max_context", "remote_overhead", "independence", "control_traffic", "transport_round_trip",
+         "borrow_latency")
+# Borrow-latency runs: every pool's blocks, the batch instance 0 decodes in the busy run, and its requests.
+BORROW_POOL_BLOCKS, BUSY_BATCH, BUSY_PROMPT_LEN, BUSY_NEW_TOKENS = 96, 16, 8, 64
 
 
 def build_model(folder: Path, max_positions: int) -> Path:
@@ -62,10 +71,10 @@ def build_model(folder: Path, max_positions: int) -> Path:
 
 
 def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, new_tokens: int,
-               mode: str = "single") -> dict:
+               mode: str = "single", extra: tuple[str, ...] = ()) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(model),
             "--instances", str(instances), "--pool-blocks", str(pool_blocks), "--prompt-len", str(prompt_len),
-            "--decode-tokens", str(new_tokens), "--mode", mode]
+            "--decode-tokens", str(new_tokens), "--mode", mode, *extra]
     if instances > 1:
         argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                 "-n", str(instances), *argv]
@@ -88,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
 
     Modes: ``single``, one request on instance 0 (borrowing when its pool is short); ``independent``, one
     request per instance, each fitting its own pool; ``traffic``, the same with control-traffic counting;
-    ``round_trip``, the transport's floor (see round_trip).
+    ``round_trip``, the transport's floor (see round_trip); ``borrow_latency`` (see borrow_latency_worker).
     """
     import torch
 
@@ -119,6 +128,10 @@ def worker(args: argparse.Namespace) -> None:
         from megakv.distkv.cluster_engine import ClusterEngine
 
         engine = ClusterEngine(info, config, device=env.device, count_traffic=args.mode == "traffic")
+        if args.mode == "borrow_latency":
+            borrow_latency_worker(engine, args)
+            state.destroy_model_parallel()
+            return
         if args.mode == "single":
             outputs = engine.generate([prompt], [params], [0])
         else:
@@ -131,7 +144,7 @@ def worker(args: argparse.Namespace) -> None:
     error = output.error if output is not None else None
     completed = output is not None and error is None
     if env.rank == 0:
-        record = {"completed": completed, "error": error, "kv_tokens": args.prompt_len + args.decode_tokens - 1,
+        record = {"completed": completed, "error": error, "kv_tokens": args.prompt_len + args.decode_tokens,
                   "num_remote_blocks": output.placement.num_remote_blocks if completed else None,
                   "decode_tokens_per_s": median_decode_tokens_per_s(engine.step_log)}
         if traffic is not None:
@@ -139,6 +152,69 @@ def worker(args: argparse.Namespace) -> None:
                                       for messages, num_bytes, steps in traffic]
         print(json.dumps(record), flush=True)
     state.destroy_model_parallel()
+
+
+def borrow_latency_worker(engine, args: argparse.Namespace) -> None:
+    """Instance 1 times each borrower from its Borrow to its first Loan (the first borrower is a warm-up: the
+    gManager learns there what instance 0 may lend); the front keeps ``--front-batch`` requests decoding on
+    instance 0 and sends the next borrower when the last one ends."""
+    import time
+
+    import torch
+
+    from megakv.distkv.messages import Borrow, Loan
+    from megakv.engine.sampling import SamplingParams
+
+    if engine.instance_id == 1:
+        sent, samples = {}, []
+        post, handle = engine.control.post, engine.control.handle
+
+        def timed_post(instance_id: int, message: object) -> None:
+            if isinstance(message, Borrow) and message.num_blocks:
+                sent.setdefault(message.request_id, time.perf_counter())
+            post(instance_id, message)
+
+        def timed_handle(message: object) -> None:
+            if isinstance(message, Loan) and message.request_id in sent:
+                samples.append((time.perf_counter() - sent.pop(message.request_id), message.creditor))
+            handle(message)
+
+        engine.control.post, engine.control.handle = timed_post, timed_handle
+    if not engine.is_front:
+        engine.serve_forever()
+        engine.leaders_comm.gather(samples if engine.instance_id == 1 else None, root=0)
+        return
+    generator = torch.Generator().manual_seed(1)
+    borrower_prompt = torch.randint(0, 256, (args.prompt_len,), generator=generator).tolist()
+    busy_prompt = borrower_prompt[:BUSY_PROMPT_LEN]
+    busy, borrower, done = set(), None, 0
+    while done < args.borrow_samples + 1:
+        while len(busy) < args.front_batch:
+            busy.add(engine.add_request(busy_prompt, SamplingParams(max_new_tokens=BUSY_NEW_TOKENS), instance=0))
+        if borrower is None:
+            borrower = engine.add_request(borrower_prompt, SamplingParams(max_new_tokens=1), instance=1)
+        for output in engine.step():
+            if output.finished and output.request_id == borrower:
+                borrower, done = None, done + 1
+            elif output.finished:
+                busy.discard(output.request_id)
+    engine.shutdown()
+    samples = engine.leaders_comm.gather(None, root=0)[1][1:]
+    latencies_ms = sorted(1e3 * seconds for seconds, _ in samples)
+    creditors = sorted({creditor for _, creditor in samples})
+    print(json.dumps({"front_batch": args.front_batch, "samples": len(latencies_ms),
+                      "median_ms": statistics.median(latencies_ms),
+                      "p99_ms": statistics.quantiles(latencies_ms, n=100, method="inclusive")[98],
+                      "max_ms": latencies_ms[-1],
+                      "creditors": creditors,
+                      "front_decode_step_ms": 1e3 * statistics.median(
+                          seconds for _, seconds in engine.step_log) if engine.step_log else None}), flush=True)
+
+
+def borrow_latency(model: Path, front_batch: int, num_samples: int) -> dict:
+    """Borrow-to-Loan latency on instance 1 with the front's instance running ``front_batch`` requests."""
+    return run_worker(model, 3, BORROW_POOL_BLOCKS, BORROW_POOL_BLOCKS * BLOCK_SIZE + 1, 1, mode="borrow_latency",
+                      extra=("--front-batch", str(front_batch), "--borrow-samples", str(num_samples)))
 
 
 def round_trip(rank: int) -> None:
@@ -171,8 +247,8 @@ def round_trip(rank: int) -> None:
 def max_context(model: Path, instances: int, pool_blocks: int, new_tokens: int) -> dict:
     """The longest request that completes: the full I x pool fits, one more block does not."""
     limit = instances * pool_blocks * BLOCK_SIZE
-    fits = run_worker(model, instances, pool_blocks, limit - new_tokens + 1, new_tokens)
-    beyond = run_worker(model, instances, pool_blocks, limit - new_tokens + 1 + BLOCK_SIZE, new_tokens)
+    fits = run_worker(model, instances, pool_blocks, limit - new_tokens, new_tokens)
+    beyond = run_worker(model, instances, pool_blocks, limit - new_tokens + BLOCK_SIZE, new_tokens)
     longest = fits["kv_tokens"] if fits["completed"] else 0
     return {"instances": instances, "pool_tokens_per_instance": pool_blocks * BLOCK_SIZE,
             "max_context_tokens": longest, "physical_limit_tokens": limit,
@@ -244,6 +320,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="local/spread pairs of the remote-overhead run (each pair back to back, so that a "
                              "change in the machine's load hits both sides; the median slowdown is reported)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which measurements to run (of {', '.join(PARTS)})")
+    parser.add_argument("--borrow-samples", type=int, default=100, help="borrowers timed per borrow-latency run")
+    parser.add_argument("--front-batch", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--instances", type=int, default=1, help=argparse.SUPPRESS)
@@ -251,6 +330,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.borrow_samples < 2:
+        parser.error(f"--borrow-samples must be at least 2, got {args.borrow_samples}")
+    parts = args.parts.split(",")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        parser.error(f"unknown --parts {', '.join(unknown)}: choose from {', '.join(PARTS)}")
     if args.worker:
         worker(args)
         return
@@ -259,12 +343,22 @@ def main() -> None:
         # Saving a Hugging Face model imports deepspeed, which logs to stdout: keep the JSON alone there.
         with contextlib.redirect_stdout(sys.stderr):
             model = build_model(Path(folder), max_positions=max(2 * max(contexts), 8192))
-        results = {"block_size": BLOCK_SIZE, "max_context": [
-            max_context(model, int(n), args.pool_blocks, 4) for n in args.instances_list.split(",")]}
-        results["remote_overhead"] = [remote_overhead(model, context, args) for context in contexts]
-        results["independence"] = independence(model, max(contexts), args)
-        results["control_traffic"] = control_traffic(model, [int(n) for n in args.traffic_instances.split(",")])
-        results["transport_round_trip"] = run_worker(model, 2, 16, 1, 1, mode="round_trip")
+        results = {"block_size": BLOCK_SIZE}
+        if "max_context" in parts:
+            results["max_context"] = [max_context(model, int(n), args.pool_blocks, 4)
+                                      for n in args.instances_list.split(",")]
+        if "remote_overhead" in parts:
+            results["remote_overhead"] = [remote_overhead(model, context, args) for context in contexts]
+        if "independence" in parts:
+            results["independence"] = independence(model, max(contexts), args)
+        if "control_traffic" in parts:
+            results["control_traffic"] = control_traffic(model,
+                                                         [int(n) for n in args.traffic_instances.split(",")])
+        if "transport_round_trip" in parts:
+            results["transport_round_trip"] = run_worker(model, 2, 16, 1, 1, mode="round_trip")
+        if "borrow_latency" in parts:
+            results["borrow_latency"] = [borrow_latency(model, batch, args.borrow_samples)
+                                         for batch in (0, BUSY_BATCH)]
     print(json.dumps(results, indent=1))
 
 

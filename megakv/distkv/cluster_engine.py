@@ -36,7 +36,8 @@ from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
 from megakv.distkv.rmanager import RManager, Transfer
-from megakv.engine.core import InstanceCore, KVCapacity
+from megakv.engine.core import InstanceCore
+from megakv.engine.limits import ContextLimit, KVCapacity
 from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
 from megakv.engine.request import Request, RequestOutput, max_kv_tokens
@@ -150,6 +151,9 @@ class ClusterEngine:
         self.rmanager, self.scheduler = self.core.rmanager, self.core.scheduler
         self.model_runner, self.step_log = self.core.model_runner, self.core.step_log
         self.admission: ClusterAdmission = self.scheduler.admission
+        self.context_limit = ContextLimit(info.model.max_position_embeddings, config.cache.block_size,
+                                          cluster_kv_capacity(self.rmanager.pool.num_blocks,
+                                                              state.get_num_instances(), config.distkv))
         self.world = world = world_comm()
         self.instance_id = state.get_instance_id()
         self.num_instances = state.get_num_instances()
@@ -215,14 +219,6 @@ class ClusterEngine:
         # When the front last saw the cluster move: a step of its own, a message, a new request or an abort.
         self._last_activity = time.monotonic()
 
-    def kv_capacity(self) -> KVCapacity:
-        """This pool plus what every other instance may lend."""
-        return cluster_kv_capacity(self.rmanager.pool.num_blocks, self.num_instances, self.config.distkv)
-
-    def kv_capacity_blocks(self) -> int:
-        """The most blocks one request may ever hold, as a count."""
-        return self.kv_capacity().num_blocks
-
     # -- the engine API, on the front ------------------------------------------------------------------
 
     def _require_front(self) -> None:
@@ -241,7 +237,7 @@ class ClusterEngine:
             request_id = f"request-{next(self._request_counter)}"
         if request_id in self._where:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.core.validate(prompt_ids, params, self.kv_capacity())
+        self.core.validate(prompt_ids, params, self.context_limit)
         target = instance if instance is not None else self._route()
         request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
         self._last_activity = time.monotonic()

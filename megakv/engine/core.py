@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -20,10 +19,11 @@ from megakv.distkv.messages import PENDING
 from megakv.distkv.policy import LocalAdmission
 from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner
-from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus, max_kv_tokens
+from megakv.engine.limits import ContextLimit
+from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus
 from megakv.engine.sampling import SAMPLING_FAILED, SampledTokens, SamplingParams
 from megakv.engine.scheduler import AdmissionPolicy, ScheduledChunk, Scheduler, SchedulerOutput
-from megakv.kvcache.block_pool import BlockPool, num_blocks_for
+from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
@@ -47,35 +47,6 @@ def load_model(info: CheckpointInfo, dtype: torch.dtype, device: torch.device) -
     shard = {name: tensor.to(dtype) for name, tensor in shard.items()}
     model.load_state_dict(shard, strict=True, assign=True)
     return model.eval()
-
-
-@dataclass(frozen=True)
-class KVCapacity:
-    """The most KV blocks one request may hold: its instance's pool plus what the other instances may lend."""
-
-    num_local_blocks: int
-    num_other_instances: int = 0
-    # What each other instance may lend: its pool times lending_cap, rounded down.
-    num_lendable_blocks_per_instance: int = 0
-    lending_cap: float = 1.0
-
-    @property
-    def num_lendable_elsewhere(self) -> int:
-        """What the other instances may lend in all."""
-        return self.num_other_instances * self.num_lendable_blocks_per_instance
-
-    @property
-    def num_blocks(self) -> int:
-        return self.num_local_blocks + self.num_lendable_elsewhere
-
-    def describe(self) -> str:
-        """Where the blocks come from, for a request that needs more."""
-        local = f"its instance holds {self.num_local_blocks}"
-        if self.num_other_instances == 0:
-            return local
-        noun = "instance" if self.num_other_instances == 1 else "instances"
-        return f"{local} and the other {self.num_other_instances} {noun} may lend {self.num_lendable_elsewhere} " \
-               f"(--lending-cap {self.lending_cap})"
 
 
 class InstanceCore:
@@ -102,23 +73,15 @@ class InstanceCore:
         # (tokens run, wall seconds) of every step, for monitoring and benchmarks.
         self.step_log: list[tuple[int, float]] = []
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams, capacity: KVCapacity) -> None:
-        """Raise ValueError naming the problem when a request can never be served in ``capacity``."""
+    def validate(self, prompt_ids: list[int], params: SamplingParams, limit: ContextLimit) -> None:
+        """Raise ValueError naming the problem when a request can never be served within ``limit``."""
         model = self.model_config
         if not prompt_ids:
             raise ValueError("empty prompt: a request needs at least one prompt token")
         bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < model.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {model.vocab_size})")
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > model.max_position_embeddings:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                             f"{total} exceeds the model's maximum position {model.max_position_embeddings}")
-        block_size = self.rmanager.block_size
-        needed = num_blocks_for(max_kv_tokens(len(prompt_ids), params.max_new_tokens), block_size)
-        if needed > capacity.num_blocks:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
-                             f"{needed} KV blocks of {block_size} tokens, but {capacity.describe()}")
+        limit.check(len(prompt_ids), params.max_new_tokens)
 
     def add(self, request: Request) -> None:
         """Queue a validated request."""

@@ -14,7 +14,8 @@ import torch
 
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig
-from megakv.engine.core import InstanceCore, KVCapacity
+from megakv.engine.core import InstanceCore
+from megakv.engine.limits import ContextLimit, KVCapacity
 from megakv.engine.request import Request, RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.stats import EngineStats, InstanceStats
@@ -22,6 +23,9 @@ from megakv.engine.stats import EngineStats, InstanceStats
 
 class Engine(Protocol):
     """What every front (CLI, server, benchmarks) uses of an engine."""
+
+    # What one request may hold; add_request refuses a longer one with its words.
+    context_limit: ContextLimit
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     instance: int | None = None) -> str:
@@ -72,6 +76,8 @@ class LLMEngine:
         self.core = InstanceCore(info, config, dtype=dtype, device=device)
         self.model_config = info.model
         self.rmanager = self.core.rmanager
+        self.context_limit = ContextLimit(info.model.max_position_embeddings, config.cache.block_size,
+                                          KVCapacity(self.rmanager.pool.num_blocks))
         self._request_counter = itertools.count()
         self._request_ids: set[str] = set()
         # Outputs produced between steps (aborts), returned by the next step().
@@ -82,17 +88,9 @@ class LLMEngine:
         """(tokens run, wall seconds) of every step."""
         return self.core.step_log
 
-    def kv_capacity(self) -> KVCapacity:
-        """The most blocks one request may ever hold: this instance's pool."""
-        return KVCapacity(self.rmanager.pool.num_blocks)
-
-    def kv_capacity_blocks(self) -> int:
-        """The most blocks one request may ever hold, as a count."""
-        return self.kv_capacity().num_blocks
-
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the problem when a request can never be served."""
-        self.core.validate(prompt_ids, params, self.kv_capacity())
+        self.core.validate(prompt_ids, params, self.context_limit)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     instance: int | None = None) -> str:

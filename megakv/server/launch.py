@@ -24,7 +24,6 @@ from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig, ServerConfig, dtype_name
 from megakv.engine.async_engine import AsyncEngine
-from megakv.engine.core import KVCapacity
 from megakv.engine.llm_engine import LLMEngine
 from megakv.generate import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.options import UsageError, engine_config, is_set, option_source, resolve_options, server_config
@@ -75,16 +74,6 @@ def describe_error(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _max_model_len(engine, model_max_positions: int, block_size: int, num_instances: int) -> tuple[int, str]:
-    """The most tokens one request may hold, and what sets that bound."""
-    capacity_blocks = engine.kv_capacity_blocks()
-    capacity_tokens = capacity_blocks * block_size
-    if capacity_tokens < model_max_positions:
-        where = "its instance's pool" if num_instances == 1 else "its instance's pool plus what the others may lend"
-        return capacity_tokens, f"the KV memory it may use: {capacity_blocks} blocks of {block_size} tokens, {where}"
-    return model_max_positions, "the model's maximum position"
-
-
 def bind_socket(settings: ServerConfig, args: argparse.Namespace) -> socket.socket:
     """The HTTP socket, bound but not yet listening: a port in use or a host that is not this machine's stops
     the server before the model loads, and clients are refused, not kept waiting, until the server starts."""
@@ -107,11 +96,13 @@ def bind_socket(settings: ServerConfig, args: argparse.Namespace) -> socket.sock
 
 
 def startup_lines(model_dir: str, info: CheckpointInfo, dtype: torch.dtype, config: EngineConfig,
-                  capacity: KVCapacity, context: ServingContext) -> list[str]:
+                  context: ServingContext) -> list[str]:
     """What an operator checks first: the model, the cluster's shape, its KV memory and what one request may use."""
     model, parallel, block_size = info.model, config.parallel, config.cache.block_size
     num_instances = parallel.num_instances
     instances = f"{num_instances} instance{'s' if num_instances > 1 else ''}"
+    limit = context.context_limit
+    capacity = limit.capacity
     num_blocks = capacity.num_local_blocks
     lent = "" if num_instances == 1 else \
         f" (each instance lends up to {capacity.num_lendable_blocks_per_instance:,} blocks)"
@@ -120,8 +111,7 @@ def startup_lines(model_dir: str, info: CheckpointInfo, dtype: torch.dtype, conf
         f"heads, {dtype_name(dtype)}) as {context.model_name!r}: {instances} x TP {parallel.tensor_parallel_size}",
         f"KV cache: {num_blocks:,} blocks of {block_size} tokens per instance ({num_blocks * block_size:,} tokens); "
         f"cluster KV capacity {num_instances * num_blocks * block_size:,} tokens; lending cap "
-        f"{config.distkv.lending_cap}{lent}; a request may hold {context.max_model_len:,} tokens "
-        f"({context.max_model_len_reason})",
+        f"{config.distkv.lending_cap}{lent}; a request may hold {limit.max_model_len:,} tokens ({limit.reason})",
     ]
 
 
@@ -158,16 +148,14 @@ def run_serve(args: argparse.Namespace) -> int:
                 raise RankLocalError(f"[rank {env.rank}] the cluster step failed ({describe_error(err)}): "
                                      f"stopping every rank") from err
             return 0
-        max_model_len, reason = _max_model_len(engine, info.model.max_position_embeddings, config.cache.block_size,
-                                               num_instances)
         async_engine = AsyncEngine(engine)
         model_name = settings.served_model_name or args.model
         request_defaults = {key: options[key] for key in REQUEST_DEFAULTS
                             if key != "max_new_tokens" or is_set(args, key)}
-        context = ServingContext(async_engine, model_name, info.model.vocab_size, max_model_len, reason, tokenizer,
+        context = ServingContext(async_engine, model_name, info.model.vocab_size, engine.context_limit, tokenizer,
                                  chat, ServerMetrics(model_name), settings.request_limits, request_defaults,
                                  chat_stop_token_ids(tokenizer, chat))
-        for line in startup_lines(args.model, info, dtype, config, engine.kv_capacity(), context):
+        for line in startup_lines(args.model, info, dtype, config, context):
             print(f"megakv serve: {line}", file=sys.stderr, flush=True)
         try:
             serve_http(context, settings, sock)

@@ -20,6 +20,7 @@ from typing import Any
 from megakv.chat import ChatTemplate
 from megakv.config import RequestLimits
 from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.limits import ContextLimit
 from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.logprobs import chat_logprobs, completion_logprobs
 from megakv.server.metrics import ServerMetrics
@@ -56,9 +57,8 @@ class ServingContext:
     engine: AsyncEngine
     model_name: str
     vocab_size: int
-    # The most tokens (prompt + generated) one request may hold, and what sets that bound.
-    max_model_len: int
-    max_model_len_reason: str
+    # The most tokens (prompt + generated) one request may hold, and what sets that bound: the engine's.
+    context_limit: ContextLimit
     tokenizer: TextTokenizer | None
     chat: ChatTemplate | None
     metrics: ServerMetrics
@@ -69,6 +69,10 @@ class ServingContext:
     chat_stop_token_ids: tuple[int, ...] = ()
     # Set when the server starts to stop: every open response ends at once (see streams.merge).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.context_limit.max_model_len
 
     def check_model(self, model: str | None) -> None:
         """Raise APIError unless ``model`` is None or the served model's name."""
@@ -84,7 +88,7 @@ class ServingContext:
     def prompt_too_long(self, num_prompt_tokens: int | str) -> APIError:
         """The error for a prompt that leaves no room for a generated token (its count, or "at least" one)."""
         return APIError(f"the prompt has {num_prompt_tokens} tokens, and a request may hold at most "
-                        f"{self.max_model_len} ({self.max_model_len_reason}): shorten the prompt", param="prompt")
+                        f"{self.max_model_len} ({self.context_limit.reason}): shorten the prompt", param="prompt")
 
     def require_tokenizer(self, what: str) -> TextTokenizer:
         """The tokenizer, or an APIError saying that ``what`` needs one."""
@@ -163,8 +167,8 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
     if not prompt.token_ids:
         raise APIError("prompt is empty: a request needs at least one prompt token", param="prompt")
     context.check_token_ids(prompt.token_ids, "prompt")
-    num_prompt_tokens, limit = len(prompt.token_ids), context.max_model_len
-    room = limit - num_prompt_tokens
+    num_prompt_tokens = len(prompt.token_ids)
+    room = context.max_model_len - num_prompt_tokens
     if room <= 0:
         raise context.prompt_too_long(num_prompt_tokens)
     max_tokens = request.max_tokens
@@ -173,10 +177,11 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
         max_tokens = min(context.defaults.get("max_new_tokens", default), room)
     elif max_tokens < 1:
         raise APIError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-    elif max_tokens > room:
-        raise APIError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
-                       f"{num_prompt_tokens + max_tokens} exceeds the {limit} tokens a request may hold "
-                       f"({context.max_model_len_reason})", param="max_tokens")
+    else:
+        try:
+            context.context_limit.check(num_prompt_tokens, max_tokens, "max_tokens")
+        except ValueError as err:
+            raise APIError(str(err), param="max_tokens") from None
     stop_token_ids = list(request.stop_token_ids or [])
     context.check_token_ids(stop_token_ids, "stop_token_ids")
     values = {name: getattr(request, name) for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos")}

@@ -118,8 +118,10 @@ def test_cluster_request_larger_than_cluster_errors_others_continue(hf_llama, me
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert records[0]["finish_reason"] == "error"
-    assert records[0]["error"].endswith("needs 27 KV blocks of 16 tokens, but its instance holds 10 and the other "
-                                        "1 instance may lend 10 (--lending-cap 1.0)")
+    assert records[0]["error"] == (f"prompt (400 tokens) + max_new_tokens ({MAX_NEW_TOKENS}) = {400 + MAX_NEW_TOKENS} "
+                                   f"exceeds the 320 tokens a request may hold (the KV memory it may use: 20 blocks "
+                                   f"of 16 tokens, as its instance holds 10 and the other 1 instance may lend 10 "
+                                   f"(--lending-cap 1.0))")
     assert "request 0: prompt (400 tokens)" in proc.stderr
     assert records[1]["token_ids"] == hf_greedy(hf_llama("gqa"), [short], MAX_NEW_TOKENS)[0]
     assert_cluster_clean(report, 2)

@@ -32,7 +32,9 @@ def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None
     (["--prompt-ids", ""], "empty prompt"),
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "1,2", "--max-new-tokens", "2000"], "maximum position"),
-    (["--prompt-ids", "1,2", "--max-new-tokens", "300", "--num-blocks", "8"], "needs 19 KV blocks of 16 tokens, but its instance holds 8"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "300", "--num-blocks", "8"],
+     "prompt (2 tokens) + max_new_tokens (300) = 302 exceeds the 128 tokens a request may hold (the KV memory it "
+     "may use: 8 blocks of 16 tokens, its instance's pool)"),
     (["--prompt-ids", "1,2", "--dtype", "float8"], "unknown dtype"),
     (["--prompt-ids", "1,2", "--tp", "3"], "does not divide num_attention_heads"),
     (["--prompt-ids", "1,2", "--tp", "2"], "sharded for tp=1"),

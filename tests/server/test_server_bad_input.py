@@ -2,12 +2,14 @@
 block."""
 from __future__ import annotations
 
+import subprocess
+
 import httpx
 import pytest
 
 from megakv.bench.server_metrics import total
 
-from server_process import spawn_server, wait_for_idle_pools
+from server_process import MEGAKV, spawn_server, wait_for_idle_pools
 
 NUM_BLOCKS, BLOCK_SIZE = 16, 16
 MAX_MODEL_LEN = NUM_BLOCKS * BLOCK_SIZE
@@ -124,3 +126,25 @@ def test_server_keeps_serving_after_bad_requests_with_every_block_free(server):
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 3
     samples = wait_for_idle_pools(server.url)
     assert total(samples, "megakv:kv_blocks_free") == NUM_BLOCKS
+
+
+def test_server_and_generate_refuse_the_same_requests_at_the_kv_limit(server, chat_model):
+    prompt = [5, 6, 7]
+    room = MAX_MODEL_LEN - len(prompt)
+    refusals = {}
+    for max_new_tokens in (room, room + 1):
+        generated = subprocess.run([MEGAKV, "generate", "--model", str(chat_model[1]), "--num-blocks",
+                                    str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE), "--prompt-ids", "5,6,7",
+                                    "--max-new-tokens", str(max_new_tokens)], capture_output=True, text=True,
+                                   timeout=120)
+        served = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": prompt, "max_tokens": max_new_tokens})
+        refusals[max_new_tokens] = (generated.returncode, generated.stderr, served.status_code, served.json())
+    generated_status, _, served_status, _ = refusals[room]
+    assert (generated_status, served_status) == (0, 200)
+    generated_status, stderr, served_status, body = refusals[room + 1]
+    message = (f"prompt (3 tokens) + max_new_tokens ({room + 1}) = {MAX_MODEL_LEN + 1} exceeds the {MAX_MODEL_LEN} "
+               f"tokens a request may hold (the KV memory it may use: {NUM_BLOCKS} blocks of {BLOCK_SIZE} tokens, "
+               f"its instance's pool)")
+    assert generated_status != 0 and f"megakv: error: {message}" in stderr.splitlines()
+    assert served_status == 400 and body["error"]["message"] == message.replace("max_new_tokens", "max_tokens")

@@ -22,7 +22,7 @@ def run_tool(*argv: str) -> dict:
 def test_bench_distkv_tiny_run_reaches_the_physical_limit():
     result = run_tool(str(TOOLS / "bench_distkv.py"), "--contexts", "512", "--pool-blocks", "4",
                       "--instances-list", "1,2", "--decode-tokens", "4", "--repeats", "1",
-                      "--traffic-instances", "1,2")
+                      "--traffic-instances", "1,2", "--borrow-samples", "3")
     for row in result["max_context"]:
         assert row["ratio_to_physical_limit"] >= 0.95 and row["one_block_more_rejected"]
     [overhead] = result["remote_overhead"]
@@ -36,6 +36,10 @@ def test_bench_distkv_tiny_run_reaches_the_physical_limit():
     # step, and nothing else per step.
     assert alone["messages_per_step_per_instance"] == 0
     assert 0 < pair["messages_per_step_per_instance"] and pair["max_messages_per_step"] <= 1.5
+    idle, busy = result["borrow_latency"]
+    assert (idle["front_batch"], busy["front_batch"]) == (0, 16) and idle["samples"] == busy["samples"] == 3
+    # Busy, instance 0 told the gManager in the warm-up that it has less to lend: the idle instance 2 lends.
+    assert busy["creditors"] == [2] and 0 < busy["median_ms"] <= busy["p99_ms"] <= busy["max_ms"]
 
 
 @pytest.mark.slow
