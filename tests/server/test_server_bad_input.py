@@ -128,6 +128,7 @@ def test_server_keeps_serving_after_bad_requests_with_every_block_free(server):
     assert total(samples, "megakv:kv_blocks_free") == NUM_BLOCKS
 
 
+@pytest.mark.slow
 def test_server_and_generate_refuse_the_same_requests_at_the_kv_limit(server, chat_model):
     prompt = [5, 6, 7]
     room = MAX_MODEL_LEN - len(prompt)
