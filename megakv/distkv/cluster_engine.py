@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import DistKVConfig, EngineConfig
 from megakv.distkv.control import (GMANAGER_INSTANCE, GMANAGER_MESSAGES, GMANAGER_TAG, ControlTraffic, InstanceControl,
-                                   Mailbox, wait_quietly)
+                                   Mailbox, Pacer, wait_quietly)
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.messages import Left
@@ -163,6 +163,7 @@ class ClusterEngine:
         self.leaders_comm = split(world, 0 if self.is_leader else None, self.instance_id)
         # The gManager service's own communicator: rank i is instance i's leader, and rank 0 the service.
         gmanager_comm = split(world, 0 if self.is_leader else None, self.instance_id)
+        self._pacer = Pacer()
         # Messages this leader posted to itself, and (on the front) the gManager service's answers to it.
         self._local_mail: deque[object] = deque()
         # What this leader sent on the control plane, and in how many steps (count_traffic only).
@@ -282,7 +283,7 @@ class ClusterEngine:
         if self._instance_step():
             self._last_activity = time.monotonic()
         elif not self._ready:
-            wait_quietly(self._has_mail, FRONT_WAIT_SECONDS)
+            self._pacer.wait(self._has_mail, FRONT_WAIT_SECONDS)
             self._take_mail()
         self._check_stalled()
         ready, self._ready = self._ready, []
@@ -356,7 +357,7 @@ class ClusterEngine:
             return
         while not self._stopping:
             if not self._instance_step() and not self._stopping:
-                wait_quietly(self._has_mail, self._recall_due_in())
+                self._pacer.wait(self._has_mail, self._recall_due_in())
         self._report(final=True)
         self._stop()
 
@@ -399,6 +400,7 @@ class ClusterEngine:
             if not messages:
                 return handled
             handled = True
+            self._pacer.saw_message()
             for message in messages:
                 self._handle(message)
 

@@ -202,6 +202,9 @@ class ControlTraffic:
         self.num_bytes += len(pickle.dumps(message))
 
 
+# See Pacer.
+ACTIVE_SECONDS = 0.5
+ACTIVE_POLL_SECONDS = 5e-4
 # Tags of control messages between leaders, and between the leaders and the gManager service.
 CONTROL_TAG = 11
 GMANAGER_TAG = 12
@@ -250,10 +253,12 @@ class Mailbox:
             time.sleep(1e-3)
 
 
-def wait_quietly(done: Callable[[], bool], timeout: float | None = None) -> bool:
+def wait_quietly(done: Callable[[], bool], timeout: float | None = None,
+                 max_pause: float = MAX_IDLE_POLL_SECONDS) -> bool:
     """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
-    busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle."""
-    pause = IDLE_POLL_SECONDS
+    busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle.
+    ``max_pause`` bounds the sleep between two checks, so how late a wait may notice its message."""
+    pause = min(IDLE_POLL_SECONDS, max_pause)
     now = time.monotonic()
     backoff_at, deadline = now + BACKOFF_AFTER_SECONDS, None if timeout is None else now + timeout
     while not done():
@@ -262,5 +267,35 @@ def wait_quietly(done: Callable[[], bool], timeout: float | None = None) -> bool
             return False
         time.sleep(pause)
         if now > backoff_at:
-            pause = min(2 * pause, MAX_IDLE_POLL_SECONDS)
+            pause = min(2 * pause, max_pause)
     return True
+
+
+class Pacer:
+    """How late a waiting rank may notice its next message.
+
+    Control traffic comes in bursts (a long prompt borrows chunk after chunk, a finished request settles with
+    every creditor, DGFM moves block after block): for ACTIVE_SECONDS after its last message a rank checks at
+    least every ACTIVE_POLL_SECONDS, a few percent of a core; quiet for longer, it backs off to ``idle_pause``
+    between checks, which costs almost nothing.
+    """
+
+    def __init__(self, idle_pause: float = MAX_IDLE_POLL_SECONDS) -> None:
+        self._last_message = float("-inf")
+        self._idle_pause = idle_pause
+
+    def saw_message(self) -> None:
+        self._last_message = time.monotonic()
+
+    def wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """wait_quietly at this rank's pace: True once ``done()``, False after ``timeout`` seconds."""
+        active_left = self._last_message + ACTIVE_SECONDS - time.monotonic()
+        if active_left > 0:
+            window = active_left if timeout is None else min(timeout, active_left)
+            if wait_quietly(done, window, ACTIVE_POLL_SECONDS):
+                return True
+            if timeout is not None:
+                timeout -= window
+                if timeout <= 0:
+                    return False
+        return wait_quietly(done, timeout, self._idle_pause)

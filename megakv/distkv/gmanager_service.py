@@ -8,16 +8,24 @@ messages through a queue, gets the answers through ``deliver_home``, and reads t
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
 
-from megakv.distkv.control import Mailbox, wait_quietly
+from megakv.distkv.control import Mailbox, Pacer
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import Left
 
 # The instance whose leader hosts the service: its messages come through the queue, not the communicator.
 HOME_INSTANCE = 0
+# The longest the front's step may keep the service's thread from running once its message has come: Python
+# hands the GIL to a waiting thread only every switch interval (5 ms by default), and the front's step runs
+# mostly Python between its kernels.
+SWITCH_INTERVAL_SECONDS = 5e-4
+# Between two checks of a quiet service (see Pacer): each check probes MPI, which costs a leader's idle check
+# again on a rank that may have nothing else to do; the first Borrow after a quiet spell waits up to this long.
+IDLE_PAUSE_SECONDS = 0.02
 
 
 class GManagerService:
@@ -37,6 +45,8 @@ class GManagerService:
         self._left = {HOME_INSTANCE}
         self._stopping = threading.Event()
         self.error: BaseException | None = None
+        self._pacer = Pacer(IDLE_PAUSE_SECONDS)
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_SECONDS))
         self._thread = threading.Thread(target=self._serve, name="megakv-gmanager", daemon=True)
         self._thread.start()
 
@@ -69,10 +79,13 @@ class GManagerService:
     def _finished(self) -> bool:
         return self._stopping.is_set() and len(self._left) == self.gmanager.num_instances and not self._home
 
+    def _has_work(self) -> bool:
+        return bool(self._home) or self._mailbox.has_mail() or self._finished()
+
     def _serve(self) -> None:
         try:
             while not self._finished():
-                wait_quietly(lambda: bool(self._home) or self._mailbox.has_mail() or self._finished())
+                self._pacer.wait(self._has_work)
                 while self._home:
                     self._handle(self._home.popleft())
                 for message in self._mailbox.receive():
@@ -81,6 +94,7 @@ class GManagerService:
             self.error = err
 
     def _handle(self, message: object) -> None:
+        self._pacer.saw_message()
         if isinstance(message, Left):
             self._left.add(message.instance_id)
             return
