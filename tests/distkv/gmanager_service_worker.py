@@ -4,8 +4,9 @@ argv: checkpoint out.json hold_seconds. Three instances of one rank each, pools 
 Request P (220 tokens, instance 1) borrows first from instance 0, so the gManager then knows instance 0
 has less to lend than instance 2. Once that loan is in the ledger, the front adds request B (150 tokens,
 instance 1: more than its pool, so it borrows too) and holds its own instance's next step for
-``hold_seconds``: B's first loan must come from instance 2 during the hold. Rank 0 writes the hold's start and end and the outputs; rank 1
-writes when each loan reached it, to ``out.json.rank1`` (every rank is on one host: one clock).
+``hold_seconds``: B's first loan must come from instance 2 during the hold. Rank 0 writes the hold's start
+and end and the outputs; rank 1 writes when each loan reached it, to ``out.json.rank1`` (every rank is on
+one host: one clock).
 """
 from __future__ import annotations
 
