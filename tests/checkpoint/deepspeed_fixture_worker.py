@@ -22,14 +22,16 @@ NUM_GREEDY_TOKENS = 6  # as tests/checkpoint/conftest.py
 
 
 def main(out_dir: str, prompt_json: str, stage: str) -> None:
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megakv.parallel import state
 
-    # The JIT shared-memory all-reduce op crashes on this CPU setup; gloo is enough (shared/CHECKPOINTS.md).
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # The JIT shared-memory all-reduce op crashes on this CPU setup, and building it takes 45 s; gloo is enough
+    # (shared/CHECKPOINTS.md). By name: the attribute deepspeed.comm.torch is the torch package itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     env = state.init_distributed()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
