@@ -34,8 +34,8 @@ setup(
     ],
     extras_require={
         # launch/constraints.txt pins these (and everything they pull in) to versions known to pass.
-        "test": ["pytest", "hypothesis", "transformers", "accelerate", "deepspeed", "triton", "megatron-core", "openai",
-                 "matplotlib", "schemathesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "transformers", "accelerate", "deepspeed", "triton",
+                 "megatron-core", "openai", "matplotlib", "schemathesis"],
         # tools/bench_cluster_modes.py draws its figures with matplotlib.
         "bench": ["matplotlib"],
     },

@@ -2,13 +2,14 @@
 
 Hosted in instance 0's step loop, the gManager would answer a Borrow only between two of instance 0's
 steps, so every borrower in the cluster would wait for the front's forward pass. On its own thread it
-answers whatever instance 0 is computing (torch releases the GIL in its kernels). The thread alone
+answers whatever instance 0 is computing: torch releases the GIL in its kernels, and Python hands it over
+at its switch interval otherwise (lowering that interval answers sooner but slows the front's own decode,
+docs/benchmarks.md). The thread alone
 touches the gManager's communicator on this rank and the ``GManager`` itself; instance 0 hands it its
 messages through a queue, gets the answers through ``deliver_home``, and reads the ledger under a lock.
 """
 from __future__ import annotations
 
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -19,10 +20,6 @@ from megakv.distkv.messages import Left
 
 # The instance whose leader hosts the service: its messages come through the queue, not the communicator.
 HOME_INSTANCE = 0
-# The longest the front's step may keep the service's thread from running once its message has come: Python
-# hands the GIL to a waiting thread only every switch interval (5 ms by default), and the front's step runs
-# mostly Python between its kernels.
-SWITCH_INTERVAL_SECONDS = 5e-4
 # Between two checks of a quiet service (see Pacer): each check probes MPI, which costs a leader's idle check
 # again on a rank that may have nothing else to do; the first Borrow after a quiet spell waits up to this long.
 IDLE_PAUSE_SECONDS = 0.02
@@ -46,7 +43,6 @@ class GManagerService:
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self._pacer = Pacer(IDLE_PAUSE_SECONDS)
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_SECONDS))
         self._thread = threading.Thread(target=self._serve, name="megakv-gmanager", daemon=True)
         self._thread.start()
 
