@@ -5,19 +5,15 @@ import argparse
 import json
 import sys
 
-import torch
-
 from megakv.chat import ChatTemplate
-from megakv.checkpoint.format import CheckpointInfo, read_checkpoint_info
-from megakv.options import (PROMPT_OVERRIDES, PromptSpec, UsageError, engine_config, option_source, read_prompts,
-                            resolve_options, server_config)
-from megakv.config import EngineConfig, parse_dtype
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
-from megakv.kvcache.kv_cache import KVCache, available_memory_bytes
+from megakv.options import (PROMPT_OVERRIDES, PromptSpec, UsageError, engine_config, read_prompts, resolve_options,
+                            server_config)
 from megakv.parallel import state
 from megakv.parallel.state import RankLocalError
+from megakv.startup import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.tokenizer import TextTokenizer
 
 
@@ -42,14 +38,6 @@ def tokenize(specs: list[PromptSpec], tokenizer: TextTokenizer | None, chat: Cha
             # As transformers' apply_chat_template: the template writes every special token itself.
             prompts.append(tokenizer.encode(chat.render(spec.messages), add_special_tokens=False))
     return prompts
-
-
-def chat_stop_token_ids(tokenizer: TextTokenizer | None, chat: ChatTemplate | None) -> tuple[int, ...]:
-    """The id of the chat template's end-of-turn token, which ends a chat request as EOS does."""
-    if tokenizer is None or chat is None or chat.end_of_turn_token is None:
-        return ()
-    token_id = tokenizer.token_to_id(chat.end_of_turn_token)
-    return () if token_id is None else (token_id,)
 
 
 def sampling_params(options: dict, overrides: dict, stop_token_ids: tuple[int, ...]) -> SamplingParams:
@@ -104,18 +92,6 @@ def describe(record: dict) -> str:
     if "text" in record:
         lines.append(f"  text: {record['text']!r}")
     return "\n".join(lines)
-
-
-def open_checkpoint(model_dir: str, options: dict, config: EngineConfig) -> tuple[CheckpointInfo, torch.dtype]:
-    """The checkpoint and the dtype to run it in, checked against the TP degree before any process group exists."""
-    info = read_checkpoint_info(model_dir)
-    tp = config.parallel.tensor_parallel_size
-    info.model.check_tensor_parallel_size(tp)
-    if info.tensor_parallel_size != tp:
-        raise UsageError(f"checkpoint {model_dir} is sharded for tp={info.tensor_parallel_size}, not --tp {tp}: "
-                         f"pass --tp {info.tensor_parallel_size} or reshard it with tools/convert_checkpoint.py")
-    dtype = parse_dtype(options["dtype"]) if options["dtype"] else info.model.torch_dtype
-    return info, dtype
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -176,20 +152,6 @@ def in_prompt_order(outputs: list[RequestOutput], prompts: list[list[int]],
     return [next(served) if isinstance(value, SamplingParams) else
             RequestOutput(f"rejected-{index}", prompts[index], [], [], "error", error=value)
             for index, value in enumerate(params)]
-
-
-def check_kv_pool_fits(args: argparse.Namespace, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype,
-                       device: torch.device) -> None:
-    """Refuse a KV pool larger than this rank's free memory before anything is allocated for it."""
-    cache, tp = config.cache, config.parallel.tensor_parallel_size
-    block_bytes = KVCache.bytes_per_block(info.model, tp, cache.block_size, dtype)
-    num_blocks = KVCache.num_blocks_for(info.model, tp, cache, dtype)
-    needed, available = num_blocks * block_bytes, available_memory_bytes(device)
-    if needed > available:
-        key = "num_blocks" if cache.num_blocks is not None else "kv_cache_memory_gb"
-        raise UsageError(f"{option_source(args, key)}: the KV pool of {num_blocks} blocks of {block_bytes} bytes "
-                         f"needs {needed} bytes ({needed / 2**30:.1f} GiB) on each rank, but {device} has "
-                         f"{available} bytes ({available / 2**30:.1f} GiB) available")
 
 
 def print_outputs(outputs: list[RequestOutput], tokenizer: TextTokenizer | None, report: dict | None,

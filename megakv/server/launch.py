@@ -25,13 +25,13 @@ from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig, ServerConfig, dtype_name
 from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.llm_engine import LLMEngine
-from megakv.generate import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.options import UsageError, engine_config, is_set, option_source, resolve_options, server_config
 from megakv.parallel import state
 from megakv.parallel.state import RankLocalError
 from megakv.server.app import build_app
 from megakv.server.metrics import ServerMetrics
 from megakv.server.serving import ServingContext
+from megakv.startup import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
 from megakv.tokenizer import TextTokenizer
 
 # Seconds open responses may take to finish once the server is asked to stop.
