@@ -4,9 +4,9 @@ Hosted in instance 0's step loop, the gManager would answer a Borrow only betwee
 steps, so every borrower in the cluster would wait for the front's forward pass. On its own thread it
 answers whatever instance 0 is computing: torch releases the GIL in its kernels, and Python hands it over
 at its switch interval otherwise (lowering that interval answers sooner but slows the front's own decode,
-docs/benchmarks.md). The thread alone
-touches the gManager's communicator on this rank and the ``GManager`` itself; instance 0 hands it its
-messages through a queue, gets the answers through ``deliver_home``, and reads the ledger under a lock.
+docs/benchmarks.md). The thread alone touches the gManager's communicator on this rank and the ``GManager``
+itself; instance 0 hands it its messages through a queue, gets the answers through ``deliver_home``, and
+reads the ledger under a lock.
 """
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from megakv.distkv.control import Mailbox, Pacer
+from megakv.distkv.control import GMANAGER_INSTANCE, Mailbox, Pacer
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.messages import Left
 
-# The instance whose leader hosts the service: its messages come through the queue, not the communicator.
-HOME_INSTANCE = 0
 # Between two checks of a quiet service (see Pacer): each check probes MPI, which costs a leader's idle check
 # again on a rank that may have nothing else to do; the first Borrow after a quiet spell waits up to this long.
 IDLE_PAUSE_SECONDS = 0.02
@@ -28,8 +26,9 @@ IDLE_PAUSE_SECONDS = 0.02
 class GManagerService:
     """Runs ``gmanager`` on a thread until every other instance has Left and ``stop`` is called.
 
-    ``mailbox`` reaches every instance's leader (rank i of its communicator is instance i); answers to
-    HOME_INSTANCE go to ``deliver_home`` instead, from the service's thread.
+    ``mailbox`` reaches every instance's leader (rank i of its communicator is instance i). The instance that
+    hosts the service, GMANAGER_INSTANCE, sends through ``submit`` and gets its answers through ``deliver_home``,
+    called from the service's thread.
     """
 
     def __init__(self, gmanager: GManager, mailbox: Mailbox, deliver_home: Callable[[object], None]) -> None:
@@ -39,7 +38,7 @@ class GManagerService:
         # Held while the thread handles a message, so that the front reads a ledger between two messages.
         self.lock = threading.Lock()
         self._home: deque[object] = deque()
-        self._left = {HOME_INSTANCE}
+        self._left = {GMANAGER_INSTANCE}
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self._pacer = Pacer(IDLE_PAUSE_SECONDS)
@@ -97,8 +96,7 @@ class GManagerService:
         with self.lock:
             sends = self.gmanager.handle(message)
         for instance_id, reply in sends:
-            if instance_id == HOME_INSTANCE:
+            if instance_id == GMANAGER_INSTANCE:
                 self._deliver_home(reply)
             else:
                 self._mailbox.post(instance_id, reply)
-
