@@ -40,6 +40,27 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def read_tokenizer_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's tokenizer_config.json, or {} when it has none."""
+    config_path = os.path.join(checkpoint_dir, TOKENIZER_CONFIG_FILE)
+    if not os.path.exists(config_path):
+        return {}
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {config_path}: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"cannot read {config_path}: it is not a JSON object")
+    return config
+
+
+def special_tokens(config: dict[str, Any]) -> dict[str, str]:
+    """The special tokens (bos_token, eos_token, ...) a tokenizer config names, as strings."""
+    tokens = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+    return {name: text for name, text in tokens.items() if text is not None}
+
+
 def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     """Raise ValueError unless ``messages`` is a non-empty list of {"role": str, "content": str}."""
     if not isinstance(messages, list) or not messages:
@@ -65,6 +86,7 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as err:
             raise ValueError(f"chat template does not compile: {err} (line {err.lineno})") from None
         self.special_tokens = dict(special_tokens)
+        self.source = source
 
     @property
     def end_of_turn_token(self) -> str | None:
@@ -74,14 +96,7 @@ class ChatTemplate:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | os.PathLike) -> ChatTemplate | None:
         """The template of ``chat_template.jinja``, else of ``tokenizer_config.json``; None when there is none."""
-        config_path = os.path.join(checkpoint_dir, TOKENIZER_CONFIG_FILE)
-        config: dict[str, Any] = {}
-        if os.path.exists(config_path):
-            try:
-                with open(config_path) as f:
-                    config = json.load(f)
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"cannot read {config_path}: {err}") from None
+        config = read_tokenizer_config(checkpoint_dir)
         template_path = os.path.join(checkpoint_dir, CHAT_TEMPLATE_FILE)
         if os.path.exists(template_path):
             with open(template_path) as f:
@@ -93,12 +108,23 @@ class ChatTemplate:
                 source = next((item.get("template") for item in source if item.get("name") == "default"), None)
         if not isinstance(source, str):
             return None
-        special_tokens = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
-        return cls(source, {name: text for name, text in special_tokens.items() if text is not None})
+        return cls(source, special_tokens(config))
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of a conversation, ending where the assistant's next turn begins."""
+    def render(self, messages: list[dict[str, str]], continue_final_message: bool = False,
+               variables: dict[str, Any] | None = None) -> str:
+        """The prompt text of a conversation, ending where the assistant's next turn begins (the template's
+        ``add_generation_prompt``, true unless ``variables`` say otherwise), or with ``continue_final_message``
+        inside the last message, right after its text, as transformers cuts it."""
+        variables = {"add_generation_prompt": True, **self.special_tokens, **(variables or {})}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+            text = self._template.render(messages=messages, **variables)
         except jinja2.exceptions.TemplateError as err:
             raise ValueError(f"chat template rejected the messages: {err}") from None
+        if continue_final_message:
+            final = messages[-1]["content"].strip()
+            end = text.rfind(final) if final else -1
+            if end < 0:
+                raise ValueError("continue_final_message: the last message's text is not in the rendered prompt "
+                                 "(the template changed it)")
+            text = text[:end + len(final)]
+        return text

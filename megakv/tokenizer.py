@@ -3,8 +3,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from tokenizers import Tokenizer
+
+# A SentencePiece byte-fallback token (LLaMA 2, Mistral): one byte of a character the vocabulary lacks.
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte in the vocabulary's entries
+    (printable bytes stand for themselves, the others for characters from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{chr(byte): byte for byte in printable}, **{chr(256 + index): byte for index, byte in enumerate(others)}}
+
+
+_BYTE_LEVEL_ALPHABET = byte_level_alphabet()
 
 
 class TooManyTokensError(ValueError):
@@ -35,7 +50,11 @@ class TextTokenizer:
             self._tokenizer = Tokenizer.from_file(path)
         except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
             raise ValueError(f"cannot read tokenizer {path}: {err}") from None
-        self._max_bytes_per_token = max_bytes_per_token(json.loads(self._tokenizer.to_str()))
+        config = json.loads(self._tokenizer.to_str())
+        self._max_bytes_per_token = max_bytes_per_token(config)
+        self._byte_level = (config.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(
+            config.get("decoder"))
+        self._added_tokens = {token["id"] for token in config.get("added_tokens") or ()}
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str) -> TextTokenizer | None:
@@ -64,6 +83,22 @@ class TextTokenizer:
         """The id of one token of the vocabulary, or None when it has no such token."""
         return self._tokenizer.token_to_id(token)
 
-    def decode(self, token_ids: list[int]) -> str:
-        """The text of ``token_ids``, special tokens left out (a batch of one releases the GIL, see encode)."""
-        return self._tokenizer.decode_batch([token_ids], skip_special_tokens=True)[0]
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``token_ids``, special tokens left out unless asked (a batch of one releases the GIL, see
+        encode)."""
+        return self._tokenizer.decode_batch([token_ids], skip_special_tokens=skip_special_tokens)[0]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for, also when they are part of a character (which its decoding
+        alone shows as U+FFFD): what OpenAI's chat logprobs report as a token's ``bytes``."""
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is None or token_id in self._added_tokens:
+            return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        if self._byte_level:
+            alphabet = _BYTE_LEVEL_ALPHABET
+            if all(character in alphabet for character in piece):
+                return bytes(alphabet[character] for character in piece)
+        fallback = BYTE_FALLBACK.fullmatch(piece)
+        if fallback is not None:
+            return bytes([int(fallback.group(1), 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")

@@ -81,6 +81,10 @@ class InstanceCore:
         bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < model.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {model.vocab_size})")
+        bad = [token for token in params.token_ids() if not 0 <= token < model.vocab_size]
+        if bad:
+            raise ValueError(f"sampling parameters name token id {bad[0]!r}, outside the vocabulary "
+                             f"[0, {model.vocab_size})")
         limit.check(len(prompt_ids), params.max_new_tokens)
 
     def add(self, request: Request) -> None:

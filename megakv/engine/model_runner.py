@@ -100,7 +100,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.rmanager = rmanager
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(model.config.eos_token_ids)
         self._views: dict[str, _TableView] = {}
         # Micro-attentions asked of other instances since start: one per request chunk and creditor in a step.
         self.num_remote_micro_attentions = 0
@@ -185,7 +185,7 @@ class ModelRunner:
         sampled = SampledTokens([], [])
         if sampling:
             sampled = self.sampler.sample(logits[:len(sampling)], [r.request_id for r in sampling],
-                                          [r.params for r in sampling])
+                                          [r.params for r in sampling], sampling)
         row = len(sampling)
         for chunk in scheduled.chunks:
             positions, request = chunk.prompt_logprob_positions, chunk.request

@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded, with optional logprobs."""
+"""Sampling parameters and the sampler: greedy, temperature, min-p, top-k, top-p, penalties and logit bias
+(megakv.engine.logits_processing), seeded, with optional logprobs."""
 from __future__ import annotations
 
 import math
@@ -6,12 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megakv.engine.logits_processing import TokenHistory, filter_min_p, process_logits
+
 # The most top logprobs a request may ask for per token (OpenAI's and vLLM's default bound).
 MAX_LOGPROBS = 20
 # Temperatures below this sample greedily, as vLLM's do: dividing logits by a smaller one overflows fp32.
 GREEDY_TEMPERATURE = 1e-5
 # The token a failed sampling step gives its request (broadcast to every TP rank, so all of them end it).
 SAMPLING_FAILED = -1
+# OpenAI's bounds on the presence and frequency penalties.
+MAX_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,22 @@ class SamplingParams:
     logprobs: int | None = None
     # The same for each prompt token after the first (vLLM's prompt_logprobs): computed during prefill.
     prompt_logprobs: int | None = None
+    # Tokens less likely than min_p times the most likely one are not sampled (0 disables it).
+    min_p: float = 0.0
+    # EOS and the stop tokens cannot be picked before this many tokens are generated.
+    min_tokens: int = 0
+    # Subtracted from a token's logit once if it was generated before (presence), per time it was (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Above 1, tokens of the prompt or the output become less likely; below 1, more.
+    repetition_penalty: float = 1.0
+    # (token id, value added to its logit) pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # The only tokens that may be picked; None: any.
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for key in ("temperature", "top_p"):
+        for key in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, key)
             # NaN passes every comparison below and then poisons the sampler's probabilities.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -53,6 +71,21 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, key) <= MAX_PENALTY:
+                raise ValueError(f"{key} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, key)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be an integer from 0 to max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_tokens!r}")
+        if any(not math.isfinite(value) for _, value in self.logit_bias):
+            raise ValueError("logit_bias values must be finite numbers")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must name at least one token")
         for key in ("logprobs", "prompt_logprobs"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -62,6 +95,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the model's logits change before a token is picked (see megakv.engine.logits_processing)."""
+        return bool(self.allowed_token_ids is not None or self.logit_bias or self.min_tokens
+                    or self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty)
+
+    def token_ids(self) -> tuple[int, ...]:
+        """Every token id the parameters name (to check them against the vocabulary)."""
+        return (*self.stop_token_ids, *(token for token, _ in self.logit_bias), *(self.allowed_token_ids or ()))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -118,21 +161,27 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> 
 class Sampler:
     """Picks the next token of each request from its logits row."""
 
-    def __init__(self) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...] = ()) -> None:
+        # What min_tokens holds back, with each request's stop tokens.
+        self.eos_token_ids = tuple(eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> SampledTokens:
-        """logits [num_requests, vocab] -> one token id per request, and logprobs where asked.
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+               histories: list[TokenHistory] | None = None) -> SampledTokens:
+        """logits [num_requests, vocab] -> one token id per request, and logprobs (of the raw logits) where asked.
+        ``histories`` (one per request: its prompt and output so far) are needed by parameters that process logits.
 
-        A row whose sampling raises (logits the model made non-finite) fails its own request, not the step.
+        A row whose sampling raises (logits the model made non-finite, every token masked) fails its own request,
+        not the step.
         """
         tokens = logits.argmax(dim=-1).tolist()
         errors = {}
         for row, (request_id, request_params) in enumerate(zip(request_ids, params)):
-            if request_params.greedy:
+            if request_params.greedy and not request_params.processes_logits:
                 continue
             try:
-                tokens[row] = self._sample_row(logits[row], request_id, request_params)
+                tokens[row] = self._sample_row(logits[row], request_id, request_params,
+                                               None if histories is None else histories[row])
             except RuntimeError as err:
                 tokens[row] = SAMPLING_FAILED
                 errors[request_id] = f"sampling failed: {err}"
@@ -141,9 +190,19 @@ class Sampler:
                     for row, request_params in enumerate(params)]
         return SampledTokens(tokens, logprobs, errors=errors)
 
-    def _sample_row(self, logits: torch.Tensor, request_id: str, params: SamplingParams) -> int:
-        # fp32 whatever the model's dtype; a temperature of at least GREEDY_TEMPERATURE keeps finite logits finite.
-        filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)  # [vocab]
+    def _sample_row(self, logits: torch.Tensor, request_id: str, params: SamplingParams,
+                    history: TokenHistory | None) -> int:
+        logits = logits.float()  # fp32 whatever the model's dtype
+        if params.processes_logits:
+            assert history is not None, "parameters that process logits need the request's tokens"
+            logits = process_logits(logits, params, history, self.eos_token_ids)
+            if not torch.isfinite(logits).any():
+                raise RuntimeError("every token is masked (allowed_token_ids, logit_bias and min_tokens together)")
+        if params.greedy:
+            return int(logits.argmax())
+        # A temperature of at least GREEDY_TEMPERATURE keeps finite logits finite.
+        filtered = filter_min_p(logits / params.temperature, params.min_p)
+        filtered = filter_logits(filtered, params.top_k, params.top_p)  # [vocab]
         return int(torch.multinomial(filtered.softmax(-1), 1, generator=self._generator(request_id, params)))
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:

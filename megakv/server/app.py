@@ -26,7 +26,7 @@ from megakv.server.openapi import (ChatCompletionResponse, CompletionResponse, D
                                    TokenizeResponse, VersionResponse, errors, generation_route, install_openapi,
                                    request_body)
 from megakv.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from megakv.server.serving import APIError, Completion, ServingContext, error_body, tokenize_body
+from megakv.server.serving import APIError, Completion, ServingContext, error_body, tokenize_body, tokenizer_info
 from megakv.server.streams import RequestFailedError, ServerShuttingDownError
 
 # HTTP status nginx uses for a client that closed the connection before the answer.
@@ -41,7 +41,8 @@ def _reject_constant(name: str) -> float:
 
 def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     """One message naming the first problem pydantic found, and the field it is in."""
-    first = err.errors()[0]
+    # In a union, the member that raised a message of megakv's own is the one the client meant.
+    first = next((error for error in err.errors() if error["type"] == "value_error"), err.errors()[0])
     # A union's errors carry the member tried in their location ("prompt", "list[int]", 0): keep the field only.
     location = [str(part) for index, part in enumerate(first["loc"])
                 if index == 0 or isinstance(part, int) or not ("[" in part or part in UNION_MEMBER_TAGS)]
@@ -213,6 +214,15 @@ def build_app(context: ServingContext) -> FastAPI:
         if not context.engine.is_running:
             return JSONResponse(error_body("the engine loop stopped", 503), status_code=503)
         return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"], response_class=Response,
+                   responses={200: {"description": "The engine loop runs (no body), as /health"}, **errors(503)})
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/tokenizer_info", responses=errors(400))
+    async def get_tokenizer_info() -> dict[str, Any]:
+        return tokenizer_info(context)
 
     @app.get("/version", response_model=VersionResponse)
     async def server_version() -> dict[str, str]:

@@ -20,7 +20,7 @@ import sys
 import torch
 import uvicorn
 
-from megakv.chat import ChatTemplate
+from megakv.chat import ChatTemplate, read_tokenizer_config
 from megakv.checkpoint.format import CheckpointInfo
 from megakv.config import EngineConfig, ServerConfig, dtype_name
 from megakv.engine.async_engine import AsyncEngine
@@ -154,7 +154,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             if key != "max_new_tokens" or is_set(args, key)}
         context = ServingContext(async_engine, model_name, info.model.vocab_size, engine.context_limit, tokenizer,
                                  chat, ServerMetrics(model_name), settings.request_limits, request_defaults,
-                                 chat_stop_token_ids(tokenizer, chat))
+                                 chat_stop_token_ids(tokenizer, chat), read_tokenizer_config(args.model))
         for line in startup_lines(args.model, info, dtype, config, context):
             print(f"megakv serve: {line}", file=sys.stderr, flush=True)
         try:

@@ -3,7 +3,7 @@
 /v1/completions answers ``{tokens, token_logprobs, top_logprobs, text_offset}``,
 /v1/chat/completions ``{content: [{token, logprob, bytes, top_logprobs}]}``. A
 token's text is its decoding alone (as vLLM reports it), or ``token_id:<id>``
-when the checkpoint has no tokenizer.
+when the checkpoint has no tokenizer or the request asks (return_tokens_as_token_ids).
 """
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs | Non
 
 def _chat_entry(tokenizer: TextTokenizer | None, token_id: int, logprob: float) -> dict[str, Any]:
     text = token_text(tokenizer, token_id)
-    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8"))}
+    # A token's own bytes: its text alone is U+FFFD when it holds part of a character.
+    raw = text.encode("utf-8") if tokenizer is None else tokenizer.token_bytes(token_id)
+    return {"token": text, "logprob": _logprob(logprob), "bytes": list(raw)}
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs],

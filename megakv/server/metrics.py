@@ -131,6 +131,7 @@ class RequestTracker:
 
     def finish(self, reason: str, instance: int | None) -> None:
         """Record the request's end and why."""
-        labels = self._labels or (self._metrics.model_name, str(instance))
+        # A request that ended before its first token may not know its instance.
+        labels = self._labels or (self._metrics.model_name, "" if instance is None else str(instance))
         self._metrics.request_success.labels(*labels, reason).inc()
         self._metrics.e2e_request_latency.labels(*labels).observe(time.perf_counter() - self._arrival)

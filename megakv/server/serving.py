@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from megakv.chat import ChatTemplate
+from megakv.chat import ChatTemplate, special_tokens
 from megakv.config import RequestLimits
 from megakv.engine.async_engine import AsyncEngine
 from megakv.engine.limits import ContextLimit
@@ -25,7 +25,7 @@ from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.logprobs import chat_logprobs, completion_logprobs
 from megakv.server.metrics import ServerMetrics
 from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
-from megakv.server.streams import ServerShuttingDownError, TextDelta, generate_text, merge
+from megakv.server.streams import ServerShuttingDownError, TextDelta, TextOptions, generate_text, merge
 from megakv.tokenizer import TextTokenizer, TooManyTokensError
 
 # vLLM's (and OpenAI's legacy) max_tokens of a completion that sets none; a chat reply may fill the room left.
@@ -67,6 +67,8 @@ class ServingContext:
     defaults: dict[str, Any] = field(default_factory=dict)
     # The chat template's end-of-turn token, which ends a chat reply as EOS does.
     chat_stop_token_ids: tuple[int, ...] = ()
+    # The checkpoint's tokenizer_config.json, which /tokenizer_info answers with.
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
     # Set when the server starts to stop: every open response ends at once (see streams.merge).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -90,6 +92,18 @@ class ServingContext:
         return APIError(f"the prompt has {num_prompt_tokens} tokens, and a request may hold at most "
                         f"{self.max_model_len} ({self.context_limit.reason}): shorten the prompt", param="prompt")
 
+    def truncation(self, request: CompletionRequest | ChatCompletionRequest) -> int | None:
+        """How many of a prompt's last tokens the request keeps (truncate_prompt_tokens; -1: a request's most)."""
+        value = request.truncate_prompt_tokens
+        if value == 0:
+            raise APIError("truncate_prompt_tokens must be -1 or at least 1, got 0", param="truncate_prompt_tokens")
+        return self.max_model_len if value == -1 else value
+
+    def prompt_token_bound(self, request: CompletionRequest | ChatCompletionRequest) -> int:
+        """The most tokens a prompt may tokenize to: what a request may hold, or with truncation what the server
+        tokenizes for one request (the prompt is cut afterwards)."""
+        return self.max_model_len if request.truncate_prompt_tokens is None else self.limits.max_tokens
+
     def require_tokenizer(self, what: str) -> TextTokenizer:
         """The tokenizer, or an APIError saying that ``what`` needs one."""
         if self.tokenizer is None:
@@ -103,6 +117,12 @@ class Prompt:
 
     token_ids: list[int]
     text: str | None
+
+    def truncated(self, num_tokens: int | None) -> Prompt:
+        """The prompt's last ``num_tokens`` tokens (vLLM's truncate_prompt_tokens); itself for None."""
+        if num_tokens is None or len(self.token_ids) <= num_tokens:
+            return self
+        return Prompt(self.token_ids[len(self.token_ids) - num_tokens:], None)
 
 
 def completion_prompts(request: CompletionRequest, context: ServingContext) -> list[Prompt]:
@@ -120,27 +140,32 @@ def completion_prompts(request: CompletionRequest, context: ServingContext) -> l
         if isinstance(item, str):
             tokenizer = context.require_tokenizer("a text prompt")
             try:
-                prompts.append(Prompt(tokenizer.encode(item, max_tokens=context.max_model_len), item))
+                token_ids = tokenizer.encode(item, request.add_special_tokens, context.prompt_token_bound(request))
             except TooManyTokensError as err:
                 raise context.prompt_too_long(err.count) from None
+            prompts.append(Prompt(token_ids, item))
         else:
             prompts.append(Prompt(list(item), None))
-    return prompts
+    return [prompt.truncated(context.truncation(request)) for prompt in prompts]
 
 
-def chat_prompt(messages: list[ChatMessage], context: ServingContext, max_tokens: int | None = None) -> Prompt:
-    """The conversation rendered with the checkpoint's chat template, as transformers renders it; a prompt of more
-    than ``max_tokens`` (default: what a request may hold) is an APIError."""
+def chat_prompt(messages: list[ChatMessage], context: ServingContext, max_tokens: int | None = None,
+                request: ChatCompletionRequest | None = None) -> Prompt:
+    """The conversation rendered with the checkpoint's chat template, as transformers renders it, with the
+    template options of ``request``; a prompt of more than ``max_tokens`` (default: what a request may hold) is an
+    APIError."""
     tokenizer = context.require_tokenizer("a chat")
     if context.chat is None:
         raise APIError("the checkpoint has no chat template (chat_template.jinja): use /v1/completions")
     try:
-        text = context.chat.render([{"role": message.role, "content": message.text} for message in messages])
+        text = context.chat.render([{"role": message.role, "content": message.text} for message in messages],
+                                   request is not None and request.continue_final_message,
+                                   None if request is None else request.template_variables)
     except ValueError as err:
         raise APIError(str(err), param="messages") from None
     try:
-        # The template writes every special token itself.
-        return Prompt(tokenizer.encode(text, add_special_tokens=False,
+        # The template writes the special tokens itself, unless the request asks for the tokenizer's too.
+        return Prompt(tokenizer.encode(text, add_special_tokens=request is not None and request.add_special_tokens,
                                        max_tokens=context.max_model_len if max_tokens is None else max_tokens), text)
     except TooManyTokensError as err:
         if max_tokens is None:
@@ -159,6 +184,16 @@ def tokenize_body(body: TokenizeRequest, context: ServingContext) -> list[int]:
     except TooManyTokensError as err:
         raise APIError(f"the prompt has {err.count} tokens, more than the {max_tokens} the server tokenizes "
                        f"in one request (megakv serve --max-request-tokens)", param="prompt") from None
+
+
+def tokenizer_info(context: ServingContext) -> dict[str, Any]:
+    """What vLLM's /tokenizer_info answers: the tokenizer's configuration, its special tokens as strings, the
+    chat template in use and the longest request (lm-evaluation-harness's remote tokenizer reads it)."""
+    context.require_tokenizer("/tokenizer_info")
+    config = context.tokenizer_config
+    return {"tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"), **config,
+            **special_tokens(config), "chat_template": None if context.chat is None else context.chat.source,
+            "model_max_length": context.max_model_len}
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: Prompt, context: ServingContext,
@@ -184,6 +219,12 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
             raise APIError(str(err), param="max_tokens") from None
     stop_token_ids = list(request.stop_token_ids or [])
     context.check_token_ids(stop_token_ids, "stop_token_ids")
+    logit_bias = request.logit_bias_pairs
+    context.check_token_ids([token for token, _ in logit_bias], "logit_bias")
+    if request.allowed_token_ids is not None:
+        context.check_token_ids(request.allowed_token_ids, "allowed_token_ids")
+    if request.min_tokens > max_tokens:
+        raise APIError(f"min_tokens ({request.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     values = {name: getattr(request, name) for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos")}
     values = {name: context.defaults.get(name) if value is None else value for name, value in values.items()}
     # vLLM disables top-k with -1, megakv with 0.
@@ -194,7 +235,12 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
                               seed=values["seed"], ignore_eos=bool(values["ignore_eos"]),
                               stop_token_ids=(*stop_token_ids, *extra_stop_ids),
                               logprobs=request.num_top_logprobs,
-                              prompt_logprobs=request.num_top_prompt_logprobs)
+                              prompt_logprobs=request.num_top_prompt_logprobs,
+                              min_p=request.min_p, min_tokens=request.min_tokens,
+                              presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                              repetition_penalty=request.repetition_penalty, logit_bias=tuple(logit_bias),
+                              allowed_token_ids=None if request.allowed_token_ids is None else
+                              tuple(request.allowed_token_ids))
     except ValueError as err:
         raise APIError(str(err)) from None
 
@@ -241,7 +287,8 @@ class Completion:
         self.request, self.context = request, context
         self.chat = isinstance(request, ChatCompletionRequest)
         if self.chat:
-            prompts = [chat_prompt(request.messages, context)]
+            bound = None if request.truncate_prompt_tokens is None else context.prompt_token_bound(request)
+            prompts = [chat_prompt(request.messages, context, bound, request).truncated(context.truncation(request))]
             stop_ids = context.chat_stop_token_ids
         else:
             prompts = completion_prompts(request, context)
@@ -261,16 +308,26 @@ class Completion:
         # One entry per choice.
         self.prompts = [prompt for prompt in prompts for _ in range(request.n)]
         self.params = [sample_params(prompt_params, index) for prompt_params in params for index in range(request.n)]
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        kind = "chatcmpl" if self.chat else "cmpl"
+        # The engine's request ids stay unique when clients reuse a request_id.
+        self._engine_id = f"{kind}-{uuid.uuid4().hex}"
+        self.id = self._engine_id if request.request_id is None else f"{kind}-{request.request_id}"
         self.created = int(time.time())
         self.echo = not self.chat and request.echo
         # Token ids go back when asked for, and always without a tokenizer (there is no text).
         self.with_token_ids = request.return_token_ids or context.tokenizer is None
+        self.text_options = TextOptions(request.stop_strings, request.include_stop_str_in_output,
+                                        request.skip_special_tokens)
+        # Logprobs name tokens by their text, or by "token_id:<id>" as a tokenizer-less server does.
+        self.logprob_tokenizer = None if request.return_tokens_as_token_ids else context.tokenizer
+        options = request.stream_options
+        self.usage_in_chunks = options is not None and options.include_usage
+        self.continuous_usage = self.usage_in_chunks and options.continuous_usage_stats
 
     def _streams(self) -> AsyncIterator[tuple[int, TextDelta]]:
         context = self.context
-        return merge([generate_text(context.engine, prompt.token_ids, params, f"{self.id}-{index}",
-                                    context.tokenizer, self.request.stop_strings, context.metrics.track(),
+        return merge([generate_text(context.engine, prompt.token_ids, params, f"{self._engine_id}-{index}",
+                                    context.tokenizer, self.text_options, context.metrics.track(),
                                     self.request.return_kv_placement)
                       for index, (prompt, params) in enumerate(zip(self.prompts, self.params))],
                      context.shutting_down)
@@ -291,11 +348,11 @@ class Completion:
         if logprobs is None:
             return None
         if self.chat:
-            return chat_logprobs(token_ids, logprobs, self.context.tokenizer)
+            return chat_logprobs(token_ids, logprobs, self.logprob_tokenizer)
         if prompt is not None:
             prompt_ids, prompt_logprobs = prompt
             token_ids, logprobs = prompt_ids + token_ids, [None, *prompt_logprobs, *logprobs]
-        return completion_logprobs(token_ids, logprobs, self.context.tokenizer, text_offset)
+        return completion_logprobs(token_ids, logprobs, self.logprob_tokenizer, text_offset)
 
     def _echoed_prompt(self, index: int, delta: TextDelta) -> tuple[list[int], list[TokenLogprobs]] | None:
         """The prompt of choice ``index`` and its logprobs, carried by the choice's first delta when it asked."""
@@ -353,7 +410,7 @@ class Completion:
             for index in range(len(self.prompts)):
                 opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                            "finish_reason": None}
-                yield sse({**self._header(chunk=True), "choices": [opening]})
+                yield sse({**self._header(chunk=True), "choices": [opening], **self._chunk_usage(index, [])})
         try:
             async with aclosing(self._streams()) as streams:
                 async for index, delta in streams:
@@ -367,14 +424,23 @@ class Completion:
                     token_ids[index] += delta.token_ids
                     if text or delta.finish_reason is not None or self.with_token_ids or logprobs:
                         choice = self._choice(index, text, delta.token_ids, delta, chunk=True, logprobs=logprobs)
-                        yield sse({**self._header(chunk=True), "choices": [choice]})
+                        yield sse({**self._header(chunk=True), "choices": [choice],
+                                   **self._chunk_usage(index, token_ids[index])})
         except (RuntimeError, ValueError) as err:
             yield sse(error_body(str(err), 503 if isinstance(err, ServerShuttingDownError) else 500))
         else:
-            options = self.request.stream_options
-            if options is not None and options.include_usage:
+            if self.usage_in_chunks:
                 yield sse({**self._header(chunk=True), "choices": [], "usage": self._usage(token_ids)})
         yield sse("[DONE]")
+
+    def _chunk_usage(self, index: int, token_ids: list[int]) -> dict[str, Any]:
+        """A chunk's usage field, as vLLM sends it with include_usage: null, or with continuous_usage_stats the
+        counts of the chunk's choice so far; no field otherwise."""
+        if not self.usage_in_chunks:
+            return {}
+        if not self.continuous_usage:
+            return {"usage": None}
+        return {"usage": usage(len(self.prompts[index].token_ids), len(token_ids))}
 
     def _usage(self, token_ids: list[list[int]]) -> dict[str, int]:
         # As vLLM counts: each prompt once, whatever its number of choices.

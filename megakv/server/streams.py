@@ -28,6 +28,17 @@ class ServerShuttingDownError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TextOptions:
+    """How a request's tokens become its text."""
+
+    stop_strings: list[str]
+    # The stop string, or the text of the stop token, that ended the request stays in its text.
+    include_stop_str_in_output: bool = False
+    # Special tokens (EOS, chat markers) have no text.
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
 class TextDelta:
     """What one step added to a request: text, token ids, and at the end why it finished."""
 
@@ -48,45 +59,57 @@ class TextDelta:
 
 
 async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                        tokenizer: TextTokenizer | None, stop_strings: list[str], tracker: RequestTracker,
+                        tokenizer: TextTokenizer | None, options: TextOptions, tracker: RequestTracker,
                         wait_for_placement: bool = False) -> AsyncIterator[TextDelta]:
-    """Serve one request, yielding its text as it grows; a stop string ends it there.
+    """Serve one request, yielding its text as it grows; a stop string ends it there, once the request has
+    ``params.min_tokens`` tokens.
 
     The engine reports a request's block placement on its last output. A request cut here (a stop string, or a
     stop token under ignore_eos) is still running in the engine: with ``wait_for_placement`` it is aborted and
-    its last delta waits for the abort's output, one step later, to report where its blocks were.
+    its last delta waits for the abort's output, one step later, to report where its blocks were. A request
+    left unfinished (its client went away, a sibling failed) is counted as aborted.
     """
-    decoder = IncrementalDecoder(tokenizer, prompt_ids) if tokenizer is not None else None
-    matcher = StopStringMatcher(stop_strings)
+    decoder = IncrementalDecoder(tokenizer, prompt_ids, options.skip_special_tokens) if tokenizer is not None else None
+    matcher = StopStringMatcher(options.stop_strings, options.include_stop_str_in_output)
     stop_token_ids = set(params.stop_token_ids)
-    async with aclosing(engine.generate(prompt_ids, params, request_id)) as outputs:
-        async for output in outputs:
-            if output.error is not None:
-                raise RequestFailedError(output.error)
-            tracker.on_output(output)
-            token_ids, finish_reason, stop_reason = output.new_token_ids, output.finish_reason, None
-            # Checked here too: the engine's ignore_eos also ignores stop tokens, vLLM's does not.
-            stop_at = next((index for index, token in enumerate(token_ids) if token in stop_token_ids), None)
-            if stop_at is not None:
-                token_ids, finish_reason, stop_reason = token_ids[:stop_at + 1], "stop", token_ids[stop_at]
-            # As vLLM: the text of the stop token is not part of the output.
-            text_ids = token_ids[:stop_at] if stop_at is not None else token_ids
-            new_text = decoder.push(text_ids) if decoder is not None else ""
-            text = matcher.feed(new_text, finish_reason is not None)
-            if matcher.matched is not None:
-                finish_reason, stop_reason = "stop", matcher.matched
-            placement = output.placement
-            if finish_reason is not None:
-                tracker.finish(finish_reason, output.instance)
-                if wait_for_placement and not output.finished:
-                    engine.abort(request_id)
-                    placement = await _last_placement(outputs)
-            logprobs = None if output.new_logprobs is None else output.new_logprobs[:len(token_ids)]
-            yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs, output.prompt_logprobs,
-                            output.instance, placement)
-            if finish_reason is not None:
-                # Leaving the loop closes the engine's generator: a request still running there is aborted.
-                return
+    num_generated, instance, ended = 0, None, "abort"
+    try:
+        async with aclosing(engine.generate(prompt_ids, params, request_id)) as outputs:
+            async for output in outputs:
+                if output.error is not None:
+                    ended = "error"
+                    raise RequestFailedError(output.error)
+                tracker.on_output(output)
+                instance = output.instance
+                token_ids, finish_reason, stop_reason = output.new_token_ids, output.finish_reason, None
+                # Checked here too: the engine's ignore_eos also ignores stop tokens, vLLM's does not.
+                stop_at = next((index for index, token in enumerate(token_ids) if token in stop_token_ids), None)
+                if stop_at is not None:
+                    token_ids, finish_reason, stop_reason = token_ids[:stop_at + 1], "stop", token_ids[stop_at]
+                # As vLLM: the text of the EOS or stop token that ended the request is left out, unless asked.
+                ends_on_token = finish_reason == "stop"
+                text_ids = token_ids[:-1] if ends_on_token and not options.include_stop_str_in_output else token_ids
+                new_text = decoder.push(text_ids) if decoder is not None else ""
+                num_generated += len(token_ids)
+                text = matcher.feed(new_text, finish_reason is not None, match=num_generated >= params.min_tokens)
+                if matcher.matched is not None:
+                    finish_reason, stop_reason = "stop", matcher.matched
+                placement = output.placement
+                if finish_reason is not None:
+                    ended = None
+                    tracker.finish(finish_reason, output.instance)
+                    if wait_for_placement and not output.finished:
+                        engine.abort(request_id)
+                        placement = await _last_placement(outputs)
+                logprobs = None if output.new_logprobs is None else output.new_logprobs[:len(token_ids)]
+                yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs, output.prompt_logprobs,
+                                output.instance, placement)
+                if finish_reason is not None:
+                    # Leaving the loop closes the engine's generator: a request still running there is aborted.
+                    return
+    finally:
+        if ended is not None:
+            tracker.finish(ended, instance)
 
 
 async def _last_placement(outputs: AsyncIterator[RequestOutput]) -> Placement | None:

@@ -66,10 +66,10 @@ def test_engine_fails_only_the_request_whose_sampling_raised(megakv_checkpoint, 
                                     scheduler=SchedulerConfig(max_num_batched_tokens=64)))
     sample_row = Sampler._sample_row
 
-    def faulty(self, logits, request_id, params):
+    def faulty(self, logits, request_id, params, history):
         if params.seed == 13:  # as multinomial fails on probabilities a faulty model made NaN
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return sample_row(self, logits, request_id, params)
+        return sample_row(self, logits, request_id, params, history)
 
     monkeypatch.setattr(Sampler, "_sample_row", faulty)
     failed, served = engine.generate([[1, 2, 3], [4, 5, 6]],

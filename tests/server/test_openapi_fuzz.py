@@ -35,7 +35,10 @@ def test_served_schema_describes_every_route_body(server):
         operation = schema["paths"][route]["post"]
         assert "$ref" in operation["requestBody"]["content"]["application/json"]["schema"]
         assert {"200", "400", "413"} <= set(operation["responses"])
-    assert schema["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"] == ["tiny"]
+    fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert fields["model"]["anyOf"] == [{"type": "string", "enum": ["tiny"]}, {"type": "null"}]
+    # As vLLM reads them, null is the default of every field, and the schema says so.
+    assert {"type": "null"} in fields["n"]["anyOf"] and fields["n"]["default"] == 1
 
 
 @pytest.mark.slow
