@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite, from nothing: sets up the environment (launch/setup_env.sh), then runs pytest.
+# The test suite, from nothing: sets up the environments (launch/setup_env.sh, launch/setup_clients.sh), then
+# runs pytest.
 #   bash launch/run_tests.sh            full suite (unit, kernel, mpirun/gloo, end to end), pinned packages (.venv)
 #   bash launch/run_tests.sh --quick    skips tests marked slow
 #   bash launch/run_tests.sh --newest   against the newest releases of every package but torch (.venv-newest)
@@ -23,6 +24,8 @@ fi
 # The launch scripts that tests start run megakv from the same environment.
 export MEGAKV_VENV=$venv
 bash launch/setup_env.sh
+# The load generators some server tests run (GuideLLM, AIPerf), in their own pinned environment.
+bash launch/setup_clients.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Most tests wait on processes of their own (mpirun jobs, servers, compilers) or run on one thread, so a second
 # worker fills the core the first leaves idle. Each test file runs whole in one worker (loadfile): the servers

@@ -235,7 +235,31 @@ class ChatMessage(StrictModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatTemplateOptions(StrictModel):
+    """How messages are rendered, as vLLM's and transformers' apply_chat_template take it: ending with the
+    assistant's turn opened, or inside the last message to continue it (not both), and further variables for
+    the template."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _template_options(self) -> ChatTemplateOptions:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true: set "
+                             "add_generation_prompt to false to continue the last message")
+        if "messages" in self.chat_template_kwargs:
+            raise ValueError("chat_template_kwargs cannot set messages: send them as messages")
+        return self
+
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """The variables the chat template gets besides the messages (chat_template_kwargs win, as in vLLM)."""
+        return {"add_generation_prompt": self.add_generation_prompt, **self.chat_template_kwargs}
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     """POST /v1/chat/completions: a conversation rendered with the checkpoint's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -244,13 +268,8 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     # Top logprobs per generated token; needs logprobs.
     top_logprobs: Integer | None = None
-    # The template's options (vLLM's and transformers' apply_chat_template): end with the assistant's turn
-    # opened, or continue the last message (mutually exclusive); add the tokenizer's special tokens (BOS) to
-    # what the template wrote; further variables for the template.
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    # Whether the tokenizer's special tokens (BOS) are added to what the template wrote.
     add_special_tokens: bool = False
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> ChatCompletionRequest:
@@ -265,19 +284,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
 
-    @model_validator(mode="after")
-    def _template_options(self) -> ChatCompletionRequest:
-        if self.add_generation_prompt and self.continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message cannot both be true: set "
-                             "add_generation_prompt to false to continue the last message")
-        if "messages" in self.chat_template_kwargs:
-            raise ValueError("chat_template_kwargs cannot set messages: send them as messages")
-        return self
-
-    @property
-    def template_variables(self) -> dict[str, Any]:
-        """The variables the chat template gets besides the messages (chat_template_kwargs win, as in vLLM)."""
-        return {"add_generation_prompt": self.add_generation_prompt, **self.chat_template_kwargs}
 
     @property
     def num_top_logprobs(self) -> int | None:
@@ -290,13 +296,20 @@ class ChatCompletionRequest(SamplingRequest):
         return None
 
 
-class TokenizeRequest(StrictModel):
+class TokenizeRequest(ChatTemplateOptions):
     """POST /tokenize: a prompt, or messages rendered with the chat template."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    # Whether the tokenizer's special tokens (BOS) are added: by default to a prompt, not to messages (whose
+    # template writes them), as vLLM's defaults are.
+    add_special_tokens: bool | None = None
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens here."""
+        return self.prompt is not None if self.add_special_tokens is None else self.add_special_tokens
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -24,7 +24,8 @@ from megakv.engine.limits import ContextLimit
 from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.logprobs import chat_logprobs, completion_logprobs
 from megakv.server.metrics import ServerMetrics
-from megakv.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from megakv.server.protocol import (ChatCompletionRequest, ChatMessage, ChatTemplateOptions, CompletionRequest,
+                                   TokenizeRequest)
 from megakv.server.streams import ServerShuttingDownError, TextDelta, TextOptions, generate_text, merge
 from megakv.tokenizer import TextTokenizer, TooManyTokensError
 
@@ -149,23 +150,21 @@ def completion_prompts(request: CompletionRequest, context: ServingContext) -> l
     return [prompt.truncated(context.truncation(request)) for prompt in prompts]
 
 
-def chat_prompt(messages: list[ChatMessage], context: ServingContext, max_tokens: int | None = None,
-                request: ChatCompletionRequest | None = None) -> Prompt:
-    """The conversation rendered with the checkpoint's chat template, as transformers renders it, with the
-    template options of ``request``; a prompt of more than ``max_tokens`` (default: what a request may hold) is an
-    APIError."""
+def chat_prompt(messages: list[ChatMessage], context: ServingContext, options: ChatTemplateOptions,
+                add_special_tokens: bool, max_tokens: int | None = None) -> Prompt:
+    """The conversation rendered with the checkpoint's chat template as transformers renders it, with ``options``,
+    and tokenized (the template writes the special tokens; ``add_special_tokens`` adds the tokenizer's too); a
+    prompt of more than ``max_tokens`` (default: what a request may hold) is an APIError."""
     tokenizer = context.require_tokenizer("a chat")
     if context.chat is None:
         raise APIError("the checkpoint has no chat template (chat_template.jinja): use /v1/completions")
     try:
         text = context.chat.render([{"role": message.role, "content": message.text} for message in messages],
-                                   request is not None and request.continue_final_message,
-                                   None if request is None else request.template_variables)
+                                   options.continue_final_message, options.template_variables)
     except ValueError as err:
         raise APIError(str(err), param="messages") from None
     try:
-        # The template writes the special tokens itself, unless the request asks for the tokenizer's too.
-        return Prompt(tokenizer.encode(text, add_special_tokens=request is not None and request.add_special_tokens,
+        return Prompt(tokenizer.encode(text, add_special_tokens,
                                        max_tokens=context.max_model_len if max_tokens is None else max_tokens), text)
     except TooManyTokensError as err:
         if max_tokens is None:
@@ -178,9 +177,9 @@ def tokenize_body(body: TokenizeRequest, context: ServingContext) -> list[int]:
     """The token ids /tokenize answers: of a prompt, or of messages rendered with the chat template."""
     max_tokens = context.limits.max_tokens
     if body.messages is not None:
-        return chat_prompt(body.messages, context, max_tokens).token_ids
+        return chat_prompt(body.messages, context, body, body.adds_special_tokens, max_tokens).token_ids
     try:
-        return context.require_tokenizer("/tokenize").encode(body.prompt, body.add_special_tokens, max_tokens)
+        return context.require_tokenizer("/tokenize").encode(body.prompt, body.adds_special_tokens, max_tokens)
     except TooManyTokensError as err:
         raise APIError(f"the prompt has {err.count} tokens, more than the {max_tokens} the server tokenizes "
                        f"in one request (megakv serve --max-request-tokens)", param="prompt") from None
@@ -288,7 +287,8 @@ class Completion:
         self.chat = isinstance(request, ChatCompletionRequest)
         if self.chat:
             bound = None if request.truncate_prompt_tokens is None else context.prompt_token_bound(request)
-            prompts = [chat_prompt(request.messages, context, bound, request).truncated(context.truncation(request))]
+            prompt = chat_prompt(request.messages, context, request, request.add_special_tokens, bound)
+            prompts = [prompt.truncated(context.truncation(request))]
             stop_ids = context.chat_stop_token_ids
         else:
             prompts = completion_prompts(request, context)

@@ -69,7 +69,7 @@ def test_rmanager_table_version_changes_only_with_the_table():
 def test_model_runner_reuses_table_tensors_until_the_table_changes():
     manager = RManager(0, BlockPool(8), block_size=4)
     # prepare() reads only the model's sliding window: no weights are needed.
-    model = SimpleNamespace(config=SimpleNamespace(sliding_window=None))
+    model = SimpleNamespace(config=SimpleNamespace(sliding_window=None, eos_token_ids=()))
     runner = ModelRunner(model=model, kv_cache=None, rmanager=manager, device=torch.device("cpu"))
     request = Request("a", list(range(12)), SamplingParams(max_new_tokens=1))
 
