@@ -33,6 +33,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", "--kv-blocks-per-instance", dest="num_blocks", type=int,
                         help="rBlocks in each instance's pool (default: as many as fit in --kv-cache-memory-gb)")
     parser.add_argument("--kv-cache-memory-gb", type=float, help="KV pool budget per rank in GiB (default 1)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse the KV of a prompt's full blocks that an earlier request computed (default on)")
     parser.add_argument("--max-num-seqs", type=int, help="requests per step (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int,
                         help="token budget per step; longer prompts prefill in chunks of this size (default 512)")

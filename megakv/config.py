@@ -182,6 +182,9 @@ class CacheConfig:
     # Exactly this many blocks, or (when None) as many as fit in kv_cache_memory_gb.
     num_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
+    # Reuse the KV of full blocks whose tokens (and every token before them) a request shares with an earlier
+    # one (megakv.kvcache.prefix_cache); on by default, as in vLLM.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size) or self.block_size <= 0:
@@ -191,6 +194,9 @@ class CacheConfig:
         memory = self.kv_cache_memory_gb
         if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory < math.inf:
             raise ValueError(f"cache config: kv_cache_memory_gb must be a positive finite number, got {memory!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"cache config: enable_prefix_caching must be true or false, got "
+                             f"{self.enable_prefix_caching!r}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "block_size": 16,
     "num_blocks": None,
     "kv_cache_memory_gb": 1.0,
+    "enable_prefix_caching": True,
     "max_num_seqs": 64,
     "max_num_batched_tokens": 512,
     "lending_cap": 1.0,
@@ -202,7 +203,8 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
     """The engine's configuration from the resolved options (each part validates its own keys)."""
     return EngineConfig(
         cache=CacheConfig(block_size=options["block_size"], num_blocks=options["num_blocks"],
-                          kv_cache_memory_gb=options["kv_cache_memory_gb"]),
+                          kv_cache_memory_gb=options["kv_cache_memory_gb"],
+                          enable_prefix_caching=options["enable_prefix_caching"]),
         scheduler=SchedulerConfig(max_num_seqs=options["max_num_seqs"],
                                   max_num_batched_tokens=options["max_num_batched_tokens"]),
         parallel=ParallelConfig(tensor_parallel_size=options["tp"], num_instances=options["instances"]),

@@ -92,7 +92,7 @@ def test_flags_win_over_the_config_file():
     ("log_level: loud", "log_level must be one of critical, error, warning, info, debug, got 'loud'"),
     ("served_model_name: ''", "served_model_name must be a non-empty string, got ''"),
     ("served_model_name: [a, b]", "served_model_name must be a non-empty string"),
-    ("prot: 8000", "unknown option(s) prot (known: block_size, dtype, host,"),
+    ("prot: 8000", "unknown option(s) prot (known: block_size, dtype, enable_prefix_caching, host,"),
     ("lending_cap: 2", "lending_cap must be between 0 and 1, got 2"),
     ("max_moves_per_step: -1", "max_moves_per_step must be an integer >= 0, got -1"),
     ("stall_timeout: 0", "stall_timeout must be a number of seconds > 0, got 0"),

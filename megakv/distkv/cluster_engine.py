@@ -113,6 +113,10 @@ class Progress:
     blocked: bool = False
     # The leader's last message: it has stopped.
     stopped: bool = False
+    # Prefix caching (see InstanceStats).
+    num_cached_blocks: int = 0
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
 
 
 def cluster_kv_capacity(pool_blocks: int, num_instances: int, distkv: DistKVConfig) -> KVCapacity:
@@ -335,7 +339,9 @@ class ClusterEngine:
                 num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index),
                 num_preemptions=progress.num_preemptions,
                 num_remote_micro_attentions=progress.num_remote_micro_attentions,
-                num_recalled=progress.num_recalled))
+                num_recalled=progress.num_recalled, num_cached_blocks=progress.num_cached_blocks,
+                num_prefix_cache_queries=progress.num_prefix_cache_queries,
+                num_prefix_cache_hits=progress.num_prefix_cache_hits))
         return EngineStats(instances, *counters)
 
     def shutdown(self) -> None:
@@ -589,7 +595,9 @@ class ClusterEngine:
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
                         len(self.scheduler.waiting) + len(self._parked), self.scheduler.num_preemptions,
                         self.model_runner.num_remote_micro_attentions, self.num_recalled, self._blocked,
-                        stopped=final)
+                        stopped=final, num_cached_blocks=self.rmanager.pool.num_cached_blocks,
+                        num_prefix_cache_queries=self.scheduler.num_prefix_cache_queries,
+                        num_prefix_cache_hits=self.scheduler.num_prefix_cache_hits)
 
     def _report_outputs(self, outputs: list[RequestOutput]) -> None:
         """Outputs go to the front: directly on the front, in a Progress elsewhere.

@@ -168,17 +168,41 @@ class RManager:
         return table.refs
 
     def free(self, request_id: str) -> None:
-        """Release every block of the request: local ones at once, remote ones at the next heartbeat."""
+        """Release every block of the request: local ones at once, remote ones at the next heartbeat. The last
+        blocks go first, so that a cached prefix is the last of them to be taken (as vLLM frees)."""
         table = self._tables.pop(request_id, None)
         if table is not None:
             table.drop()
-        for ref in table.refs if table is not None else []:
+        for ref in reversed(table.refs) if table is not None else []:
             if ref == PENDING:
                 continue
             if ref.instance_id == self.instance_id:
                 self.pool.free([ref.block_id])
             else:
                 self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
+
+    # -- prefix cache -------------------------------------------------------------------------------------
+
+    def cached_prefix(self, block_hashes: list[bytes]) -> list[int]:
+        """Blocks of this pool holding the longest cached prefix of ``block_hashes``."""
+        return self.pool.cached_prefix(block_hashes)
+
+    def share_cached(self, request_id: str, block_ids: list[int]) -> None:
+        """Start the table of a request that holds no blocks with cached blocks of this pool (a cache hit)."""
+        assert request_id not in self._tables, f"request {request_id} already holds blocks"
+        self.pool.share(block_ids)
+        table = BlockTable(next(self._versions), self._totals)
+        table.extend([BlockRef(self.instance_id, block_id) for block_id in block_ids], next(self._versions))
+        self._tables[request_id] = table
+
+    def cache_blocks(self, request_id: str, block_hashes: list[bytes], first: int) -> None:
+        """Record what the request's full blocks ``first:len(block_hashes)`` hold: block i holds the content
+        ``block_hashes[i]`` names. Only this pool's blocks are cached; a borrowed block goes back to its creditor
+        when the request ends."""
+        refs = self.block_table(request_id)
+        for ref, block_hash in zip(refs[first:len(block_hashes)], block_hashes[first:]):
+            if ref.instance_id == self.instance_id:
+                self.pool.cache(ref.block_id, block_hash)
 
     # -- lending side -----------------------------------------------------------------------------------
 

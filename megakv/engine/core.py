@@ -65,7 +65,8 @@ class InstanceCore:
                                  config.distkv.lending_cap)
         # The policy may consult the pool (megakv.distkv.policy), so it is built around this core's rManager.
         self.scheduler = Scheduler(config.scheduler, self.rmanager,
-                                   admission(self.rmanager) if admission is not None else LocalAdmission())
+                                   admission(self.rmanager) if admission is not None else LocalAdmission(),
+                                   config.cache.enable_prefix_caching)
         model = load_model(info, dtype, device)
         kv_cache = KVCache(info.model.num_layers, num_blocks, config.cache.block_size,
                            info.model.num_kv_heads_per_partition(tp), info.model.head_dim, dtype, device)
@@ -124,6 +125,7 @@ class InstanceCore:
         for chunk in scheduled.chunks:
             request = chunk.request
             request.num_computed_tokens += chunk.num_tokens
+            self.scheduler.cache_computed_blocks(request)
             request.prompt_logprobs.extend(sampled.prompt_logprobs.get(request.request_id, ()))
             if not chunk.samples_next_token:
                 continue
@@ -146,7 +148,8 @@ class InstanceCore:
                                          new_token_ids, reason, placement, error, instance=self.rmanager.instance_id,
                                          new_logprobs=None if logprobs is None else [logprobs],
                                          prompt_logprobs=list(request.prompt_logprobs) if first and
-                                         request.params.prompt_logprobs is not None else None))
+                                         request.params.prompt_logprobs is not None else None,
+                                         num_cached_tokens=request.num_cached_tokens))
         return outputs
 
     def placement(self, request: Request) -> Placement:

@@ -131,7 +131,10 @@ class LLMEngine:
         scheduler = self.core.scheduler
         return EngineStats([InstanceStats(self.rmanager.instance_id, len(scheduler.running), len(scheduler.waiting),
                                           self.rmanager.pool.num_blocks, self.rmanager.num_free_blocks,
-                                          num_preemptions=scheduler.num_preemptions)])
+                                          num_preemptions=scheduler.num_preemptions,
+                                          num_cached_blocks=self.rmanager.pool.num_cached_blocks,
+                                          num_prefix_cache_queries=scheduler.num_prefix_cache_queries,
+                                          num_prefix_cache_hits=scheduler.num_prefix_cache_hits)])
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Serve a batch of prompts to completion (see :func:`generate`)."""

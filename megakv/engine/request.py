@@ -38,6 +38,11 @@ class Request:
     arrival: int = 0
     # When params ask for prompt logprobs: entry i is prompt token i + 1's, as computed so far.
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Prefix caching (megakv.kvcache.prefix_cache): the hashes of the request's full blocks computed so far, how
+    # many of its blocks are recorded in the cache, and how many prompt tokens its first admission found cached.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -83,6 +88,8 @@ class RequestOutput:
     # On a request's first output, when its params ask for them: the logprobs of every prompt token after the
     # first (the first has no context to be predicted from).
     prompt_logprobs: list[TokenLogprobs] | None = None
+    # Prompt tokens whose KV a cached prefix gave, not computed for this request.
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

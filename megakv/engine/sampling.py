@@ -21,7 +21,7 @@ MAX_PENALTY = 2.0
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens and when it stops."""
+    """How one request picks its tokens and when it stops, and whose cached KV it may reuse."""
 
     max_new_tokens: int = 16
     # Below GREEDY_TEMPERATURE (0 included) means greedy decoding.
@@ -51,6 +51,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # The only tokens that may be picked; None: any.
     allowed_token_ids: tuple[int, ...] | None = None
+    # Prefix caching: only requests with the same salt share cached KV (vLLM's cache_salt, per tenant).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):

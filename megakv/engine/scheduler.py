@@ -4,7 +4,10 @@ Every step has a token budget. Running requests go first (a decode costs one
 token, an unfinished prefill its next chunk), then waiting requests are
 admitted while budget, batch slots and blocks last. Blocks are taken as the
 requests grow; when the pool runs dry the most recently admitted request is
-preempted (its blocks freed, its tokens recomputed later), as in vLLM.
+preempted (its blocks freed, its tokens recomputed later), as in vLLM. With
+prefix caching, an admitted request starts with the cached blocks of its
+prompt's longest cached prefix and computes only the rest; the blocks its
+computed tokens fill are recorded for later requests.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Protocol
 from megakv.config import SchedulerConfig
 from megakv.engine.request import Request, RequestStatus
 from megakv.distkv.rmanager import RManager
+from megakv.kvcache.prefix_cache import extend_block_hashes
 
 
 class AdmissionPolicy(Protocol):
@@ -66,14 +70,19 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, step by step, which tokens of which requests run."""
 
-    def __init__(self, config: SchedulerConfig, rmanager: RManager, admission: AdmissionPolicy) -> None:
+    def __init__(self, config: SchedulerConfig, rmanager: RManager, admission: AdmissionPolicy,
+                 prefix_caching: bool = False) -> None:
         self.config = config
         self.rmanager = rmanager
         self.admission = admission
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Requests preempted since start, for monitoring.
         self.num_preemptions = 0
+        # Prompt tokens looked up in the prefix cache at admission, and those found, since start (vLLM's counts).
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
 
     def add(self, request: Request) -> None:
         """Queue a new request."""
@@ -103,10 +112,14 @@ class Scheduler:
             request = self.waiting[0]
             if not self.admission.may_admit(request):
                 break
+            num_cached = self._reuse_cached_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             borrowable = self.admission.num_borrowable_blocks(request)
             if not self.rmanager.can_grow(request.request_id, request.num_computed_tokens + num_new, borrowable):
+                self._release(request)
                 break
+            self.num_prefix_cache_queries += len(request.prompt_ids) if num_cached is not None else 0
+            self.num_prefix_cache_hits += num_cached or 0
             self.rmanager.grow(request.request_id, request.num_computed_tokens + num_new, borrowable)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -114,6 +127,44 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
             budget -= num_new
         return SchedulerOutput(chunks)
+
+    def _reuse_cached_prefix(self, request: Request) -> int | None:
+        """Give a request about to be admitted the cached blocks of its prompt's longest cached prefix; the
+        prompt tokens they hold (None when the request does not look: caching is off, or it wants the logits of
+        every prompt token). At least the prompt's last token is always computed, for the logits of the next."""
+        if not self.prefix_caching or request.params.prompt_logprobs is not None or request.num_computed_tokens:
+            return None
+        block_size = self.rmanager.block_size
+        # A prompt cached whole still computes its last block: its last token's logits give the next token.
+        num_lookup = (len(request.prompt_ids) - 1) // block_size
+        if len(request.block_hashes) < num_lookup:
+            extend_block_hashes(request.block_hashes, request.prompt_ids, num_lookup * block_size, block_size,
+                                request.params.cache_salt)
+        block_ids = self.rmanager.cached_prefix(request.block_hashes[:num_lookup])
+        if block_ids:
+            self.rmanager.share_cached(request.request_id, block_ids)
+        request.num_computed_tokens = request.num_cached_blocks = len(block_ids)
+        request.num_computed_tokens *= block_size
+        if not request.output_ids:
+            request.num_cached_tokens = request.num_computed_tokens
+        return request.num_computed_tokens
+
+    def _release(self, request: Request) -> None:
+        """A request that was not admitted after all lets go of the cached blocks it was given."""
+        self.rmanager.free(request.request_id)
+        request.num_computed_tokens = request.num_cached_blocks = 0
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Record in the prefix cache the request's blocks that its computed tokens filled."""
+        block_size = self.rmanager.block_size
+        num_full = request.num_computed_tokens // block_size
+        if not self.prefix_caching or num_full <= request.num_cached_blocks:
+            return
+        if len(request.block_hashes) < num_full:
+            extend_block_hashes(request.block_hashes, request.prompt_ids + request.output_ids,
+                                num_full * block_size, block_size, request.params.cache_salt)
+        self.rmanager.cache_blocks(request.request_id, request.block_hashes[:num_full], request.num_cached_blocks)
+        request.num_cached_blocks = num_full
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
         """Make the request's table hold num_tokens, preempting later requests; False if it was preempted."""
@@ -132,7 +183,7 @@ class Scheduler:
         self.running.remove(request)
         self.rmanager.free(request.request_id)
         self.num_preemptions += 1
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_cached_blocks = 0
         request.status = RequestStatus.WAITING
         self.admission.on_preempt(request)
         self.waiting.appendleft(request)

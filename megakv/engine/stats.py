@@ -24,6 +24,11 @@ class InstanceStats:
     num_remote_micro_attentions: int = 0
     # Requests of this instance preempted because a creditor recalled its blocks (megakv.distkv), since start.
     num_recalled: int = 0
+    # Prefix caching: blocks of the pool whose content is cached (held or free), and the prompt tokens looked
+    # up and found at admission since start.
+    num_cached_blocks: int = 0
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
-"""The physical rBlock pool of one instance (DistKV-LLM section 4.1: rBlocks).
+"""The physical rBlock pool of one instance (DistKV-LLM section 4.1: rBlocks), with its prefix cache.
 
-Plain Python bookkeeping: which physical block ids are free. The tensors that
-hold the keys and values live in :class:`megakv.kvcache.kv_cache.KVCache`.
+Plain Python bookkeeping: which physical block ids are free, how many requests
+hold each one, and which full blocks hold KV that a later request may reuse. As
+in vLLM v1's block pool, a block whose last holder lets go keeps its content and
+its hash: it is free (it counts as free, may be lent, and is taken when the pool
+runs short, least recently released first) and, until it is taken, cached. The
+tensors that hold the keys and values live in :class:`megakv.kvcache.kv_cache.KVCache`.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 def num_blocks_for(num_tokens: int, block_size: int) -> int:
@@ -18,41 +22,83 @@ class KVCacheExhaustedError(RuntimeError):
 
 
 class BlockPool:
-    """A fixed set of ``num_blocks`` physical block ids, handed out and taken back."""
+    """A fixed set of ``num_blocks`` physical block ids, handed out, shared and taken back."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        # FIFO reuse spreads writes over the pool instead of hammering the lowest ids.
-        self._free_block_ids: deque[int] = deque(range(num_blocks))
-        self._is_free = [True] * num_blocks
+        # Free blocks, least recently released first: reuse spreads writes over the pool, and a cached block
+        # is taken only after those released before it.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+        # block hash (megakv.kvcache.prefix_cache) <-> the block that holds that content
+        self._cached: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_block_ids)
+        """Blocks no request holds (cached ones among them)."""
+        return len(self._free)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free_block_ids)
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks whose content a request may reuse, held or not."""
+        return len(self._cached)
 
     def is_free(self, block_id: int) -> bool:
-        return self._is_free[block_id]
+        return self._ref_counts[block_id] == 0
 
     def allocate(self, num_blocks: int) -> list[int]:
-        """Take ``num_blocks`` free blocks; all or nothing."""
-        if num_blocks > len(self._free_block_ids):
+        """Take ``num_blocks`` free blocks, each for one holder; all or nothing. A cached block taken loses its
+        content."""
+        if num_blocks > len(self._free):
             raise KVCacheExhaustedError(
-                f"KV pool exhausted: {num_blocks} blocks requested, {len(self._free_block_ids)} of "
-                f"{self.num_blocks} free")
-        block_ids = [self._free_block_ids.popleft() for _ in range(num_blocks)]
+                f"KV pool exhausted: {num_blocks} blocks requested, {len(self._free)} of {self.num_blocks} free")
+        block_ids = [self._free.popitem(last=False)[0] for _ in range(num_blocks)]
         for block_id in block_ids:
-            self._is_free[block_id] = False
+            self._ref_counts[block_id] = 1
+            block_hash = self._hash_of.pop(block_id, None)
+            if block_hash is not None:
+                del self._cached[block_hash]
         return block_ids
 
     def free(self, block_ids: list[int]) -> None:
-        """Return blocks to the pool; freeing a block twice is a bookkeeping bug."""
+        """Let go of blocks, once per holder; a block nobody holds any more is free (and stays cached). Freeing
+        a block nobody holds is a bookkeeping bug."""
         for block_id in block_ids:
-            assert not self._is_free[block_id], f"block {block_id} freed twice"
-            self._is_free[block_id] = True
-            self._free_block_ids.append(block_id)
+            assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
+                self._free[block_id] = None
+
+    # -- prefix cache -----------------------------------------------------------------------------------
+
+    def cache(self, block_id: int, block_hash: bytes) -> None:
+        """Record that a held, full block holds the content ``block_hash`` names. Content already cached in
+        another block keeps that block."""
+        assert self._ref_counts[block_id] > 0, f"block {block_id} is cached while nobody holds it"
+        if block_hash not in self._cached and block_id not in self._hash_of:
+            self._cached[block_hash] = block_id
+            self._hash_of[block_id] = block_hash
+
+    def cached_prefix(self, block_hashes: list[bytes]) -> list[int]:
+        """The blocks holding the longest prefix of ``block_hashes`` that is cached, in order."""
+        block_ids = []
+        for block_hash in block_hashes:
+            block_id = self._cached.get(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return block_ids
+
+    def share(self, block_ids: list[int]) -> None:
+        """One more holder for each block (a cache hit); a free block stops being free."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] == 0:
+                del self._free[block_id]
+            self._ref_counts[block_id] += 1

@@ -154,7 +154,8 @@ def run_serve(args: argparse.Namespace) -> int:
                             if key != "max_new_tokens" or is_set(args, key)}
         context = ServingContext(async_engine, model_name, info.model.vocab_size, engine.context_limit, tokenizer,
                                  chat, ServerMetrics(model_name), settings.request_limits, request_defaults,
-                                 chat_stop_token_ids(tokenizer, chat), read_tokenizer_config(args.model))
+                                 chat_stop_token_ids(tokenizer, chat), read_tokenizer_config(args.model),
+                                 config.cache.enable_prefix_caching)
         for line in startup_lines(args.model, info, dtype, config, context):
             print(f"megakv serve: {line}", file=sys.stderr, flush=True)
         try:

@@ -51,6 +51,12 @@ class EngineStatsCollector:
                                         "layers together", "num_remote_micro_attentions"),
             "num_recalled": (CounterMetricFamily, "Requests of this instance preempted because the instance that "
                              "lent them blocks recalled them for a request of its own", "num_recalled"),
+            "kv_blocks_cached": (GaugeMetricFamily, "rBlocks of the instance's pool whose content the prefix cache "
+                                 "holds (in use or free)", "num_cached_blocks"),
+            "prefix_cache_queries": (CounterMetricFamily, "Prompt tokens looked up in the prefix cache",
+                                     "num_prefix_cache_queries"),
+            "prefix_cache_hits": (CounterMetricFamily, "Prompt tokens whose KV the prefix cache gave",
+                                  "num_prefix_cache_hits"),
         }
         for name, (family_class, documentation, attribute) in per_instance.items():
             family = family_class(f"megakv:{name}", documentation, labels=LABELS)

@@ -135,7 +135,7 @@ class SamplingRequest(StrictModel):
     request_id: str | None = None
     # Names the end user; it changes nothing here.
     user: str | None = None
-    # Isolates a tenant's prefix cache (vLLM); megakv caches no prefixes across requests, so every salt is served.
+    # Prefix caching: only requests with the same salt share cached KV (vLLM's, per tenant).
     cache_salt: str | None = None
     # Choices per prompt, sampled independently.
     n: Integer = Field(default=1, ge=1, le=MAX_N)

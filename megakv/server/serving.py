@@ -70,6 +70,8 @@ class ServingContext:
     chat_stop_token_ids: tuple[int, ...] = ()
     # The checkpoint's tokenizer_config.json, which /tokenizer_info answers with.
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
+    # Whether the engine reuses cached prefixes (the n samples of a prompt then share its prefill).
+    prefix_caching: bool = False
     # Set when the server starts to stop: every open response ends at once (see streams.merge).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -239,15 +241,16 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, prompt: 
                               presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                               repetition_penalty=request.repetition_penalty, logit_bias=tuple(logit_bias),
                               allowed_token_ids=None if request.allowed_token_ids is None else
-                              tuple(request.allowed_token_ids))
+                              tuple(request.allowed_token_ids), cache_salt=request.cache_salt)
     except ValueError as err:
         raise APIError(str(err)) from None
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    """OpenAI's usage counts."""
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage counts, with the prompt tokens the prefix cache gave."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
 def kv_placement(delta: TextDelta) -> dict[str, Any] | None:
@@ -320,17 +323,26 @@ class Completion:
                                         request.skip_special_tokens)
         # Logprobs name tokens by their text, or by "token_id:<id>" as a tokenizer-less server does.
         self.logprob_tokenizer = None if request.return_tokens_as_token_ids else context.tokenizer
+        # Per choice: the prompt tokens its request found in the prefix cache.
+        self.num_cached_tokens = [0] * len(self.prompts)
         options = request.stream_options
         self.usage_in_chunks = options is not None and options.include_usage
         self.continuous_usage = self.usage_in_chunks and options.continuous_usage_stats
 
     def _streams(self) -> AsyncIterator[tuple[int, TextDelta]]:
-        context = self.context
-        return merge([generate_text(context.engine, prompt.token_ids, params, f"{self._engine_id}-{index}",
-                                    context.tokenizer, self.text_options, context.metrics.track(),
-                                    self.request.return_kv_placement)
-                      for index, (prompt, params) in enumerate(zip(self.prompts, self.params))],
-                     context.shutting_down)
+        """Every choice's deltas. With prefix caching, a prompt's other samples wait until its first one has
+        computed the prompt, and then reuse its KV: the prompt is prefilled once, not n times."""
+        context, n = self.context, self.request.n
+        computed = [asyncio.Event() for _ in self.prompts[::n]] if context.prefix_caching and n > 1 else None
+        streams = []
+        for index, (prompt, params) in enumerate(zip(self.prompts, self.params)):
+            first = index % n == 0
+            after = None if computed is None or first else computed[index // n]
+            started = computed[index // n] if computed is not None and first else None
+            streams.append(generate_text(context.engine, prompt.token_ids, params, f"{self._engine_id}-{index}",
+                                         context.tokenizer, self.text_options, context.metrics.track(),
+                                         self.request.return_kv_placement, after, started))
+        return merge(streams, context.shutting_down)
 
     def _prompt_text(self, prompt: Prompt) -> str:
         if prompt.text is not None or self.context.tokenizer is None:
@@ -387,6 +399,7 @@ class Completion:
         finals: list[TextDelta | None] = [None] * len(self.prompts)
         async with aclosing(self._streams()) as streams:
             async for index, delta in streams:
+                self.num_cached_tokens[index] = delta.num_cached_tokens
                 texts[index] += delta.text
                 token_ids[index] += delta.token_ids
                 if delta.logprobs is not None:
@@ -414,6 +427,7 @@ class Completion:
         try:
             async with aclosing(self._streams()) as streams:
                 async for index, delta in streams:
+                    self.num_cached_tokens[index] = delta.num_cached_tokens
                     text, prompt = delta.text, None
                     if to_echo[index]:
                         to_echo[index] = False
@@ -440,9 +454,10 @@ class Completion:
             return {}
         if not self.continuous_usage:
             return {"usage": None}
-        return {"usage": usage(len(self.prompts[index].token_ids), len(token_ids))}
+        return {"usage": usage(len(self.prompts[index].token_ids), len(token_ids), self.num_cached_tokens[index])}
 
-    def _usage(self, token_ids: list[list[int]]) -> dict[str, int]:
-        # As vLLM counts: each prompt once, whatever its number of choices.
-        prompts = self.prompts[::self.request.n]
-        return usage(sum(len(prompt.token_ids) for prompt in prompts), sum(map(len, token_ids)))
+    def _usage(self, token_ids: list[list[int]]) -> dict[str, Any]:
+        # As vLLM counts: each prompt once, whatever its number of choices (its first choice computed it).
+        n = self.request.n
+        return usage(sum(len(prompt.token_ids) for prompt in self.prompts[::n]), sum(map(len, token_ids)),
+                     sum(self.num_cached_tokens[::n]))

@@ -56,13 +56,17 @@ class TextDelta:
     # when the request never held a block, or when it was cut here and its caller did not wait for them).
     instance: int | None = None
     placement: Placement | None = None
+    # Prompt tokens whose KV came from the prefix cache.
+    num_cached_tokens: int = 0
 
 
 async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
                         tokenizer: TextTokenizer | None, options: TextOptions, tracker: RequestTracker,
-                        wait_for_placement: bool = False) -> AsyncIterator[TextDelta]:
+                        wait_for_placement: bool = False, after: asyncio.Event | None = None,
+                        started: asyncio.Event | None = None) -> AsyncIterator[TextDelta]:
     """Serve one request, yielding its text as it grows; a stop string ends it there, once the request has
-    ``params.min_tokens`` tokens.
+    ``params.min_tokens`` tokens. The request reaches the engine once ``after`` is set (if given), and sets
+    ``started`` (if given) when its prompt has been computed, or when it ends without.
 
     The engine reports a request's block placement on its last output. A request cut here (a stop string, or a
     stop token under ignore_eos) is still running in the engine: with ``wait_for_placement`` it is aborted and
@@ -74,8 +78,12 @@ async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: Samp
     stop_token_ids = set(params.stop_token_ids)
     num_generated, instance, ended = 0, None, "abort"
     try:
+        if after is not None:
+            await after.wait()
         async with aclosing(engine.generate(prompt_ids, params, request_id)) as outputs:
             async for output in outputs:
+                if started is not None:
+                    started.set()
                 if output.error is not None:
                     ended = "error"
                     raise RequestFailedError(output.error)
@@ -103,11 +111,13 @@ async def generate_text(engine: AsyncEngine, prompt_ids: list[int], params: Samp
                         placement = await _last_placement(outputs)
                 logprobs = None if output.new_logprobs is None else output.new_logprobs[:len(token_ids)]
                 yield TextDelta(text, token_ids, finish_reason, stop_reason, logprobs, output.prompt_logprobs,
-                                output.instance, placement)
+                                output.instance, placement, output.num_cached_tokens)
                 if finish_reason is not None:
                     # Leaving the loop closes the engine's generator: a request still running there is aborted.
                     return
     finally:
+        if started is not None:
+            started.set()
         if ended is not None:
             tracker.finish(ended, instance)
 

@@ -37,6 +37,13 @@ def generated_since(before: dict[str, float], after: dict[str, float]) -> float:
     return total(after, "megakv:generation_tokens_total") - total(before, "megakv:generation_tokens_total")
 
 
+def assert_counted_as_aborted(before: list, after: list) -> None:
+    """One more request finished, and it was aborted (vLLM's finished_reason "abort")."""
+    assert total(after, "megakv:request_success_total") == total(before, "megakv:request_success_total") + 1
+    aborted = total(after, "megakv:request_success_total", finished_reason="abort")
+    assert aborted == total(before, "megakv:request_success_total", finished_reason="abort") + 1
+
+
 def test_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
     before = scrape(server.url)
     with httpx.stream("POST", f"{server.url}/v1/completions", json=long_request(True), timeout=30) as response:
@@ -50,7 +57,7 @@ def test_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
         assert total(running, "megakv:kv_blocks_free") < NUM_BLOCKS
     samples = wait_for_idle_pools(server.url, timeout=30)
     assert 2 <= generated_since(before, samples) < MAX_TOKENS
-    assert total(samples, "megakv:request_success_total") == total(before, "megakv:request_success_total")
+    assert_counted_as_aborted(before, samples)
 
 
 def test_disconnect_before_a_whole_response_aborts_the_request(server):
@@ -59,7 +66,7 @@ def test_disconnect_before_a_whole_response_aborts_the_request(server):
         httpx.post(f"{server.url}/v1/completions", json=long_request(False), timeout=httpx.Timeout(30, read=1.0))
     samples = wait_for_idle_pools(server.url, timeout=30)
     assert 0 < generated_since(before, samples) < MAX_TOKENS
-    assert total(samples, "megakv:request_success_total") == total(before, "megakv:request_success_total")
+    assert_counted_as_aborted(before, samples)
 
 
 def test_sigterm_stops_the_server_cleanly(chat_model):

@@ -225,3 +225,20 @@ def test_a_client_that_leaves_counts_as_an_aborted_request(server):
     while abort_count(server) != before + 1:
         assert time.monotonic() < deadline, "the abort was not counted within 30 s"
         time.sleep(0.1)
+
+
+def test_n_samples_share_their_prompt_prefill_and_usage_counts_cached_tokens(server):
+    prompt = [(11 * index) % 250 + 2 for index in range(70)]  # 4 full blocks of 16 tokens, and 6 more
+    before = scrape(server.url)
+    answer = complete(server, prompt=prompt, n=3)
+    after = scrape(server.url)
+    assert len({tuple(choice["token_ids"]) for choice in answer["choices"]}) == 1
+    # The first sample computed the prompt; the other two reused its 64 tokens of full blocks.
+    hits = total(after, "megakv:prefix_cache_hits_total") - total(before, "megakv:prefix_cache_hits_total")
+    queries = total(after, "megakv:prefix_cache_queries_total") - total(before, "megakv:prefix_cache_queries_total")
+    assert (hits, queries) == (2 * 64, 3 * 70)
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = complete(server, prompt=prompt)
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+    assert again["choices"][0]["token_ids"] == answer["choices"][0]["token_ids"]
+    assert total(after, "megakv:kv_blocks_cached") >= 4
