@@ -68,7 +68,8 @@ def request_params(specs: list[PromptSpec], options: dict, chat_stop_ids: tuple[
 
 
 def format_output(output: RequestOutput, tokenizer: TextTokenizer | None) -> dict:
-    record = {"prompt_ids": output.prompt_ids, "token_ids": output.token_ids, "finish_reason": output.finish_reason}
+    record = {"prompt_ids": output.prompt_ids, "token_ids": output.token_ids, "finish_reason": output.finish_reason,
+              "num_cached_tokens": output.num_cached_tokens}
     if output.error is not None:
         record["error"] = output.error
     if output.placement is not None:

@@ -24,36 +24,24 @@ p99 TTFT against request rate, longest context against instances.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import os
 import platform
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import yaml
 
+from megakv.bench.cluster_server import BIN_DIR, Server, ServerFailed
 from megakv.bench.datasets import parse_length_distribution
 from megakv.bench.results import parse_goodput
-from megakv.bench.server_metrics import scrape, total
-from megakv.processes import free_port, kill_session
 
-BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "bench"
-STARTUP_SECONDS = 300
-# Starts of a server whose port another process took first (see Server.start).
-PORT_ATTEMPTS = 3
-SHUTDOWN_SECONDS = 30
-IDLE_SECONDS = 60
 # The modes of a workload run: the config's cluster lending (lending_cap 1) and not (0), and one instance alone.
 MODES = ("distkv", "independent", "single")
 # The figures of each run kept in the report (the per-request lists stay in bench serve's own JSON).
@@ -123,108 +111,10 @@ def load_config(path: str) -> dict:
     return config
 
 
-class ServerFailed(RuntimeError):
-    """The server stopped answering, or kept requests it no longer serves: it failed during a run."""
-
-
-
-class Server:
-    """``megakv serve`` of the config's model and pools: ``instances`` ranks under mpirun, or one process."""
-
-    def __init__(self, config: dict, model: Path, instances: int, lending_cap: float, log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        argv = [str(BIN_DIR / "megakv"), "serve", "--model", str(model), "--instances", str(instances),
-                "--block-size", str(config["block_size"]), "--num-blocks", str(config["kv_blocks_per_instance"]),
-                "--max-num-seqs", str(config["max_num_seqs"]),
-                "--max-num-batched-tokens", str(config["max_num_batched_tokens"]),
-                "--recall-after", str(config["recall_after"]), "--lending-cap", str(lending_cap),
-                "--port", self.url.rsplit(":", 1)[1], "--served-model-name", MODEL_NAME, "--log-level", "warning"]
-        if instances > 1:
-            argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                    "-n", str(instances), *argv]
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            # A session of its own, so that every rank can be found and ended.
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-    @classmethod
-    def start(cls, config: dict, model: Path, instances: int, lending_cap: float, log_path: Path) -> Server:
-        """A server that answers /health. The port is free when chosen (free_port), but another process may still
-        bind it before the server does: then the server starts again on another, at most PORT_ATTEMPTS times."""
-        for attempt in itertools.count(1):
-            server = cls(config, model, instances, lending_cap, log_path)
-            try:
-                return server.wait_ready()
-            except RuntimeError:
-                if attempt == PORT_ATTEMPTS or "Address already in use" not in server.log():
-                    raise
-                print(f"port {server.url.rsplit(':', 1)[1]} was taken before the server bound it: starting it "
-                      f"again on another", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def wait_ready(self) -> Server:
-        """Poll /health until the server answers; RuntimeError with its log if it exits or takes too long."""
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"megakv serve exited {self.proc.returncode} while starting:\n{self.log()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.5)
-        self.kill()
-        raise RuntimeError(f"megakv serve did not answer /health within {STARTUP_SECONDS} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        """SIGTERM to rank 0, which stops the whole cluster cleanly; SIGKILL to what still runs after that."""
-        match = re.search(r"megakv serve: .*\(pid (\d+)\)", self.log())
-        if match and self.proc.poll() is None:
-            os.kill(int(match.group(1)), signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=SHUTDOWN_SECONDS)
-        self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def failure(self) -> str:
-        """megakv's own line saying why the server stopped (the log's last line if there is none)."""
-        lines = self.log_path.read_text().splitlines() or ["(empty log)"]
-        return next((line for line in lines if line.startswith("megakv") and ("failed" in line or "error" in line)),
-                    lines[-1])
-
-    def kill(self) -> None:
-        """SIGKILL every process of the server's session: mpirun puts each rank in a process group of its own."""
-        kill_session(self.proc.pid)
-        self.proc.wait()
-
-    def counters(self) -> dict[str, float]:
-        """The DistKV counters of /metrics, once no request runs or waits (at most IDLE_SECONDS)."""
-        deadline = time.monotonic() + IDLE_SECONDS
-        while True:
-            try:
-                samples = scrape(self.url)
-            except httpx.HTTPError as err:
-                raise ServerFailed(f"the server no longer answers ({err}): {self.failure()}") from None
-            busy = total(samples, "megakv:num_requests_running") + total(samples, "megakv:num_requests_waiting")
-            if busy == 0:
-                return {label: total(samples, name) for name, label in SERVER_COUNTERS.items()}
-            if time.monotonic() > deadline:
-                raise ServerFailed(f"the server stalled: {busy:.0f} requests still running or waiting {IDLE_SECONDS} s "
-                                   f"after the benchmark's last answer")
-            time.sleep(0.2)
-
-
 def bench_serve(server: Server, config: dict, workload: dict, rate: float, out: Path) -> dict:
     """One ``megakv bench serve`` run: the summary figures, the server's counters over it, and the error that
     stopped the server during the run (None if it still answers)."""
-    before = server.counters()
+    before = server.counters(SERVER_COUNTERS)
     argv = [str(BIN_DIR / "megakv"), "bench", "serve", "--base-url", server.url, "--model", MODEL_NAME,
             "--num-prompts", str(workload["num_prompts"]), "--input-len-dist", workload["input_len_dist"],
             "--output-len-dist", workload["output_len_dist"], "--request-rate", str(rate),
@@ -238,7 +128,7 @@ def bench_serve(server: Server, config: dict, workload: dict, rate: float, out: 
         raise RuntimeError(f"megakv bench serve failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result = json.loads(out.read_text())
     try:
-        after = server.counters()
+        after = server.counters(SERVER_COUNTERS)
         counters, server_error = {key: after[key] - before[key] for key in after}, None
     except ServerFailed as err:
         # The requests it left unanswered are failed requests of this mode, as a client saw them.
@@ -274,10 +164,19 @@ def served_by_all(modes: dict[str, dict]) -> dict[str, dict]:
     return summary
 
 
+def server_flags(config: dict, lending_cap: float) -> list[str]:
+    """The megakv serve flags of the config's pools and scheduling, and ``lending_cap``."""
+    return ["--block-size", str(config["block_size"]), "--num-blocks", str(config["kv_blocks_per_instance"]),
+            "--max-num-seqs", str(config["max_num_seqs"]),
+            "--max-num-batched-tokens", str(config["max_num_batched_tokens"]),
+            "--recall-after", str(config["recall_after"]), "--lending-cap", str(lending_cap)]
+
+
 def start_server(config: dict, model: Path, mode: str, log_path: Path) -> Server:
     """A ready, warmed-up server of ``mode``."""
     instances = 1 if mode == "single" else config["instances"]
-    server = Server.start(config, model, instances, 0.0 if mode == "independent" else 1.0, log_path)
+    server = Server.start(model, server_flags(config, 0.0 if mode == "independent" else 1.0), instances, MODEL_NAME,
+                          log_path)
     warm_up = {"num_prompts": 4, "input_len_dist": "fixed:16", "output_len_dist": "fixed:4"}
     bench_serve(server, config, warm_up, float("inf"), log_path.with_suffix(".warm-up.json"))
     return server
@@ -335,7 +234,7 @@ def max_context(config: dict, model: Path, folder: Path) -> list[dict]:
         row: dict = {"instances": instances, "pool_tokens_per_instance": pool_tokens}
         for mode, cap in (("distkv", 1.0), ("independent", 0.0)):
             print(f"{mode}: longest context on {instances} instance(s)", file=sys.stderr, flush=True)
-            with Server.start(config, model, instances, cap,
+            with Server.start(model, server_flags(config, cap), instances, MODEL_NAME,
                               folder / f"server-context-{mode}-{instances}.log") as server:
                 bound = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["max_model_len"]
                 served, answer = completion(server, bound - MAX_CONTEXT_NEW_TOKENS)

@@ -1,4 +1,5 @@
-"""The prompts of a serving benchmark: random token ids with chosen length distributions, ShareGPT, or JSONL.
+"""The prompts of a serving benchmark: random token ids with chosen length distributions, questions about long
+documents (a shared-prefix workload), ShareGPT, or JSONL.
 
 Every dataset is drawn from ``--seed`` alone, so two servers given the same flags get the
 same requests. Random prompts are token ids drawn from the tokens of a fixed English text
@@ -126,6 +127,26 @@ async def random_requests(api: ServerAPI, model: str, num: int, input_lengths: L
     prompts = [rng.choice(token_pool, size=length).tolist() for length in prompt_lens]
     if chat:
         # A chat request carries text: its length after the chat template is what the server's usage reports.
+        texts = await asyncio.gather(*(api.detokenize(ids, model, what) for ids in prompts))
+        return [BenchRequest(text, None, out) for text, out in zip(texts, output_lens)]
+    return [BenchRequest(ids, len(ids), out) for ids, out in zip(prompts, output_lens)]
+
+
+async def document_requests(api: ServerAPI, model: str, num: int, document_lengths: LengthDistribution,
+                            questions_per_document: int, question_len: int, output_lengths: LengthDistribution,
+                            seed: int, chat: bool) -> list[BenchRequest]:
+    """Questions about long documents (a shared-prefix workload): each prompt is a document's tokens and then a
+    question's, drawn as random prompts are. Request i asks about document i mod D (D = num / questions per
+    document, rounded up), so every document's first question comes before any follow-up about it."""
+    what = "--dataset documents draws its tokens from the server's tokenizer"
+    token_pool = sorted(set(await api.tokenize(TOKEN_SOURCE_TEXT, model, what)))
+    rng = np.random.default_rng(seed)
+    num_documents = -(-num // questions_per_document)
+    documents = [rng.choice(token_pool, size=length).tolist() for length in document_lengths.sample(num_documents, rng)]
+    output_lens = output_lengths.sample(num, rng)
+    prompts = [documents[index % num_documents] + rng.choice(token_pool, size=question_len).tolist()
+               for index in range(num)]
+    if chat:
         texts = await asyncio.gather(*(api.detokenize(ids, model, what) for ids in prompts))
         return [BenchRequest(text, None, out) for text, out in zip(texts, output_lens)]
     return [BenchRequest(ids, len(ids), out) for ids, out in zip(prompts, output_lens)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-DATASETS = ("random", "sharegpt", "jsonl")
+DATASETS = ("random", "documents", "sharegpt", "jsonl")
 ENDPOINTS = ("completions", "chat")
 # vLLM's random-dataset lengths, used when neither the length nor a distribution is given.
 DEFAULT_RANDOM_INPUT_LEN = 1024
@@ -23,23 +23,31 @@ def add_bench_serve_options(parser: argparse.ArgumentParser) -> None:
                              "(default 3600)")
     data = parser.add_argument_group("workload")
     data.add_argument("--dataset", "--dataset-name", dest="dataset", choices=DATASETS, default="random",
-                      help="random token ids, a ShareGPT JSON file, or a JSONL file of prompts (default random)")
+                      help="random token ids, questions about random documents (their prompts share the "
+                           "document: a prefix-caching workload), a ShareGPT JSON file, or a JSONL file of prompts "
+                           "(default random)")
     data.add_argument("--dataset-path", help="the ShareGPT or JSONL file")
     data.add_argument("--num-prompts", type=int, default=1000, help="requests to send (default 1000)")
     data.add_argument("--random-input-len", type=int,
                       help=f"random dataset: prompt tokens (default {DEFAULT_RANDOM_INPUT_LEN}), spread by "
                            f"--random-range-ratio")
     data.add_argument("--random-output-len", type=int,
-                      help=f"random dataset: max_tokens of each request (default {DEFAULT_RANDOM_OUTPUT_LEN}), "
-                           f"spread by --random-range-ratio")
+                      help=f"random and documents datasets: max_tokens of each request "
+                           f"(default {DEFAULT_RANDOM_OUTPUT_LEN}), spread by --random-range-ratio")
     data.add_argument("--random-range-ratio", type=float, default=0.0,
                       help="random dataset: lengths uniform over len * [1 - r, 1 + r] (default 0: fixed)")
     data.add_argument("--input-len-dist", help="random dataset: prompt lengths as fixed:N, uniform:LO:HI, or "
                                                "longtail:LO:HI:LONG_LO:LONG_HI:FRACTION (that share of the requests "
                                                "uniform over LONG_LO..LONG_HI, the rest over LO..HI); instead "
                                                "of --random-input-len")
-    data.add_argument("--output-len-dist", help="random dataset: max_tokens as --input-len-dist; instead of "
-                                                "--random-output-len")
+    data.add_argument("--output-len-dist", help="random and documents datasets: max_tokens as --input-len-dist; "
+                                                "instead of --random-output-len")
+    data.add_argument("--document-len-dist", default="uniform:2500:4000",
+                      help="documents dataset: document lengths, as --input-len-dist (default uniform:2500:4000)")
+    data.add_argument("--questions-per-document", type=int, default=10,
+                      help="documents dataset: requests about each document (default 10)")
+    data.add_argument("--question-len", type=int, default=32,
+                      help="documents dataset: tokens of each question, after its document (default 32)")
     data.add_argument("--sharegpt-output-len", type=int,
                       help="sharegpt: max_tokens of every request (default: the length of the recorded reply)")
     data.add_argument("--jsonl-output-len", type=int, default=256,

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from megakv.bench.arrivals import arrival_offsets, check_rate
 from megakv.bench.client import RequestResult, ServerAPI, send_streaming
-from megakv.bench.datasets import (BenchRequest, LengthDistribution, jsonl_requests, parse_length_distribution,
-                                   random_requests, range_ratio_distribution, sharegpt_requests)
+from megakv.bench.datasets import (BenchRequest, LengthDistribution, document_requests, jsonl_requests,
+                                   parse_length_distribution, random_requests, range_ratio_distribution,
+                                   sharegpt_requests)
 from megakv.bench.options import DEFAULT_RANDOM_INPUT_LEN, DEFAULT_RANDOM_OUTPUT_LEN
 from megakv.bench.results import format_table, parse_goodput, parse_percentiles, summarize
 
@@ -44,12 +45,15 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.dataset == "random" and args.dataset_path is not None:
-        raise ValueError("--dataset-path is for --dataset sharegpt or jsonl; --dataset random needs none")
-    if args.dataset != "random" and args.dataset_path is None:
+    generated = args.dataset in ("random", "documents")
+    if generated and args.dataset_path is not None:
+        raise ValueError(f"--dataset-path is for --dataset sharegpt or jsonl; --dataset {args.dataset} needs none")
+    if not generated and args.dataset_path is None:
         raise ValueError(f"--dataset {args.dataset} needs --dataset-path FILE")
     if args.dataset == "random":
         random_lengths(args)
+    if args.dataset == "documents":
+        document_lengths(args)
     if not args.base_url.startswith(("http://", "https://")):
         raise ValueError(f"--base-url must start with http:// or https://, got {args.base_url!r}")
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -71,6 +75,18 @@ def random_lengths(args: argparse.Namespace) -> tuple[LengthDistribution, Length
     return lengths[0], lengths[1]
 
 
+def document_lengths(args: argparse.Namespace) -> tuple[LengthDistribution, LengthDistribution]:
+    """The documents dataset's document and output length distributions, from their flags."""
+    for flag in ("input_len_dist", "random_input_len"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is for --dataset random: documents take "
+                             f"--document-len-dist and --question-len")
+    for flag in ("questions_per_document", "question_len"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    return parse_length_distribution(args.document_len_dist, "--document-len-dist"), random_lengths(args)[1]
+
+
 async def load_requests(api: ServerAPI, model: str, args: argparse.Namespace) -> list[BenchRequest]:
     """The benchmark's requests, from --dataset and its flags."""
     chat = args.endpoint == "chat"
@@ -79,6 +95,10 @@ async def load_requests(api: ServerAPI, model: str, args: argparse.Namespace) ->
                                        args.sharegpt_output_len)
     if args.dataset == "jsonl":
         return jsonl_requests(args.dataset_path, args.num_prompts, chat, args.jsonl_output_len)
+    if args.dataset == "documents":
+        documents, output_lengths = document_lengths(args)
+        return await document_requests(api, model, args.num_prompts, documents, args.questions_per_document,
+                                       args.question_len, output_lengths, args.seed, chat)
     input_lengths, output_lengths = random_lengths(args)
     return await random_requests(api, model, args.num_prompts, input_lengths, output_lengths, args.seed, chat)
 

@@ -34,6 +34,7 @@ from megakv.distkv.gmanager import GManager
 from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
+from megakv.distkv.prefix_routing import PrefixDirectory
 from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
 from megakv.distkv.rmanager import RManager, Transfer
 from megakv.engine.core import InstanceCore
@@ -45,6 +46,7 @@ from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.kvcache.block_pool import num_blocks_for
+from megakv.kvcache.prefix_cache import extend_block_hashes
 from megakv.parallel import state
 from megakv.parallel.kv_links import PeerGone
 from megakv.parallel.messaging import split, world_comm
@@ -218,6 +220,9 @@ class ClusterEngine:
         self._request_counter = itertools.count()
         self._where: dict[str, int] = {}
         self._routed: dict[str, Request] = {}
+        # Where the blocks of the prompts routed so far went, with prefix caching (the cluster's pools bound it).
+        self._prefixes = PrefixDirectory(self.num_instances * self.rmanager.pool.num_blocks) \
+            if config.cache.enable_prefix_caching else None
         self._ready: list[RequestOutput] = []
         self._progress: dict[int, Progress] = {}
         self._running_leaders: set[int] = set(range(1, self.num_instances))
@@ -243,8 +248,13 @@ class ClusterEngine:
         if request_id in self._where:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.core.validate(prompt_ids, params, self.context_limit)
-        target = instance if instance is not None else self._route()
         request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
+        if self._prefixes is not None:
+            extend_block_hashes(request.block_hashes, request.prompt_ids, len(request.prompt_ids),
+                                self.rmanager.block_size, params.cache_salt)
+        target = instance if instance is not None else self._route(request)
+        if self._prefixes is not None:
+            self._prefixes.record(request.block_hashes, target)
         self._last_activity = time.monotonic()
         self._where[request_id] = target
         self._routed[request_id] = request
@@ -254,12 +264,20 @@ class ClusterEngine:
             self._post(target, Orders(requests=[request]))
         return request_id
 
-    def _route(self) -> int:
-        """The instance with the most free blocks as last reported, then the fewest requests routed to it."""
+    def _route(self, request: Request) -> int:
+        """With prefix caching, the instance that holds the longest cached prefix of the request if it has room
+        for the rest (megakv.distkv.prefix_routing); else the instance with the most free blocks as last
+        reported, then the fewest requests routed to it."""
         pool = self.rmanager.pool.num_blocks
         free = [self.rmanager.num_free_blocks if index == self.instance_id else
                 self._progress[index].num_free_blocks if index in self._progress else pool
                 for index in range(self.num_instances)]
+        if self._prefixes is not None:
+            holder, num_cached = self._prefixes.longest_prefix(request.block_hashes)
+            num_needed = num_blocks_for(max_kv_tokens(len(request.prompt_ids), request.params.max_new_tokens),
+                                        self.rmanager.block_size) - num_cached
+            if holder is not None and free[holder] >= num_needed:
+                return holder
         load = Counter(self._where.values())
         return max(range(self.num_instances), key=lambda index: (free[index], -load[index], -index))
 

@@ -310,7 +310,15 @@ class Completion:
                            f"(megakv serve --max-request-tokens)", param="max_tokens")
         # One entry per choice.
         self.prompts = [prompt for prompt in prompts for _ in range(request.n)]
+        # With prefix caching, a prompt's other samples reuse its first sample's prefill (see _streams); they
+        # reuse its prompt logprobs too, which a prefill from the cache does not compute.
+        self.shares_prefill = context.prefix_caching and request.n > 1
         self.params = [sample_params(prompt_params, index) for prompt_params in params for index in range(request.n)]
+        if self.shares_prefill:
+            self.params = [dataclasses.replace(params, prompt_logprobs=None) if index % request.n else params
+                           for index, params in enumerate(self.params)]
+        # Prompt index -> the prompt logprobs its first sample computed.
+        self._prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
         kind = "chatcmpl" if self.chat else "cmpl"
         # The engine's request ids stay unique when clients reuse a request_id.
         self._engine_id = f"{kind}-{uuid.uuid4().hex}"
@@ -333,7 +341,7 @@ class Completion:
         """Every choice's deltas. With prefix caching, a prompt's other samples wait until its first one has
         computed the prompt, and then reuse its KV: the prompt is prefilled once, not n times."""
         context, n = self.context, self.request.n
-        computed = [asyncio.Event() for _ in self.prompts[::n]] if context.prefix_caching and n > 1 else None
+        computed = [asyncio.Event() for _ in self.prompts[::n]] if self.shares_prefill else None
         streams = []
         for index, (prompt, params) in enumerate(zip(self.prompts, self.params)):
             first = index % n == 0
@@ -367,10 +375,16 @@ class Completion:
         return completion_logprobs(token_ids, logprobs, self.logprob_tokenizer, text_offset)
 
     def _echoed_prompt(self, index: int, delta: TextDelta) -> tuple[list[int], list[TokenLogprobs]] | None:
-        """The prompt of choice ``index`` and its logprobs, carried by the choice's first delta when it asked."""
-        if delta.prompt_logprobs is None:
+        """The prompt of choice ``index`` and its logprobs, carried by the choice's first delta when it asked (by
+        its prompt's first sample's, for the others that share its prefill)."""
+        n, logprobs = self.request.n, delta.prompt_logprobs
+        if logprobs is not None:
+            self._prompt_logprobs[index // n] = logprobs
+        elif self.shares_prefill and self.request.num_top_prompt_logprobs is not None:
+            logprobs = self._prompt_logprobs.get(index // n)
+        if logprobs is None:
             return None
-        return self.prompts[index].token_ids, delta.prompt_logprobs
+        return self.prompts[index].token_ids, logprobs
 
     def _choice(self, index: int, text: str, token_ids: list[int], delta: TextDelta | None, chunk: bool,
                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:

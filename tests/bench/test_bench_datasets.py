@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from megakv.bench.datasets import (TOKEN_SOURCE_TEXT, LengthDistribution, jsonl_requests, parse_length_distribution,
-                                   random_requests, range_ratio_distribution, sharegpt_requests)
+from megakv.bench.datasets import (TOKEN_SOURCE_TEXT, LengthDistribution, document_requests, jsonl_requests,
+                                   parse_length_distribution, random_requests, range_ratio_distribution,
+                                   sharegpt_requests)
 
 
 class ByteTokenizerAPI:
@@ -71,6 +72,19 @@ def test_random_requests_are_seeded_token_ids_of_the_drawn_lengths():
     [chat] = asyncio.run(random_requests(ByteTokenizerAPI(), "m", 1, LengthDistribution((6, 6)),
                                          LengthDistribution((2, 2)), 0, chat=True))
     assert isinstance(chat.prompt, str) and len(chat.prompt) == 6 and chat.prompt_len is None
+
+
+def test_document_requests_ask_about_every_document_before_any_follow_up():
+    requests = asyncio.run(document_requests(ByteTokenizerAPI(), "m", 7, LengthDistribution((20, 30)), 3, 5,
+                                             LengthDistribution((4, 4)), seed=0, chat=False))
+    # 7 questions, 3 per document: 3 documents, asked in rounds; the last round is cut short.
+    documents = [request.prompt[:-5] for request in requests[:3]]
+    assert len({tuple(document) for document in documents}) == 3
+    assert all(20 <= len(document) <= 30 for document in documents)
+    for index, request in enumerate(requests):
+        assert request.prompt[:-5] == documents[index % 3] and request.prompt_len == len(request.prompt)
+        assert request.output_len == 4
+    assert len({tuple(request.prompt[-5:]) for request in requests}) == 7
 
 
 def test_sharegpt_requests_take_first_turns_and_filter_as_vllm(tmp_path):

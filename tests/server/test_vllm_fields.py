@@ -242,3 +242,18 @@ def test_n_samples_share_their_prompt_prefill_and_usage_counts_cached_tokens(ser
     assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
     assert again["choices"][0]["token_ids"] == answer["choices"][0]["token_ids"]
     assert total(after, "megakv:kv_blocks_cached") >= 4
+
+
+def test_n_echo_samples_share_the_first_samples_prompt_logprobs(server):
+    prompt = [(13 * index) % 240 + 5 for index in range(40)]
+    single = complete(server, prompt=prompt, echo=True, logprobs=1, max_tokens=2)["choices"][0]["logprobs"]
+    before = scrape(server.url)
+    many = complete(server, prompt=prompt, echo=True, logprobs=1, max_tokens=2, n=3)["choices"]
+    hits = total(scrape(server.url), "megakv:prefix_cache_hits_total") - total(before, "megakv:prefix_cache_hits_total")
+    # The other two samples reused the first one's 2 full blocks (it computed every prompt position's logits).
+    assert hits == 2 * 32
+    for choice in many:
+        echoed = choice["logprobs"]
+        assert echoed["tokens"][:40] == single["tokens"][:40] and echoed["token_logprobs"][0] is None
+        assert echoed["token_logprobs"][1:40] == pytest.approx(single["token_logprobs"][1:40], abs=1e-5)
+        assert [list(top) for top in echoed["top_logprobs"][1:40]] == [list(top) for top in single["top_logprobs"][1:40]]
