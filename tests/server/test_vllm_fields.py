@@ -256,4 +256,5 @@ def test_n_echo_samples_share_the_first_samples_prompt_logprobs(server):
         echoed = choice["logprobs"]
         assert echoed["tokens"][:40] == single["tokens"][:40] and echoed["token_logprobs"][0] is None
         assert echoed["token_logprobs"][1:40] == pytest.approx(single["token_logprobs"][1:40], abs=1e-5)
-        assert [list(top) for top in echoed["top_logprobs"][1:40]] == [list(top) for top in single["top_logprobs"][1:40]]
+        top_tokens = [list(top) for top in echoed["top_logprobs"][1:40]]
+        assert top_tokens == [list(top) for top in single["top_logprobs"][1:40]]
