@@ -34,7 +34,7 @@ from megakv.distkv.gmanager import GManager
 from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
-from megakv.distkv.prefix_routing import PrefixDirectory
+from megakv.distkv.prefix_routing import PrefixDirectory, prefix_holder
 from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
 from megakv.distkv.rmanager import RManager, Transfer
 from megakv.engine.core import InstanceCore
@@ -265,20 +265,19 @@ class ClusterEngine:
         return request_id
 
     def _route(self, request: Request) -> int:
-        """With prefix caching, the instance that holds the longest cached prefix of the request if it has room
-        for the rest (megakv.distkv.prefix_routing); else the instance with the most free blocks as last
-        reported, then the fewest requests routed to it."""
+        """With prefix caching, the instance that holds the longest cached prefix of the request, unless it is
+        much busier than the others (megakv.distkv.prefix_routing); else the instance with the most free blocks
+        as last reported, then the fewest requests routed to it."""
         pool = self.rmanager.pool.num_blocks
         free = [self.rmanager.num_free_blocks if index == self.instance_id else
                 self._progress[index].num_free_blocks if index in self._progress else pool
                 for index in range(self.num_instances)]
-        if self._prefixes is not None:
-            holder, num_cached = self._prefixes.longest_prefix(request.block_hashes)
-            num_needed = num_blocks_for(max_kv_tokens(len(request.prompt_ids), request.params.max_new_tokens),
-                                        self.rmanager.block_size) - num_cached
-            if holder is not None and free[holder] >= num_needed:
-                return holder
         load = Counter(self._where.values())
+        if self._prefixes is not None:
+            holder = prefix_holder(self._prefixes, request.block_hashes,
+                                   [load[index] for index in range(self.num_instances)])
+            if holder is not None:
+                return holder
         return max(range(self.num_instances), key=lambda index: (free[index], -load[index], -index))
 
     def abort(self, request_id: str) -> None:

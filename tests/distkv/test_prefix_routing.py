@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from megakv.distkv.prefix_routing import PrefixDirectory
+from megakv.distkv.prefix_routing import MAX_EXTRA_LOAD, PrefixDirectory, prefix_holder
 
 from test_cluster import random_prompt, run_cluster
 
@@ -20,6 +20,16 @@ def test_directory_finds_the_longest_run_on_one_instance_and_forgets_the_oldest(
     assert directory.longest_prefix([b"z", b"a"]) == (None, 0) and directory.longest_prefix([]) == (None, 0)
     directory.record([b"d", b"e"], 0)
     assert len(directory) == 5 and directory.longest_prefix([b"x"]) == (None, 0)
+
+
+def test_holder_serves_when_it_holds_half_the_prompt_and_is_not_much_busier():
+    directory = PrefixDirectory(capacity=100)
+    directory.record([b"a", b"b", b"c", b"d"], 2)
+    assert prefix_holder(directory, [b"a", b"b", b"x", b"y"], [0, 0, 3]) == 2
+    assert prefix_holder(directory, [b"a", b"x", b"y", b"z"], [0, 0, 0]) is None
+    assert prefix_holder(directory, [b"a", b"b"], [1, 1, 1 + MAX_EXTRA_LOAD]) == 2
+    assert prefix_holder(directory, [b"a", b"b"], [1, 1, 2 + MAX_EXTRA_LOAD]) is None
+    assert prefix_holder(directory, [b"q"], [0, 0, 0]) is None
 
 
 @pytest.mark.slow

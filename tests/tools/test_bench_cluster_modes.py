@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from megakv.bench import cluster_server
 from megakv.processes import free_port
 
 # Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
@@ -113,8 +114,9 @@ def test_a_server_whose_port_was_taken_starts_again_on_another(tmp_path, monkeyp
         taken.listen()
         taken_port, free = taken.getsockname()[1], free_port()
         ports = iter([taken_port, free])
-        monkeypatch.setattr(tool, "free_port", lambda: next(ports))
-        with tool.Server.start(yaml.safe_load(TINY_CONFIG), model, 1, 0.0, tmp_path / "server.log") as server:
+        monkeypatch.setattr(cluster_server, "free_port", lambda: next(ports))
+        flags = tool.server_flags(yaml.safe_load(TINY_CONFIG), 0.0)
+        with cluster_server.Server.start(model, flags, 1, "bench", tmp_path / "server.log") as server:
             assert server.url == f"http://127.0.0.1:{free}"
             assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     assert f"port {taken_port} was taken before the server bound it" in capsys.readouterr().err
