@@ -5,9 +5,9 @@
 ``megakv serve`` of the demo model (SmolLM2-135M-Instruct, fp32; built by tools/make_demo_model.py when missing)
 runs on ``--instances`` instances of TP 1 under mpirun, each with a pool of ``--num-blocks`` blocks of 16 tokens,
 fewer than one document needs. ``megakv bench serve --dataset documents`` sends ``--questions`` questions about
-each of ``--documents`` documents of ``--document-len-dist`` tokens at a Poisson rate, every document's first
-question before its follow-ups, to the cluster with prefix caching and then to the same cluster without it, with
-the same requests and arrival times.
+each of ``--documents`` documents of ``--document-len-dist`` tokens, every document's first question before its
+follow-ups, one at a time by default (so that a TTFT is a prefill, not a queue on a small host), to the cluster
+with prefix caching and then to the same cluster without it, with the same requests.
 
 Prints one JSON object (also written to ``--output``): per mode, TTFT median and p99 of the first questions and of
 the follow-ups, output throughput, the prompt tokens the cache gave and the cluster's lending counters; and the
@@ -44,12 +44,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--num-blocks", type=int, default=128, help="blocks of 16 tokens per instance (default 128)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--documents", type=int, default=4)
-    parser.add_argument("--questions", type=int, default=8, help="questions per document (default 8)")
+    parser.add_argument("--documents", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=4, help="questions per document (default 4)")
     parser.add_argument("--document-len-dist", default="uniform:2500:4000")
     parser.add_argument("--question-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--request-rate", type=float, default=0.2)
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests per second (default inf: as --max-concurrency allows)")
+    parser.add_argument("--max-concurrency", type=int, default=1,
+                        help="requests in flight at most (default 1: each TTFT is its prefill, not a queue)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=1800.0)
     parser.add_argument("--output", type=Path, help="also write the JSON here")
@@ -74,10 +77,10 @@ def run_mode(args: argparse.Namespace, mode: str, folder: Path) -> dict:
                 "--dataset", "documents", "--num-prompts", str(num_prompts),
                 "--questions-per-document", str(args.questions), "--document-len-dist", args.document_len_dist,
                 "--question-len", str(args.question_len), "--random-output-len", str(args.output_len),
-                "--request-rate", str(args.request_rate), "--seed", str(args.seed), "--ignore-eos",
+                "--request-rate", str(args.request_rate), "--max-concurrency", str(args.max_concurrency),
+                "--seed", str(args.seed), "--ignore-eos",
                 "--request-timeout", str(args.request_timeout), "--disable-tqdm", "--json", str(out)]
-        proc = subprocess.run(argv, capture_output=True, text=True,
-                              timeout=10 * num_prompts / args.request_rate + args.request_timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=num_prompts * args.request_timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"megakv bench serve failed ({proc.returncode}): {proc.stderr[-2000:]}")
         after = server.counters(SERVER_COUNTERS)
@@ -119,7 +122,7 @@ def main() -> int:
                  for stat in ("median", "p99") if modes["cached"]["follow_up_ttft_ms"][stat]}
     report = {"workload": {key: getattr(args, key) for key in ("instances", "num_blocks", "documents", "questions",
                                                                "document_len_dist", "question_len", "output_len",
-                                                               "request_rate", "seed")},
+                                                               "request_rate", "max_concurrency", "seed")},
               "pool_tokens_per_instance": args.num_blocks * BLOCK_SIZE, "modes": modes,
               "follow_up_ttft_uncached_over_cached": follow_up,
               "throughput_cached_over_uncached": modes["cached"]["output_throughput"]
