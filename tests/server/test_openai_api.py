@@ -142,6 +142,15 @@ def test_completions_n_samples_each_prompt_as_vllm_seeds_them(client):
     assert greedy.choices[0].text == greedy.choices[1].text
 
 
+def assert_same_counts_and_cached_prompt(again, first) -> None:
+    """A request sent again counts the same tokens, and its prompt's full blocks (16 tokens each, its last token
+    left out) came from the prefix cache that the first one filled."""
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(again, key) for key in counts] == [getattr(first, key) for key in counts]
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert again.prompt_tokens_details.cached_tokens == (again.prompt_tokens - 1) // 16 * 16
+
+
 def test_chat_n_streams_each_choice_under_its_index(client):
     messages = [{"role": "user", "content": "Hi there"}]
     whole = client.chat.completions.create(model="tiny", messages=messages, n=2, max_tokens=MAX_TOKENS,
@@ -152,7 +161,7 @@ def test_chat_n_streams_each_choice_under_its_index(client):
     streamed = ["".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices
                         if choice.index == index) for index in range(2)]
     assert streamed == [choice.message.content for choice in whole.choices]
-    assert chunks[-1].usage == whole.usage
+    assert_same_counts_and_cached_prompt(chunks[-1].usage, whole.usage)
 
 
 def test_chat_renders_the_template_and_decodes_greedily(client, chat_model, hf_greedy, reference_tokenizer):
@@ -173,7 +182,8 @@ def test_chat_renders_the_template_and_decodes_greedily(client, chat_model, hf_g
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == \
         choice.message.content
-    assert chunks[-1].usage == response.usage and chunks[-2].choices[0].finish_reason == choice.finish_reason
+    assert_same_counts_and_cached_prompt(chunks[-1].usage, response.usage)
+    assert chunks[-2].choices[0].finish_reason == choice.finish_reason
 
 
 def test_chat_text_parts_equal_a_string_content(client):
