@@ -3,9 +3,11 @@
 Plain Python bookkeeping: which physical block ids are free, how many requests
 hold each one, and which full blocks hold KV that a later request may reuse. As
 in vLLM v1's block pool, a block whose last holder lets go keeps its content and
-its hash: it is free (it counts as free, may be lent, and is taken when the pool
-runs short, least recently released first) and, until it is taken, cached. The
-tensors that hold the keys and values live in :class:`megakv.kvcache.kv_cache.KVCache`.
+its hash: it is free (it counts as free, and may be lent or taken) and, until it is
+taken, cached. Free blocks without content go first, then cached ones, least
+recently released first, so that growth and lending push a prefix out only when
+the pool holds nothing else. The tensors that hold the keys and values live in
+:class:`megakv.kvcache.kv_cache.KVCache`.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        # Free blocks, least recently released first: reuse spreads writes over the pool, and a cached block
-        # is taken only after those released before it.
+        # Free blocks without content, then free cached ones, each least recently released first: reuse spreads
+        # writes over the pool, and a cached block is taken only when no other is free.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
         self._ref_counts = [0] * num_blocks
         # block hash (megakv.kvcache.prefix_cache) <-> the block that holds that content
         self._cached: dict[bytes, int] = {}
@@ -39,11 +42,11 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks no request holds (cached ones among them)."""
-        return len(self._free)
+        return len(self._free) + len(self._free_cached)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -56,10 +59,10 @@ class BlockPool:
     def allocate(self, num_blocks: int) -> list[int]:
         """Take ``num_blocks`` free blocks, each for one holder; all or nothing. A cached block taken loses its
         content."""
-        if num_blocks > len(self._free):
-            raise KVCacheExhaustedError(
-                f"KV pool exhausted: {num_blocks} blocks requested, {len(self._free)} of {self.num_blocks} free")
-        block_ids = [self._free.popitem(last=False)[0] for _ in range(num_blocks)]
+        if num_blocks > self.num_free_blocks:
+            raise KVCacheExhaustedError(f"KV pool exhausted: {num_blocks} blocks requested, {self.num_free_blocks} "
+                                        f"of {self.num_blocks} free")
+        block_ids = [(self._free or self._free_cached).popitem(last=False)[0] for _ in range(num_blocks)]
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
             block_hash = self._hash_of.pop(block_id, None)
@@ -74,7 +77,7 @@ class BlockPool:
             assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free[block_id] = None
+                (self._free_cached if block_id in self._hash_of else self._free)[block_id] = None
 
     # -- prefix cache -----------------------------------------------------------------------------------
 
@@ -100,5 +103,5 @@ class BlockPool:
         """One more holder for each block (a cache hit); a free block stops being free."""
         for block_id in block_ids:
             if self._ref_counts[block_id] == 0:
-                del self._free[block_id]
+                del self._free_cached[block_id]
             self._ref_counts[block_id] += 1

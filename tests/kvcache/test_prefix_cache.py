@@ -1,5 +1,5 @@
 """Prefix caching: block hashes chain every token before a block; the pool shares cached blocks, keeps them while
-free and gives them up least recently released first; a random run of admissions, steps, finishes, aborts,
+free and gives them up only when no other block is free, least recently released first; a random run of admissions, steps, finishes, aborts,
 preemptions, loans and returns never gives a request a block whose content differs from its own tokens' and
 leaves every block free; an engine with the cache gives the tokens of one without it."""
 from __future__ import annotations
@@ -66,6 +66,18 @@ def test_pool_shares_cached_blocks_keeps_them_while_free_and_gives_them_up_last(
     assert pool.num_free_blocks == 6
     with pytest.raises(AssertionError, match="freed twice"):
         pool.free(first[:1])
+
+
+def test_pool_takes_blocks_without_content_before_cached_ones():
+    pool = BlockPool(3)
+    cached, plain = pool.allocate(2)
+    pool.cache(cached, hashes_of([1, 2, 3, 4])[0])
+    pool.free([cached])
+    pool.free([plain])
+    # Released later, the block without content still goes first; the cached one only when nothing else is free.
+    assert pool.allocate(2) == [2, plain]
+    assert pool.cached_prefix(hashes_of([1, 2, 3, 4])) == [cached]
+    assert pool.allocate(1) == [cached] and pool.num_cached_blocks == 0
 
 
 class Shadow:
