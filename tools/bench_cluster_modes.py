@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,7 @@ import httpx
 import numpy as np
 import yaml
 
-from megakv.bench.cluster_server import BIN_DIR, Server, ServerFailed
+from megakv.bench.cluster_server import BIN_DIR, Server, ServerFailed, machine
 from megakv.bench.datasets import parse_length_distribution
 from megakv.bench.results import parse_goodput
 
@@ -310,15 +308,6 @@ def build_random_model(folder: Path) -> Path:
     return folder / "ckpt"
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=REPO_ROOT).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "commit": commit}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="benchmark config (configs/bench-cpu.yaml)")
@@ -335,7 +324,8 @@ def main() -> None:
             model = build_random_model(folder) if config["model"] == "random" else Path(config["model"])
             if not model.is_dir():
                 raise ValueError(f"config {args.config}: model {config['model']} is not a checkpoint folder")
-            results = {"config": config, "machine": machine(), "workloads": run_workloads(config, model, folder),
+            results = {"config": config, "machine": machine(REPO_ROOT),
+                       "workloads": run_workloads(config, model, folder),
                        "max_context": max_context(config, model, folder)}
         results["figures"] = draw_figures(results, args.figures_dir)
     except (ValueError, RuntimeError, httpx.HTTPError, subprocess.SubprocessError) as err:

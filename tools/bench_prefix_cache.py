@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megakv.bench.cluster_server import BIN_DIR, Server
+from megakv.bench.cluster_server import BIN_DIR, Server, machine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "bench"
@@ -99,14 +97,6 @@ def run_mode(args: argparse.Namespace, mode: str, folder: Path) -> dict:
             "server": counters}
 
 
-def environment() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=REPO_ROOT).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "commit": commit}
-
-
 def main() -> int:
     args = parse_args()
     if not (args.model / "megakv_config.json").exists():
@@ -127,7 +117,7 @@ def main() -> int:
               "follow_up_ttft_uncached_over_cached": follow_up,
               "throughput_cached_over_uncached": modes["cached"]["output_throughput"]
               / modes["uncached"]["output_throughput"],
-              "environment": environment()}
+              "environment": machine(REPO_ROOT)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.output is not None:

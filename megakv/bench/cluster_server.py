@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -120,3 +121,12 @@ class Server:
                 raise ServerFailed(f"the server stalled: {busy:.0f} requests still running or waiting {IDLE_SECONDS} s "
                                    f"after the benchmark's last answer")
             time.sleep(0.2)
+
+
+def machine(repo_root: Path) -> dict:
+    """What a benchmark's figures were measured on: the CPU, its cores, Python, and the checkout's commit."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=repo_root).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "commit": commit}
