@@ -1,9 +1,12 @@
-"""The attention ops the engine calls: Triton kernels on CUDA tensors, the fastest torch/C++ path on CPU."""
+"""The ops the engine calls: attention by Triton kernels on CUDA tensors, and on CPU the fastest torch/C++ path
+for attention and for the linear layers of a decode step."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megakv.kernels.cpu_attention import merge_partials_cpu, micro_attention_cpu, store_kv_cpu
+from megakv.kernels.cpu_linear import linear_cpu
 from megakv.kernels.kv_store import store_kv_ref, store_kv_triton
 from megakv.kernels.merge import merge_partials_ref, merge_partials_triton
 from megakv.kernels.micro_attention import micro_attention_ref, micro_attention_triton, triton
@@ -49,3 +52,10 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
         store_kv_triton(key, value, key_cache, value_cache, slot_mapping.to(key.device))
     elif key.is_cuda or not store_kv_cpu(key, value, key_cache, value_cache, slot_mapping):
         store_kv_ref(key, value, key_cache, value_cache, slot_mapping)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias): the C++ op for few rows on CPU, else torch's linear."""
+    if x.device.type == "cpu":
+        return linear_cpu(x, weight, bias)
+    return F.linear(x, weight, bias)

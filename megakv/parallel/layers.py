@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megakv.kernels.ops import linear
 from megakv.parallel.mappings import (copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
                                       reduce_from_tensor_model_parallel_region, scatter_to_tensor_model_parallel_region)
 from megakv.parallel.state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -56,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., input_size] -> [..., output_size_per_partition], or [..., output_size] gathered."""
-        out = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        out = linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(out) if self.gather_output else out
 
 
@@ -84,7 +85,7 @@ class RowParallelLinear(nn.Module):
         """x [..., input_size_per_partition] (or [..., input_size] if not parallel) -> [..., output_size]."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        out = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        out = reduce_from_tensor_model_parallel_region(linear(x, self.weight))
         # The bias is added once, after the reduction, not once per rank.
         return out + self.bias if self.bias is not None else out
 
@@ -186,5 +187,5 @@ class VocabParallelOutput(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., num_embeddings] (padding columns dropped)."""
-        logits = F.linear(copy_to_tensor_model_parallel_region(hidden), self.output_weight)
+        logits = linear(copy_to_tensor_model_parallel_region(hidden), self.output_weight)
         return gather_from_tensor_model_parallel_region(logits)[..., :self.num_embeddings]

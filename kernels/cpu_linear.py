@@ -1,0 +1,43 @@
+"""Linear layers over a few rows on CPU: the C++ op of ``linear_cpu.cpp`` (reads each weight once per call,
+fp32 or bf16 weights, any CPU vendor), and torch's GEMM above the row count where that wins.
+
+A decode step multiplies every weight by as many rows as the batch has sequences. Up to a few rows that is a
+read of the weights, which BLAS libraries do below the memory's speed (MKL's fp32 path on AMD CPUs, oneDNN's
+bf16 GEMM on any); with more rows it is compute bound and torch's blocked GEMM catches up.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megakv.kernels import cpu_attention
+
+# The most rows the op takes; torch's GEMM runs larger ones. tools/bench_decode.py measures the crossover
+# per host (docs/benchmarks.md): on the hosts measured the op was ahead up to 16 rows in fp32 and bf16.
+MAX_OP_ROWS = 16
+OP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]: torch's linear, the op's reference."""
+    return F.linear(x, weight, bias)
+
+
+def op_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the C++ op can compute this linear: CPU tensors of its dtypes, few rows, nothing to differentiate
+    (it has no backward, so training keeps torch's linear)."""
+    if x.device.type != "cpu" or x.dtype not in OP_DTYPES or weight.dtype not in OP_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return x.numel() <= MAX_OP_ROWS * x.shape[-1] and weight.is_contiguous()
+
+
+def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The C++ op where it can take these tensors (see :func:`op_takes`) and is built, else torch's linear."""
+    extension = cpu_attention.load_extension() if op_takes(x, weight, bias) else None
+    if extension is None:
+        return linear_ref(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
+    return extension.linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
