@@ -31,11 +31,11 @@ import torch
 from filelock import FileLock, Timeout
 
 # One translation unit, in this order: the KV server's loop calls the attention and store ops, and the
-# linear op uses the attention op's vector loads.
-SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("paged_attention_cpu.cpp", "kv_server_cpu.cpp", "linear_cpu.cpp"))
+# decode layer's ops use the attention op's vector loads.
+SOURCES = tuple(Path(__file__).with_name(name) for name in (
+    "paged_attention_cpu.cpp", "kv_server_cpu.cpp", "linear_cpu.cpp", "norm_rotary_cpu.cpp"))
 FUNCTIONS = ["paged_attention", "merge_partials", "store_kv", "kv_serve", "kv_merge_answers",
-             "kv_send_query", "linear"]
+             "kv_send_query", "linear", "rms_norm", "rotary_embedding"]
 COMMON_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 # A waiting process says why it waits after this long (a build takes 30-60 s on two cores).
 WAIT_MESSAGE_AFTER_S = 2.0

@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from megakv.bench.memory import ReadBandwidth
 from megakv.kernels.cpu_attention import load_extension
 from megakv.kernels.cpu_build import VARIANTS_BY_ISA, cpu_model, runnable_isas, selected_isa
 from megakv.kernels.ops import micro_attention
@@ -57,24 +58,6 @@ def best_seconds(*fns, repeats: int, device: torch.device) -> list[float]:
             synchronize(device)
             best[index] = min(best[index], time.perf_counter() - start)
     return best
-
-
-class ReadBandwidth:
-    """The device's memory read bandwidth: a sum over a 1 GiB float32 tensor.
-
-    Each decode case times it in turn with the attention calls: on a shared machine the bandwidth
-    swings by half within minutes, and a figure taken once at the start would not describe the case.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.data = torch.rand(2**28, device=device)
-
-    def __call__(self) -> None:
-        self.data.sum()
-
-    def gbps(self, seconds: float) -> float:
-        """GB/s of one sum that took ``seconds``."""
-        return self.data.numel() * 4 / seconds / 1e9
 
 
 def to_pool(keys: torch.Tensor, values: torch.Tensor, block_size: int,

@@ -18,6 +18,7 @@ from torch import nn
 from megakv.attention.dist_attention import DistAttention
 from megakv.attention.metadata import AttentionMetadata
 from megakv.config import ModelConfig
+from megakv.kernels.norm_rotary import rms_norm, rotary_embedding
 from megakv.kvcache.kv_cache import KVCache
 from megakv.models.rotary import RotaryEmbedding
 from megakv.parallel.layers import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
@@ -25,26 +26,25 @@ from megakv.parallel.layers import (ColumnParallelLinear, QKVParallelLinear, Row
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 like the reference implementation."""
+    """Root-mean-square layer norm, computed in float32 like the reference implementation, with the residual
+    add before it (vLLM's fused form): one call per norm instead of an add and a norm."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] (+ residual [T, H]) -> (the sum normalised, the sum: the next residual)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class SelfAttention(nn.Module):
     """QKV projection, RoPE, DistAttention over the rBlocks, output projection."""
 
-    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.rotary = rotary
         dtype = config.torch_dtype
         self.linear_qkv = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
                                             config.num_kv_heads, bias=config.qkv_bias, params_dtype=dtype)
@@ -52,10 +52,11 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                              bias=config.proj_bias, input_is_parallel=True, params_dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+    def forward(self, hidden: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
+        """hidden [T, H], rotary_pos_emb (cos, sin) [T, D] of the tokens' positions -> [T, H]."""
         query, key, value = self.linear_qkv.split_qkv(self.linear_qkv(hidden))  # [T, heads, D] each
-        query, key = self.rotary(query, key, positions)
+        query, key = rotary_embedding(query, key, *rotary_pos_emb)
         key_cache, value_cache = kv_cache.layer(self.layer_index)
         out = self.core_attention(query, key, value, key_cache, value_cache, metadata)  # [T, Hq_r, D]
         return self.linear_proj(out.flatten(1))  # [T, Hq_r * D] -> [T, H]
@@ -88,20 +89,25 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); each residual add is left to the next
+    norm, which fuses it."""
 
-    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         dtype = config.torch_dtype
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attention = SelfAttention(config, layer_index, rotary)
+        self.self_attention = SelfAttention(config, layer_index)
         self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), positions, kv_cache, metadata)
-        return hidden + self.mlp(self.pre_mlp_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+                metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): their sum is the layer's output."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attention(hidden, rotary_pos_emb, kv_cache, metadata)
+        hidden, residual = self.pre_mlp_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LanguageModelEmbedding(nn.Module):
@@ -119,16 +125,17 @@ class LanguageModelEmbedding(nn.Module):
 class TransformerBlock(nn.Module):
     """The stack of decoder layers and the final norm."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(config, i, rotary) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.torch_dtype)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+    def forward(self, hidden: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, positions, kv_cache, metadata)
-        return self.final_layernorm(hidden)
+            hidden, residual = layer(hidden, residual, rotary_pos_emb, kv_cache, metadata)
+        return self.final_layernorm(hidden, residual)[0]
 
 
 class LlamaModel(nn.Module):
@@ -139,7 +146,7 @@ class LlamaModel(nn.Module):
         self.config = config
         self.rotary = RotaryEmbedding(config)
         self.embedding = LanguageModelEmbedding(config)
-        self.decoder = TransformerBlock(config, self.rotary)
+        self.decoder = TransformerBlock(config)
         tied = self.embedding.word_embeddings if config.tie_word_embeddings else None
         self.output_layer = VocabParallelOutput(config.vocab_size, config.hidden_size,
                                                 params_dtype=config.torch_dtype, tied_embedding=tied)
@@ -147,7 +154,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Run the new tokens input_ids [T] at positions [T]; logits [N, vocab] of rows logits_indices."""
-        hidden = self.decoder(self.embedding(input_ids), positions, kv_cache, metadata)  # [T, H]
+        hidden = self.embedding(input_ids)  # [T, H]
+        hidden = self.decoder(hidden, self.rotary.cos_sin(positions, hidden.dtype), kv_cache, metadata)
         if logits_indices is not None:
             hidden = hidden[logits_indices]
         return self.output_layer(hidden).float()

@@ -4,7 +4,7 @@ The scaled frequencies follow transformers' ``modeling_rope_utils`` formula for 
 the same float32 operations, so that the cos/sin tables match Hugging Face's bit for bit.
 YaRN (arXiv 2309.00071) also scales cos and sin by its attention factor.
 
-Rotation is by halves (``rotate_half``), the layout of Hugging Face LLaMA and of
+Rotation (``megakv.kernels.norm_rotary.rotary_embedding``) is by halves, the layout of Hugging Face LLaMA and of
 Megatron with ``rotary_interleaved=False``, so their q/k weights load unpermuted.
 """
 from __future__ import annotations
@@ -77,11 +77,6 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 class RotaryEmbedding:
     """cos/sin tables up to max_position_embeddings, built once per device on first use."""
 
@@ -100,10 +95,8 @@ class RotaryEmbedding:
             self._tables[device] = (angles.cos() * factor, angles.sin() * factor)
         return self._tables[device]
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor,
-                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate query [T, Hq, D] and key [T, Hkv, D] by their token positions [T]."""
-        cos_table, sin_table = self._cos_sin(query.device)
-        cos = cos_table[positions][:, None, :].to(query.dtype)  # [T, 1, D]
-        sin = sin_table[positions][:, None, :].to(query.dtype)
-        return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim] of the token positions [T], in ``dtype`` (the activations', as Hugging Face
+        casts them): one lookup per step, which every layer's rotation then uses."""
+        cos_table, sin_table = self._cos_sin(positions.device)
+        return cos_table[positions].to(dtype), sin_table[positions].to(dtype)

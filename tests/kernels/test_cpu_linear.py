@@ -46,7 +46,7 @@ def assert_linear_close(actual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 5, MAX_OP_ROWS])
 @pytest.mark.parametrize("weight_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                  (torch.bfloat16, torch.float32)])
+                                                  (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_linear_cpu_matches_torch(isa, shape, num_rows, weight_dtype, x_dtype):
     out_features, in_features = shape
     gen = torch.Generator().manual_seed(out_features * 1000 + in_features + num_rows)
