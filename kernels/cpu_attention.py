@@ -23,9 +23,15 @@ from megakv.kernels.micro_attention import (MAX_DECODE_QUERIES, NO_WINDOW, check
                                             query_layout_lists)
 
 
+@functools.cache
 def load_extension():
     """The compiled C++ op module for the selected instruction set (``cpu_build.selected_isa``), or None when
-    disabled or when the build fails (a warning says why)."""
+    disabled or when the build fails (a warning says why).
+
+    Resolved once per process: a decode step calls the ops about ten times per layer, and reading the two
+    environment variables each time cost a few percent of a step. Code that changes them later (tests) calls
+    ``load_extension.cache_clear()``.
+    """
     if os.environ.get("MEGAKV_CPU_EXTENSION", "1") == "0":
         return None
     return _load_variant(selected_isa())
@@ -47,8 +53,7 @@ def _op_reads(cache: torch.Tensor) -> bool:
 
 
 def _extension_for(query: torch.Tensor, key_cache: torch.Tensor):
-    """The C++ op module when it can attend these tensors, else None. Looked up once per call: each lookup
-    reads the environment, and the decode path runs per layer."""
+    """The C++ op module when it can attend these tensors, else None."""
     return load_extension() if query.dtype == key_cache.dtype and _op_reads(key_cache) else None
 
 

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 
 from megakv.kernels import cpu_attention
 
-# The most rows the op takes; torch's GEMM runs larger ones. tools/bench_decode.py measures the crossover
-# per host (docs/benchmarks.md): on the hosts measured the op was ahead up to 16 rows in fp32 and bf16.
-MAX_OP_ROWS = 16
-OP_DTYPES = (torch.float32, torch.bfloat16)
+# The most rows the op takes, by weight dtype; torch's GEMM runs larger ones. tools/bench_decode.py measures the
+# crossover per host (linear_crossover_rows; docs/benchmarks.md has the figures behind these values).
+MAX_OP_ROWS = {torch.float32: 24, torch.bfloat16: 8}
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,12 +25,13 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def op_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the C++ op can compute this linear: CPU tensors of its dtypes, few rows, nothing to differentiate
     (it has no backward, so training keeps torch's linear)."""
-    if x.device.type != "cpu" or x.dtype not in OP_DTYPES or weight.dtype not in OP_DTYPES:
+    max_rows = MAX_OP_ROWS.get(weight.dtype, 0)
+    if x.device.type != "cpu" or x.dtype not in MAX_OP_ROWS or not max_rows:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return x.numel() <= MAX_OP_ROWS * x.shape[-1] and weight.is_contiguous()
+    return x.numel() <= max_rows * x.shape[-1] and weight.is_contiguous()
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

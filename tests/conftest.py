@@ -24,6 +24,17 @@ if "TRITON_INTERPRET" not in os.environ:
 BIN_DIR = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def fresh_cpu_extension():
+    """Each test resolves the C++ CPU ops anew: the process caches them, and tests pick a build by setting
+    MEGAKV_CPU_ISA (or MEGAKV_CPU_EXTENSION) before their first use."""
+    from megakv.kernels import cpu_attention
+
+    cpu_attention.load_extension.cache_clear()
+    yield
+    cpu_attention.load_extension.cache_clear()
+
+
 def mpirun_command(num_ranks: int, argv: list[str]) -> list[str]:
     """The mpirun command line that starts ``num_ranks`` copies of ``argv`` on this machine."""
     return [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",

@@ -180,7 +180,8 @@ def main() -> None:
     bandwidth = ReadBandwidth(torch.device("cpu"))
     report = dict(machine=dict(machine(REPO_ROOT), threads=torch.get_num_threads(), torch=torch.__version__,
                                cpu_op_isa=selected_isa() if extension is not None else None,
-                               op_max_rows=cpu_linear.MAX_OP_ROWS),
+                               op_max_rows={str(dtype).removeprefix("torch."): rows
+                                            for dtype, rows in cpu_linear.MAX_OP_ROWS.items()}),
                   model=str(args.model), context=args.context,
                   results=[bench_dtype(info, name, args, bandwidth) for name in args.dtypes])
     text = json.dumps(report, indent=1)

@@ -1,6 +1,7 @@
 """The real model (SmolLM2-135M-Instruct, Q4_1 GGUF) converted by megakv equals transformers' own GGUF load."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import read_checkpoint_info
 from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
+from megakv.engine.sampling import SamplingParams
 from megakv.kernels.cpu_build import runnable_isas
 from megakv.tokenizer import TextTokenizer
 
@@ -91,3 +93,21 @@ def test_smollm2_chat_template_renders_as_transformers(smollm2):
                                                                               add_generation_prompt=True)
     config = read_checkpoint_info(smollm2.checkpoint(1)).model
     assert (config.bos_token_id, config.eos_token_ids, config.tie_word_embeddings) == (1, (2,), True)
+
+
+def test_smollm2_bf16_greedy_equals_transformers_bf16(smollm2):
+    """In bf16 (weights, activations and KV pool; the C++ linear, norm and rotary ops on CPU) the demo prompts get
+    transformers' own bf16 greedy tokens, and the logits stay within transformers' own bf16 drift from fp32."""
+    info = read_checkpoint_info(smollm2.checkpoint(1))
+    engine = LLMEngine(info, EngineConfig(cache=CacheConfig(block_size=16, num_blocks=96),
+                                          scheduler=SchedulerConfig(max_num_batched_tokens=256)),
+                       dtype=torch.bfloat16)
+    hf_bf16 = copy.deepcopy(smollm2.model).to(torch.bfloat16)
+    for prompt in (smollm2.chat_ids(FRANCE), long_prompt(smollm2)):
+        with torch.no_grad():
+            expected = hf_bf16.generate(torch.tensor([prompt]), max_new_tokens=NUM_GREEDY_TOKENS, do_sample=False)
+            hf_drift = (hf_bf16(torch.tensor([prompt])).logits[0].float() - smollm2.logits(prompt)).abs()
+        output = engine.generate([prompt], [SamplingParams(max_new_tokens=NUM_GREEDY_TOKENS)])[0]
+        assert output.token_ids == expected[0, len(prompt):].tolist()
+        drift = (engine.prompt_logits(prompt).float() - smollm2.logits(prompt)).abs()
+        assert drift.max() < 1.5 * hf_drift.max() and drift.mean() < 1.5 * hf_drift.mean()
