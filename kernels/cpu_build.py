@@ -53,6 +53,10 @@ class Variant:
 
 # Best first. The generic build is plain C++ vectors that the compiler lowers to whatever the target has.
 VARIANTS = (
+    # AVX-512 with bf16 dot products (vdpbf16ps), which the linear op uses for bf16 weights.
+    Variant("avx512_bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"),
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
+             "-DMEGAKV_VEC_WIDTH=16")),
     Variant("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DMEGAKV_VEC_WIDTH=16")),
     Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c", "-DMEGAKV_VEC_WIDTH=8")),

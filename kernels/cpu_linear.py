@@ -7,14 +7,28 @@ bf16 GEMM on any); with more rows it is compute bound and torch's blocked GEMM c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from megakv.kernels import cpu_attention
+from megakv.kernels.cpu_build import selected_isa
 
 # The most rows the op takes, by weight dtype; torch's GEMM runs larger ones. tools/bench_decode.py measures the
 # crossover per host (linear_crossover_rows; docs/benchmarks.md has the figures behind these values).
 MAX_OP_ROWS = {torch.float32: 24, torch.bfloat16: 8}
+# bf16 weights on the build with bf16 dot products (avx512_bf16), which halve the op's arithmetic.
+MAX_OP_ROWS_BF16_DOT_PRODUCTS = 32
+
+
+@functools.cache
+def max_op_rows(dtype: torch.dtype) -> int:
+    """The most rows the op takes for weights of ``dtype`` on the build this process selects (0: none).
+    Resolved once per process, like the op itself; tests that change MEGAKV_CPU_ISA clear the cache."""
+    if dtype == torch.bfloat16 and selected_isa() == "avx512_bf16":
+        return MAX_OP_ROWS_BF16_DOT_PRODUCTS
+    return MAX_OP_ROWS.get(dtype, 0)
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,7 +39,7 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def op_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the C++ op can compute this linear: CPU tensors of its dtypes, few rows, nothing to differentiate
     (it has no backward, so training keeps torch's linear)."""
-    max_rows = MAX_OP_ROWS.get(weight.dtype, 0)
+    max_rows = max_op_rows(weight.dtype)
     if x.device.type != "cpu" or x.dtype not in MAX_OP_ROWS or not max_rows:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

@@ -1,26 +1,65 @@
 // Linear layers over a few rows on CPU (megakv.kernels.cpu_linear): y [M, N] = x [M, K] w [N, K]^T (+ b) with
-// x and w each in fp32 or bf16 (widened to fp32 in registers), all arithmetic in fp32, y in x's dtype, so a bf16
-// model converts nothing. A decode step runs every linear layer on as many rows as it has sequences, so it is
+// x and w each in fp32 or bf16 (widened to fp32 in registers, or multiplied by bf16 dot products where the CPU has
+// them), fp32 sums, y in x's dtype, so a bf16 model converts nothing. A decode step runs every linear layer on as many rows as it has sequences, so it is
 // bound by reading the weights: the op reads each weight once per call and keeps the whole batch's products in
 // registers while it does, whatever the CPU's vendor (BLAS libraries pick their fast paths by vendor, and their
 // GEMV for bf16 goes through a packing GEMM). Threads split the output rows, each streaming a contiguous band of
 // the weight.
 // This file follows paged_attention_cpu.cpp in one translation unit and uses its vector type and loads.
 
-// Output rows computed together: their weight rows stream in parallel, and each x vector loaded is used
-// LINEAR_ROWS times.
-constexpr int LINEAR_ROWS = 4;
-// Input rows computed together: LINEAR_ROWS x LINEAR_BATCH accumulators, plus the weight and x vectors,
-// fit the register file (32 vectors on AVX-512, 16 on AVX2).
+// Input rows computed together: their accumulators, the weight vectors and an x vector fit the register file
+// (32 vectors on AVX-512, 16 on AVX2).
 constexpr int LINEAR_BATCH = W == 16 ? 4 : 2;
-
-// The weight is prefetched this far ahead of the rows being read. The hardware's stream alone leaves the
-// memory idle while a core widens and multiplies, so a bf16 weight read only half as fast as an fp32 one;
-// 16 KiB ahead (a few row tiles) was the best of 1-64 KiB on an Intel Xeon with AVX-512 (docs/benchmarks.md).
+// Past a few input rows the op is bound by its loads and FMAs, not the memory, so LINEAR_ROWS weight rows are read
+// in step and each x vector loaded serves all of them. Below that (Lanes::STREAMED_BELOW input rows) each thread
+// streams one weight row at a time, front to back, with the k loop unrolled LINEAR_UNROLL times for independent
+// FMA chains: rows read in step came at half the bandwidth on an AMD EPYC, whose prefetchers lose interleaved
+// streams (docs/benchmarks.md).
+constexpr int LINEAR_ROWS = 4;
+constexpr int LINEAR_UNROLL = 2;
+// Rows read in step are prefetched this far ahead besides the hardware's stream, which alone left the memory
+// idle while a core widened and multiplied bf16 weights on an Intel Xeon; a single streamed row is not (a
+// prefetch there cost a quarter of the bandwidth on the AMD EPYC).
 constexpr int64_t LINEAR_PREFETCH_BYTES = 16384;
 
 static inline float widen(float value) { return value; }
 static inline float widen(at::BFloat16 value) { return static_cast<float>(value); }
+
+// How a tile multiplies an x of type X by a weight of type T: fp32 FMAs on W lanes after widening.
+template <typename X, typename T>
+struct Lanes {
+  using acc_t = vecf;
+  using w_t = vecf;
+  static constexpr int STEP = W;
+  // A bf16 x vector is widened at each load, which makes reusing it across weight rows pay off sooner.
+  static constexpr int STREAMED_BELOW = std::is_same_v<X, float> ? 2 * LINEAR_BATCH : LINEAR_BATCH;
+  static acc_t zero() { return vecf{}; }
+  static w_t load_w(const T* p) { return loadw(p); }
+  static acc_t madd(acc_t acc, w_t w, const X* x) { return acc + w * loadw(x); }
+  static acc_t add(acc_t a, acc_t b) { return a + b; }
+  static float sum(acc_t acc) { return hsum(acc); }
+};
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+// bf16 against bf16 where the CPU has avx512_bf16 (the avx512_bf16 build): vdpbf16ps multiplies 32 pairs and adds
+// each two products to one of 16 fp32 lanes, twice the products of an fp32 FMA and no widening, which is what
+// bounds the op above a few rows.
+template <>
+struct Lanes<at::BFloat16, at::BFloat16> {
+  using acc_t = __m512;
+  using w_t = __m512bh;
+  static constexpr int STEP = 32;
+  static constexpr int STREAMED_BELOW = 2 * LINEAR_BATCH;
+  static acc_t zero() { return _mm512_setzero_ps(); }
+  static w_t load_w(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static acc_t madd(acc_t acc, w_t w, const at::BFloat16* x) {
+    return _mm512_dpbf16_ps(acc, w, (__m512bh)_mm512_loadu_si512(x));
+  }
+  static acc_t add(acc_t a, acc_t b) { return _mm512_add_ps(a, b); }
+  static float sum(acc_t acc) { return _mm512_reduce_add_ps(acc); }
+};
+#endif
 
 // One call's operands: x [M, K] and y [M, N] in the activations' type X, the weight [N, K] in T.
 template <typename X, typename T>
@@ -32,28 +71,40 @@ struct LinearArgs {
   int64_t M, N, K;
 };
 
-// y[b, r] for r < R, b < B: the dot products of R weight rows (from w) with B input rows (from x).
-template <int R, int B, typename X, typename T>
+// y[b, r] for r < R, b < B: the dot products of R weight rows (from w) with B input rows (from x), the k loop
+// unrolled U times.
+template <int R, int B, int U, typename X, typename T>
 static inline void dot_tile(const LinearArgs<X, T>& args, const X* x, const T* w, X* y, const float* bias) {
+  using L = Lanes<X, T>;
   const int64_t K = args.K;
-  vecf acc[R][B] = {};
-  const int64_t k_vec = K - K % W;
-  for (int64_t k = 0; k < k_vec; k += W) {
+  typename L::acc_t acc[R][B][U];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      for (int u = 0; u < U; ++u) acc[r][b][u] = L::zero();
+  constexpr int STEP = L::STEP * U;
+  const int64_t k_vec = K - K % STEP;
+  for (int64_t k = 0; k < k_vec; k += STEP) {
+    typename L::w_t wv[R][U];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * K + k + LINEAR_PREFETCH_BYTES / sizeof(T), 0, 3);
-    vecf wv[R];
+    for (int r = 0; r < R; ++r) {
+      if constexpr (R > 1) __builtin_prefetch(w + r * K + k + LINEAR_PREFETCH_BYTES / sizeof(T), 0, 3);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) wv[r] = loadw(w + r * K + k);
+      for (int u = 0; u < U; ++u) wv[r][u] = L::load_w(w + r * K + k + L::STEP * u);
+    }
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b) {
-      const vecf xv = loadw(x + b * K + k);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[r][b] += wv[r] * xv;
+      for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r][b][u] = L::madd(acc[r][b][u], wv[r][u], x + b * K + k + L::STEP * u);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int b = 0; b < B; ++b) {
-      float total = hsum(acc[r][b]);
+      typename L::acc_t lanes = acc[r][b][0];
+      for (int u = 1; u < U; ++u) lanes = L::add(lanes, acc[r][b][u]);
+      float total = L::sum(lanes);
       for (int64_t k = k_vec; k < K; ++k) total += widen(w[r * K + k]) * widen(x[b * K + k]);
       y[b * args.N + r] = static_cast<X>(total + (bias ? bias[r] : 0.f));
     }
@@ -63,19 +114,20 @@ static inline void dot_tile(const LinearArgs<X, T>& args, const X* x, const T* w
 // R weight rows from row n on against every input row, LINEAR_BATCH rows at a time while the R rows stay in L1.
 template <int R, typename X, typename T>
 static void rows_times_batch(const LinearArgs<X, T>& args, int64_t n) {
+  constexpr int U = R == 1 ? LINEAR_UNROLL : 1;
   const T* w = args.w + n * args.K;
   const float* bias = args.bias ? args.bias + n : nullptr;
   int64_t m = 0;
   for (; m + LINEAR_BATCH <= args.M; m += LINEAR_BATCH)
-    dot_tile<R, LINEAR_BATCH>(args, args.x + m * args.K, w, args.y + m * args.N + n, bias);
+    dot_tile<R, LINEAR_BATCH, 1>(args, args.x + m * args.K, w, args.y + m * args.N + n, bias);
   const X* x = args.x + m * args.K;
   X* y = args.y + m * args.N + n;
   switch (args.M - m) {
     case 0: break;
-    case 1: dot_tile<R, 1>(args, x, w, y, bias); break;
+    case 1: dot_tile<R, 1, U>(args, x, w, y, bias); break;
 #if MEGAKV_VEC_WIDTH == 16
-    case 2: dot_tile<R, 2>(args, x, w, y, bias); break;
-    case 3: dot_tile<R, 3>(args, x, w, y, bias); break;
+    case 2: dot_tile<R, 2, U>(args, x, w, y, bias); break;
+    case 3: dot_tile<R, 3, U>(args, x, w, y, bias); break;
 #endif
     default: TORCH_CHECK(false, "unreachable batch remainder");
   }
@@ -83,12 +135,15 @@ static void rows_times_batch(const LinearArgs<X, T>& args, int64_t n) {
 
 template <typename X, typename T>
 static void linear_rows(const LinearArgs<X, T>& args) {
-  const int64_t num_tiles = (args.N + LINEAR_ROWS - 1) / LINEAR_ROWS;
-  // A grain of 16 tiles (64 rows) keeps each thread's band long enough to stream.
-  at::parallel_for(0, num_tiles, 16, [&](int64_t begin, int64_t end) {
+  const int R = args.M < Lanes<X, T>::STREAMED_BELOW ? 1 : LINEAR_ROWS;
+  const int64_t num_tiles = (args.N + R - 1) / R;
+  // A thread's tasks are bands of 64 weight rows: long enough to stream.
+  at::parallel_for(0, num_tiles, 64 / R, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile * LINEAR_ROWS;
-      if (n + LINEAR_ROWS <= args.N) {
+      const int64_t n = tile * R;
+      if (R == 1) {
+        rows_times_batch<1>(args, n);
+      } else if (n + LINEAR_ROWS <= args.N) {
         rows_times_batch<LINEAR_ROWS>(args, n);
       } else {
         for (int64_t row = n; row < args.N; ++row) rows_times_batch<1>(args, row);

@@ -28,11 +28,13 @@ BIN_DIR = Path(sys.executable).parent
 def fresh_cpu_extension():
     """Each test resolves the C++ CPU ops anew: the process caches them, and tests pick a build by setting
     MEGAKV_CPU_ISA (or MEGAKV_CPU_EXTENSION) before their first use."""
-    from megakv.kernels import cpu_attention
+    from megakv.kernels import cpu_attention, cpu_linear
 
     cpu_attention.load_extension.cache_clear()
+    cpu_linear.max_op_rows.cache_clear()
     yield
     cpu_attention.load_extension.cache_clear()
+    cpu_linear.max_op_rows.cache_clear()
 
 
 def mpirun_command(num_ranks: int, argv: list[str]) -> list[str]:

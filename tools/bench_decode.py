@@ -14,7 +14,7 @@ one ``LLMEngine``:
   partly reads from it, and can pass the limit;
 - prefill of ``--prefill`` tokens in one step, tokens per second;
 - the linear layers alone, the C++ op (megakv.kernels.cpu_linear) against torch's linear on the model's own
-  weights, for each row count up to 64: where the op stops winning is the crossover that ``MAX_OP_ROWS``
+  weights, for each row count up to 64: where the op stops winning is the crossover that ``max_op_rows``
   should sit at on this host.
 
 llama.cpp is the reference a CPU user would pick instead; its figures are recorded in docs/benchmarks.md with
@@ -184,8 +184,7 @@ def main() -> None:
     bandwidth = ReadBandwidth(torch.device("cpu"))
     report = dict(machine=dict(machine(REPO_ROOT), threads=torch.get_num_threads(), torch=torch.__version__,
                                cpu_op_isa=selected_isa() if extension is not None else None,
-                               op_max_rows={str(dtype).removeprefix("torch."): rows
-                                            for dtype, rows in cpu_linear.MAX_OP_ROWS.items()}),
+                               op_max_rows={name: cpu_linear.max_op_rows(parse_dtype(name)) for name in args.dtypes}),
                   model=str(args.model), context=args.context,
                   results=[bench_dtype(info, name, args, bandwidth) for name in args.dtypes])
     text = json.dumps(report, indent=1)

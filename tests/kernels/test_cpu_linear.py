@@ -6,7 +6,7 @@ import torch
 
 from megakv.kernels import cpu_attention
 from megakv.kernels.cpu_build import runnable_isas
-from megakv.kernels.cpu_linear import MAX_OP_ROWS, linear_cpu, linear_ref, op_takes
+from megakv.kernels.cpu_linear import linear_cpu, linear_ref, max_op_rows, op_takes
 
 FP32_EPS = torch.finfo(torch.float32).eps
 BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -44,7 +44,7 @@ def assert_linear_close(actual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8, 24])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8, 24, 33])
 @pytest.mark.parametrize("weight_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                   (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_linear_cpu_matches_torch(isa, shape, num_rows, weight_dtype, x_dtype):
@@ -55,7 +55,7 @@ def test_linear_cpu_matches_torch(isa, shape, num_rows, weight_dtype, x_dtype):
     bias = torch.randn(out_features, generator=gen).to(weight_dtype) if out_features % 2 else None
     # The op itself, also past the row count the layers hand it (where torch's GEMM is faster, not wrong).
     assert_linear_close(cpu_attention.load_extension().linear(x, weight, bias), x, weight, bias)
-    assert op_takes(x, weight, bias) == (num_rows <= MAX_OP_ROWS[weight_dtype])
+    assert op_takes(x, weight, bias) == (num_rows <= max_op_rows(weight_dtype))
 
 
 def test_linear_cpu_keeps_leading_dimensions(isa):
@@ -76,7 +76,7 @@ def test_linear_cpu_leaves_training_and_large_batches_to_torch(isa):
     torch.testing.assert_close(weight.grad, x.sum(0).expand(8, 16))
     with torch.inference_mode():
         assert op_takes(x, weight, None)
-    assert not op_takes(torch.randn(MAX_OP_ROWS[torch.float32] + 1, 16), weight.detach(), None)
+    assert not op_takes(torch.randn(max_op_rows(torch.float32) + 1, 16), weight.detach(), None)
     assert not op_takes(x.half(), weight.detach().half(), None)
     assert not op_takes(x, weight.detach().t(), None)  # a transposed weight is not contiguous
 
