@@ -13,13 +13,13 @@ constexpr int LINEAR_BATCH = W == 16 ? 4 : 2;
 // Past a few input rows the op is bound by its loads and FMAs, not the memory, so LINEAR_ROWS weight rows are read
 // in step and each x vector loaded serves all of them. Below that (Lanes::STREAMED_BELOW input rows) each thread
 // streams one weight row at a time, front to back, with the k loop unrolled LINEAR_UNROLL times for independent
-// FMA chains: rows read in step came at half the bandwidth on an AMD EPYC, whose prefetchers lose interleaved
-// streams (docs/benchmarks.md).
+// FMA chains: rows read in step came far below the memory's speed on an AMD EPYC, whose prefetchers lose
+// interleaved streams (docs/benchmarks.md).
 constexpr int LINEAR_ROWS = 4;
 constexpr int LINEAR_UNROLL = 2;
 // Rows read in step are prefetched this far ahead besides the hardware's stream, which alone left the memory
 // idle while a core widened and multiplied bf16 weights on an Intel Xeon; a single streamed row is not (a
-// prefetch there cost a quarter of the bandwidth on the AMD EPYC).
+// prefetch there only cost bandwidth on the AMD EPYC).
 constexpr int64_t LINEAR_PREFETCH_BYTES = 16384;
 
 static inline float widen(float value) { return value; }
