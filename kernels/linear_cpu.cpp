@@ -1,10 +1,10 @@
 // Linear layers over a few rows on CPU (megakv.kernels.cpu_linear): y [M, N] = x [M, K] w [N, K]^T (+ b) with
-// x and w each in fp32 or bf16 (widened to fp32 in registers, or multiplied by bf16 dot products where the CPU has
-// them), fp32 sums, y in x's dtype, so a bf16 model converts nothing. A decode step runs every linear layer on as many rows as it has sequences, so it is
-// bound by reading the weights: the op reads each weight once per call and keeps the whole batch's products in
-// registers while it does, whatever the CPU's vendor (BLAS libraries pick their fast paths by vendor, and their
-// GEMV for bf16 goes through a packing GEMM). Threads split the output rows, each streaming a contiguous band of
-// the weight.
+// x and w each in fp32 or bf16 (widened to fp32 in registers, or multiplied by bf16 dot products where the CPU
+// has them), fp32 sums, y in x's dtype, so a bf16 model converts nothing. A decode step runs every linear layer
+// on as many rows as it has sequences, so it is bound by reading the weights: the op reads each weight once per
+// call while the products of a group of input rows stay in registers, whatever the CPU's vendor (BLAS libraries
+// pick their fast paths by vendor, and their GEMV for bf16 goes through a packing GEMM). Threads split the
+// output rows, each streaming a contiguous band of the weight.
 // This file follows paged_attention_cpu.cpp in one translation unit and uses its vector type and loads.
 
 // Input rows computed together: their accumulators, the weight vectors and an x vector fit the register file
