@@ -77,15 +77,25 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it (for benchmark reports)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first value of ``name`` in /proc/cpuinfo, or None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (for benchmark reports)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``), empty where the OS does not say."""
+    return _cpuinfo_field("vendor_id") or ""
 
 
 @functools.cache

@@ -13,22 +13,29 @@ import torch
 import torch.nn.functional as F
 
 from megakv.kernels import cpu_attention
-from megakv.kernels.cpu_build import selected_isa
+from megakv.kernels.cpu_build import cpu_vendor, selected_isa
 
-# The most rows the op takes, by weight dtype; torch's GEMM runs larger ones. tools/bench_decode.py measures the
-# crossover per host (linear_crossover_rows; docs/benchmarks.md has the figures behind these values).
+# The most rows the op takes; torch's GEMM runs larger ones. These are the crossovers that tools/bench_decode.py
+# measures (linear_crossover_rows; docs/benchmarks.md has the figures): by weight dtype,
 MAX_OP_ROWS = {torch.float32: 24, torch.bfloat16: 8}
-# bf16 weights on the build with bf16 dot products (avx512_bf16), which halve the op's arithmetic.
+# bf16 weights on the build with bf16 dot products (avx512_bf16), which halve the op's arithmetic,
 MAX_OP_ROWS_BF16_DOT_PRODUCTS = 32
+# and both of these on AMD CPUs, where the op stayed ahead of torch's GEMM at 64 rows (in fp32 that GEMM is MKL's,
+# which takes a slow path on AMD CPUs).
+MAX_OP_ROWS_AMD = 64
 
 
 @functools.cache
 def max_op_rows(dtype: torch.dtype) -> int:
-    """The most rows the op takes for weights of ``dtype`` on the build this process selects (0: none).
-    Resolved once per process, like the op itself; tests that change MEGAKV_CPU_ISA clear the cache."""
-    if dtype == torch.bfloat16 and selected_isa() == "avx512_bf16":
-        return MAX_OP_ROWS_BF16_DOT_PRODUCTS
-    return MAX_OP_ROWS.get(dtype, 0)
+    """The most rows the op takes for weights of ``dtype`` on this CPU and the build this process selects (0:
+    none). Resolved once per process, like the op itself; tests that change MEGAKV_CPU_ISA clear the cache."""
+    if dtype not in MAX_OP_ROWS:
+        return 0
+    if dtype == torch.bfloat16 and selected_isa() != "avx512_bf16":
+        return MAX_OP_ROWS[dtype]
+    if cpu_vendor() == "AuthenticAMD":
+        return MAX_OP_ROWS_AMD
+    return MAX_OP_ROWS_BF16_DOT_PRODUCTS if dtype == torch.bfloat16 else MAX_OP_ROWS[dtype]
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

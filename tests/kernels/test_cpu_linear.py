@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megakv.kernels import cpu_attention
+from megakv.kernels import cpu_attention, cpu_linear
 from megakv.kernels.cpu_build import runnable_isas
 from megakv.kernels.cpu_linear import linear_cpu, linear_ref, max_op_rows, op_takes
 
@@ -44,7 +44,7 @@ def assert_linear_close(actual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8, 24, 33])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8, 24, 33, 65])
 @pytest.mark.parametrize("weight_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                   (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_linear_cpu_matches_torch(isa, shape, num_rows, weight_dtype, x_dtype):
@@ -85,3 +85,16 @@ def test_linear_cpu_without_the_op_is_torch(monkeypatch):
     monkeypatch.setattr(cpu_attention, "load_extension", lambda: None)
     x, weight = torch.randn(3, 16), torch.randn(8, 16)
     torch.testing.assert_close(linear_cpu(x, weight), linear_ref(x, weight), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vendor,isa,expected", [
+    ("GenuineIntel", "avx512_bf16", {torch.float32: 24, torch.bfloat16: 32}),
+    ("GenuineIntel", "avx512", {torch.float32: 24, torch.bfloat16: 8}),
+    ("AuthenticAMD", "avx512_bf16", {torch.float32: 64, torch.bfloat16: 64}),
+    ("AuthenticAMD", "avx2", {torch.float32: 64, torch.bfloat16: 8}),
+])
+def test_max_op_rows_follow_the_measured_crossovers(monkeypatch, vendor, isa, expected):
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_linear, "selected_isa", lambda: isa)
+    assert {dtype: max_op_rows(dtype) for dtype in expected} == expected
+    assert max_op_rows(torch.float16) == 0
