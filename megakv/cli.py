@@ -20,7 +20,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -)")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks per instance (default 1)")
     parser.add_argument("--instances", type=int, help="serving instances (default 1)")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default auto: the checkpoint's, but "
+                                        "bfloat16 for a float32 checkpoint on a CPU with avx512_bf16 or AMX)")
     parser.add_argument("--max-new-tokens", type=int,
                         help="tokens to generate per prompt (default 32); serve: for requests without max_tokens "
                              "(default: vLLM's, 16 for completions and the room left for chat)")

@@ -13,7 +13,7 @@ from megakv.options import (PROMPT_OVERRIDES, PromptSpec, UsageError, engine_con
                             server_config)
 from megakv.parallel import state
 from megakv.parallel.state import RankLocalError
-from megakv.startup import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
+from megakv.startup import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint, run_dtype
 from megakv.tokenizer import TextTokenizer
 
 
@@ -104,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     config = engine_config(options)
     # Unused here, but checked: a config file that megakv serve would refuse is refused by both commands.
     server_config(options)
-    info, dtype = open_checkpoint(args.model, options, config)
+    info, requested_dtype = open_checkpoint(args.model, options, config)
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     specs = read_prompts(args)
     chat = ChatTemplate.from_checkpoint(args.model) if any(spec.messages for spec in specs) else None
@@ -116,6 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
     env = state.init_distributed(layout=(config.parallel.tensor_parallel_size, num_instances))
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
+        dtype = run_dtype(requested_dtype, info, env.device)
         engine_class = LLMEngine
         if num_instances > 1:
             from megakv.distkv.cluster_engine import ClusterEngine

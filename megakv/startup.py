@@ -5,25 +5,53 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.distributed as dist
 
 from megakv.chat import ChatTemplate
 from megakv.checkpoint.format import CheckpointInfo, read_checkpoint_info
-from megakv.config import EngineConfig, parse_dtype
+from megakv.config import EngineConfig, dtype_name, parse_dtype
+from megakv.kernels.cpu_build import cpu_flags
 from megakv.kvcache.kv_cache import KVCache, available_memory_bytes
 from megakv.options import UsageError, option_source
 from megakv.tokenizer import TextTokenizer
 
+# CPU flags (/proc/cpuinfo) of bf16 arithmetic: AVX-512 bf16 dot products, or AMX tiles.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
-def open_checkpoint(model_dir: str, options: dict, config: EngineConfig) -> tuple[CheckpointInfo, torch.dtype]:
-    """The checkpoint and the dtype to run it in, checked against the TP degree before any process group exists."""
+
+def open_checkpoint(model_dir: str, options: dict,
+                    config: EngineConfig) -> tuple[CheckpointInfo, torch.dtype | None]:
+    """The checkpoint and the dtype asked for (None: auto, see :func:`run_dtype`), checked against the TP degree
+    before any process group exists."""
     info = read_checkpoint_info(model_dir)
     tp = config.parallel.tensor_parallel_size
     info.model.check_tensor_parallel_size(tp)
     if info.tensor_parallel_size != tp:
         raise UsageError(f"checkpoint {model_dir} is sharded for tp={info.tensor_parallel_size}, not --tp {tp}: "
                          f"pass --tp {info.tensor_parallel_size} or reshard it with tools/convert_checkpoint.py")
-    dtype = parse_dtype(options["dtype"]) if options["dtype"] else info.model.torch_dtype
-    return info, dtype
+    requested = options["dtype"]
+    return info, None if requested in (None, "auto") else parse_dtype(requested)
+
+
+def auto_dtype(info: CheckpointInfo, device: torch.device) -> torch.dtype:
+    """``--dtype auto``: the checkpoint's dtype, except that an fp32 checkpoint runs in bf16 on a CPU with bf16
+    arithmetic (avx512_bf16 or AMX), where bf16 halves the bytes a decode step reads and the C++ ops use the
+    CPU's bf16 dot products. fp16 checkpoints (bf16 would drop mantissa bits) and GPUs keep the checkpoint's."""
+    checkpoint = info.model.torch_dtype
+    if device.type == "cpu" and checkpoint == torch.float32 and cpu_flags() & BF16_CPU_FLAGS:
+        return torch.bfloat16
+    return checkpoint
+
+
+def run_dtype(requested: torch.dtype | None, info: CheckpointInfo, device: torch.device) -> torch.dtype:
+    """The dtype every rank runs in: the one asked for, else rank 0's :func:`auto_dtype` for all (ranks on
+    machines with different CPUs must still hold KV blocks of one dtype)."""
+    if requested is not None:
+        return requested
+    choice = [dtype_name(auto_dtype(info, device))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return parse_dtype(choice[0])
 
 
 def check_kv_pool_fits(args: argparse.Namespace, info: CheckpointInfo, config: EngineConfig, dtype: torch.dtype,

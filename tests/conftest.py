@@ -59,14 +59,15 @@ def run_mpi():
 
 @pytest.fixture
 def generate_tp2_json(run_mpi, tmp_path):
-    """generate_tp2_json(checkpoint, prompts, *flags): the JSON records of `megakv generate --tp 2` under mpirun."""
+    """generate_tp2_json(checkpoint, prompts, *flags): the JSON records of `megakv generate --tp 2` under mpirun,
+    in fp32 unless ``flags`` say otherwise (the tests compare with Hugging Face fp32)."""
 
     def run(checkpoint: Path, prompts: list[list[int]], *flags: str) -> list[dict]:
         prompts_file = tmp_path / "prompts.jsonl"
         prompts_file.write_text("".join(json.dumps({"prompt_ids": prompt}) + "\n" for prompt in prompts))
         proc = run_mpi(2, [str(BIN_DIR / "megakv"), "generate", "--model", str(checkpoint), "--tp", "2",
                            "--prompts-file", str(prompts_file), "--block-size", "16", "--max-num-batched-tokens",
-                           "64", "--json", *flags])
+                           "64", "--json", "--dtype", "float32", *flags])
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     return run

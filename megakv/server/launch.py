@@ -31,7 +31,7 @@ from megakv.parallel.state import RankLocalError
 from megakv.server.app import build_app
 from megakv.server.metrics import ServerMetrics
 from megakv.server.serving import ServingContext
-from megakv.startup import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint
+from megakv.startup import chat_stop_token_ids, check_kv_pool_fits, open_checkpoint, run_dtype
 from megakv.tokenizer import TextTokenizer
 
 # Seconds open responses may take to finish once the server is asked to stop.
@@ -120,13 +120,14 @@ def run_serve(args: argparse.Namespace) -> int:
     options = resolve_options(args)
     config = engine_config(options)
     settings = server_config(options)
-    info, dtype = open_checkpoint(args.model, options, config)
+    info, requested_dtype = open_checkpoint(args.model, options, config)
     tokenizer = TextTokenizer.from_checkpoint(args.model)
     chat = ChatTemplate.from_checkpoint(args.model) if tokenizer is not None else None
     num_instances = config.parallel.num_instances
     env = state.init_distributed(layout=(config.parallel.tensor_parallel_size, num_instances))
     try:
         state.initialize_model_parallel(config.parallel.tensor_parallel_size, num_instances)
+        dtype = run_dtype(requested_dtype, info, env.device)
         try:
             sock = bind_socket(settings, args) if env.rank == 0 else None
             check_kv_pool_fits(args, info, config, dtype, env.device)

@@ -23,14 +23,16 @@ def random_prompt(length: int, seed: int, vocab_size: int = 301) -> list[int]:
 
 def run_cluster(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, records: list[dict],
                 *extra: str, check: bool = True, pool_blocks: int = POOL_BLOCKS):
-    """Run megakv generate on a cluster; returns (request records, cluster report, process)."""
+    """Run megakv generate on a cluster, in fp32 (the tests compare with Hugging Face fp32); returns (request
+    records, cluster report, process)."""
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps(record) + "\n" for record in records))
     proc = run_mpi(tp * instances, [MEGAKV, "generate", "--model", str(checkpoint), "--tp", str(tp),
                                     "--instances", str(instances), "--block-size", str(BLOCK_SIZE),
                                     "--kv-blocks-per-instance", str(pool_blocks), "--max-num-batched-tokens", "64",
                                     "--max-new-tokens", str(MAX_NEW_TOKENS), "--lending-cap", "1.0",
-                                    "--prompts-file", str(prompts_file), "--json", *extra], check=check)
+                                    "--prompts-file", str(prompts_file), "--json", "--dtype", "float32", *extra],
+                   check=check)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return [line for line in lines if "cluster" not in line], lines[-1]["cluster"], proc
 

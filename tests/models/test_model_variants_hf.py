@@ -117,7 +117,8 @@ def test_variant_window_spread_over_two_instances_equals_hf(name, variant_model,
     prompts_file.write_text(json.dumps({"prompt_ids": prompt}) + "\n")
     proc = run_mpi(2, [MEGAKV, "generate", "--model", str(variant_checkpoint(name, 1)), "--instances", "2",
                        "--block-size", "16", "--kv-blocks-per-instance", "10", "--max-num-batched-tokens", "64",
-                       "--max-new-tokens", str(MAX_NEW_TOKENS), "--prompts-file", str(prompts_file), "--json"])
+                       "--max-new-tokens", str(MAX_NEW_TOKENS), "--prompts-file", str(prompts_file), "--json",
+                       "--dtype", "float32"])
     record = json.loads(proc.stdout.splitlines()[0])
     assert record["block_instances"] == [0, 1]
     assert record["token_ids"] == hf_greedy(variant_model(name), [prompt], MAX_NEW_TOKENS)[0]

@@ -88,8 +88,9 @@ class ServerProcess:
 
 
 def serve_flags(checkpoint: Path, port: int, *flags: str) -> list[str]:
-    """The options of ``megakv serve`` (or launch/serve.py) on ``port``."""
-    return ["--model", str(checkpoint), "--port", str(port), "--log-level", "warning", *flags]
+    """The options of ``megakv serve`` (or launch/serve.py) on ``port``. In fp32 unless ``flags`` say otherwise:
+    the tests compare with Hugging Face fp32, and ``--dtype auto`` picks bf16 on CPUs with bf16 arithmetic."""
+    return ["--model", str(checkpoint), "--port", str(port), "--log-level", "warning", "--dtype", "float32", *flags]
 
 
 def serve_argv(checkpoint: Path, port: int, *flags: str) -> list[str]:

@@ -237,7 +237,7 @@ def test_greedy_tokens_equal_megakv_generate_for_the_same_prompts(client, chat_m
     prompts_file.write_text("\n".join(json.dumps(line) for line in [
         {"prompt": "Once upon a time"}, {"prompt_ids": [5, 80, 33, 120, 7]}, {"messages": messages}]) + "\n")
     generated = subprocess.run([MEGAKV, "generate", "--model", str(chat_model[1]), "--prompts-file",
-                                str(prompts_file), "--max-new-tokens", str(MAX_TOKENS), "--json"],
+                                str(prompts_file), "--max-new-tokens", str(MAX_TOKENS), "--json", "--dtype", "float32"],
                                capture_output=True, text=True, check=True, timeout=120)
     expected = [json.loads(line)["token_ids"] for line in generated.stdout.splitlines()]
     served = [client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,

@@ -10,6 +10,7 @@ import time
 
 import httpx
 
+from megakv.kernels.cpu_build import cpu_flags
 from megakv.processes import free_port
 
 from server_process import MEGAKV, STARTUP_SECONDS, ServerProcess, serve_argv
@@ -47,6 +48,8 @@ def test_serve_port_in_use_is_one_line_naming_it(chat_model):
 
 
 def test_serve_startup_log_names_model_shape_kv_capacity_and_url(chat_model):
+    # No --dtype: auto runs this fp32 checkpoint in bf16 where the CPU has bf16 arithmetic.
+    dtype = "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
     argv = [MEGAKV, "serve", "--model", str(chat_model[1]), "--port", "0", "--num-blocks", "64", "--block-size", "8",
             "--served-model-name", "tiny", "--log-level", "warning"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -57,7 +60,7 @@ def test_serve_startup_log_names_model_shape_kv_capacity_and_url(chat_model):
             assert proc.poll() is None and time.monotonic() < deadline, server.output
             time.sleep(0.1)
         lines = [line for line in server.output.splitlines() if line.startswith("megakv serve:")]
-        assert lines[0] == f"megakv serve: model {chat_model[1]} (4 layers, hidden 64, 4 heads, float32) as 'tiny': " \
+        assert lines[0] == f"megakv serve: model {chat_model[1]} (4 layers, hidden 64, 4 heads, {dtype}) as 'tiny': " \
                            f"1 instance x TP 1"
         assert lines[1] == "megakv serve: KV cache: 64 blocks of 8 tokens per instance (512 tokens); cluster KV " \
                            "capacity 512 tokens; lending cap 1.0; a request may hold 512 tokens (the KV memory it " \
