@@ -60,5 +60,9 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     extension = cpu_attention.load_extension() if op_takes(x, weight, bias) else None
     if extension is None:
         return linear_ref(x, weight, bias)
+    # The layers hand it [M, K] already, and a reshape and a view around each of a decode step's hundred-odd
+    # calls are a measurable part of a batch-1 step (docs/benchmarks.md).
+    if x.dim() == 2:
+        return extension.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
     return extension.linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
