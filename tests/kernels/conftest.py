@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megakv.kernels import cpu_attention
+from megakv.kernels.cpu_build import runnable_isas
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=runnable_isas())
+def isa(request, monkeypatch):
+    """Each build of the C++ CPU ops this CPU can execute (skipped where it does not build)."""
+    monkeypatch.setenv("MEGAKV_CPU_ISA", request.param)
+    if cpu_attention.load_extension() is None:
+        pytest.skip(f"the C++ CPU op ({request.param}) did not build here")
+    return request.param
 
 
 def make_paged_batch(seed: int, num_kv_heads: int, group: int, block_size: int, head_dim: int,

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from megakv.kernels import cpu_attention, cpu_linear
-from megakv.kernels.cpu_build import runnable_isas
 from megakv.kernels.cpu_linear import linear_cpu, linear_ref, max_op_rows, op_takes
 
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -14,15 +13,6 @@ BF16_EPS = torch.finfo(torch.bfloat16).eps
 # tensor-parallel shard (TP 4); odd sizes that leave a row tile and a vector partly filled.
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (4096, 2752), (7, 13), (33, 100),
           (5, 16), (1, 1)]
-
-
-@pytest.fixture(params=runnable_isas())
-def isa(request, monkeypatch):
-    """Each build of the op this CPU can execute (skipped where it does not build)."""
-    monkeypatch.setenv("MEGAKV_CPU_ISA", request.param)
-    if cpu_attention.load_extension() is None:
-        pytest.skip(f"the C++ CPU op ({request.param}) did not build here")
-    return request.param
 
 
 def assert_linear_close(actual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

@@ -4,21 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megakv.kernels import cpu_attention
-from megakv.kernels.cpu_build import runnable_isas
 from megakv.kernels.norm_rotary import rms_norm, rms_norm_ref, rotary_embedding, rotary_embedding_ref
 
 FP32_EPS = torch.finfo(torch.float32).eps
 BF16_EPS = torch.finfo(torch.bfloat16).eps
-
-
-@pytest.fixture(params=runnable_isas())
-def isa(request, monkeypatch):
-    """Each build of the op this CPU can execute (skipped where it does not build)."""
-    monkeypatch.setenv("MEGAKV_CPU_ISA", request.param)
-    if cpu_attention.load_extension() is None:
-        pytest.skip(f"the C++ CPU op ({request.param}) did not build here")
-    return request.param
 
 
 def ulps(dtype: torch.dtype) -> float:

@@ -14,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "bench_decode.py"
 
 
-def test_bench_decode_tiny_run_reports_every_case(tmp_path):
-    model = tmp_path / "ckpt"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_model.py"), "--random", "--tp", "1",
-                    "--output", str(model), "--hf-output", str(tmp_path / "hf")], check=True, capture_output=True,
-                   timeout=300)
+def test_bench_decode_tiny_run_reports_every_case(random_demo_checkpoint, tmp_path):
+    model = random_demo_checkpoint
     output = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(TOOL), "--model", str(model), "--batches", "1", "3", "--context", "20",
                            "--steps", "6", "--prefill", "40", "--output", str(output)],

@@ -17,11 +17,8 @@ TOOL = ROOT / "tools" / "bench_prefix_cache.py"
 
 
 @pytest.mark.mpi
-def test_bench_prefix_cache_tiny_run_reports_both_modes(tmp_path):
-    model = tmp_path / "ckpt"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_model.py"), "--random", "--tp", "1",
-                    "--output", str(model), "--hf-output", str(tmp_path / "hf")], check=True, capture_output=True,
-                   timeout=300)
+def test_bench_prefix_cache_tiny_run_reports_both_modes(random_demo_checkpoint, tmp_path):
+    model = random_demo_checkpoint
     output = tmp_path / "report.json"
     # Documents of 60-80 tokens in pools of 8 blocks (128 tokens): each stays on its instance, whose cache keeps it
     # (a document that borrowed would take the other document's cached blocks, see docs/benchmarks.md).
