@@ -142,10 +142,12 @@ def test_online_cluster_random_long_requests_on_small_pools_complete(seed, megak
 @pytest.mark.mpi
 def test_online_cluster_abort_returns_blocks_on_three_instances_and_waiting_abort_leaves_no_trace(
         megakv_checkpoint, reference, run_mpi, tmp_path):
-    # 420 + 16 tokens need 28 blocks: 10 local and 18 from the two others. The second long request cannot
-    # fit beside it and waits for room; it is aborted while it waits.
+    # 420 + 16 tokens need 28 blocks: 10 local and 18 from the two others. It is aborted once 4 of its tokens
+    # have arrived: it then holds 27 blocks, more than its pool and one lender's together, whichever lent first
+    # (a step count would not do: the front's steps while it waits for a loan are timing's). The second long
+    # request cannot fit beside it and waits for room; it is aborted while it waits.
     requests = [{"prompt_ids": random_prompt(420, 600), "max_new_tokens": 16, "arrive_step": 0, "instance": 0,
-                 "abort_step": 12},
+                 "abort_after_tokens": 4},
                 {"prompt_ids": random_prompt(400, 601), "max_new_tokens": 16, "arrive_step": 1, "instance": 1,
                  "abort_step": 9},
                 {"prompt_ids": random_prompt(30, 602), "max_new_tokens": 8, "arrive_step": 20, "instance": 2}]
