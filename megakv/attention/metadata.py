@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from megakv.attention.remote import RemoteAttention
 
 
 @dataclass
@@ -24,6 +27,5 @@ class AttentionMetadata:
     micro_attention_tables: list[torch.Tensor] | None = None
     # Mistral's sliding window: each query attends to its last sliding_window tokens only (None: all of them).
     sliding_window: int | None = None
-    # Cross-instance micro-attentions of this step (megakv.distkv.remote_attention.RemoteAttention),
-    # or None when every block the batch touches is local.
-    remote: Any = None
+    # Cross-instance micro-attentions of this step, or None when every block the batch touches is local.
+    remote: RemoteAttention | None = None

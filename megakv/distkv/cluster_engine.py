@@ -35,8 +35,7 @@ from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.prefix_routing import PrefixDirectory, prefix_holder
-from megakv.distkv.remote_attention import KVServer, RemoteAttention, fetch_blocks
-from megakv.distkv.rmanager import RManager, Transfer
+from megakv.distkv.remote_attention import KVLinkAttention, KVServer, fetch_blocks
 from megakv.engine.core import InstanceCore
 from megakv.engine.limits import ContextLimit, KVCapacity
 from megakv.engine.llm_engine import generate
@@ -47,6 +46,7 @@ from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.kvcache.block_pool import num_blocks_for
 from megakv.kvcache.prefix_cache import extend_block_hashes
+from megakv.kvcache.rmanager import RManager, Transfer
 from megakv.parallel import state
 from megakv.parallel.kv_links import PeerGone
 from megakv.parallel.messaging import split, world_comm
@@ -669,7 +669,7 @@ class ClusterEngine:
             return None
         if plan.inputs.outgoing:
             config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
-            plan.inputs.metadata.remote = RemoteAttention(self.kv_server, plan.inputs.outgoing,
+            plan.inputs.metadata.remote = KVLinkAttention(self.kv_server, plan.inputs.outgoing,
                                                           plan.inputs.served_by_creditor,
                                                           config.num_attention_heads // tp, config.head_dim)
         return self.model_runner.forward(plan.inputs)

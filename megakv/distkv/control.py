@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room, Settled, Turn,
                                     WantRoom, Yield, Yielded)
-from megakv.distkv.rmanager import RManager
+from megakv.kvcache.rmanager import RManager
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).

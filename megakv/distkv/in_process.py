@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from megakv.distkv.control import GMANAGER_MESSAGES, InstanceControl
 from megakv.distkv.gmanager import GManager
-from megakv.distkv.rmanager import RManager
+from megakv.kvcache.rmanager import RManager
 
 
 class InProcessCluster:

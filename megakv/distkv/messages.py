@@ -6,21 +6,6 @@ mailbox pickles them, the in-process cluster of the tests passes them as they ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
-
-
-class BlockRef(NamedTuple):
-    """Where one logical block of a request lives: an instance and a physical block id there.
-
-    A named tuple rather than a dataclass: tables hold thousands of them and are scanned every step.
-    """
-
-    instance_id: int
-    block_id: int
-
-
-# Placeholder for a block the rManager has promised but not yet borrowed.
-PENDING = BlockRef(-1, -1)
 
 
 @dataclass(frozen=True)

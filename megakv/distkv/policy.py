@@ -17,34 +17,9 @@ it (megakv.distkv.cluster_engine). The scheduler consults the policy through ``m
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
+from megakv.engine.request import Request
 from megakv.kvcache.block_pool import num_blocks_for
-
-if TYPE_CHECKING:
-    from megakv.distkv.rmanager import RManager
-
-
-class Request(Protocol):
-    """What the policy reads of a request (megakv.engine.request.Request)."""
-
-    request_id: str
-    num_tokens: int
-
-
-class LocalAdmission:
-    """One instance alone: every request may be admitted, and a preempted one simply waits its turn."""
-
-    def may_admit(self, request: Request) -> bool:
-        """Whether the scheduler may admit this waiting request now."""
-        return True
-
-    def num_borrowable_blocks(self, request: Request) -> int:
-        """How many blocks beyond its pool's free ones the request may take now: one instance has no others."""
-        return 0
-
-    def on_preempt(self, request: Request) -> None:
-        """The scheduler gave the request's blocks back."""
+from megakv.kvcache.rmanager import RManager
 
 
 class ClusterAdmission:

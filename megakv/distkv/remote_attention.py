@@ -18,47 +18,15 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from megakv.attention.metadata import AttentionMetadata
-from megakv.distkv.rmanager import Transfer
+from megakv.attention.remote import OutgoingQueries, ServedQueries
 from megakv.kernels.cpu_attention import native_kv_server
 from megakv.kernels.ops import merge_partials, micro_attention, store_kv
+from megakv.kvcache.rmanager import Transfer
 from megakv.parallel.kv_links import KVLinks, PeerGone, receive_into, send_all, tensor_bytes
-
-
-@dataclass(frozen=True)
-class OutgoingQueries:
-    """Debtor side: rows of this step's batch whose requests have blocks on ``creditor``."""
-
-    creditor: int
-    # Rows of the batch's queries that attend to blocks on the creditor.
-    query_indices: list[int]
-    # Rows of the batch whose new K/V are stored on the creditor.
-    write_indices: list[int]
-
-
-@dataclass(frozen=True)
-class ServedQueries:
-    """Creditor side: a debtor's queries to attend over the blocks this instance holds for it."""
-
-    debtor: int
-    # Slots of this pool receiving the debtor's new K/V, in the order of its write_indices.
-    write_slots: list[int]
-    query_start_loc: list[int]
-    context_lens: list[int]
-    # This pool's block ids by logical index, -1 where the block lives elsewhere.
-    block_tables: list[list[int]]
-    # The model's sliding window (None: none), which the creditor's micro-attention honours too.
-    sliding_window: int | None = None
-
-    @property
-    def num_queries(self) -> int:
-        """Queries the debtor sends, all its sequences together."""
-        return self.query_start_loc[-1]
-
 
 # The wire format of a request and its answer is described at the top of kernels/kv_server_cpu.cpp, the KV
 # server's loop on the CPU; KVServer's Python loop (other devices, or no C++ op) speaks the same.
@@ -205,9 +173,10 @@ class KVServer:
                     send_all(link, [tensor_bytes(out.float().cpu()), tensor_bytes(lse.float().cpu())])
 
 
-class RemoteAttention:
-    """The debtor's side of one step: each layer's queries go to the creditors' KV servers, the local
-    micro-attention runs while they compute, and their partials merge with it exactly."""
+class KVLinkAttention:
+    """The debtor's side of one step, a RemoteAttention (megakv.attention.remote): each layer's queries go to
+    the creditors' KV servers, the local micro-attention runs while they compute, and their partials merge
+    with it exactly."""
 
     def __init__(self, kv_server: KVServer, outgoing: list[OutgoingQueries], served: dict[int, ServedQueries],
                  num_q_heads: int, head_dim: int) -> None:

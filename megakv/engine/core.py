@@ -15,16 +15,14 @@ import torch
 
 from megakv.checkpoint.format import CheckpointInfo, load_shard
 from megakv.config import EngineConfig, ModelConfig, dtype_name
-from megakv.distkv.messages import PENDING
-from megakv.distkv.policy import LocalAdmission
-from megakv.distkv.rmanager import RManager
-from megakv.engine.model_runner import ModelRunner
 from megakv.engine.limits import ContextLimit
+from megakv.engine.model_runner import ModelRunner
 from megakv.engine.request import Placement, Request, RequestOutput, RequestStatus
 from megakv.engine.sampling import SAMPLING_FAILED, SampledTokens, SamplingParams
-from megakv.engine.scheduler import AdmissionPolicy, ScheduledChunk, Scheduler, SchedulerOutput
+from megakv.engine.scheduler import AdmissionPolicy, LocalAdmission, ScheduledChunk, Scheduler, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.kv_cache import KVCache
+from megakv.kvcache.rmanager import PENDING, RManager
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
 
@@ -63,7 +61,8 @@ class InstanceCore:
         num_blocks = KVCache.num_blocks_for(info.model, tp, config.cache, dtype)
         self.rmanager = RManager(state.get_instance_id(), BlockPool(num_blocks), config.cache.block_size,
                                  config.distkv.lending_cap)
-        # The policy may consult the pool (megakv.distkv.policy), so it is built around this core's rManager.
+        # The policy may consult the pool (megakv.distkv.policy for a cluster), so it is built around this
+        # core's rManager.
         self.scheduler = Scheduler(config.scheduler, self.rmanager,
                                    admission(self.rmanager) if admission is not None else LocalAdmission(),
                                    config.cache.enable_prefix_caching)

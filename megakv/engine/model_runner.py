@@ -14,12 +14,11 @@ import torch
 import torch.distributed as dist
 
 from megakv.attention.metadata import AttentionMetadata
-from megakv.distkv.messages import BlockRef
-from megakv.distkv.remote_attention import OutgoingQueries, ServedQueries
-from megakv.distkv.rmanager import RManager
+from megakv.attention.remote import OutgoingQueries, ServedQueries
 from megakv.engine.sampling import SampledTokens, Sampler, token_logprobs
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.kvcache.kv_cache import KVCache
+from megakv.kvcache.rmanager import BlockRef, RManager
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
 

@@ -13,23 +13,37 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-
 from typing import Protocol
 
 from megakv.config import SchedulerConfig
 from megakv.engine.request import Request, RequestStatus
-from megakv.distkv.rmanager import RManager
 from megakv.kvcache.prefix_cache import extend_block_hashes
+from megakv.kvcache.rmanager import RManager
 
 
 class AdmissionPolicy(Protocol):
-    """Who may be admitted, consulted by the scheduler (megakv.distkv.policy has the implementations)."""
+    """Who may be admitted, consulted by the scheduler (LocalAdmission below; megakv.distkv.policy for a cluster)."""
 
     def may_admit(self, request: Request) -> bool: ...
 
     def num_borrowable_blocks(self, request: Request) -> int: ...
 
     def on_preempt(self, request: Request) -> None: ...
+
+
+class LocalAdmission:
+    """One instance alone: every request may be admitted, and a preempted one simply waits its turn."""
+
+    def may_admit(self, request: Request) -> bool:
+        """Whether the scheduler may admit this waiting request now."""
+        return True
+
+    def num_borrowable_blocks(self, request: Request) -> int:
+        """How many blocks beyond its pool's free ones the request may take now: one instance has no others."""
+        return 0
+
+    def on_preempt(self, request: Request) -> None:
+        """The scheduler gave the request's blocks back."""
 
 
 @dataclass(frozen=True)

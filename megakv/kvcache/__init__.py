@@ -1,1 +1,2 @@
-"""The rBlock cache: the free-block pool (plain bookkeeping) and the KV tensors it indexes."""
+"""The rBlock cache: the free-block pool, the rManager's block tables (plain bookkeeping) and the KV tensors
+they index."""

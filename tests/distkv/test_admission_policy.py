@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from megakv.config import SchedulerConfig
-from megakv.distkv.messages import PENDING
 from megakv.distkv.policy import ClusterAdmission
-from megakv.distkv.rmanager import RManager
 from megakv.engine.request import Request
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import Scheduler
 from megakv.kvcache.block_pool import BlockPool
+from megakv.kvcache.rmanager import PENDING, RManager
 
 BLOCK_SIZE = 4
 POOL_BLOCKS = 8

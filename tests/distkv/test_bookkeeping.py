@@ -7,12 +7,12 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megakv.distkv.in_process import InProcessCluster
 from megakv.distkv.control import GMANAGER_MESSAGES
-from megakv.distkv.messages import (PENDING, Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Turn,
-                                    WantRoom, Yield, Yielded)
-from megakv.distkv.rmanager import RManager
+from megakv.distkv.in_process import InProcessCluster
+from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Turn, WantRoom,
+                                    Yield, Yielded)
 from megakv.kvcache.block_pool import BlockPool
+from megakv.kvcache.rmanager import PENDING, RManager
 
 BLOCK_SIZE = 4
 

@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from megakv.distkv.remote_attention import FETCH, STOP, ServedQueries, _encode_plan
+from megakv.attention.remote import ServedQueries
+from megakv.distkv.remote_attention import FETCH, STOP, _encode_plan
 from megakv.kernels import cpu_attention
 from megakv.kernels.cpu_build import runnable_isas
 from megakv.kernels.kv_store import store_kv_ref

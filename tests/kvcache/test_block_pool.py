@@ -6,13 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megakv.distkv.messages import BlockRef
-from megakv.distkv.rmanager import RManager
 from megakv.engine.model_runner import ModelRunner, StepInputs
 from megakv.engine.request import Request
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import ScheduledChunk, SchedulerOutput
 from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
+from megakv.kvcache.rmanager import BlockRef, RManager
 
 
 def test_block_pool_allocate_free_invariants():

@@ -11,15 +11,13 @@ import pytest
 
 from megakv.checkpoint.format import read_checkpoint_info
 from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
-from megakv.distkv.messages import PENDING
-from megakv.distkv.policy import LocalAdmission
-from megakv.distkv.rmanager import RManager
 from megakv.engine.llm_engine import LLMEngine
 from megakv.engine.request import Request
 from megakv.engine.sampling import SamplingParams
-from megakv.engine.scheduler import Scheduler
+from megakv.engine.scheduler import LocalAdmission, Scheduler
 from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.prefix_cache import extend_block_hashes
+from megakv.kvcache.rmanager import PENDING, RManager
 
 BLOCK_SIZE = 4
 

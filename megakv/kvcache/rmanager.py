@@ -17,8 +17,21 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
-from megakv.distkv.messages import PENDING, BlockRef
 from megakv.kvcache.block_pool import BlockPool, KVCacheExhaustedError, num_blocks_for
+
+
+class BlockRef(NamedTuple):
+    """Where one logical block of a request lives: an instance and a physical block id there.
+
+    A named tuple rather than a dataclass: tables hold thousands of them and are scanned every step.
+    """
+
+    instance_id: int
+    block_id: int
+
+
+# Placeholder for a block the rManager has promised but not yet borrowed.
+PENDING = BlockRef(-1, -1)
 
 
 class Transfer(NamedTuple):
