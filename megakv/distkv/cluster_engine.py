@@ -7,10 +7,12 @@ Every instance's leader (TP rank 0) runs its own step loop: take the control mes
 arrived (new requests and aborts from the front; loans, returns, turns and recalls from the
 gManager and the other instances), schedule its batch, recall lent blocks for a request of its
 own that waited too long for them, tell the gManager what its requests need to borrow, pull
-remote blocks home when its pool has room (DGFM), hand the step to its TP ranks, and send the
-step's outputs to the front. A step waits for no other instance, except, layer
+remote blocks home when its pool has room, or swap blocks with an instance whose requests hold
+this pool's while this one's hold its (DGFM), hand the step to its TP ranks, and send the step's
+outputs to the front. A step waits for no other instance, except, layer
 by layer, for the KV servers of the instances holding its requests' blocks; those answer from
-a thread of their own. An instance with nothing to do sleeps until a message arrives.
+a thread of their own. An instance that offered a swap runs no step until its peer answers, after
+the peer's next step. An instance with nothing to do sleeps until a message arrives.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
 from megakv.distkv.prefix_routing import PrefixDirectory, prefix_holder
-from megakv.distkv.remote_attention import KVLinkAttention, KVServer, fetch_blocks
+from megakv.distkv.remote_attention import KVLinkAttention, KVServer, fetch_blocks, read_blocks, write_blocks
 from megakv.engine.core import InstanceCore
 from megakv.engine.limits import ContextLimit, KVCapacity
 from megakv.engine.llm_engine import generate
@@ -139,6 +141,11 @@ class StepPlan:
     inputs: StepInputs | None
     # DGFM: blocks to copy home before the step runs.
     pulls: list[Transfer] = field(default_factory=list)
+    # DGFM swap, starting: copy the KV of these blocks of this peer out (and run no step until it answers).
+    swap_out: tuple[int, list[int]] | None = None
+    # DGFM swap, answered: write the KV copied out into these blocks, as (index among those copied out, block);
+    # then drop it.
+    swap_writes: list[tuple[int, int]] | None = None
     stop: bool = False
 
 
@@ -186,7 +193,8 @@ class ClusterEngine:
                     Mailbox(gmanager_comm, tag=GMANAGER_TAG), self._local_mail.append)
             else:
                 self.gmanager_mailbox = Mailbox(gmanager_comm, self.control_traffic, GMANAGER_TAG)
-            self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn, self._recall)
+            self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn, self._recall,
+                                           self._swap_in, self._swapped)
         # Requests that yielded their blocks, out of the scheduler's queue until the gManager gives them their turn.
         self._parked: dict[str, Request] = {}
         # Requests of this instance that a creditor recalled blocks from: never recalled again, so that a long
@@ -199,6 +207,11 @@ class ClusterEngine:
         # and those that sent their one Recall.
         self._starving_since: dict[str, float] = {}
         self._recalled_for: set[str] = set()
+        # DGFM swaps: the moves of a peer's Swap, to copy with the next step and then answer; the writes that end
+        # a swap this instance started; and, on every rank, the KV it copied out for that swap.
+        self._swap_moves: list[tuple[int, list[Transfer]]] = []
+        self._swap_writes: list[tuple[int, int]] | None = None
+        self._swapped_out: torch.Tensor | None = None
         tp = state.get_tensor_model_parallel_world_size()
         cache = self.model_runner.kv_cache
         self.kv_server = KVServer(cache.key_cache, cache.value_cache, info.model.num_attention_heads // tp,
@@ -345,7 +358,7 @@ class ClusterEngine:
             gmanager = service.gmanager
             debts = {pair: n for pair, n in gmanager.debts.items() if n}
             counters = (gmanager.num_borrow_events, gmanager.num_blocks_borrowed, gmanager.num_blocks_moved,
-                        gmanager.outstanding())
+                        gmanager.num_blocks_swapped, gmanager.outstanding())
         instances = []
         num_blocks = self.rmanager.pool.num_blocks
         for index in range(self.num_instances):
@@ -493,6 +506,28 @@ class ClusterEngine:
             self.scheduler.preempt(request)
         return freed
 
+    def _swap_in(self, peer: int, moves: list[Transfer]) -> None:
+        """A peer's Swap: its blocks' KV is copied with this instance's next step, and the peer answered then."""
+        self._swap_moves.append((peer, moves))
+
+    def _swapped(self, writes: list[tuple[int, int]]) -> None:
+        """The answer to this instance's Swap: its next step writes the KV copied out, then runs as before."""
+        self._swap_writes = writes
+
+    def _start_swap(self) -> None:
+        """DGFM without room: with an instance that holds blocks of this one's requests while its requests hold
+        blocks of this pool, exchange them, so that both requests' KV comes home and no free block is needed.
+        Every TP rank copies its heads' KV of the peer's blocks out; then the peer may overwrite them."""
+        peer = self.rmanager.swap_partner()
+        if peer is None or not self.config.distkv.max_moves_per_step:
+            return
+        block_ids = self.rmanager.begin_swap(peer, self.config.distkv.max_moves_per_step)
+        plan = StepPlan(None, swap_out=(peer, block_ids))
+        for tp_rank in range(1, self.instance_comm.Get_size()):
+            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+        self._run_plan(plan)
+        self.control.offer_swap(peer, block_ids)
+
     def _starving_head(self) -> tuple[Request, int, int, int] | None:
         """The first request waiting here, if lent room keeps it waiting and a recall would let it in: it fits this
         pool to its last token, has not recalled yet, and would be admitted with the blocks that the largest
@@ -563,6 +598,10 @@ class ClusterEngine:
         self._take_mail()
         if self._stopping:
             return False
+        if self.rmanager.swapping:
+            # A swap awaits the peer's answer: a step would read blocks the peer is overwriting.
+            self.control.sync(self._arrivals_here())
+            return False
         if self.before_step is not None:
             self.before_step()
         rmanager, scheduler = self.rmanager, self.scheduler
@@ -576,9 +615,12 @@ class ClusterEngine:
         ready = SchedulerOutput([chunk for chunk in scheduled.chunks
                                  if not rmanager.has_pending(chunk.request.request_id)])
         pulls = self._plan_pulls()
-        if not ready.chunks and not pulls:
+        swap_moves, self._swap_moves = self._swap_moves, []
+        swap_writes, self._swap_writes = self._swap_writes, None
+        if not ready.chunks and not pulls and not swap_moves and swap_writes is None:
             self._blocked = scheduler.has_unfinished() or bool(self._parked)
             self._report()
+            self._start_swap()
             return False
         if self._blocked:
             # Before a step that may be long: the front must not take this instance for a stalled one.
@@ -587,10 +629,13 @@ class ClusterEngine:
         started = time.perf_counter()
         for chunk in ready.chunks:
             chunk.request.block_instances.update(rmanager.block_counts(chunk.request.request_id))
-        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None, pulls)
+        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None,
+                        pulls + [move for _, moves in swap_moves for move in moves], swap_writes=swap_writes)
         for tp_rank in range(1, self.instance_comm.Get_size()):
             self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
         logits = self._run_plan(plan)
+        for peer, moves in swap_moves:
+            self.control.swapped_in(peer, moves)
         outputs = []
         if plan.inputs is not None:
             self.num_steps += 1
@@ -601,6 +646,8 @@ class ClusterEngine:
                     self._finished(output.request_id)
         self.control.sync(self._arrivals_here())
         self._report_outputs(outputs)
+        if not pulls:
+            self._start_swap()
         return plan.inputs is not None
 
     def _plan_pulls(self) -> list[Transfer]:
@@ -660,6 +707,16 @@ class ClusterEngine:
 
     def _run_plan(self, plan: StepPlan) -> torch.Tensor | None:
         cache = self.model_runner.kv_cache
+        if plan.swap_writes is not None:
+            indices, block_ids = zip(*plan.swap_writes) if plan.swap_writes else ((), ())
+            write_blocks(self._swapped_out[:, :, list(indices)], list(block_ids), cache.key_cache, cache.value_cache)
+            self._swapped_out = None
+        if plan.swap_out is not None:
+            peer, block_ids = plan.swap_out
+            self._swapped_out = read_blocks(self.kv_server.links, peer, block_ids, cache.key_cache)
+            if self.instance_comm.Get_size() > 1:
+                # The peer overwrites the blocks once it has the Swap: every TP rank must have copied them out.
+                dist.barrier(state.get_tensor_model_parallel_group())
         if plan.pulls:
             fetch_blocks(self.kv_server.links, plan.pulls, cache.key_cache, cache.value_cache)
             if plan.inputs is None and self.instance_comm.Get_size() > 1:
@@ -707,5 +764,6 @@ class ClusterEngine:
         stats = self.stats()
         return {"instances": self.num_instances, "blocks_per_instance": self.rmanager.pool.num_blocks,
                 "borrow_events": stats.num_borrow_events, "blocks_borrowed": stats.num_blocks_borrowed,
-                "blocks_moved_by_dgfm": stats.num_blocks_moved, "ledger_outstanding": stats.ledger_outstanding,
+                "blocks_moved_by_dgfm": stats.num_blocks_moved, "blocks_swapped_by_dgfm": stats.num_blocks_swapped,
+                "ledger_outstanding": stats.ledger_outstanding,
                 "free_blocks": dict(enumerate(free))}

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room, Settled, Turn,
-                                    WantRoom, Yield, Yielded)
-from megakv.kvcache.rmanager import RManager
+from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room, Settled, Swap,
+                                    Swapped, Turn, WantRoom, Yield, Yielded)
+from megakv.kvcache.rmanager import RManager, Transfer
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
-INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled)
+INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled, Swap, Swapped)
 GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded)
 # Marks a request that yielded: nothing is reported for it until it holds blocks again.
 _YIELDED = -1
@@ -34,14 +34,19 @@ class InstanceControl:
     keep it out of the queue (True), or return False for one that needs nothing more or is not here;
     ``on_turn(request_id)`` lets it be admitted again, returning False if it had not yielded;
     ``on_recall(creditor, num_blocks)`` preempts requests holding blocks of ``creditor`` to free up to
-    ``num_blocks`` of them, returning how many it freed.
+    ``num_blocks`` of them, returning how many it freed. DGFM swaps: ``on_swap_in(peer, transfers)`` must copy
+    each transfer's KV before the next step and then call ``swapped_in``; ``on_swapped(writes)`` must write the
+    KV copied out for the swap (RManager.end_swap's writes) before the next step.
     """
 
     def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], bool],
-                 on_turn: Callable[[str], bool], on_recall: Callable[[int, int], int]) -> None:
+                 on_turn: Callable[[str], bool], on_recall: Callable[[int, int], int],
+                 on_swap_in: Callable[[int, list[Transfer]], None],
+                 on_swapped: Callable[[list[tuple[int, int]]], None]) -> None:
         self.rmanager = rmanager
         self.post = post
         self.on_yield, self.on_turn, self.on_recall = on_yield, on_turn, on_recall
+        self.on_swap_in, self.on_swapped = on_swap_in, on_swapped
         # Answers to Recalls (creditor, blocks freed), sent after the freed blocks go back.
         self._recall_answers: list[tuple[int, Recalled]] = []
         # Creditor side: the request and the blocks asked of the Recall awaiting its answer.
@@ -107,6 +112,18 @@ class InstanceControl:
             self._recall = None
             if message.num_blocks < num_asked:
                 rmanager.end_reservation(request_id)
+        elif isinstance(message, Swap):
+            transfers = rmanager.swap_in(message.sender, message.block_ids)
+            if transfers:
+                self.on_swap_in(message.sender, transfers)
+            else:
+                self.post(message.sender, Swapped(me, []))
+        elif isinstance(message, Swapped):
+            peer = message.sender
+            self.on_swapped(rmanager.end_swap(message.pairs))
+            if message.pairs:
+                num_pairs = len(message.pairs)
+                self._tell_gmanager(Settled(me, peer, num_pairs, num_pairs, rmanager.num_lendable_blocks, num_pairs))
         else:
             raise TypeError(f"instance {me} got an unexpected control message: {message!r}")
 
@@ -177,6 +194,18 @@ class InstanceControl:
         self._recall = (request_id, num_blocks)
         self.post(debtor, Recall(self.instance_id, num_blocks))
         return True
+
+    def offer_swap(self, peer: int, block_ids: list[int]) -> None:
+        """Offer ``peer`` a DGFM swap of these blocks of its pool (RManager.begin_swap), once their KV is copied
+        out."""
+        self.post(peer, Swap(self.instance_id, block_ids))
+
+    def swapped_in(self, peer: int, transfers: list[Transfer]) -> None:
+        """The KV of a Swap's blocks has moved here: ``peer`` gets its blocks back, and the ledger drops both
+        sides' loans (the peer settles its own on Swapped)."""
+        self.post(peer, Swapped(self.instance_id, [(move.dst_block, move.src_block) for move in transfers]))
+        self._tell_gmanager(Settled(self.instance_id, peer, len(transfers), len(transfers),
+                                    self.rmanager.num_lendable_blocks, len(transfers)))
 
     @property
     def awaiting_recall(self) -> bool:

@@ -43,6 +43,7 @@ class GManager:
         self.num_borrow_events = 0
         self.num_blocks_borrowed = 0
         self.num_blocks_moved = 0
+        self.num_blocks_swapped = 0
         # What each instance may lend, as it last said (every pool starts empty).
         self._lendable = list(lendable_blocks)
         # Borrowers in arrival order, by request id.
@@ -93,6 +94,7 @@ class GManager:
             self.debts[message.debtor, message.creditor] -= message.num_blocks
             assert self.debts[message.debtor, message.creditor] >= 0, "ledger went negative"
             self.num_blocks_moved += message.num_moved
+            self.num_blocks_swapped += message.num_swapped
             self._lendable[message.creditor] = message.num_lendable_blocks
         elif isinstance(message, Room):
             self._lendable[message.instance_id] = message.num_lendable_blocks

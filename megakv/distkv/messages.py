@@ -67,6 +67,8 @@ class Settled:
     num_blocks: int
     num_moved: int
     num_lendable_blocks: int
+    # How many of the moved blocks a DGFM swap moved.
+    num_swapped: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,24 @@ class Left:
     """Instance leader -> gManager service, its last message: it has stopped and will send nothing more."""
 
     instance_id: int
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Instance -> a peer that holds blocks of its requests while it holds blocks of the peer's (a cycle of two
+    in the debt graph; DGFM swaps instead of pulling home, which needs free room): the sender has copied its KV
+    out of these blocks of the peer's pool and reads them no more; fill them with the KV of the peer's blocks
+    it holds, one for one."""
+
+    sender: int
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """Answer to a Swap, once the KV has moved: ``pairs`` of (block of the Swap, block of the Swap's sender
+    whose KV it now holds); each second block now belongs to the sender again, empty. Fewer pairs than offered
+    blocks when the peer holds fewer of the sender's blocks by then."""
+
+    sender: int
+    pairs: list[tuple[int, int]]

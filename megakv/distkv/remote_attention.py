@@ -233,6 +233,24 @@ class KVLinkAttention:
         return merged.to(local_out.dtype)
 
 
+def read_blocks(links: KVLinks, owner: int, block_ids: list[int], key_cache: torch.Tensor) -> torch.Tensor:
+    """DGFM: the K and V of blocks of ``owner``'s pool (every layer, this rank's heads), from its KV server:
+    [2, num_layers, len(block_ids), Hkv, block_size, D] on the CPU."""
+    link = links.outgoing[owner]
+    _ask(link, FETCH, 0, array.array("q", block_ids).tobytes())
+    blocks = torch.empty((2, key_cache.shape[0], len(block_ids), *key_cache.shape[2:]), dtype=key_cache.dtype)
+    receive_into(link, tensor_bytes(blocks), links.peer_name(owner))
+    return blocks
+
+
+def write_blocks(blocks: torch.Tensor, block_ids: list[int], key_cache: torch.Tensor,
+                 value_cache: torch.Tensor) -> None:
+    """Store blocks read by ``read_blocks`` into blocks ``block_ids`` of this pool."""
+    destination = torch.tensor(block_ids, dtype=torch.long, device=key_cache.device)
+    key_cache[:, destination] = blocks[0].to(key_cache.device)
+    value_cache[:, destination] = blocks[1].to(key_cache.device)
+
+
 def fetch_blocks(links: KVLinks, transfers: list[Transfer], key_cache: torch.Tensor,
                  value_cache: torch.Tensor) -> None:
     """DGFM: copy each transfer's block (every layer's K and V of this rank's heads) from its creditor's
@@ -241,10 +259,5 @@ def fetch_blocks(links: KVLinks, transfers: list[Transfer], key_cache: torch.Ten
     for transfer in transfers:
         by_creditor.setdefault(transfer.creditor, []).append(transfer)
     for creditor, moves in by_creditor.items():
-        link = links.outgoing[creditor]
-        _ask(link, FETCH, 0, array.array("q", [move.src_block for move in moves]).tobytes())
-        blocks = torch.empty((2, key_cache.shape[0], len(moves), *key_cache.shape[2:]), dtype=key_cache.dtype)
-        receive_into(link, tensor_bytes(blocks), links.peer_name(creditor))
-        destination = torch.tensor([move.dst_block for move in moves], dtype=torch.long, device=key_cache.device)
-        key_cache[:, destination] = blocks[0].to(key_cache.device)
-        value_cache[:, destination] = blocks[1].to(key_cache.device)
+        blocks = read_blocks(links, creditor, [move.src_block for move in moves], key_cache)
+        write_blocks(blocks, [move.dst_block for move in moves], key_cache, value_cache)

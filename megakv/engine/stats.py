@@ -39,5 +39,7 @@ class EngineStats:
     num_borrow_events: int = 0
     num_blocks_borrowed: int = 0
     num_blocks_moved: int = 0
+    # Of those, the blocks moved by DGFM swaps between two instances holding each other's blocks.
+    num_blocks_swapped: int = 0
     # Blocks owed in the gManager's ledger, as "debtor->creditor": blocks (empty when every debt is settled).
     ledger_outstanding: dict[str, int] = field(default_factory=dict)

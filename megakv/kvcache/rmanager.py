@@ -6,7 +6,8 @@ once they arrive, or earlier if its own pool frees up. An rManager lends only
 blocks of its own pool, up to ``lending_cap`` of it, so a borrowed block is never
 lent onward (no borrowing chains). When a request ends, its local blocks go back
 to the pool and its remote blocks back to their creditors; DGFM moves remote
-blocks home when the pool has room.
+blocks home when the pool has room, and two instances that hold each other's
+blocks swap them, which needs no room at all.
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ class RManager:
         # Requests of this instance that recalled lent blocks (InstanceControl.recall) -> the blocks each needs in
         # all: what they do not hold yet is kept out of lending until they end.
         self._reservations: dict[str, int] = {}
+        # DGFM swap in flight (begin_swap): the peer, its blocks whose KV this instance copied out, and those of
+        # them whose request has been released since (they go back, or become the peer's own, at end_swap).
+        self._swap: tuple[int, list[int]] | None = None
+        self._released_in_swap: set[int] = set()
 
     # -- what the scheduler uses ---------------------------------------------------------------------------
 
@@ -191,6 +196,8 @@ class RManager:
                 continue
             if ref.instance_id == self.instance_id:
                 self.pool.free([ref.block_id])
+            elif self._swap is not None and ref.instance_id == self._swap[0] and ref.block_id in self._swap[1]:
+                self._released_in_swap.add(ref.block_id)
             else:
                 self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
 
@@ -350,3 +357,74 @@ class RManager:
                 self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
                 self._moved[ref.instance_id] = self._moved.get(ref.instance_id, 0) + 1
         return transfers
+
+    def swap_partner(self) -> int | None:
+        """A peer to swap blocks with (see begin_swap): one that holds blocks of this instance's requests while
+        its own requests hold blocks of this pool. Only the lower instance of the two starts a swap, so that the
+        two never offer to each other at once."""
+        if self._swap is not None:
+            return None
+        peers = [peer for peer, lent in self._lent.items()
+                 if peer > self.instance_id and lent and self._totals[peer]]
+        return min(peers) if peers else None
+
+    def begin_swap(self, peer: int, max_blocks: int) -> list[int]:
+        """Start a DGFM swap with ``peer``: up to ``max_blocks`` of its blocks that this instance's requests hold
+        (no more than it holds of this pool). The caller copies their KV out before it offers them, and runs no
+        step until ``end_swap``: the peer overwrites them."""
+        num_blocks = min(max_blocks, len(self._lent[peer]), self._totals[peer])
+        block_ids = [ref.block_id for table in self._tables.values() for ref in table.refs
+                     if ref.instance_id == peer][:num_blocks]
+        if block_ids:
+            self._swap = (peer, block_ids)
+        return block_ids
+
+    def swap_in(self, peer: int, block_ids: list[int]) -> list[Transfer]:
+        """The peer's side of a swap: blocks of this pool that ``peer`` lent back (``block_ids``) take the KV of
+        as many of its blocks that this instance's requests hold. The tables point to them at once; the caller
+        copies each transfer's KV before the next step reads it and only then answers (Swapped)."""
+        lent = self._lent[peer]
+        transfers: list[Transfer] = []
+        free_slots = iter(block_ids)
+        for table in self._tables.values():
+            for logical_index, ref in enumerate(table.refs):
+                if ref.instance_id != peer:
+                    continue
+                home = next(free_slots, None)
+                if home is None:
+                    return transfers
+                assert home in lent, f"instance {peer} offered block {home}, which it does not hold"
+                lent.remove(home)
+                table.set(logical_index, BlockRef(self.instance_id, home), next(self._versions))
+                transfers.append(Transfer(peer, ref.block_id, home))
+        return transfers
+
+    def end_swap(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The peer's Swapped: each pair's second block, which the peer held, is this instance's again and
+        takes the KV copied out of the first. Returns (index among the blocks copied out, block) for the caller
+        to write, for the requests still holding them; a released request's block goes back to the pool."""
+        peer, offered = self._swap
+        lent = self._lent[peer]
+        swapped = dict(pairs)
+        writes: list[tuple[int, int]] = []
+        for table in self._tables.values():
+            for logical_index, ref in enumerate(table.refs):
+                if ref.instance_id == peer and ref.block_id in swapped:
+                    home = swapped[ref.block_id]
+                    table.set(logical_index, BlockRef(self.instance_id, home), next(self._versions))
+                    writes.append((offered.index(ref.block_id), home))
+        for block_id, home in pairs:
+            lent.remove(home)
+            if block_id in self._released_in_swap:
+                self.pool.free([home])
+        # Offered blocks the peer did not take stay its loans: released ones go back as usual.
+        unswapped = [block_id for block_id in offered if block_id in self._released_in_swap and block_id not in swapped]
+        if unswapped:
+            self._returns.setdefault(peer, []).extend(unswapped)
+        self._swap, self._released_in_swap = None, set()
+        return writes
+
+    @property
+    def swapping(self) -> bool:
+        """Whether a swap this instance started awaits the peer's Swapped."""
+        return self._swap is not None

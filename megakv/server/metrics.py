@@ -71,7 +71,9 @@ class EngineStatsCollector:
         yield usage
         cluster = [("borrow_events", "Grants of borrowed rBlocks by the gManager", self.snapshot.num_borrow_events),
                    ("blocks_borrowed", "rBlocks borrowed across instances", self.snapshot.num_blocks_borrowed),
-                   ("dgfm_blocks_moved", "rBlocks moved home by DGFM", self.snapshot.num_blocks_moved)]
+                   ("dgfm_blocks_moved", "rBlocks moved home by DGFM", self.snapshot.num_blocks_moved),
+                   ("dgfm_blocks_swapped", "rBlocks moved home by DGFM swaps (counted in dgfm_blocks_moved too)",
+                    self.snapshot.num_blocks_swapped)]
         for name, documentation, value in cluster:
             family = CounterMetricFamily(f"megakv:{name}", documentation, labels=["model_name"])
             family.add_metric([self.model_name], value)

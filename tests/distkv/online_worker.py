@@ -2,7 +2,8 @@
 
 argv: job.json out.json. The job names the checkpoint, the cluster's shape and the requests, each with
 ``prompt_ids``, ``max_new_tokens``, ``arrive_step``, optional ``instance``, and an optional abort: at
-``abort_step``, or once ``abort_after_tokens`` tokens have reached the front.
+``abort_step``, or once ``abort_after_tokens`` tokens have reached the front. ``"pull_home": false`` turns
+DGFM's pulls off (swaps stay).
 Rank 0 writes, per request, the streamed tokens, the final output and the step of each output, and the
 cluster report.
 """
@@ -29,6 +30,11 @@ def main() -> None:
                           distkv=DistKVConfig(lending_cap=job.get("lending_cap", 1.0),
                                               recall_after=job.get("recall_after", RECALL_AFTER_SECONDS)))
     engine = ClusterEngine(read_checkpoint_info(job["checkpoint"]), config, device=env.device)
+    if not job.get("pull_home", True):
+        # Only a swap may bring blocks home. A debtor that gets room pulls its blocks home into it at its next
+        # step, before it could lend that room: with pulls, two requests come to hold each other's blocks only
+        # when a Lend beats that step, which a test cannot arrange.
+        engine._plan_pulls = lambda: []
     if not engine.is_front:
         engine.serve_forever()
         engine.cluster_report()

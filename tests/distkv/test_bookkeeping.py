@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from megakv.distkv.control import GMANAGER_MESSAGES
 from megakv.distkv.in_process import InProcessCluster
-from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Turn, WantRoom,
-                                    Yield, Yielded)
+from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Swap, Swapped,
+                                    Turn, WantRoom, Yield, Yielded)
 from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.rmanager import PENDING, RManager
 
@@ -89,6 +89,14 @@ class Cluster:
         self.rmanagers[instance].free(request_id)
         self.control.nodes[instance].forget(request_id)
 
+    def swap(self, max_blocks: int) -> None:
+        """DGFM: every instance offers a swap to a peer whose requests and its own hold each other's blocks, if
+        it has one."""
+        for rm in self.rmanagers:
+            peer = rm.swap_partner()
+            if peer is not None:
+                self.control.nodes[rm.instance_id].offer_swap(peer, rm.begin_swap(peer, max_blocks))
+
     def sync(self) -> None:
         """Every instance reports, then every message (and those it causes) is delivered."""
         for node in self.control.nodes:
@@ -131,7 +139,8 @@ def check_invariants(cluster: Cluster) -> None:
                 assert len(creditor.lent_to(debtor.instance_id)) == expected
 
 
-operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync", "pull", "local", "recall"]),
+operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync", "pull", "local", "recall", "swap",
+                                                 "swap"]),
                                 st.integers(0, 3),
                                 st.integers(0, 5), st.integers(1, 24)), min_size=1, max_size=60)
 
@@ -148,8 +157,10 @@ def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes
             cluster.grow_if_room(rm.instance_id, request_id, amount)
         elif op == "free":
             cluster.free(rm.instance_id, request_id)
-        elif op == "pull" and not rm.num_pending_blocks:
+        elif op == "pull" and not rm.num_pending_blocks and not rm.swapping:
             rm.pull_home(amount)
+        elif op == "swap":
+            cluster.swap(amount)
         elif op == "local":
             rm.fill_pending_locally(request_id, amount)
         elif op == "recall":
@@ -236,6 +247,102 @@ def test_dgfm_pulls_blocks_home_when_room_frees_up():
     assert cluster.gmanager.outstanding() == {"0->1": 1} and cluster.gmanager.num_blocks_moved == 1
 
 
+def full_cycle_of_two(num_blocks: int = 4, num_lent: int = 2) -> Cluster:
+    """Two full pools of ``num_blocks``, each holding ``num_lent`` blocks of the other's request "a" or "b" and
+    the rest of its own."""
+    cluster = Cluster([num_blocks, num_blocks])
+    cluster.grow(0, "a", (num_blocks - num_lent) * BLOCK_SIZE)
+    cluster.grow(0, "x", num_lent * BLOCK_SIZE)
+    cluster.grow(0, "a", num_blocks * BLOCK_SIZE)  # num_lent of instance 1's
+    cluster.sync()
+    cluster.free(0, "x")
+    cluster.grow(1, "b", num_blocks * BLOCK_SIZE)  # num_lent of instance 0's
+    cluster.sync()
+    for request_id, instance in (("a", 0), ("b", 1)):
+        cluster.homes[request_id] = instance
+    return cluster
+
+
+def test_dgfm_swaps_blocks_between_two_full_instances_that_hold_each_others():
+    """Each pool is full: half its own request, half the other's. Pulling home needs room; the swap needs none,
+    and afterwards every block is home, the ledger empty and both pools as full as before."""
+    cluster = full_cycle_of_two()
+    assert cluster.gmanager.outstanding() == {"0->1": 2, "1->0": 2}
+    rm0, rm1 = cluster.rmanagers
+    assert rm0.num_free_blocks == rm1.num_free_blocks == 0 and rm0.pull_home(8) == []
+    assert rm1.swap_partner() is None and rm0.swap_partner() == 1
+    a_remote = [ref for ref in rm0.block_table("a") if ref.instance_id == 1]
+    cluster.swap(8)
+    assert rm0.swapping
+    cluster.control.deliver()
+    check_invariants(cluster)
+    assert not rm0.swapping and rm0.swap_partner() is None
+    assert cluster.gmanager.outstanding() == {} and cluster.gmanager.num_blocks_moved == 4
+    assert {ref.instance_id for ref in rm0.block_table("a")} == {0}
+    assert {ref.instance_id for ref in rm1.block_table("b")} == {1}
+    # Instance 1's request took over the blocks that held a's KV, and a the blocks that held b's.
+    assert {ref.block_id for ref in rm1.block_table("b")[2:]} == {ref.block_id for ref in a_remote}
+    assert rm0.num_free_blocks == rm1.num_free_blocks == 0
+    cluster.free_all()
+    cluster.sync()
+    check_invariants(cluster)
+    assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
+
+
+def test_a_request_released_during_a_swap_leaves_no_block_behind():
+    """The swapping instance's request ends while its Swap is in flight: the peer still takes the offered
+    blocks, the blocks it hands over go to the pool, and the ledger ends empty."""
+    cluster = full_cycle_of_two()
+    cluster.swap(1)
+    cluster.free(0, "a")
+    cluster.sync()
+    check_invariants(cluster)
+    assert cluster.gmanager.outstanding() == {"1->0": 1} and cluster.rmanagers[0].num_free_blocks == 3
+    cluster.free(1, "b")
+    cluster.sync()
+    check_invariants(cluster)
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
+
+
+@settings(max_examples=500, deadline=None)
+@given(num_blocks=st.integers(2, 8), data=st.data(),
+       ops=st.lists(st.tuples(st.sampled_from(["swap", "swap", "grow", "preempt", "finish", "sync", "deliver",
+                                               "deliver", "recall"]),
+                              st.integers(0, 1), st.integers(1, 12)), min_size=1, max_size=30))
+def test_dgfm_swaps_with_requests_ending_growing_and_recalled_in_any_message_order(num_blocks, data, ops):
+    """From two full pools that hold each other's blocks, swaps interleave with growth, preemption, the end of
+    requests and recalls, their messages crossing in any order a network allows: at rest every block has one
+    owner and the ledger matches the tables; at the end every pool is whole and the ledger empty."""
+    cluster = full_cycle_of_two(num_blocks, data.draw(st.integers(1, num_blocks - 1)))
+    for op, instance, amount in ops:
+        rm = cluster.rmanagers[instance]
+        request_id = "ab"[instance]
+        if op == "swap":
+            cluster.swap(amount)
+        elif op == "grow" and not rm.swapping:  # an instance awaiting its swap's answer runs no step
+            cluster.grow_if_room(instance, request_id, amount)
+        elif op == "preempt":
+            rm.free(request_id)
+        elif op == "finish":
+            cluster.free(instance, request_id)
+        elif op == "sync":
+            cluster.control.nodes[instance].sync(cluster.arrivals)
+        elif op == "recall":
+            debtor = rm.largest_debtor()
+            if rm.block_table(request_id) and debtor is not None:
+                cluster.control.nodes[instance].recall(request_id, debtor, amount, amount // 2)
+        else:
+            deliver_in_any_order(cluster, data, amount)
+    quiesce(cluster, data)
+    check_invariants(cluster)
+    cluster.free_all()
+    quiesce(cluster, data)
+    check_invariants(cluster)
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
+
+
 def test_a_recall_frees_the_creditors_blocks_and_keeps_what_its_request_needs_from_lending():
     cluster = Cluster([4, 4])
     debtor, creditor = cluster.control.nodes
@@ -320,6 +427,8 @@ def channel(destination: int, message: object) -> tuple:
         return message.debtor, receiver
     if isinstance(message, (Loan, Lent, Settled, Recall)):
         return message.creditor, receiver
+    if isinstance(message, (Swap, Swapped)):
+        return message.sender, receiver
     return message.instance_id, receiver
 
 
@@ -368,7 +477,7 @@ def check_live(cluster: Cluster) -> None:
 @settings(max_examples=3000, deadline=None)
 @given(num_instances=st.integers(2, 3), pool_sizes=st.lists(st.integers(2, 8), min_size=3, max_size=3),
        ops=st.lists(st.tuples(st.sampled_from(["grow", "grow", "preempt", "finish", "sync", "deliver", "deliver",
-                                                       "local", "recall"]),
+                                                       "local", "recall", "swap"]),
                               st.integers(0, 2), st.integers(0, 1), st.integers(1, 40)), min_size=1, max_size=40),
        data=st.data())
 def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unseen(num_instances, pool_sizes, ops,
@@ -394,6 +503,8 @@ def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unsee
             debtor = rm.largest_debtor()
             if rm.block_table(request_id) and debtor is not None:
                 cluster.control.nodes[rm.instance_id].recall(request_id, debtor, amount, amount // 4)
+        elif op == "swap":
+            cluster.swap(amount)
         else:
             deliver_in_any_order(cluster, data, amount)
     quiesce(cluster, data)

@@ -159,6 +159,24 @@ def test_online_cluster_abort_returns_blocks_on_three_instances_and_waiting_abor
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dgfm_swaps_blocks_between_instances_whose_requests_hold_each_others(tp, megakv_checkpoint, reference,
+                                                                            run_mpi, tmp_path):
+    # Pools of 10 blocks, and no pulls home: only a swap brings blocks home. A's long request (177 + 40
+    # tokens, 12 blocks at first) is admitted beside a short one holding 4 blocks: 6 local and 6 borrowed from
+    # B and C. The short one ends, and then B's long request (177 + 20) outgrows what B has left: the gManager
+    # asks A first (A has not lent yet, C has), so each long request holds blocks of the other's instance. A and
+    # B swap them.
+    requests = [{"prompt_ids": random_prompt(60, 800), "max_new_tokens": 12, "arrive_step": 0, "instance": 0},
+                {"prompt_ids": random_prompt(177, 801), "max_new_tokens": 40, "arrive_step": 0, "instance": 0},
+                {"prompt_ids": random_prompt(177, 802), "max_new_tokens": 20, "arrive_step": 16, "instance": 1}]
+    result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", tp), tp, 3, 10, requests, pull_home=False)
+    check_served(result["results"], requests, reference)
+    # Both sides count the blocks they took home.
+    assert result["report"]["blocks_swapped_by_dgfm"] >= 2
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("recall_after", [0.1, float("inf")])
 def test_online_cluster_creditor_recalls_lent_blocks_for_its_own_request(recall_after, megakv_checkpoint, reference,
                                                                          run_mpi, tmp_path):
