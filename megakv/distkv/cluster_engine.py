@@ -42,7 +42,7 @@ from megakv.engine.core import InstanceCore
 from megakv.engine.limits import ContextLimit, KVCapacity
 from megakv.engine.llm_engine import generate
 from megakv.engine.model_runner import StepInputs
-from megakv.engine.request import Request, RequestOutput, max_kv_tokens
+from megakv.engine.request import Request, RequestOutput, RequestStatus, max_kv_tokens
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.engine.stats import EngineStats, InstanceStats
@@ -195,8 +195,6 @@ class ClusterEngine:
                 self.gmanager_mailbox = Mailbox(gmanager_comm, self.control_traffic, GMANAGER_TAG)
             self.control = InstanceControl(self.rmanager, self._post, self._yield, self._give_turn, self._recall,
                                            self._swap_in, self._swapped)
-        # Requests that yielded their blocks, out of the scheduler's queue until the gManager gives them their turn.
-        self._parked: dict[str, Request] = {}
         # Requests of this instance that a creditor recalled blocks from: never recalled again, so that a long
         # request is not preempted over and over.
         self._recalled: set[str] = set()
@@ -461,33 +459,18 @@ class ClusterEngine:
             self.control.handle(message)
 
     def _yield(self, request_id: str) -> bool:
-        """The gManager's Yield: a request that waits for blocks or for room gives its blocks back and leaves
-        the queue until its turn, so that the requests behind it are not held up. False for a request that runs
-        without waiting (its pool filled its need meanwhile) or is not here."""
-        if request_id in self._parked:
-            return True
-        request = next((r for r in self.scheduler.running if r.request_id == request_id), None)
-        if request is not None:
-            if not self.rmanager.has_pending(request_id):
-                return False
-            self.scheduler.preempt(request)
-        else:
-            request = next((r for r in self.scheduler.waiting if r.request_id == request_id), None)
-            if request is None:
-                return False
-        self.scheduler.waiting.remove(request)
+        """The gManager's Yield (Scheduler.yield_blocks): a yielded request gives up any turn it held."""
+        if not self.scheduler.yield_blocks(request_id):
+            return False
         self.admission.forget(request_id)
-        self._parked[request_id] = request
         return True
 
     def _give_turn(self, request_id: str) -> bool:
         """The gManager's Turn: the request that yielded is admitted before anyone else. False if it is not
         waiting for its turn (it did not yield, or it ended)."""
-        request = self._parked.pop(request_id, None)
-        if request is None:
+        if not self.scheduler.give_turn(request_id):
             return False
         self.admission.give_turn(request_id)
-        self.scheduler.waiting.appendleft(request)
         return True
 
     def _recall(self, creditor: int, num_blocks: int) -> int:
@@ -503,7 +486,7 @@ class ClusterEngine:
             freed += self.rmanager.block_counts(request.request_id)[creditor]
             self._recalled.add(request.request_id)
             self.num_recalled += 1
-            self.scheduler.preempt(request)
+            self.scheduler.preempt(request, RequestStatus.RECALLED)
         return freed
 
     def _swap_in(self, peer: int, moves: list[Transfer]) -> None:
@@ -574,9 +557,6 @@ class ClusterEngine:
         return max(0.0, since + self.config.distkv.recall_after - time.monotonic())
 
     def _abort_here(self, request_id: str) -> None:
-        parked = self._parked.pop(request_id, None)
-        if parked is not None:
-            self.scheduler.waiting.append(parked)
         aborted = self.core.abort(request_id)
         if aborted is not None:
             self._finished(aborted.request_id)
@@ -590,8 +570,7 @@ class ClusterEngine:
         self._starving_since.pop(request_id, None)
 
     def _arrivals_here(self) -> dict[str, int]:
-        return {request.request_id: request.arrival
-                for request in (*self.scheduler.running, *self.scheduler.waiting, *self._parked.values())}
+        return {request.request_id: request.arrival for request in self.scheduler.unfinished()}
 
     def _instance_step(self) -> bool:
         """One step of this instance; False when it had nothing to run (it only took its messages)."""
@@ -618,7 +597,7 @@ class ClusterEngine:
         swap_moves, self._swap_moves = self._swap_moves, []
         swap_writes, self._swap_writes = self._swap_writes, None
         if not ready.chunks and not pulls and not swap_moves and swap_writes is None:
-            self._blocked = scheduler.has_unfinished() or bool(self._parked)
+            self._blocked = scheduler.has_unfinished()
             self._report()
             self._start_swap()
             return False
@@ -661,7 +640,7 @@ class ClusterEngine:
 
     def _progress_now(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> Progress:
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
-                        len(self.scheduler.waiting) + len(self._parked), self.scheduler.num_preemptions,
+                        self.scheduler.num_waiting, self.scheduler.num_preemptions,
                         self.model_runner.num_remote_micro_attentions, self.num_recalled, self._blocked,
                         stopped=final, num_cached_blocks=self.rmanager.pool.num_cached_blocks,
                         num_prefix_cache_queries=self.scheduler.num_prefix_cache_queries,

@@ -28,7 +28,7 @@ class _Borrower:
     arrival: int
     num_blocks: int
     # Asked to yield; it waits for its Turn, then tells how many blocks it needs.
-    parked: bool = False
+    yielded: bool = False
     turn_sent: bool = False
     # Changes whenever the debtor tells a new need: a Lend asked for an earlier need is not taken off this one.
     version: int = 0
@@ -60,7 +60,7 @@ class GManager:
     def describe(self) -> str:
         """The borrowers' queue and the Lend in flight, for a report on a stalled cluster."""
         waiting = ", ".join(f"{b.request_id} of instance {b.debtor} " +
-                            (("has its turn" if b.turn_sent else "yielded") if b.parked else f"needs {b.num_blocks}")
+                            (("has its turn" if b.turn_sent else "yielded") if b.yielded else f"needs {b.num_blocks}")
                             for b in self._queue.values())
         asking = f"; a Lend for {self._asking[0]} in flight" if self._asking is not None else ""
         return f"borrowers: {waiting or 'none'}{asking}; lendable blocks per instance: {self._lendable}"
@@ -86,7 +86,7 @@ class GManager:
             borrower = self._queue.get(message.request_id)
             # A need told after the Lend went out (the request ended, was preempted, or came back) is the
             # debtor's own count: the loan may have reached it too late to fill it, and then goes back.
-            if borrower is not None and not borrower.parked and borrower.version == asked_version:
+            if borrower is not None and not borrower.yielded and borrower.version == asked_version:
                 borrower.num_blocks -= message.num_blocks
                 if borrower.num_blocks <= 0:
                     del self._queue[message.request_id]
@@ -103,7 +103,7 @@ class GManager:
             if borrower is None:
                 self._enqueue(_Borrower(message.debtor, message.request_id, message.arrival, 0))
                 borrower = self._queue[message.request_id]
-            borrower.parked, borrower.turn_sent = True, False
+            borrower.yielded, borrower.turn_sent = True, False
         else:
             raise TypeError(f"the gManager got an unexpected message: {message!r}")
         return self._advance()
@@ -113,7 +113,7 @@ class GManager:
         if message.num_blocks == 0:
             self._queue.pop(message.request_id, None)
         elif borrower is not None:
-            borrower.num_blocks, borrower.parked = message.num_blocks, False
+            borrower.num_blocks, borrower.yielded = message.num_blocks, False
             borrower.version = next(self._versions)
         else:
             self._enqueue(_Borrower(message.debtor, message.request_id, message.arrival, message.num_blocks,
@@ -135,20 +135,20 @@ class GManager:
             return sends
         first, *later = self._queue.values()
         creditors = [c for c in range(self.num_instances) if c != first.debtor and self._lendable[c] > 0]
-        if not first.parked and creditors:
+        if not first.yielded and creditors:
             creditor = max(creditors, key=lambda c: (self._lendable[c], -c))
             self._asking = (first.request_id, first.version)
             return [(creditor, Lend(first.debtor, first.request_id, min(first.num_blocks, self._lendable[creditor])))]
-        if first.parked and not first.turn_sent:
+        if first.yielded and not first.turn_sent:
             first.turn_sent = True
             sends.append((first.debtor, Turn(first.request_id)))
         # The first borrower waits (for room, or to be admitted again): the later ones hold blocks it may need
         # while they cannot be served before it.
         for borrower in later:
-            if not borrower.parked:
-                borrower.parked, borrower.turn_sent = True, False
+            if not borrower.yielded:
+                borrower.yielded, borrower.turn_sent = True, False
                 sends.append((borrower.debtor, Yield(borrower.request_id)))
-        if not first.parked and not self._room_wanted:
+        if not first.yielded and not self._room_wanted:
             self._room_wanted = True
             sends += [(instance, WantRoom(True)) for instance in range(self.num_instances)]
         return sends

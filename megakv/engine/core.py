@@ -26,10 +26,6 @@ from megakv.kvcache.rmanager import PENDING, RManager
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
 
-# finish_reason of a request its client aborted.
-ABORTED = "abort"
-# finish_reason of a request that failed alone (its output's error says why).
-FAILED = "error"
 
 
 def load_model(info: CheckpointInfo, dtype: torch.dtype, device: torch.device) -> LlamaModel:
@@ -93,15 +89,14 @@ class InstanceCore:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and release every block it holds; None if it is not here."""
-        request = self.scheduler.remove(request_id)
+        request = self.scheduler.find(request_id)
         if request is None:
             return None
         placement = self.placement(request)
-        self.rmanager.free(request.request_id)
+        self.scheduler.abort(request_id)
         self.model_runner.sampler.release(request.request_id)
-        request.status, request.finish_reason = RequestStatus.FINISHED, ABORTED
-        return RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [], ABORTED, placement,
-                             instance=self.rmanager.instance_id)
+        return RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids), [],
+                             request.status.finish_reason, placement, instance=self.rmanager.instance_id)
 
     def has_unfinished(self) -> bool:
         """True while any request waits or runs."""
@@ -134,17 +129,18 @@ class InstanceCore:
             if token == SAMPLING_FAILED:
                 # Only the rank that sampled knows why; the others end the request just as well.
                 error = sampled.errors.get(request.request_id, "sampling failed on another tensor-parallel rank")
-                reason, new_token_ids = FAILED, []
+                finished, new_token_ids = RequestStatus.FINISHED_ERROR, []
             else:
                 request.output_ids.append(token)
-                reason, new_token_ids = self._finish_reason(request, token), [token]
+                finished, new_token_ids = self._finished(request, token), [token]
             placement = None
-            if reason is not None:
+            if finished is not None:
                 placement = self.placement(request)
-                self.scheduler.finish(request, reason)
+                self.scheduler.finish(request, finished)
                 self.model_runner.sampler.release(request.request_id)
             outputs.append(RequestOutput(request.request_id, request.prompt_ids, list(request.output_ids),
-                                         new_token_ids, reason, placement, error, instance=self.rmanager.instance_id,
+                                         new_token_ids, request.status.finish_reason, placement, error,
+                                         instance=self.rmanager.instance_id,
                                          new_logprobs=None if logprobs is None else [logprobs],
                                          prompt_logprobs=list(request.prompt_logprobs) if first and
                                          request.params.prompt_logprobs is not None else None,
@@ -158,12 +154,13 @@ class InstanceCore:
         instances = request.block_instances | {ref.instance_id for ref in table}
         return Placement(num_local, len(table) - num_local, sorted(instances))
 
-    def _finish_reason(self, request: Request, token: int) -> str | None:
+    def _finished(self, request: Request, token: int) -> RequestStatus | None:
+        """How the request ends with this token, if it does."""
         is_stop = token in self.model_config.eos_token_ids or token in request.params.stop_token_ids
         if not request.params.ignore_eos and is_stop:
-            return "stop"
+            return RequestStatus.FINISHED_STOPPED
         if len(request.output_ids) >= request.params.max_new_tokens:
-            return "length"
+            return RequestStatus.FINISHED_LENGTH
         return None
 
     def prompt_logits(self, request_id: str, prompt_ids: list[int]) -> torch.Tensor:

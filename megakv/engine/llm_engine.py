@@ -129,7 +129,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """This instance's queues and pool, as they are between steps."""
         scheduler = self.core.scheduler
-        return EngineStats([InstanceStats(self.rmanager.instance_id, len(scheduler.running), len(scheduler.waiting),
+        return EngineStats([InstanceStats(self.rmanager.instance_id, len(scheduler.running), scheduler.num_waiting,
                                           self.rmanager.pool.num_blocks, self.rmanager.num_free_blocks,
                                           num_preemptions=scheduler.num_preemptions,
                                           num_cached_blocks=self.rmanager.pool.num_cached_blocks,

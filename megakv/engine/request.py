@@ -8,11 +8,47 @@ from megakv.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
-    """Where a request is in its life."""
+    """Where a request is in its life; the scheduler makes every transition (``TRANSITIONS``)."""
 
+    # In the queue, never admitted (or admitted again on the gManager's turn after it yielded).
     WAITING = "waiting"
+    # In the batch: it holds blocks, some perhaps still promised by a creditor.
     RUNNING = "running"
-    FINISHED = "finished"
+    # Its blocks were freed for another request of its instance; it waits first in line to recompute.
+    PREEMPTED = "preempted"
+    # Preempted because the instance that lent it blocks recalled them for a request of its own.
+    RECALLED = "recalled"
+    # It gave its blocks up for the gManager's first borrower and waits outside the queue for its turn.
+    YIELDED = "yielded"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    # Its sampling failed (the output's error says why).
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI finish_reason of a finished request ("stop", "length", "abort", "error"), else None."""
+        return self.value if self.is_finished else None
+
+
+FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                      RequestStatus.FINISHED_ERROR})
+_QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.RECALLED)
+# Every legal transition: a request leaves the queue only to run, yield or be aborted; a running one is
+# preempted, recalled, yields, or finishes in any way; one that yielded comes back on its turn.
+TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    **{status: frozenset({RequestStatus.RUNNING, RequestStatus.YIELDED, RequestStatus.FINISHED_ABORTED})
+       for status in _QUEUED},
+    RequestStatus.RUNNING: frozenset({RequestStatus.PREEMPTED, RequestStatus.RECALLED, RequestStatus.YIELDED,
+                                      *FINISHED}),
+    RequestStatus.YIELDED: frozenset({RequestStatus.WAITING, RequestStatus.FINISHED_ABORTED}),
+    **{status: frozenset() for status in FINISHED},
+}
 
 
 def max_kv_tokens(num_prompt_tokens: int, max_new_tokens: int) -> int:
@@ -30,8 +66,6 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    # "stop" (an EOS token), "length" (max_new_tokens or the model's maximum position) or "abort".
-    finish_reason: str | None = None
     # Instances that have held blocks of this request.
     block_instances: set[int] = field(default_factory=set)
     # Order of arrival at the engine's front (cluster-wide): the gManager serves borrowers in this order.

@@ -8,6 +8,12 @@ preempted (its blocks freed, its tokens recomputed later), as in vLLM. With
 prefix caching, an admitted request starts with the cached blocks of its
 prompt's longest cached prefix and computes only the rest; the blocks its
 computed tokens fill are recorded for later requests.
+
+The scheduler is the only editor of its queues, and every change of a request's
+status is one of RequestStatus's transitions, made here (as vLLM v1's scheduler
+owns RequestStatus): the engine and the cluster's control plane ask for a
+preemption, a yield, a turn, an abort or a finish, and the scheduler moves the
+request and frees its blocks.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from megakv.config import SchedulerConfig
-from megakv.engine.request import Request, RequestStatus
+from megakv.engine.request import TRANSITIONS, Request, RequestStatus
 from megakv.kvcache.prefix_cache import extend_block_hashes
 from megakv.kvcache.rmanager import RManager
 
@@ -92,6 +98,8 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Requests that yielded their blocks to the gManager's first borrower, by id, until their turn.
+        self.yielded: dict[str, Request] = {}
         # Requests preempted since start, for monitoring.
         self.num_preemptions = 0
         # Prompt tokens looked up in the prefix cache at admission, and those found, since start (vLLM's counts).
@@ -103,8 +111,26 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        """True while any request waits or runs."""
-        return bool(self.waiting or self.running)
+        """True while any request waits, runs, or awaits its turn."""
+        return bool(self.waiting or self.running or self.yielded)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not running: queued, or awaiting their turn."""
+        return len(self.waiting) + len(self.yielded)
+
+    def unfinished(self) -> list[Request]:
+        """Every request here that has not finished."""
+        return [*self.running, *self.waiting, *self.yielded.values()]
+
+    def find(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, wherever it is."""
+        return next((request for request in self.unfinished() if request.request_id == request_id), None)
+
+    def _move(self, request: Request, status: RequestStatus) -> None:
+        assert status in TRANSITIONS[request.status], \
+            f"request {request.request_id} cannot go from {request.status.name} to {status.name}"
+        request.status = status
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks: running requests first, then admit waiting ones."""
@@ -136,7 +162,7 @@ class Scheduler:
             self.num_prefix_cache_hits += num_cached or 0
             self.rmanager.grow(request.request_id, request.num_computed_tokens + num_new, borrowable)
             self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
+            self._move(request, RequestStatus.RUNNING)
             self.running.append(request)
             chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
             budget -= num_new
@@ -192,28 +218,67 @@ class Scheduler:
         self.rmanager.grow(request.request_id, num_tokens, self.admission.num_borrowable_blocks(request))
         return True
 
-    def preempt(self, request: Request) -> None:
-        """Free a running request's blocks and queue it first for recomputation."""
+    def preempt(self, request: Request, status: RequestStatus = RequestStatus.PREEMPTED) -> None:
+        """Free a running request's blocks and queue it first for recomputation (``status``: PREEMPTED, or
+        RECALLED when the instance that lent it blocks wants them back)."""
+        self._free_running(request)
+        self._move(request, status)
+        self.admission.on_preempt(request)
+        self.waiting.appendleft(request)
+
+    def _free_running(self, request: Request) -> None:
         self.running.remove(request)
         self.rmanager.free(request.request_id)
         self.num_preemptions += 1
         request.num_computed_tokens = request.num_cached_blocks = 0
-        request.status = RequestStatus.WAITING
-        self.admission.on_preempt(request)
+
+    def yield_blocks(self, request_id: str) -> bool:
+        """The gManager's Yield: a request that waits for borrowed blocks, or for room, gives its blocks back and
+        leaves the queue until its turn (give_turn), so that the requests behind it are not held up. False for
+        one that runs without waiting (its pool filled its need meanwhile) or is not here."""
+        if request_id in self.yielded:
+            return True
+        request = next((r for r in self.running if r.request_id == request_id), None)
+        if request is not None:
+            if not self.rmanager.has_pending(request_id):
+                return False
+            self._free_running(request)
+        else:
+            request = next((r for r in self.waiting if r.request_id == request_id), None)
+            if request is None:
+                return False
+            self.waiting.remove(request)
+        self._move(request, RequestStatus.YIELDED)
+        self.yielded[request_id] = request
+        return True
+
+    def give_turn(self, request_id: str) -> bool:
+        """The gManager's Turn: the request that yielded goes first in the queue. False if it had not yielded
+        (or has ended)."""
+        request = self.yielded.pop(request_id, None)
+        if request is None:
+            return False
+        self._move(request, RequestStatus.WAITING)
         self.waiting.appendleft(request)
+        return True
 
-    def remove(self, request_id: str) -> Request | None:
-        """Take a request out of the queues wherever it is (an abort); its blocks are the caller's to free."""
-        for queue in (self.waiting, self.running):
-            for request in queue:
-                if request.request_id == request_id:
-                    queue.remove(request)
-                    return request
-        return None
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request wherever it is and free its blocks; None if it is not here."""
+        request = self.find(request_id)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.YIELDED:
+            del self.yielded[request_id]
+        else:
+            self.waiting.remove(request)
+        self.rmanager.free(request_id)
+        self._move(request, RequestStatus.FINISHED_ABORTED)
+        return request
 
-    def finish(self, request: Request, reason: str) -> None:
-        """Retire a request and give its blocks back."""
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Retire a running request that stopped, reached its length or failed, and give its blocks back."""
+        self._move(request, status)
         self.running.remove(request)
         self.rmanager.free(request.request_id)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from megakv.config import SchedulerConfig
 from megakv.distkv.policy import ClusterAdmission
-from megakv.engine.request import Request
+from megakv.engine.request import Request, RequestStatus
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import Scheduler
 from megakv.kvcache.block_pool import BlockPool
@@ -35,7 +35,7 @@ def test_a_request_that_fits_the_pool_waits_for_local_room_instead_of_borrowing(
     assert admitted(scheduler) == ["first"]
     assert scheduler.rmanager.num_pending_blocks == 0
     assert [r.request_id for r in scheduler.waiting] == ["second"]
-    scheduler.finish(scheduler.running[0], "stop")
+    scheduler.finish(scheduler.running[0], RequestStatus.FINISHED_STOPPED)
     assert "second" in admitted(scheduler)
     assert scheduler.rmanager.num_pending_blocks == 0
 

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
+from control_plane import check_invariants, deliver_at, deliver_in_any_order, quiesce
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megakv.distkv.control import GMANAGER_MESSAGES
 from megakv.distkv.in_process import InProcessCluster
-from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Swap, Swapped,
-                                    Turn, WantRoom, Yield, Yielded)
+from megakv.distkv.messages import Borrow, Lend, Loan
 from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.rmanager import PENDING, RManager
 
@@ -102,41 +100,6 @@ class Cluster:
         for node in self.control.nodes:
             node.sync(self.arrivals)
         self.control.deliver()
-
-
-def check_invariants(cluster: Cluster) -> None:
-    """At rest (nothing in flight): every block has one owner, loans match tables, the ledger matches both."""
-    rmanagers = cluster.rmanagers
-    for creditor in rmanagers:
-        owners: dict[int, str] = {}
-        for rm in rmanagers:
-            for request_id in rm.request_ids:
-                table = rm.block_table(request_id)
-                assert rm.block_counts(request_id) == Counter(ref.instance_id for ref in table), "stale counts"
-                for ref in table:
-                    if ref.instance_id == creditor.instance_id:
-                        assert ref.block_id not in owners, "block owned twice"
-                        owners[ref.block_id] = f"{rm.instance_id}/{request_id}"
-                        if rm is not creditor:
-                            assert ref.block_id in creditor.lent_to(rm.instance_id), "remote block not on loan"
-            # Blocks of a request that yielded while messages were delivered go back with the next sync.
-            for block_id in rm._returns.get(creditor.instance_id, []):
-                assert block_id not in owners, "returned block still in use"
-                owners[block_id] = "returning"
-        for debtor, lent in creditor._lent.items():
-            assert lent <= set(owners), "a lent block is owned by nobody"
-        for block_id in range(creditor.pool.num_blocks):
-            assert creditor.pool.is_free(block_id) == (block_id not in owners), f"block {block_id} leaked"
-    for debtor in rmanagers:
-        counts = debtor.remote_block_counts()
-        # The running totals that scheduling reads agree with a rescan of the tables.
-        assert debtor.num_borrowed_blocks == sum(counts.values()), "stale borrowed count"
-        assert debtor.num_pending_blocks == sum(debtor.pending_needs().values()), "stale pending count"
-        for creditor in rmanagers:
-            if creditor is not debtor:
-                expected = counts.get(creditor.instance_id, 0)
-                assert cluster.gmanager.debts[debtor.instance_id, creditor.instance_id] == expected, "ledger drift"
-                assert len(creditor.lent_to(debtor.instance_id)) == expected
 
 
 operations = st.lists(st.tuples(st.sampled_from(["grow", "grow", "free", "sync", "pull", "local", "recall", "swap",
@@ -379,15 +342,6 @@ def test_a_recall_frees_the_creditors_blocks_and_keeps_what_its_request_needs_fr
     assert cluster.recalled == [(0, "long")] and cluster.rmanagers[1].reserved_blocks == 0
 
 
-def deliver_at(cluster: Cluster, index: int) -> None:
-    """Deliver the queued message at ``index`` ahead of the others; what it causes is queued last."""
-    queue = cluster.control.queue
-    entry = queue[index]
-    del queue[index]
-    queue.appendleft(entry)
-    cluster.control.deliver_one()
-
-
 def deliver_next(cluster: Cluster, kind: type) -> None:
     """Deliver the oldest queued message of ``kind`` ahead of the others (messages from different senders may
     reach the gManager in any order)."""
@@ -417,47 +371,6 @@ def test_a_loan_that_crosses_a_preemption_does_not_count_against_the_readmitted_
     assert cluster.gmanager.outstanding() == {"0->1": 2}
 
 
-def channel(destination: int, message: object) -> tuple:
-    """(sender, receiver) of a queued control message; "g" is the gManager. Messages on one channel arrive in
-    the order they were sent (MPI's and TCP's guarantee), those on different channels in any order."""
-    receiver = "g" if isinstance(message, GMANAGER_MESSAGES) else destination
-    if isinstance(message, (Lend, Yield, Turn, WantRoom)):
-        return "g", receiver
-    if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled)):
-        return message.debtor, receiver
-    if isinstance(message, (Loan, Lent, Settled, Recall)):
-        return message.creditor, receiver
-    if isinstance(message, (Swap, Swapped)):
-        return message.sender, receiver
-    return message.instance_id, receiver
-
-
-def deliver_in_any_order(cluster: Cluster, data, max_messages: int = 10_000) -> None:
-    """Deliver up to ``max_messages`` queued messages (and those they cause), each time the oldest of a channel
-    drawn at random; all of them unless the bound stops it first."""
-    queue = cluster.control.queue
-    for _ in range(max_messages):
-        if not queue:
-            return
-        heads: dict[tuple, int] = {}
-        for index, (destination, message) in enumerate(queue):
-            heads.setdefault(channel(destination, message), index)
-        deliver_at(cluster, data.draw(st.sampled_from(sorted(heads.values()))))
-    if max_messages == 10_000:
-        raise AssertionError("the control plane did not settle")
-
-
-def quiesce(cluster: Cluster, data) -> None:
-    """Sync every instance and deliver, until a sync sends nothing."""
-    for _ in range(100):
-        for node in cluster.control.nodes:
-            node.sync(cluster.arrivals)
-        if not cluster.control.queue:
-            return
-        deliver_in_any_order(cluster, data)
-    raise AssertionError("the instances kept telling the gManager something new")
-
-
 def check_live(cluster: Cluster) -> None:
     """At rest: the gManager counts at least the blocks each waiting request needs (more is harmless: a loan it
     cannot use goes back, and the debtor tells its need again), and its first borrower waits only when no other
@@ -466,10 +379,10 @@ def check_live(cluster: Cluster) -> None:
     for rm in cluster.rmanagers:
         for request_id, need in rm.pending_needs().items():
             borrower = borrowers.get(request_id)
-            assert borrower is not None and (borrower.parked or borrower.num_blocks >= need), \
+            assert borrower is not None and (borrower.yielded or borrower.num_blocks >= need), \
                 f"instance {rm.instance_id}: {request_id} waits for {need} blocks the gManager does not know of"
     first = next(iter(borrowers.values()), None)
-    if first is not None and not first.parked:
+    if first is not None and not first.yielded:
         assert not any(rm.num_lendable_blocks for rm in cluster.rmanagers if rm.instance_id != first.debtor), \
             f"{first.request_id} waits while another instance could lend"
 

@@ -12,7 +12,7 @@ import pytest
 from megakv.checkpoint.format import read_checkpoint_info
 from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
 from megakv.engine.llm_engine import LLMEngine
-from megakv.engine.request import Request
+from megakv.engine.request import Request, RequestStatus
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.scheduler import LocalAdmission, Scheduler
 from megakv.kvcache.block_pool import BlockPool
@@ -140,24 +140,22 @@ def test_random_runs_share_only_right_content_and_leave_every_block_free(seed):
             if chunk.samples_next_token:
                 request.output_ids.append(rng.randrange(50))
                 if len(request.output_ids) >= request.params.max_new_tokens:
-                    scheduler.finish(request, "length")
+                    scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
                     shadow.written.pop(request.request_id)
         if scheduler.running and rng.random() < 0.1:
             victim = rng.choice(scheduler.running)
             if rng.random() < 0.5:
                 scheduler.preempt(victim)
             else:
-                scheduler.remove(victim.request_id)
-                rmanager.free(victim.request_id)
+                scheduler.abort(victim.request_id)
                 shadow.written.pop(victim.request_id)
         holders = Counter(ref.block_id for request_id in rmanager.request_ids
                           for ref in rmanager.block_table(request_id) if ref != PENDING)
         holders.update(lent)
         assert all(pool._ref_counts[block_id] == holders[block_id] for block_id in range(pool.num_blocks))
         assert pool.num_free_blocks == sum(1 for block_id in range(pool.num_blocks) if not holders[block_id])
-    for request in list(scheduler.running) + list(scheduler.waiting):
-        scheduler.remove(request.request_id)
-        rmanager.free(request.request_id)
+    for request in scheduler.unfinished():
+        scheduler.abort(request.request_id)
     rmanager.take_back(1, lent)
     assert pool.num_free_blocks == pool.num_blocks and not any(pool._ref_counts)
     assert scheduler.num_prefix_cache_hits > 0
