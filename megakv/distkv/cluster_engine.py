@@ -11,8 +11,8 @@ remote blocks home when its pool has room, or swap blocks with an instance whose
 this pool's while this one's hold its (DGFM), hand the step to its TP ranks, and send the step's
 outputs to the front. A step waits for no other instance, except, layer
 by layer, for the KV servers of the instances holding its requests' blocks; those answer from
-a thread of their own. An instance that offered a swap runs no step until its peer answers, after
-the peer's next step. An instance with nothing to do sleeps until a message arrives.
+a thread of their own. An instance that offered a swap runs no step until its peer answers, once
+the peer's current step ends. An instance with nothing to do sleeps until a message arrives.
 """
 from __future__ import annotations
 
@@ -205,10 +205,7 @@ class ClusterEngine:
         # and those that sent their one Recall.
         self._starving_since: dict[str, float] = {}
         self._recalled_for: set[str] = set()
-        # DGFM swaps: the moves of a peer's Swap, to copy with the next step and then answer; the writes that end
-        # a swap this instance started; and, on every rank, the KV it copied out for that swap.
-        self._swap_moves: list[tuple[int, list[Transfer]]] = []
-        self._swap_writes: list[tuple[int, int]] | None = None
+        # DGFM swap this instance started: on every rank, the KV it copied out of the peer's blocks.
         self._swapped_out: torch.Tensor | None = None
         tp = state.get_tensor_model_parallel_world_size()
         cache = self.model_runner.kv_cache
@@ -489,13 +486,14 @@ class ClusterEngine:
             self.scheduler.preempt(request, RequestStatus.RECALLED)
         return freed
 
-    def _swap_in(self, peer: int, moves: list[Transfer]) -> None:
-        """A peer's Swap: its blocks' KV is copied with this instance's next step, and the peer answered then."""
-        self._swap_moves.append((peer, moves))
+    def _swap_in(self, moves: list[Transfer]) -> None:
+        """A peer's Swap: copy its blocks' KV now, between two steps. Later, the blocks could be freed (the request
+        aborted, yielded or recalled) and lent again before the copy overwrote them."""
+        self._run_now(StepPlan(None, moves))
 
     def _swapped(self, writes: list[tuple[int, int]]) -> None:
-        """The answer to this instance's Swap: its next step writes the KV copied out, then runs as before."""
-        self._swap_writes = writes
+        """The answer to this instance's Swap: write the KV copied out now, for the same reason."""
+        self._run_now(StepPlan(None, swap_writes=writes))
 
     def _start_swap(self) -> None:
         """DGFM without room: with an instance that holds blocks of this one's requests while its requests hold
@@ -505,10 +503,7 @@ class ClusterEngine:
         if peer is None or not self.config.distkv.max_moves_per_step:
             return
         block_ids = self.rmanager.begin_swap(peer, self.config.distkv.max_moves_per_step)
-        plan = StepPlan(None, swap_out=(peer, block_ids))
-        for tp_rank in range(1, self.instance_comm.Get_size()):
-            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
-        self._run_plan(plan)
+        self._run_now(StepPlan(None, swap_out=(peer, block_ids)))
         self.control.offer_swap(peer, block_ids)
 
     def _starving_head(self) -> tuple[Request, int, int, int] | None:
@@ -551,7 +546,7 @@ class ClusterEngine:
         """Seconds until this instance recalls lent blocks for its first waiting request; None if it will not
         before a message comes (the answer to a Recall in flight is one)."""
         starving = self._starving_head()
-        if starving is None or self.control.awaiting_recall:
+        if starving is None or self.control.awaiting_recall or self.rmanager.swapping:
             return None
         since = self._starving_since.get(starving[0].request_id, time.monotonic())
         return max(0.0, since + self.config.distkv.recall_after - time.monotonic())
@@ -594,9 +589,7 @@ class ClusterEngine:
         ready = SchedulerOutput([chunk for chunk in scheduled.chunks
                                  if not rmanager.has_pending(chunk.request.request_id)])
         pulls = self._plan_pulls()
-        swap_moves, self._swap_moves = self._swap_moves, []
-        swap_writes, self._swap_writes = self._swap_writes, None
-        if not ready.chunks and not pulls and not swap_moves and swap_writes is None:
+        if not ready.chunks and not pulls:
             self._blocked = scheduler.has_unfinished()
             self._report()
             self._start_swap()
@@ -608,13 +601,8 @@ class ClusterEngine:
         started = time.perf_counter()
         for chunk in ready.chunks:
             chunk.request.block_instances.update(rmanager.block_counts(chunk.request.request_id))
-        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None,
-                        pulls + [move for _, moves in swap_moves for move in moves], swap_writes=swap_writes)
-        for tp_rank in range(1, self.instance_comm.Get_size()):
-            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
-        logits = self._run_plan(plan)
-        for peer, moves in swap_moves:
-            self.control.swapped_in(peer, moves)
+        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None, pulls)
+        logits = self._run_now(plan)
         outputs = []
         if plan.inputs is not None:
             self.num_steps += 1
@@ -684,11 +672,18 @@ class ClusterEngine:
         self._run_plan(plan)
         return True
 
+    def _run_now(self, plan: StepPlan) -> torch.Tensor | None:
+        """The leader: hand the plan to this instance's other TP ranks and run it."""
+        for tp_rank in range(1, self.instance_comm.Get_size()):
+            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+        return self._run_plan(plan)
+
     def _run_plan(self, plan: StepPlan) -> torch.Tensor | None:
         cache = self.model_runner.kv_cache
         if plan.swap_writes is not None:
-            indices, block_ids = zip(*plan.swap_writes) if plan.swap_writes else ((), ())
-            write_blocks(self._swapped_out[:, :, list(indices)], list(block_ids), cache.key_cache, cache.value_cache)
+            if plan.swap_writes:
+                write_blocks(self._swapped_out[:, :, [index for index, _ in plan.swap_writes]],
+                             [block_id for _, block_id in plan.swap_writes], cache.key_cache, cache.value_cache)
             self._swapped_out = None
         if plan.swap_out is not None:
             peer, block_ids = plan.swap_out

@@ -34,14 +34,14 @@ class InstanceControl:
     keep it out of the queue (True), or return False for one that needs nothing more or is not here;
     ``on_turn(request_id)`` lets it be admitted again, returning False if it had not yielded;
     ``on_recall(creditor, num_blocks)`` preempts requests holding blocks of ``creditor`` to free up to
-    ``num_blocks`` of them, returning how many it freed. DGFM swaps: ``on_swap_in(peer, transfers)`` must copy
-    each transfer's KV before the next step and then call ``swapped_in``; ``on_swapped(writes)`` must write the
-    KV copied out for the swap (RManager.end_swap's writes) before the next step.
+    ``num_blocks`` of them, returning how many it freed. DGFM swaps: ``on_swap_in(moves)`` copies each move's KV
+    from the peer into this pool, and ``on_swapped(writes)`` writes the KV this instance copied out for its own
+    swap (RManager.end_swap's writes), both before they return.
     """
 
     def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], bool],
                  on_turn: Callable[[str], bool], on_recall: Callable[[int, int], int],
-                 on_swap_in: Callable[[int, list[Transfer]], None],
+                 on_swap_in: Callable[[list[Transfer]], None],
                  on_swapped: Callable[[list[tuple[int, int]]], None]) -> None:
         self.rmanager = rmanager
         self.post = post
@@ -49,8 +49,8 @@ class InstanceControl:
         self.on_swap_in, self.on_swapped = on_swap_in, on_swapped
         # Answers to Recalls (creditor, blocks freed), sent after the freed blocks go back.
         self._recall_answers: list[tuple[int, Recalled]] = []
-        # Creditor side: the request and the blocks asked of the Recall awaiting its answer.
-        self._recall: tuple[str, int] | None = None
+        # Creditor side: the request, the blocks asked and the debtor of the Recall awaiting its answer.
+        self._recall: tuple[str, int, int] | None = None
         # request id -> blocks the gManager was last told it needs (_YIELDED after a Yield)
         self._asked: dict[str, int] = {}
         # request id -> arrival, of the unfinished requests as of the last sync
@@ -108,22 +108,23 @@ class InstanceControl:
             freed = self.on_recall(message.creditor, message.num_blocks)
             self._recall_answers.append((message.creditor, Recalled(me, freed)))
         elif isinstance(message, Recalled):
-            request_id, num_asked = self._recall
+            request_id, num_asked, _ = self._recall
             self._recall = None
             if message.num_blocks < num_asked:
                 rmanager.end_reservation(request_id)
         elif isinstance(message, Swap):
-            transfers = rmanager.swap_in(message.sender, message.block_ids)
-            if transfers:
-                self.on_swap_in(message.sender, transfers)
-            else:
-                self.post(message.sender, Swapped(me, []))
+            # While this instance waits for its Recall's answer from the peer, the blocks the peer frees for it
+            # must come back as returns (which the answer follows), not as swapped blocks: decline.
+            recalling = self._recall is not None and self._recall[2] == message.sender
+            moves = [] if recalling else rmanager.swap_in(message.sender, message.block_ids)
+            if moves:
+                self.on_swap_in(moves)
+                self._settle_swap(message.sender, len(moves))
+            self.post(message.sender, Swapped(me, [(move.dst_block, move.src_block) for move in moves]))
         elif isinstance(message, Swapped):
-            peer = message.sender
             self.on_swapped(rmanager.end_swap(message.pairs))
             if message.pairs:
-                num_pairs = len(message.pairs)
-                self._tell_gmanager(Settled(me, peer, num_pairs, num_pairs, rmanager.num_lendable_blocks, num_pairs))
+                self._settle_swap(message.sender, len(message.pairs))
         else:
             raise TypeError(f"instance {me} got an unexpected control message: {message!r}")
 
@@ -136,6 +137,11 @@ class InstanceControl:
             self._asked[request_id] = need
         else:
             self._asked.pop(request_id, None)
+
+    def _settle_swap(self, peer: int, num_blocks: int) -> None:
+        """The ledger drops this instance's loans to ``peer`` that a swap brought home (the peer settles its own)."""
+        self._tell_gmanager(Settled(self.instance_id, peer, num_blocks, num_moved=num_blocks,
+                                    num_lendable_blocks=self.rmanager.num_lendable_blocks, num_swapped=num_blocks))
 
     def _tell_gmanager(self, message: Lent | Settled) -> None:
         """Lent and Settled tell the gManager this instance's room too."""
@@ -160,9 +166,11 @@ class InstanceControl:
         for creditor, (block_ids, num_moved) in rmanager.take_returns().items():
             self.post(creditor, ReturnBlocks(me, block_ids, num_moved))
         # On the same channel as the returns, so that a creditor reads an answer only once it has the blocks.
-        for creditor, answer in self._recall_answers:
-            self.post(creditor, answer)
-        self._recall_answers = []
+        # Blocks a recalled request held in this instance's swap go back only when the swap ends.
+        if not rmanager.swapping:
+            for creditor, answer in self._recall_answers:
+                self.post(creditor, answer)
+            self._recall_answers = []
         needs = rmanager.pending_needs()
         for request_id in [*self._asked, *(rid for rid in needs if rid not in self._asked)]:
             need, asked = needs.get(request_id, 0), self._asked.get(request_id)
@@ -191,7 +199,7 @@ class InstanceControl:
         if not self.rmanager.lent_to(debtor) or self._recall is not None:
             return False
         self.rmanager.reserve(request_id, need)
-        self._recall = (request_id, num_blocks)
+        self._recall = (request_id, num_blocks, debtor)
         self.post(debtor, Recall(self.instance_id, num_blocks))
         return True
 
@@ -199,13 +207,6 @@ class InstanceControl:
         """Offer ``peer`` a DGFM swap of these blocks of its pool (RManager.begin_swap), once their KV is copied
         out."""
         self.post(peer, Swap(self.instance_id, block_ids))
-
-    def swapped_in(self, peer: int, transfers: list[Transfer]) -> None:
-        """The KV of a Swap's blocks has moved here: ``peer`` gets its blocks back, and the ledger drops both
-        sides' loans (the peer settles its own on Swapped)."""
-        self.post(peer, Swapped(self.instance_id, [(move.dst_block, move.src_block) for move in transfers]))
-        self._tell_gmanager(Settled(self.instance_id, peer, len(transfers), len(transfers),
-                                    self.rmanager.num_lendable_blocks, len(transfers)))
 
     @property
     def awaiting_recall(self) -> bool:

@@ -8,20 +8,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
 
 from megakv.distkv.control import GMANAGER_MESSAGES, InstanceControl
 from megakv.distkv.gmanager import GManager
-from megakv.kvcache.rmanager import RManager, Transfer
-
-
-class SwapCopied(NamedTuple):
-    """Queued for ``instance_id`` when it takes a Swap: the KV of its moves has been copied (there is no KV here;
-    the engine copies with its next step), so it answers when this is delivered."""
-
-    instance_id: int
-    peer: int
-    moves: list[Transfer]
+from megakv.kvcache.rmanager import RManager
 
 
 class InProcessCluster:
@@ -30,14 +20,13 @@ class InProcessCluster:
     def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], bool],
                  on_turn: Callable[[int, str], bool], on_recall: Callable[[int, int, int], int]) -> None:
         """The callbacks are InstanceControl's, each with the instance it is called on first. A DGFM swap moves
-        no KV here: the peer's copy is a SwapCopied in the queue."""
+        no KV here."""
         self.queue: deque[tuple[int, object]] = deque()
         self.gmanager = GManager([rm.num_lendable_blocks for rm in rmanagers])
         self.nodes = [InstanceControl(rm, self._post, lambda rid, i=rm.instance_id: on_yield(i, rid),
                                       lambda rid, i=rm.instance_id: on_turn(i, rid),
                                       lambda creditor, n, i=rm.instance_id: on_recall(i, creditor, n),
-                                      lambda peer, moves, i=rm.instance_id: self._post(i, SwapCopied(i, peer, moves)),
-                                      lambda writes: None)
+                                      lambda moves: None, lambda writes: None)
                       for rm in rmanagers]
 
     def _post(self, instance_id: int, message: object) -> None:
@@ -48,8 +37,6 @@ class InProcessCluster:
         instance_id, message = self.queue.popleft()
         if isinstance(message, GMANAGER_MESSAGES):
             self.queue.extend(self.gmanager.handle(message))
-        elif isinstance(message, SwapCopied):
-            self.nodes[instance_id].swapped_in(message.peer, message.moves)
         else:
             self.nodes[instance_id].handle(message)
 

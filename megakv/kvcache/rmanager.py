@@ -382,7 +382,7 @@ class RManager:
     def swap_in(self, peer: int, block_ids: list[int]) -> list[Transfer]:
         """The peer's side of a swap: blocks of this pool that ``peer`` lent back (``block_ids``) take the KV of
         as many of its blocks that this instance's requests hold. The tables point to them at once; the caller
-        copies each transfer's KV before the next step reads it and only then answers (Swapped)."""
+        copies each transfer's KV at once, before any block can be freed and reused, and only then answers."""
         lent = self._lent[peer]
         transfers: list[Transfer] = []
         free_slots = iter(block_ids)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megakv.distkv.in_process import InProcessCluster
-from megakv.distkv.messages import Borrow, Lend, Loan
+from megakv.distkv.messages import Borrow, Lend, Loan, Recall
 from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.rmanager import PENDING, RManager
 
@@ -266,6 +266,27 @@ def test_a_request_released_during_a_swap_leaves_no_block_behind():
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
     assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
+
+
+def test_a_swap_crossing_a_recall_is_declined_and_the_recall_answered_after_its_blocks():
+    """Instance 1 recalls its blocks from instance 0 while 0's Swap is on its way: instance 1 declines the swap,
+    and instance 0, whose recalled request held blocks of its swap, answers only after handing them back (a
+    creditor reads an answer only once it has the blocks)."""
+    cluster = full_cycle_of_two()
+    cluster.swap(8)
+    assert cluster.control.nodes[1].recall("b", 0, 2, 4)
+    delivered_to_1: list[object] = []
+    handle = cluster.control.nodes[1].handle
+    cluster.control.nodes[1].handle = lambda message: (delivered_to_1.append(message), handle(message))
+    deliver_next(cluster, Recall)  # "a" is preempted mid-swap
+    cluster.control.nodes[0].sync(cluster.arrivals)  # a's blocks stay in the swap: no answer yet
+    cluster.sync()  # the Swap is declined: the swap ends
+    cluster.sync()  # a's blocks go back, then the answer
+    kinds = [type(message).__name__ for message in delivered_to_1]
+    assert kinds == ["Swap", "ReturnBlocks", "Recalled"], kinds
+    assert cluster.recalled == [(0, "a")] and cluster.gmanager.num_blocks_swapped == 0
+    check_invariants(cluster)
+    assert cluster.gmanager.outstanding() == {"1->0": 2}
 
 
 @settings(max_examples=500, deadline=None)
