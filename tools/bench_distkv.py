@@ -138,8 +138,9 @@ def worker(args: argparse.Namespace) -> None:
             outputs = engine.generate([prompt] * args.instances, [params] * args.instances,
                                       list(range(args.instances)))
         if args.mode == "traffic":
-            traffic = engine.leaders_comm.gather((engine.control_traffic.num_messages,
-                                                  engine.control_traffic.num_bytes, engine.num_steps), root=0)
+            loop = engine.loop
+            traffic = engine.leaders_comm.gather((loop.control_traffic.num_messages, loop.control_traffic.num_bytes,
+                                                  loop.num_steps), root=0)
     output = outputs[0] if outputs else None
     error = output.error if output is not None else None
     completed = output is not None and error is None

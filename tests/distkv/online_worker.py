@@ -30,11 +30,11 @@ def main() -> None:
                           distkv=DistKVConfig(lending_cap=job.get("lending_cap", 1.0),
                                               recall_after=job.get("recall_after", RECALL_AFTER_SECONDS)))
     engine = ClusterEngine(read_checkpoint_info(job["checkpoint"]), config, device=env.device)
-    if not job.get("pull_home", True):
+    if not job.get("pull_home", True) and engine.loop is not None:
         # Only a swap may bring blocks home. A debtor that gets room pulls its blocks home into it at its next
         # step, before it could lend that room: with pulls, two requests come to hold each other's blocks only
         # when a Lend beats that step, which a test cannot arrange.
-        engine._plan_pulls = lambda: []
+        engine.loop._plan_pulls = lambda: []
     if not engine.is_front:
         engine.serve_forever()
         engine.cluster_report()

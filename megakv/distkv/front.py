@@ -1,0 +1,219 @@
+"""The cluster's front (global rank 0): the engine API over every instance of a DistKV cluster.
+
+It validates each request against the cluster's limit, routes it (to the instance named, to
+the one holding its longest cached prefix, or to the one with the most free KV room), keeps
+the request table, and streams each request's outputs as its instance reports them. It shares
+its rank with instance 0's leader loop, whose mail carries the other leaders' reports to it,
+and with the gManager service's thread, whose ledger it reads for monitoring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections import Counter
+
+from megakv.config import EngineConfig
+from megakv.distkv.control import wait_quietly
+from megakv.distkv.instance_loop import InstanceLoop, Orders, Progress
+from megakv.distkv.prefix_routing import PrefixDirectory, prefix_holder
+from megakv.engine.core import InstanceCore
+from megakv.engine.limits import ContextLimit
+from megakv.engine.request import Request, RequestOutput
+from megakv.engine.sampling import SamplingParams
+from megakv.engine.stats import EngineStats, InstanceStats
+from megakv.kvcache.prefix_cache import extend_block_hashes
+
+# The longest step() waits for the other instances' outputs when the front's own instance has nothing to run:
+# its caller (the server's engine loop) takes new requests between two steps.
+FRONT_WAIT_SECONDS = 0.02
+
+
+class ClusterStalledError(RuntimeError):
+    """No instance of the cluster can make progress (a bug: the gManager's queue always moves)."""
+
+
+class ClusterFront:
+    """Requests in, outputs out, for the whole cluster; instance 0's leader loop runs beside it."""
+
+    def __init__(self, loop: InstanceLoop, core: InstanceCore, config: EngineConfig, context_limit: ContextLimit,
+                 num_instances: int) -> None:
+        self.loop = loop
+        self.core = core
+        self.config = config
+        self.context_limit = context_limit
+        self.num_instances = num_instances
+        self.rmanager = core.rmanager
+        self.gmanager_service = loop.gmanager_service
+        self._arrivals = itertools.count()
+        self._request_counter = itertools.count()
+        # Where each unfinished request runs, and the front's copy of each (the other instances report only new
+        # tokens).
+        self._where: dict[str, int] = {}
+        self._routed: dict[str, Request] = {}
+        # Where the blocks of the prompts routed so far went, with prefix caching (the cluster's pools bound it).
+        self._prefixes = PrefixDirectory(num_instances * self.rmanager.pool.num_blocks) \
+            if config.cache.enable_prefix_caching else None
+        # Outputs for the caller of step(), each other instance's last progress, and the leaders that have not
+        # yet confirmed the stop.
+        self._ready: list[RequestOutput] = []
+        self._progress: dict[int, Progress] = {}
+        self._running_leaders: set[int] = set(range(1, num_instances))
+        # When the front last saw the cluster move on its own: a step of instance 0, a new request or an abort
+        # (a message counts too: see InstanceLoop.last_message_at).
+        self._last_activity = time.monotonic()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    instance: int | None = None) -> str:
+        """Validate a request and route it (to ``instance``, else by free KV room); returns its id."""
+        if instance is not None and (isinstance(instance, bool) or not isinstance(instance, int)
+                                     or not 0 <= instance < self.num_instances):
+            raise ValueError(f"instance {instance!r} does not exist: the cluster has instances "
+                             f"0 to {self.num_instances - 1}")
+        if request_id is None:
+            request_id = f"request-{next(self._request_counter)}"
+        if request_id in self._where:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.core.validate(prompt_ids, params, self.context_limit)
+        request = Request(request_id, list(prompt_ids), params, arrival=next(self._arrivals))
+        if self._prefixes is not None:
+            extend_block_hashes(request.block_hashes, request.prompt_ids, len(request.prompt_ids),
+                                self.rmanager.block_size, params.cache_salt)
+        target = instance if instance is not None else self._route(request)
+        if self._prefixes is not None:
+            self._prefixes.record(request.block_hashes, target)
+        self._last_activity = time.monotonic()
+        self._where[request_id] = target
+        self._routed[request_id] = request
+        if target == self.loop.instance_id:
+            self.core.add(request)
+        else:
+            self.loop.post(target, Orders(requests=[request]))
+        return request_id
+
+    def _route(self, request: Request) -> int:
+        """With prefix caching, the instance that holds the longest cached prefix of the request, unless it is
+        much busier than the others (megakv.distkv.prefix_routing); else the instance with the most free blocks
+        as last reported, then the fewest cached blocks (whose prefixes a request here would push out), then the
+        fewest requests routed to it."""
+        here, pool = self.loop.instance_id, self.rmanager.pool.num_blocks
+        free = [self.rmanager.num_free_blocks if index == here else
+                self._progress[index].num_free_blocks if index in self._progress else pool
+                for index in range(self.num_instances)]
+        cached = [self.rmanager.pool.num_cached_blocks if index == here else
+                  self._progress[index].num_cached_blocks if index in self._progress else 0
+                  for index in range(self.num_instances)]
+        load = Counter(self._where.values())
+        if self._prefixes is not None:
+            holder = prefix_holder(self._prefixes, request.block_hashes,
+                                   [load[index] for index in range(self.num_instances)])
+            if holder is not None:
+                return holder
+        return max(range(self.num_instances), key=lambda index: (free[index], -cached[index], -load[index], -index))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request on its instance (before its next step) and release its blocks everywhere."""
+        self._last_activity = time.monotonic()
+        target = self._where.get(request_id)
+        if target == self.loop.instance_id:
+            self.loop.abort_here(request_id)
+        elif target is not None:
+            self.loop.post(target, Orders(aborts=[request_id]))
+
+    def has_unfinished(self) -> bool:
+        """True while a request runs anywhere in the cluster, has an output not yet returned, or blocks are
+        still owed: an idle front stops stepping, and the ledger settles only while it steps."""
+        owed = self.rmanager.has_returns or self.gmanager_service.is_busy or self.loop.has_local_mail
+        return bool(self._where) or bool(self._ready) or bool(self.loop.to_front) or owed
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step of instance 0 and collect what the other instances reported; with nothing to run there,
+        wait up to FRONT_WAIT_SECONDS for their messages."""
+        self.gmanager_service.check()
+        if self.loop.step():
+            self._last_activity = time.monotonic()
+        elif not self._ready and not self.loop.to_front:
+            self.loop.wait_for_mail(FRONT_WAIT_SECONDS)
+            self.loop.take_mail()
+        self._collect()
+        self._check_stalled()
+        ready, self._ready = self._ready, []
+        for output in ready:
+            if output.finished:
+                self._where.pop(output.request_id, None)
+                self._routed.pop(output.request_id, None)
+        return ready
+
+    def _collect(self) -> None:
+        """Take what instance 0's loop brought the front: its own outputs, and the other leaders' progress."""
+        while self.loop.to_front:
+            item = self.loop.to_front.popleft()
+            if not isinstance(item, Progress):
+                self._ready.append(item)
+                continue
+            self._progress[item.instance_id] = item
+            self._ready.extend(self._restore(output) for output in item.outputs)
+            if item.stopped:
+                self._running_leaders.discard(item.instance_id)
+
+    def _restore(self, output: RequestOutput) -> RequestOutput:
+        """The front's full output from another instance's delta (see InstanceLoop.report_outputs)."""
+        request = self._routed[output.request_id]
+        request.output_ids.extend(output.new_token_ids)
+        return dataclasses.replace(output, prompt_ids=request.prompt_ids, token_ids=list(request.output_ids))
+
+    def _check_stalled(self) -> None:
+        """Raise ClusterStalledError once every instance holding unfinished requests has been waiting, and no
+        message has moved, for ``stall_timeout`` seconds. An instance that has not reported waiting counts as
+        busy: a long prefill step sends nothing until it ends."""
+        quiet = time.monotonic() - max(self._last_activity, self.loop.last_message_at)
+        if not self._where or quiet < self.config.distkv.stall_timeout:
+            return
+        holders = sorted(set(self._where.values()))
+        progress = {index: self.loop.progress_now() if index == self.loop.instance_id else self._progress.get(index)
+                    for index in holders}
+        if any(report is None or not report.blocked for report in progress.values()):
+            return
+        waits = "; ".join(f"instance {index}: {report.num_running} running, {report.num_waiting} waiting"
+                          for index, report in progress.items())
+        raise ClusterStalledError(
+            f"the cluster is stalled: {len(self._where)} unfinished request(s) and no progress for {quiet:.0f} s "
+            f"({waits}; gManager: {self.gmanager_service.describe()})")
+
+    def stats(self) -> EngineStats:
+        """Each instance's queues and pool as last reported (instance 0's as they are now), and the gManager's
+        counters and ledger; blocks lent and borrowed are the ledger's debts."""
+        service = self.gmanager_service
+        with service.lock:
+            gmanager = service.gmanager
+            debts = {pair: n for pair, n in gmanager.debts.items() if n}
+            counters = (gmanager.num_borrow_events, gmanager.num_blocks_borrowed, gmanager.num_blocks_moved,
+                        gmanager.num_blocks_swapped, gmanager.outstanding())
+        instances = []
+        num_blocks = self.rmanager.pool.num_blocks
+        for index in range(self.num_instances):
+            if index == self.loop.instance_id:
+                progress = self.loop.progress_now()
+            else:
+                progress = self._progress.get(index, Progress(index, [], num_blocks, 0, 0, 0, 0, 0))
+            instances.append(InstanceStats(
+                index, progress.num_running, progress.num_waiting, num_blocks=num_blocks,
+                num_free_blocks=progress.num_free_blocks,
+                num_lent_blocks=sum(n for (_, creditor), n in debts.items() if creditor == index),
+                num_borrowed_blocks=sum(n for (debtor, _), n in debts.items() if debtor == index),
+                num_preemptions=progress.num_preemptions,
+                num_remote_micro_attentions=progress.num_remote_micro_attentions,
+                num_recalled=progress.num_recalled, num_cached_blocks=progress.num_cached_blocks,
+                num_prefix_cache_queries=progress.num_prefix_cache_queries,
+                num_prefix_cache_hits=progress.num_prefix_cache_hits))
+        return EngineStats(instances, *counters)
+
+    def shutdown(self) -> None:
+        """Stop every instance: each leader leaves its loop after the step it is in, then instance 0 stops."""
+        for index in self._running_leaders:
+            self.loop.post(index, Orders(stop=True))
+        while self._running_leaders:
+            wait_quietly(self.loop.has_mail)
+            self.loop.take_mail()
+            self._collect()
+        self.loop.stop()

@@ -1,0 +1,102 @@
+"""The tensor-parallel ranks of one cluster instance: the leader decides, every rank runs the same plan.
+
+The instance's leader (TP rank 0) schedules, talks to the control plane and samples; for each
+step it hands a ``StepPlan`` (the model inputs, with each creditor's share of the attention,
+and the DGFM copies to make first) to its other TP ranks, which run nothing but plans. Each
+rank copies the KV of its own heads and runs the forward pass over its shard, its KV links
+reaching the same TP rank of the other instances (DistKV-LLM section 4.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megakv.config import ModelConfig
+from megakv.distkv.control import wait_quietly
+from megakv.distkv.remote_attention import KVLinkAttention, KVServer, fetch_blocks, read_blocks, write_blocks
+from megakv.engine.model_runner import ModelRunner, StepInputs
+from megakv.kvcache.rmanager import Transfer
+from megakv.parallel import state
+
+# Tag of the step plans a leader sends its TP ranks.
+PLAN_TAG = 7
+
+
+@dataclass
+class StepPlan:
+    """What the leader hands its TP ranks for one step."""
+
+    inputs: StepInputs | None
+    # DGFM: blocks to copy home before the step runs (pulls, and the moves of a peer's swap).
+    pulls: list[Transfer] = field(default_factory=list)
+    # DGFM swap, starting: copy the KV of these blocks of this peer out (and run no step until it answers).
+    swap_out: tuple[int, list[int]] | None = None
+    # DGFM swap, answered: write the KV copied out into these blocks, as (index among those copied out, block);
+    # then drop it.
+    swap_writes: list[tuple[int, int]] | None = None
+    stop: bool = False
+
+
+class InstanceRanks:
+    """This rank's part of its instance's steps: the leader's hand-off of each plan, and running it."""
+
+    def __init__(self, instance_comm, model_runner: ModelRunner, model_config: ModelConfig,
+                 kv_server: KVServer | None) -> None:
+        self.instance_comm = instance_comm
+        self.model_runner = model_runner
+        self.model_config = model_config
+        self.kv_server = kv_server
+        # DGFM swap this instance started: the KV this rank copied out of the peer's blocks.
+        self._swapped_out: torch.Tensor | None = None
+
+    def run_now(self, plan: StepPlan) -> torch.Tensor | None:
+        """The leader: hand the plan to this instance's other TP ranks and run it; the logits of its sampled
+        rows, or None without inputs."""
+        for tp_rank in range(1, self.instance_comm.Get_size()):
+            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+        return self.run(plan)
+
+    def stop_followers(self) -> None:
+        """The leader: the other TP ranks leave their loop."""
+        for tp_rank in range(1, self.instance_comm.Get_size()):
+            self.instance_comm.send(StepPlan(None, stop=True), dest=tp_rank, tag=PLAN_TAG)
+
+    def follow(self) -> None:
+        """A TP rank other than the leader: run the leader's plans until it says stop."""
+        while True:
+            wait_quietly(lambda: self.instance_comm.iprobe(source=0, tag=PLAN_TAG))
+            plan = self.instance_comm.recv(source=0, tag=PLAN_TAG)
+            if plan.stop:
+                return
+            self.run(plan)
+
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Every rank: the plan's copies, then its forward pass over this rank's shard."""
+        cache = self.model_runner.kv_cache
+        tp_group_size = self.instance_comm.Get_size()
+        if plan.swap_writes is not None:
+            if plan.swap_writes:
+                write_blocks(self._swapped_out[:, :, [index for index, _ in plan.swap_writes]],
+                             [block_id for _, block_id in plan.swap_writes], cache.key_cache, cache.value_cache)
+            self._swapped_out = None
+        if plan.swap_out is not None:
+            peer, block_ids = plan.swap_out
+            self._swapped_out = read_blocks(self.kv_server.links, peer, block_ids, cache.key_cache)
+            if tp_group_size > 1:
+                # The peer overwrites the blocks once it has the Swap: every TP rank must have copied them out.
+                dist.barrier(state.get_tensor_model_parallel_group())
+        if plan.pulls:
+            fetch_blocks(self.kv_server.links, plan.pulls, cache.key_cache, cache.value_cache)
+            if plan.inputs is None and tp_group_size > 1:
+                # The leader hands the moved blocks back after this step: every TP rank must have copied them.
+                dist.barrier(state.get_tensor_model_parallel_group())
+        if plan.inputs is None:
+            return None
+        if plan.inputs.outgoing:
+            config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
+            plan.inputs.metadata.remote = KVLinkAttention(self.kv_server, plan.inputs.outgoing,
+                                                          plan.inputs.served_by_creditor,
+                                                          config.num_attention_heads // tp, config.head_dim)
+        return self.model_runner.forward(plan.inputs)
