@@ -1,9 +1,10 @@
 """Drives a DistKV cluster through the engine API under mpirun: arrivals at given steps, aborts, streaming.
 
 argv: job.json out.json. The job names the checkpoint, the cluster's shape and the requests, each with
-``prompt_ids``, ``max_new_tokens``, ``arrive_step``, optional ``instance``, and an optional abort: at
-``abort_step``, or once ``abort_after_tokens`` tokens have reached the front. ``"pull_home": false`` turns
-DGFM's pulls off (swaps stay).
+``prompt_ids``, ``max_new_tokens``, ``arrive_step`` (or ``arrive_after``: [request index, tokens], once
+that request has streamed that many), optional ``instance``, and an optional abort: at ``abort_step``, once
+``abort_after_tokens`` of its tokens have reached the front, or ``abort_after`` as ``arrive_after``.
+``"pull_home": false`` turns DGFM's pulls off (swaps stay).
 Rank 0 writes, per request, the streamed tokens, the final output and the step of each output, and the
 cluster report.
 """
@@ -44,16 +45,21 @@ def main() -> None:
     ids: dict[str, int] = {}
     results = [{"streamed": [], "steps": [], "final": None} for _ in requests]
     step = 0
+
+    def reached(trigger: list[int] | None) -> bool:
+        return trigger is not None and len(results[trigger[0]]["streamed"]) >= trigger[1]
+
     while step < job.get("max_steps", 5000):
         for index, request in enumerate(requests):
-            if request["arrive_step"] == step:
+            due = request.get("arrive_step") == step or reached(request.get("arrive_after"))
+            if due and index not in ids.values():
                 request_id = engine.add_request(request["prompt_ids"],
                                                 SamplingParams(max_new_tokens=request["max_new_tokens"]),
                                                 instance=request.get("instance"))
                 ids[request_id] = index
             result = results[index]
-            due = request.get("abort_step") == step or len(result["streamed"]) >= request.get("abort_after_tokens",
-                                                                                                 float("inf"))
+            due = (request.get("abort_step") == step or reached(request.get("abort_after"))
+                   or len(result["streamed"]) >= request.get("abort_after_tokens", float("inf")))
             if due and result["final"] is None and index in ids.values():
                 engine.abort(next(rid for rid, i in ids.items() if i == index))
         for output in engine.step():

@@ -62,7 +62,7 @@ def check_served(results: list[dict], requests: list[dict], reference) -> None:
         assert final is not None, f"request never finished: {request}"
         assert result["streamed"] == final["token_ids"]
         expected = reference(request["prompt_ids"], request["max_new_tokens"])
-        if "abort_step" in request or "abort_after_tokens" in request:
+        if request.keys() & {"abort_step", "abort_after_tokens", "abort_after"}:
             assert final["finish_reason"] == "abort"
             assert final["token_ids"] == expected[:len(final["token_ids"])]
         else:
@@ -162,14 +162,17 @@ def test_online_cluster_abort_returns_blocks_on_three_instances_and_waiting_abor
 @pytest.mark.parametrize("tp", [1, 2])
 def test_dgfm_swaps_blocks_between_instances_whose_requests_hold_each_others(tp, megakv_checkpoint, reference,
                                                                             run_mpi, tmp_path):
-    # Pools of 10 blocks, and no pulls home: only a swap brings blocks home. A's long request (177 + 40
-    # tokens, 12 blocks at first) is admitted beside a short one holding 4 blocks: 6 local and 6 borrowed from
-    # B and C. The short one ends, and then B's long request (177 + 20) outgrows what B has left: the gManager
-    # asks A first (A has not lent yet, C has), so each long request holds blocks of the other's instance. A and
-    # B swap them.
-    requests = [{"prompt_ids": random_prompt(60, 800), "max_new_tokens": 12, "arrive_step": 0, "instance": 0},
-                {"prompt_ids": random_prompt(177, 801), "max_new_tokens": 40, "arrive_step": 0, "instance": 0},
-                {"prompt_ids": random_prompt(177, 802), "max_new_tokens": 20, "arrive_step": 16, "instance": 1}]
+    # Pools of 10 blocks, and no pulls home: only a swap brings blocks home. A's long request (177 + 60
+    # tokens, 12 blocks at first) is admitted beside a short one holding 4 blocks: 6 local, 3 borrowed from B
+    # (first in line: B and C both look unused to the gManager, and ties go to the lower instance), then 3 from
+    # C (which now looks less used than B). Once it has its first tokens, the short one is aborted, and B's long
+    # request (177 + 20) comes: it outgrows what B has left, and the gManager asks A first, which has not lent
+    # yet. Each long request now holds blocks of the other's instance; A and B swap them. Arrivals and aborts
+    # follow streamed tokens, not steps: loans take longer on a loaded host.
+    requests = [{"prompt_ids": random_prompt(60, 800), "max_new_tokens": 200, "arrive_step": 0, "instance": 0,
+                 "abort_after": [1, 2]},
+                {"prompt_ids": random_prompt(177, 801), "max_new_tokens": 60, "arrive_step": 0, "instance": 0},
+                {"prompt_ids": random_prompt(177, 802), "max_new_tokens": 20, "arrive_after": [1, 4], "instance": 1}]
     result = run_online(run_mpi, tmp_path, megakv_checkpoint("gqa", tp), tp, 3, 10, requests, pull_home=False)
     check_served(result["results"], requests, reference)
     # Both sides count the blocks they took home.
