@@ -12,7 +12,7 @@ is preempted, as it would be on an independent instance. Borrowed blocks cost a
 remote micro-attention in every later step of the instance's batch, and they crowd
 the creditor's own requests, so lending pays only where it lets a request run at
 all; and a creditor whose own request waits too long for the room it lent recalls
-it (megakv.distkv.cluster_engine). The scheduler consults the policy through ``may_admit``,
+it (megakv.distkv.instance_loop). The scheduler consults the policy through ``may_admit``,
 ``num_borrowable_blocks`` and ``on_preempt``.
 """
 from __future__ import annotations

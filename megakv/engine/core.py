@@ -4,7 +4,7 @@ A step reads like the design: ``schedule()`` -> ``model_runner.execute()`` ->
 ``postprocess()``. The core takes requests and aborts at any time between steps
 and reports, every step, the new tokens of each request that sampled one; it
 does not know whether it runs alone (``LLMEngine``) or as one instance of a
-DistKV cluster (``megakv.distkv.cluster_engine``), which drive it.
+DistKV cluster (``megakv.distkv.instance_loop``), which drive it.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 With one instance, all ranks of the TP group run the same schedule and TP rank 0
 broadcasts the sampled tokens. With several instances, the instance's leader
 prepares the inputs (including which queries go to which creditor) and sends
-them to its TP group (see megakv.distkv.cluster_engine).
+them to its TP group (see megakv.distkv.instance_ranks).
 """
 from __future__ import annotations
 
