@@ -150,6 +150,7 @@ class InstanceLoop:
         self.mailbox.flush(FLUSH_SECONDS)
 
     def post(self, instance_id: int, message: object) -> None:
+        """Send a control message: to the gManager (by its type), to this leader itself, or to another leader."""
         if isinstance(message, GMANAGER_MESSAGES):
             if self.gmanager_service is not None:
                 self.gmanager_service.submit(message)
@@ -161,6 +162,7 @@ class InstanceLoop:
             self.mailbox.post(instance_id, message)
 
     def has_mail(self) -> bool:
+        """Whether a message waits for this leader."""
         return (bool(self._local_mail) or self.mailbox.has_mail()
                 or (self.gmanager_mailbox is not None and self.gmanager_mailbox.has_mail()))
 
@@ -289,6 +291,7 @@ class InstanceLoop:
         return max(0.0, since + self.config.distkv.recall_after - time.monotonic())
 
     def abort_here(self, request_id: str) -> None:
+        """Stop a request of this instance and release its blocks; its last output goes to the front."""
         aborted = self.core.abort(request_id)
         if aborted is not None:
             self._finished(aborted.request_id)
@@ -364,6 +367,7 @@ class InstanceLoop:
         return rmanager.pull_home(min(room, self.config.distkv.max_moves_per_step))
 
     def progress_now(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> Progress:
+        """This instance's Progress as of now, with these outputs."""
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
                         self.scheduler.num_waiting, self.scheduler.num_preemptions,
                         self.model_runner.num_remote_micro_attentions, self.num_recalled, self._blocked,
