@@ -29,6 +29,7 @@ from megakv.distkv.messages import Left
 from megakv.distkv.policy import ClusterAdmission
 from megakv.engine.core import InstanceCore
 from megakv.engine.request import Request, RequestOutput, RequestStatus, max_kv_tokens
+from megakv.engine.sampling import SampledTokens
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.kvcache.block_pool import num_blocks_for
 from megakv.kvcache.rmanager import Transfer
@@ -120,6 +121,8 @@ class InstanceLoop:
         self._blocked = False
         # Counters last reported to the front, so that a leader reports only what changed.
         self._reported: tuple | None = None
+        # The blocks the last step pulled home (a step that pulls starts no swap).
+        self._pulls: list[Transfer] = []
 
     @property
     def has_local_mail(self) -> bool:
@@ -308,7 +311,8 @@ class InstanceLoop:
         return {request.request_id: request.arrival for request in self.scheduler.unfinished()}
 
     def step(self) -> bool:
-        """One step of this instance; False when it had nothing to run (it only took its messages)."""
+        """One step of this instance (InstanceCore.step, with this loop as its driver); False when it ran no
+        forward pass (it took its messages, and maybe copied blocks home)."""
         self.take_mail()
         if self.stopping:
             return False
@@ -318,44 +322,54 @@ class InstanceLoop:
             return False
         if self.before_step is not None:
             self.before_step()
+        self._pulls = []
+        outputs = self.core.step(self)
+        if outputs is None and not self._pulls:
+            self._start_swap()
+            return False
+        for output in outputs or []:
+            if output.finished:
+                self._finished(output.request_id)
+        self.control.sync(self._arrivals_here())
+        self.report_outputs(outputs or [])
+        if not self._pulls:
+            self._start_swap()
+        return outputs is not None
+
+    def ready(self, scheduled: SchedulerOutput) -> SchedulerOutput:
+        """StepDriver: recall lent room for a starving request, fill waiting slots from freed blocks, tell the
+        control plane; the chunks whose blocks are all here or lent run."""
         rmanager, scheduler = self.rmanager, self.scheduler
-        scheduled = scheduler.schedule()
         self._recall_for_starving()
         # Blocks freed since a request went PENDING serve it before any creditor does.
         spare = rmanager.num_free_blocks - sum(not rmanager.has_pending(r.request_id) for r in scheduler.running)
         for request in scheduler.running:
             spare -= rmanager.fill_pending_locally(request.request_id, spare)
         self.control.sync(self._arrivals_here())
-        ready = SchedulerOutput([chunk for chunk in scheduled.chunks
-                                 if not rmanager.has_pending(chunk.request.request_id)])
-        pulls = self._plan_pulls()
-        if not ready.chunks and not pulls:
-            self._blocked = scheduler.has_unfinished()
+        return SchedulerOutput([chunk for chunk in scheduled.chunks
+                                if not rmanager.has_pending(chunk.request.request_id)])
+
+    def run(self, ready: SchedulerOutput) -> SampledTokens | None:
+        """StepDriver: DGFM's pulls home and the ready chunks, handed to the TP ranks as one plan; None when no
+        forward pass ran."""
+        rmanager = self.rmanager
+        self._pulls = self._plan_pulls()
+        if not ready.chunks and not self._pulls:
+            self._blocked = self.scheduler.has_unfinished()
             self._report()
-            self._start_swap()
-            return False
+            return None
         if self._blocked:
             # Before a step that may be long: the front must not take this instance for a stalled one.
             self._blocked = False
             self._report()
-        started = time.perf_counter()
         for chunk in ready.chunks:
             chunk.request.block_instances.update(rmanager.block_counts(chunk.request.request_id))
-        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None, pulls)
+        plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None, self._pulls)
         logits = self.ranks.run_now(plan)
-        outputs = []
-        if plan.inputs is not None:
-            self.num_steps += 1
-            outputs = self.core.postprocess(ready, self.model_runner.sample(ready, logits))
-            self.step_log.append((ready.num_tokens, time.perf_counter() - started))
-            for output in outputs:
-                if output.finished:
-                    self._finished(output.request_id)
-        self.control.sync(self._arrivals_here())
-        self.report_outputs(outputs)
-        if not pulls:
-            self._start_swap()
-        return plan.inputs is not None
+        if plan.inputs is None:
+            return None
+        self.num_steps += 1
+        return self.model_runner.sample(ready, logits)
 
     def _plan_pulls(self) -> list[Transfer]:
         """DGFM: move remote blocks home while the pool has room beyond one block per running request and no

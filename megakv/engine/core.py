@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -26,6 +27,18 @@ from megakv.kvcache.rmanager import PENDING, RManager
 from megakv.models.llama import LlamaModel
 from megakv.parallel import state
 
+
+
+class StepDriver(Protocol):
+    """How a step's scheduled chunks run when the instance is one of a cluster's."""
+
+    def ready(self, scheduled: SchedulerOutput) -> SchedulerOutput:
+        """The chunks that run now (those of requests still waiting for borrowed blocks wait)."""
+        ...
+
+    def run(self, ready: SchedulerOutput) -> SampledTokens | None:
+        """Run them on the instance's TP ranks; their sampled tokens, or None when no forward pass ran."""
+        ...
 
 
 def load_model(info: CheckpointInfo, dtype: torch.dtype, device: torch.device) -> LlamaModel:
@@ -102,14 +115,23 @@ class InstanceCore:
         """True while any request waits or runs."""
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled step of this instance alone; returns what each request gained in it."""
+    def step(self, driver: StepDriver | None = None) -> list[RequestOutput] | None:
+        """One step: schedule, run what is ready, postprocess; returns what each request gained in it, or None
+        when no forward pass ran. Alone (``driver`` None) every scheduled chunk runs on this instance's TP
+        group; a cluster's instance is the driver (megakv.distkv.instance_loop)."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        if not scheduled.chunks:
-            raise RuntimeError("scheduler made no progress: no request fits in the KV pool")
-        outputs = self.postprocess(scheduled, self.model_runner.execute(scheduled))
-        self.step_log.append((scheduled.num_tokens, time.perf_counter() - started))
+        if driver is None:
+            if not scheduled.chunks:
+                raise RuntimeError("scheduler made no progress: no request fits in the KV pool")
+            ready, sampled = scheduled, self.model_runner.execute(scheduled)
+        else:
+            ready = driver.ready(scheduled)
+            sampled = driver.run(ready)
+        if sampled is None:
+            return None
+        outputs = self.postprocess(ready, sampled)
+        self.step_log.append((ready.num_tokens, time.perf_counter() - started))
         return outputs
 
     def postprocess(self, scheduled: SchedulerOutput, sampled: SampledTokens) -> list[RequestOutput]:
