@@ -236,17 +236,14 @@ class Scheduler:
         """The gManager's Yield: a request that waits for borrowed blocks, or for room, gives its blocks back and
         leaves the queue until its turn (give_turn), so that the requests behind it are not held up. False for
         one that runs without waiting (its pool filled its need meanwhile) or is not here."""
-        if request_id in self.yielded:
-            return True
-        request = next((r for r in self.running if r.request_id == request_id), None)
-        if request is not None:
+        request = self.find(request_id)
+        if request is None or request.status == RequestStatus.YIELDED:
+            return request is not None
+        if request.status == RequestStatus.RUNNING:
             if not self.rmanager.has_pending(request_id):
                 return False
             self._free_running(request)
         else:
-            request = next((r for r in self.waiting if r.request_id == request_id), None)
-            if request is None:
-                return False
             self.waiting.remove(request)
         self._move(request, RequestStatus.YIELDED)
         self.yielded[request_id] = request

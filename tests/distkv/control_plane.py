@@ -4,6 +4,7 @@ InProcessCluster) and ``arrivals`` (request id -> arrival)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from hypothesis import strategies as st
 
@@ -71,9 +72,15 @@ def deliver_at(cluster, index: int) -> None:
     cluster.control.deliver_one()
 
 
-def deliver_in_any_order(cluster, data, max_messages: int = 10_000) -> None:
-    """Deliver up to ``max_messages`` queued messages (and those they cause), each time the oldest of a channel
-    drawn at random; all of them unless the bound stops it first."""
+def drawn(data) -> Callable[[list[int]], int]:
+    """A chooser for deliver_in_any_order that hypothesis draws (and shrinks)."""
+    return lambda heads: data.draw(st.sampled_from(heads))
+
+
+def deliver_in_any_order(cluster, choose: Callable[[list[int]], int], max_messages: int = 10_000) -> None:
+    """Deliver up to ``max_messages`` queued messages (and those they cause), each time the oldest of the channel
+    ``choose`` picks among the channels' oldest (their queue indices); all of them unless the bound stops it
+    first."""
     queue = cluster.control.queue
     for _ in range(max_messages):
         if not queue:
@@ -81,17 +88,17 @@ def deliver_in_any_order(cluster, data, max_messages: int = 10_000) -> None:
         heads: dict[tuple, int] = {}
         for index, (destination, message) in enumerate(queue):
             heads.setdefault(channel(destination, message), index)
-        deliver_at(cluster, data.draw(st.sampled_from(sorted(heads.values()))))
+        deliver_at(cluster, choose(sorted(heads.values())))
     if max_messages == 10_000:
         raise AssertionError("the control plane did not settle")
 
 
-def quiesce(cluster, data) -> None:
+def quiesce(cluster, choose: Callable[[list[int]], int]) -> None:
     """Sync every instance and deliver, until a sync sends nothing."""
     for _ in range(100):
         for node in cluster.control.nodes:
             node.sync(cluster.arrivals)
         if not cluster.control.queue:
             return
-        deliver_in_any_order(cluster, data)
+        deliver_in_any_order(cluster, choose)
     raise AssertionError("the instances kept telling the gManager something new")

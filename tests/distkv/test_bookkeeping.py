@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from control_plane import check_invariants, deliver_at, deliver_in_any_order, quiesce
+from control_plane import check_invariants, deliver_at, deliver_in_any_order, drawn, quiesce
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -317,11 +317,11 @@ def test_dgfm_swaps_with_requests_ending_growing_and_recalled_in_any_message_ord
             if rm.block_table(request_id) and debtor is not None:
                 cluster.control.nodes[instance].recall(request_id, debtor, amount, amount // 2)
         else:
-            deliver_in_any_order(cluster, data, amount)
-    quiesce(cluster, data)
+            deliver_in_any_order(cluster, drawn(data), amount)
+    quiesce(cluster, drawn(data))
     check_invariants(cluster)
     cluster.free_all()
-    quiesce(cluster, data)
+    quiesce(cluster, drawn(data))
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
     assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
@@ -440,11 +440,11 @@ def test_control_plane_in_any_message_order_never_leaves_a_request_waiting_unsee
         elif op == "swap":
             cluster.swap(amount)
         else:
-            deliver_in_any_order(cluster, data, amount)
-    quiesce(cluster, data)
+            deliver_in_any_order(cluster, drawn(data), amount)
+    quiesce(cluster, drawn(data))
     check_invariants(cluster)
     check_live(cluster)
     cluster.free_all()
-    quiesce(cluster, data)
+    quiesce(cluster, drawn(data))
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy

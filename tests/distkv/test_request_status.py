@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from control_plane import channel, check_invariants, deliver_at
+from control_plane import check_invariants, deliver_in_any_order, quiesce
 
 from megakv.config import SchedulerConfig
 from megakv.distkv.in_process import InProcessCluster
@@ -125,30 +125,6 @@ class ScheduledCluster:
                 assert not self.rmanagers[instance].block_table(request_id), f"{request_id} still holds blocks"
 
 
-def deliver_some(cluster: ScheduledCluster, rng: random.Random, max_messages: int) -> None:
-    """Deliver up to ``max_messages`` queued messages (and those they cause), each time the oldest of a channel
-    drawn at random: the orders a network allows (see control_plane.deliver_in_any_order)."""
-    queue = cluster.control.queue
-    for _ in range(max_messages):
-        if not queue:
-            return
-        heads: dict[tuple, int] = {}
-        for index, (destination, message) in enumerate(queue):
-            heads.setdefault(channel(destination, message), index)
-        deliver_at(cluster, rng.choice(sorted(heads.values())))
-
-
-def settle(cluster: ScheduledCluster, rng: random.Random) -> None:
-    """Sync every instance and deliver until nothing more is sent."""
-    for _ in range(100):
-        for node in cluster.control.nodes:
-            node.sync(cluster.arrivals)
-        if not cluster.control.queue:
-            return
-        deliver_some(cluster, rng, 10_000)
-    raise AssertionError("the control plane did not settle")
-
-
 OPERATIONS = ["add"] * 2 + ["step"] * 8 + ["deliver"] * 2 + ["preempt", "recall", "abort", "stop"]
 
 
@@ -166,7 +142,7 @@ def test_request_status_changes_only_by_legal_transitions_and_matches_the_queues
             cluster.add(instance, min(amount, capacity - 4), rng.randint(1, 6))
         elif op in ("step", "stop"):
             cluster.step(instance, stop=op == "stop")
-            deliver_some(cluster, rng, amount)
+            deliver_in_any_order(cluster, rng.choice, amount)
         elif op == "preempt" and scheduler.running:
             scheduler.preempt(rng.choice(scheduler.running))
         elif op == "recall":
@@ -178,14 +154,14 @@ def test_request_status_changes_only_by_legal_transitions_and_matches_the_queues
         elif op == "abort" and scheduler.unfinished():
             cluster.abort(rng.choice(scheduler.unfinished()).request_id)
         elif op == "deliver":
-            deliver_some(cluster, rng, amount)
+            deliver_in_any_order(cluster, rng.choice, amount)
         cluster.check_statuses()
-    settle(cluster, rng)
+    quiesce(cluster, rng.choice)
     cluster.check_statuses()
     check_invariants(cluster)
     for request_id in list(cluster.requests):
         cluster.abort(request_id)
-    settle(cluster, rng)
+    quiesce(cluster, rng.choice)
     cluster.check_statuses()
     check_invariants(cluster)
     assert all(request.status in FINISHED for _, request in cluster.requests.values())
