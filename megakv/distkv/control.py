@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room, Settled, Swap,
-                                    Swapped, Turn, WantRoom, Yield, Yielded)
+from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room,
+                                    Settled, Swap, Swapped, Turn, WantRoom, Yield, Yielded, sender_of)
 from megakv.kvcache.rmanager import RManager, Transfer
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
-INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled, Swap, Swapped)
+INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled, Swap, Swapped, InstanceFailed)
 GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded)
 # Marks a request that yielded: nothing is reported for it until it holds blocks again.
 _YIELDED = -1
@@ -36,17 +36,21 @@ class InstanceControl:
     ``on_recall(creditor, num_blocks)`` preempts requests holding blocks of ``creditor`` to free up to
     ``num_blocks`` of them, returning how many it freed. DGFM swaps: ``on_swap_in(moves)`` copies each move's KV
     from the peer into this pool, and ``on_swapped(writes)`` writes the KV this instance copied out for its own
-    swap (RManager.end_swap's writes), both before they return.
+    swap (RManager.end_swap's writes), both before they return. ``on_lost(request_ids)`` preempts requests whose
+    blocks on a failed instance are lost, to recompute them.
     """
 
     def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], bool],
                  on_turn: Callable[[str], bool], on_recall: Callable[[int, int], int],
                  on_swap_in: Callable[[list[Transfer]], None],
-                 on_swapped: Callable[[list[tuple[int, int]]], None]) -> None:
+                 on_swapped: Callable[[list[tuple[int, int]]], None],
+                 on_lost: Callable[[list[str]], None]) -> None:
         self.rmanager = rmanager
         self.post = post
         self.on_yield, self.on_turn, self.on_recall = on_yield, on_turn, on_recall
-        self.on_swap_in, self.on_swapped = on_swap_in, on_swapped
+        self.on_swap_in, self.on_swapped, self.on_lost = on_swap_in, on_swapped, on_lost
+        # Instances out of the cluster: what they sent is dropped.
+        self.failed: set[int] = set()
         # Answers to Recalls (creditor, blocks freed), sent after the freed blocks go back.
         self._recall_answers: list[tuple[int, Recalled]] = []
         # Creditor side: the request, the blocks asked and the debtor of the Recall awaiting its answer.
@@ -63,9 +67,13 @@ class InstanceControl:
         return self.rmanager.instance_id
 
     def handle(self, message: object) -> None:
-        """Take one message from the gManager or another instance."""
+        """Take one message from the gManager or another instance (dropped if that instance failed)."""
         rmanager, me = self.rmanager, self.instance_id
-        if isinstance(message, Lend):
+        if sender_of(message) in self.failed:
+            return
+        if isinstance(message, InstanceFailed):
+            self._forget_instance(message.instance_id)
+        elif isinstance(message, Lend):
             num_blocks = min(message.num_blocks, rmanager.num_lendable_blocks)
             block_ids = rmanager.lend(message.debtor, num_blocks) if num_blocks else []
             if block_ids:
@@ -127,6 +135,21 @@ class InstanceControl:
                 self._settle_swap(message.sender, len(message.pairs))
         else:
             raise TypeError(f"instance {me} got an unexpected control message: {message!r}")
+
+    def _forget_instance(self, failed: int) -> None:
+        """An instance failed: the blocks it held come home, the requests here that held blocks there recompute, no
+        Recall waits for it, and the gManager hears again what each request still needs (a loan it counted may
+        have died with the instance)."""
+        self.failed.add(failed)
+        self.on_lost(self.rmanager.forget_instance(failed))
+        self._recall_answers = [(creditor, answer) for creditor, answer in self._recall_answers if creditor != failed]
+        if self._recall is not None and self._recall[2] == failed:
+            self.rmanager.end_reservation(self._recall[0])
+            self._recall = None
+        for request_id in self.rmanager.pending_needs():
+            self._correct(request_id)
+        self._room_reported = None
+        self.report_room()
 
     def _correct(self, request_id: str) -> None:
         """The gManager waits on a request that needs other blocks than it thinks (a loan and a smaller need

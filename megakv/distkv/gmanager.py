@@ -7,7 +7,7 @@ lendable blocks. When no instance can lend to the first borrower, every later bo
 waiting for blocks is asked to yield: they hold blocks while making no progress, and two
 such requests on two instances would otherwise wait for each other forever. They run again
 in arrival order, each when its turn comes. Meanwhile the instances report their room as it
-frees up.
+frees up. An instance declared failed leaves the ledger and the queue, and the others hear of it.
 
 The gManager is a plain state machine: ``handle`` takes one message and returns what to send,
 so the in-process tests and the MPI cluster drive the same code.
@@ -18,7 +18,8 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
-from megakv.distkv.messages import Borrow, Lend, Lent, Room, Settled, Turn, WantRoom, Yield, Yielded
+from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Room, Settled, Turn, WantRoom, Yield, Yielded,
+                                    sender_of)
 
 
 @dataclass
@@ -48,8 +49,11 @@ class GManager:
         self._lendable = list(lendable_blocks)
         # Borrowers in arrival order, by request id.
         self._queue: dict[str, _Borrower] = {}
-        # The request whose Lend awaits its creditor's answer, and the version of its need that the Lend served.
-        self._asking: tuple[str, int] | None = None
+        # The request whose Lend awaits its creditor's answer, the version of its need that the Lend served, and
+        # the creditor.
+        self._asking: tuple[str, int, int] | None = None
+        # Instances out of the cluster, in the order they failed: nothing they send is read.
+        self.failed: list[int] = []
         self._versions = itertools.count(1)
         self._room_wanted = False
 
@@ -63,22 +67,49 @@ class GManager:
                             (("has its turn" if b.turn_sent else "yielded") if b.yielded else f"needs {b.num_blocks}")
                             for b in self._queue.values())
         asking = f"; a Lend for {self._asking[0]} in flight" if self._asking is not None else ""
-        return f"borrowers: {waiting or 'none'}{asking}; lendable blocks per instance: {self._lendable}"
+        failed = f"; failed instances: {self.failed}" if self.failed else ""
+        return f"borrowers: {waiting or 'none'}{asking}; lendable blocks per instance: {self._lendable}{failed}"
 
     @property
     def is_busy(self) -> bool:
         """True while a debt is outstanding, a borrower waits, or a Lend is in flight."""
         return bool(self.outstanding() or self._queue or self._asking is not None)
 
+    @property
+    def live_instances(self) -> list[int]:
+        """The instances not declared failed."""
+        return [instance for instance in range(self.num_instances) if instance not in self.failed]
+
+    def fail_instance(self, failed: int) -> list[tuple[int, object]]:
+        """Take ``failed`` out of the cluster: its debts either way leave the ledger (its creditors take their
+        blocks back, its debtors drop the blocks it held and recompute), its borrowers leave the queue, and every
+        other instance hears of it. Returns the messages to send."""
+        if failed in self.failed:
+            return []
+        self.failed.append(failed)
+        for pair in [pair for pair in self.debts if failed in pair]:
+            del self.debts[pair]
+        self._lendable[failed] = 0
+        self._queue = {request_id: borrower for request_id, borrower in self._queue.items()
+                       if borrower.debtor != failed}
+        if self._asking is not None and self._asking[2] == failed:
+            self._asking = None  # its Lent will never come
+        return [(instance, InstanceFailed(failed)) for instance in self.live_instances] + self._advance()
+
     def handle(self, message: object) -> list[tuple[int, object]]:
-        """Take one message from an rManager; returns (instance, message) pairs to send."""
+        """Take one message from an rManager; returns (instance, message) pairs to send. A failed instance's
+        messages are dropped."""
+        if sender_of(message) in self.failed:
+            return []
         if isinstance(message, Borrow):
             self._on_borrow(message)
         elif isinstance(message, Lent):
             assert self._asking is not None, "a Lent answers the one Lend in flight"
-            _, asked_version = self._asking
+            _, asked_version, _ = self._asking
             self._asking = None
             self._lendable[message.creditor] = message.num_lendable_blocks
+            if message.debtor in self.failed:
+                return self._advance()  # the creditor took the loan back when it heard of the failure
             self.debts[message.debtor, message.creditor] += message.num_blocks
             if message.num_blocks:
                 self.num_borrow_events += 1
@@ -90,6 +121,8 @@ class GManager:
                 borrower.num_blocks -= message.num_blocks
                 if borrower.num_blocks <= 0:
                     del self._queue[message.request_id]
+        elif isinstance(message, Settled) and message.debtor in self.failed:
+            self._lendable[message.creditor] = message.num_lendable_blocks
         elif isinstance(message, Settled):
             self.debts[message.debtor, message.creditor] -= message.num_blocks
             assert self.debts[message.debtor, message.creditor] >= 0, "ledger went negative"
@@ -131,13 +164,13 @@ class GManager:
         if not self._queue:
             if self._room_wanted:
                 self._room_wanted = False
-                sends += [(instance, WantRoom(False)) for instance in range(self.num_instances)]
+                sends += [(instance, WantRoom(False)) for instance in self.live_instances]
             return sends
         first, *later = self._queue.values()
-        creditors = [c for c in range(self.num_instances) if c != first.debtor and self._lendable[c] > 0]
+        creditors = [c for c in self.live_instances if c != first.debtor and self._lendable[c] > 0]
         if not first.yielded and creditors:
             creditor = max(creditors, key=lambda c: (self._lendable[c], -c))
-            self._asking = (first.request_id, first.version)
+            self._asking = (first.request_id, first.version, creditor)
             return [(creditor, Lend(first.debtor, first.request_id, min(first.num_blocks, self._lendable[creditor])))]
         if first.yielded and not first.turn_sent:
             first.turn_sent = True
@@ -150,5 +183,5 @@ class GManager:
                 sends.append((borrower.debtor, Yield(borrower.request_id)))
         if not first.yielded and not self._room_wanted:
             self._room_wanted = True
-            sends += [(instance, WantRoom(True)) for instance in range(self.num_instances)]
+            sends += [(instance, WantRoom(True)) for instance in self.live_instances]
         return sends

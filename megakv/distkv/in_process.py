@@ -18,7 +18,8 @@ class InProcessCluster:
     """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
 
     def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], bool],
-                 on_turn: Callable[[int, str], bool], on_recall: Callable[[int, int, int], int]) -> None:
+                 on_turn: Callable[[int, str], bool], on_recall: Callable[[int, int, int], int],
+                 on_lost: Callable[[int, list[str]], None] | None = None) -> None:
         """The callbacks are InstanceControl's, each with the instance it is called on first. A DGFM swap moves
         no KV here."""
         self.queue: deque[tuple[int, object]] = deque()
@@ -26,11 +27,20 @@ class InProcessCluster:
         self.nodes = [InstanceControl(rm, self._post, lambda rid, i=rm.instance_id: on_yield(i, rid),
                                       lambda rid, i=rm.instance_id: on_turn(i, rid),
                                       lambda creditor, n, i=rm.instance_id: on_recall(i, creditor, n),
-                                      lambda moves: None, lambda writes: None)
+                                      lambda moves: None, lambda writes: None,
+                                      lambda request_ids, i=rm.instance_id: on_lost and on_lost(i, request_ids))
                       for rm in rmanagers]
 
     def _post(self, instance_id: int, message: object) -> None:
-        self.queue.append((instance_id, message))
+        if isinstance(message, GMANAGER_MESSAGES) or instance_id not in self.gmanager.failed:
+            self.queue.append((instance_id, message))
+
+    def fail(self, instance_id: int) -> None:
+        """The instance dies: what was sent to it is lost, what it sent may still arrive, and the gManager
+        declares it failed."""
+        self.queue = deque(entry for entry in self.queue
+                           if isinstance(entry[1], GMANAGER_MESSAGES) or entry[0] != instance_id)
+        self.queue.extend(self.gmanager.fail_instance(instance_id))
 
     def deliver_one(self) -> None:
         """Deliver the oldest queued message."""

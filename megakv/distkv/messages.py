@@ -138,6 +138,14 @@ class Left:
 
 
 @dataclass(frozen=True)
+class InstanceFailed:
+    """gManager -> every other instance (and the front): ``instance_id`` is out of the cluster (it died, hung or was
+    cut off). Its loans leave the ledger either way, and nothing it sent from now on is read."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True)
 class Swap:
     """Instance -> a peer that holds blocks of its requests while it holds blocks of the peer's (a cycle of two
     in the debt graph; DGFM swaps instead of pulling home, which needs free room): the sender has copied its KV
@@ -156,3 +164,17 @@ class Swapped:
 
     sender: int
     pairs: list[tuple[int, int]]
+
+
+def sender_of(message: object) -> int | None:
+    """The instance that sent a control message; None for the gManager's own (Lend, Yield, Turn, WantRoom,
+    InstanceFailed)."""
+    if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled)):
+        return message.debtor
+    if isinstance(message, (Loan, Lent, Settled, Recall)):
+        return message.creditor
+    if isinstance(message, (Swap, Swapped)):
+        return message.sender
+    if isinstance(message, (Room, Left)):
+        return message.instance_id
+    return None

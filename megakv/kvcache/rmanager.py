@@ -118,6 +118,8 @@ class RManager:
         # them whose request has been released since (they go back, or become the peer's own, at end_swap).
         self._swap: tuple[int, list[int]] | None = None
         self._released_in_swap: set[int] = set()
+        # Instances out of the cluster (forget_instance): blocks there are dropped, not handed back.
+        self._failed: set[int] = set()
 
     # -- what the scheduler uses ---------------------------------------------------------------------------
 
@@ -196,6 +198,8 @@ class RManager:
                 continue
             if ref.instance_id == self.instance_id:
                 self.pool.free([ref.block_id])
+            elif ref.instance_id in self._failed:
+                continue
             elif self._swap is not None and ref.instance_id == self._swap[0] and ref.block_id in self._swap[1]:
                 self._released_in_swap.add(ref.block_id)
             else:
@@ -278,6 +282,18 @@ class RManager:
             assert block_id in lent, f"instance {debtor} returned block {block_id} it never borrowed"
             lent.remove(block_id)
         self.pool.free(block_ids)
+
+    def forget_instance(self, failed: int) -> list[str]:
+        """Instance ``failed`` is out of the cluster: the blocks of this pool it held come home, nothing is handed
+        back to it, and a swap with it ends. Returns the requests here that hold blocks of its pool: their KV is
+        lost, and the caller preempts them (freeing drops those blocks)."""
+        self._failed.add(failed)
+        self.pool.free(sorted(self._lent.pop(failed, set())))
+        self._returns.pop(failed, None)
+        self._moved.pop(failed, None)
+        if self._swap is not None and self._swap[0] == failed:
+            self._swap, self._released_in_swap = None, set()
+        return [request_id for request_id, table in self._tables.items() if table.counts.get(failed)]
 
     # -- borrowing side ---------------------------------------------------------------------------------
 

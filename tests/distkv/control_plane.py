@@ -3,19 +3,155 @@ bookkeeping invariants at rest. A cluster here is any object with ``rmanagers``,
 InProcessCluster) and ``arrivals`` (request id -> arrival)."""
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Callable
 
 from hypothesis import strategies as st
 
+from megakv.config import SchedulerConfig
 from megakv.distkv.control import GMANAGER_MESSAGES
-from megakv.distkv.messages import (Borrow, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Settled, Swap, Swapped,
-                                    Turn, WantRoom, Yield, Yielded)
+from megakv.distkv.in_process import InProcessCluster
+from megakv.distkv.messages import sender_of
+from megakv.distkv.policy import ClusterAdmission
+from megakv.engine.request import FINISHED, TRANSITIONS, Request, RequestStatus
+from megakv.engine.sampling import SamplingParams
+from megakv.engine.scheduler import Scheduler
+from megakv.kvcache.block_pool import BlockPool, num_blocks_for
+from megakv.kvcache.rmanager import RManager
+
+# Statuses of a request in its scheduler's waiting queue.
+QUEUED = {RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.RECALLED}
+
+
+class ScheduledCluster:
+    """Instances whose schedulers answer the gManager's Yields and Turns, the creditors' Recalls and a failed
+    instance's lost blocks as the cluster engine does."""
+
+    def __init__(self, pool_sizes: list[int], block_size: int) -> None:
+        self.rmanagers = [RManager(i, BlockPool(size), block_size) for i, size in enumerate(pool_sizes)]
+        self.admissions = [ClusterAdmission(rm, sum(pool_sizes) - rm.pool.num_blocks) for rm in self.rmanagers]
+        self.schedulers = [Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), rm, admission)
+                           for rm, admission in zip(self.rmanagers, self.admissions)]
+        self.control = InProcessCluster(self.rmanagers, self._yield, self._turn, self._recall, self._lost)
+        self.gmanager = self.control.gmanager
+        self.requests: dict[str, tuple[int, Request]] = {}
+        self.arrivals: dict[str, int] = {}
+        # request id -> its status after each change the schedulers made, checked against TRANSITIONS
+        self.history: dict[str, list[RequestStatus]] = {}
+        for scheduler in self.schedulers:
+            scheduler._move = self._recorder(scheduler._move)
+
+    def _recorder(self, move):
+        def recorded(request: Request, status: RequestStatus) -> None:
+            history = self.history.setdefault(request.request_id, [RequestStatus.WAITING])
+            assert status in TRANSITIONS[history[-1]], f"{request.request_id}: {history[-1].name} -> {status.name}"
+            history.append(status)
+            move(request, status)
+        return recorded
+
+    def _yield(self, instance: int, request_id: str) -> bool:
+        if not self.schedulers[instance].yield_blocks(request_id):
+            return False
+        self.admissions[instance].forget(request_id)
+        return True
+
+    def _turn(self, instance: int, request_id: str) -> bool:
+        if not self.schedulers[instance].give_turn(request_id):
+            return False
+        self.admissions[instance].give_turn(request_id)
+        return True
+
+    def _recall(self, instance: int, creditor: int, num_blocks: int) -> int:
+        scheduler, freed = self.schedulers[instance], 0
+        for request in reversed([r for r in scheduler.running if creditor in self.rmanagers[instance].block_counts(
+                r.request_id)]):
+            if freed >= num_blocks:
+                break
+            freed += self.rmanagers[instance].block_counts(request.request_id)[creditor]
+            scheduler.preempt(request, RequestStatus.RECALLED)
+        return freed
+
+    def _lost(self, instance: int, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            request = self.schedulers[instance].find(request_id)
+            assert request is not None and request.status == RequestStatus.RUNNING, f"{request_id} holds blocks"
+            self.schedulers[instance].preempt(request)
+
+    def fail(self, failed: int, rerun_on: int) -> None:
+        """Instance ``failed`` dies and the gManager declares it; the front runs its unfinished requests again on
+        ``rerun_on``, from their prompts and the tokens they had produced."""
+        self.control.fail(failed)
+        for request_id, (instance, request) in list(self.requests.items()):
+            if instance == failed and request.status not in FINISHED:
+                rerun = Request(request_id, request.prompt_ids, request.params, list(request.output_ids),
+                                arrival=request.arrival)
+                self.requests[request_id] = (rerun_on, rerun)
+                self.history[request_id] = [RequestStatus.WAITING]
+                self.schedulers[rerun_on].add(rerun)
+
+    @property
+    def live_instances(self) -> list[int]:
+        return self.gmanager.live_instances
+
+    def add(self, instance: int, num_tokens: int, max_new_tokens: int) -> None:
+        request_id = f"r{len(self.requests)}"
+        request = Request(request_id, list(range(num_tokens)), SamplingParams(max_new_tokens=max_new_tokens),
+                          arrival=len(self.requests))
+        self.requests[request_id] = (instance, request)
+        self.arrivals[request_id] = request.arrival
+        self.schedulers[instance].add(request)
+
+    def step(self, instance: int, stop: bool) -> None:
+        """One step of the instance: its chunks that hold all their blocks run; a request that reaches its
+        length finishes, and with ``stop`` the first to sample stops."""
+        scheduler, rmanager = self.schedulers[instance], self.rmanagers[instance]
+        for chunk in scheduler.schedule().chunks:
+            request = chunk.request
+            if rmanager.has_pending(request.request_id):
+                continue
+            request.num_computed_tokens += chunk.num_tokens
+            if not chunk.samples_next_token:
+                continue
+            request.output_ids.append(0)
+            if stop:
+                scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+                stop = False
+            elif len(request.output_ids) >= request.params.max_new_tokens:
+                scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
+        self.control.nodes[instance].sync(self.arrivals)
+
+    def abort(self, request_id: str) -> None:
+        instance, _ = self.requests[request_id]
+        if self.schedulers[instance].abort(request_id) is not None:
+            self.control.nodes[instance].forget(request_id)
+            self.admissions[instance].forget(request_id)
+
+    def check_statuses(self) -> None:
+        """Each request is where its status says, and its status is the last the scheduler gave it (nothing
+        else wrote it)."""
+        for request_id, (instance, request) in self.requests.items():
+            scheduler = self.schedulers[instance]
+            assert request.status == self.history.get(request_id, [RequestStatus.WAITING])[-1]
+            in_waiting, in_running = request in scheduler.waiting, request in scheduler.running
+            in_yielded = scheduler.yielded.get(request_id) is request
+            assert (in_waiting, in_running, in_yielded) == (request.status in QUEUED,
+                                                            request.status == RequestStatus.RUNNING,
+                                                            request.status == RequestStatus.YIELDED), \
+                f"{request_id} is {request.status.name} but waiting={in_waiting} running={in_running} " \
+                f"yielded={in_yielded}"
+            if request.status in FINISHED or request.status == RequestStatus.YIELDED:
+                assert not self.rmanagers[instance].block_table(request_id), f"{request_id} still holds blocks"
 
 
 def check_invariants(cluster) -> None:
-    """At rest (nothing in flight): every block has one owner, loans match tables, the ledger matches both."""
-    rmanagers = cluster.rmanagers
+    """At rest (nothing in flight): every block of a live instance has one owner, loans match tables, the ledger
+    matches both, and no table points to a failed instance."""
+    failed = getattr(cluster.gmanager, "failed", [])
+    rmanagers = [rm for rm in cluster.rmanagers if rm.instance_id not in failed]
+    for rm in rmanagers:
+        for request_id in rm.request_ids:
+            assert not set(rm.block_counts(request_id)) & set(failed), f"{request_id} holds a failed instance's block"
     for creditor in rmanagers:
         owners: dict[int, str] = {}
         for rm in rmanagers:
@@ -52,15 +188,8 @@ def channel(destination: int, message: object) -> tuple:
     """(sender, receiver) of a queued control message; "g" is the gManager. Messages on one channel arrive in
     the order they were sent (MPI's and TCP's guarantee), those on different channels in any order."""
     receiver = "g" if isinstance(message, GMANAGER_MESSAGES) else destination
-    if isinstance(message, (Lend, Yield, Turn, WantRoom)):
-        return "g", receiver
-    if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled)):
-        return message.debtor, receiver
-    if isinstance(message, (Loan, Lent, Settled, Recall)):
-        return message.creditor, receiver
-    if isinstance(message, (Swap, Swapped)):
-        return message.sender, receiver
-    return message.instance_id, receiver
+    sender = sender_of(message)
+    return ("g" if sender is None else sender), receiver
 
 
 def deliver_at(cluster, index: int) -> None:
@@ -97,8 +226,58 @@ def quiesce(cluster, choose: Callable[[list[int]], int]) -> None:
     """Sync every instance and deliver, until a sync sends nothing."""
     for _ in range(100):
         for node in cluster.control.nodes:
-            node.sync(cluster.arrivals)
+            if node.instance_id not in cluster.gmanager.failed:
+                node.sync(cluster.arrivals)
         if not cluster.control.queue:
             return
         deliver_in_any_order(cluster, choose)
     raise AssertionError("the instances kept telling the gManager something new")
+
+
+def run_random_operations(cluster: ScheduledCluster, rng: random.Random, operations: list[str], num_ops: int) -> None:
+    """Apply ``num_ops`` operations drawn from ``operations`` to random live instances, messages crossing in any
+    order, and check every request's status after each. A "fail" kills a live instance other than the front's
+    (while more than two live) and runs its requests again on another."""
+    # The longest request fits the cluster, borrowing from the other instances.
+    capacity = sum(rm.pool.num_blocks for rm in cluster.rmanagers) * cluster.rmanagers[0].block_size
+    for _ in range(num_ops):
+        live = cluster.live_instances
+        op, instance, amount = rng.choice(operations), rng.choice(live), rng.randint(1, 64)
+        scheduler, rmanager = cluster.schedulers[instance], cluster.rmanagers[instance]
+        if op == "add" and len(scheduler.unfinished()) < 6:
+            cluster.add(instance, min(amount, capacity - 4), rng.randint(1, 6))
+        elif op in ("step", "stop"):
+            cluster.step(instance, stop=op == "stop")
+            deliver_in_any_order(cluster, rng.choice, amount)
+        elif op == "preempt" and scheduler.running:
+            scheduler.preempt(rng.choice(scheduler.running))
+        elif op == "recall":
+            debtor = rmanager.largest_debtor()
+            head = scheduler.waiting[0] if scheduler.waiting else None
+            if head is not None and debtor is not None:
+                need = num_blocks_for(head.num_tokens, rmanager.block_size)
+                cluster.control.nodes[instance].recall(head.request_id, debtor, amount % 4 + 1, need)
+        elif op == "abort" and scheduler.unfinished():
+            cluster.abort(rng.choice(scheduler.unfinished()).request_id)
+        elif op == "deliver":
+            deliver_in_any_order(cluster, rng.choice, amount)
+        elif op == "fail" and len(live) > 2 and instance != 0:
+            cluster.fail(instance, rng.choice([other for other in live if other != instance]))
+        cluster.check_statuses()
+
+
+def end_every_request(cluster: ScheduledCluster, rng: random.Random) -> None:
+    """Let the control plane settle and check the bookkeeping, abort every request, and check that every live
+    pool is whole and the ledger empty."""
+    quiesce(cluster, rng.choice)
+    cluster.check_statuses()
+    check_invariants(cluster)
+    for request_id in list(cluster.requests):
+        cluster.abort(request_id)
+    quiesce(cluster, rng.choice)
+    cluster.check_statuses()
+    check_invariants(cluster)
+    assert all(request.status in FINISHED for _, request in cluster.requests.values())
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    assert all(cluster.rmanagers[instance].pool.num_free_blocks == cluster.rmanagers[instance].pool.num_blocks
+               for instance in cluster.live_instances)
