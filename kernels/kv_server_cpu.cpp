@@ -11,8 +11,10 @@
 // queries [Q, Hq, D], then the new keys and values [num_writes, Hkv, D], in the cache's dtype. The answer is out
 // [Q, Hq, D] then lse [Q, Hq], in fp32. A fetch's metadata is the block ids; its answer the blocks
 // [2, layers, n, Hkv, block_size, D]. A stop has neither, and ends what that link asks. A link that ends
-// without a stop means its rank died: between requests, kv_serve returns that rank's name for the caller to
-// end the job with; inside a request, it raises.
+// without a stop means its rank died, and one that stalls mid-message or mid-answer for the peer timeout
+// means it hung or was cut off: either way the link is shut and the other links go on (a cluster's members
+// fail alone). kv_serve returns the names of the ranks it lost that way; the asking side reports which
+// creditors failed to answer, and merges the partials of those that did.
 #include <poll.h>
 #include <sched.h>
 #include <sys/socket.h>
@@ -34,6 +36,24 @@ constexpr int64_t kNoWindow = int64_t{1} << 30;
 // the two share one.
 constexpr auto kAnswerPoll = std::chrono::microseconds(200);
 
+using Clock = std::chrono::steady_clock;
+
+Clock::time_point deadline_after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+// Wait until ``fd`` is ready for ``events`` (or has hung up: the next call says so); false once ``deadline``
+// passes.
+bool wait_ready(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    pollfd ready{fd, events, 0};
+    const int result = ::poll(&ready, 1, static_cast<int>(std::max<int64_t>(0, left)));
+    if (result > 0) return true;
+    if (result == 0 || errno != EINTR) return false;
+  }
+}
+
 // One debtor's link, and the plan of its current step.
 struct Debtor {
   int fd;
@@ -44,32 +64,38 @@ struct Debtor {
   torch::Tensor tables, query_seq, query_visible, slots;
 };
 
-size_t receive_some(int fd, char* data, size_t size) {
-  for (;;) {
-    const ssize_t received = ::recv(fd, data, size, 0);
-    if (received >= 0) return static_cast<size_t>(received);
-    TORCH_CHECK(errno == EINTR, "KV server: a receive failed: ", std::strerror(errno));
-  }
-}
-
-void receive_all(int fd, const std::string& peer, char* data, size_t size) {
+// Fill ``data`` from the link; false if it ends, fails, or stalls past ``deadline``.
+bool receive_all(int fd, char* data, size_t size, Clock::time_point deadline) {
   while (size > 0) {
-    const size_t received = receive_some(fd, data, size);
-    TORCH_CHECK(received > 0, "the DistKV link with ", peer, " closed mid-exchange: it was killed or failed");
-    data += received;
-    size -= received;
+    const ssize_t received = ::recv(fd, data, size, MSG_DONTWAIT);
+    if (received > 0) {
+      data += received;
+      size -= static_cast<size_t>(received);
+    } else if (received == 0) {
+      return false;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (!wait_ready(fd, POLLIN, deadline)) return false;
+    } else if (errno != EINTR) {
+      return false;
+    }
   }
+  return true;
 }
 
-void send_all(int fd, std::vector<iovec> parts) {
+// Send the parts back to back; false if the link fails, or its peer stops reading until ``deadline``.
+bool send_all(int fd, std::vector<iovec> parts, Clock::time_point deadline) {
   size_t first = 0;
   while (first < parts.size()) {
     msghdr message{};
     message.msg_iov = parts.data() + first;
     message.msg_iovlen = parts.size() - first;
-    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL);
+    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (sent < 0) {
-      TORCH_CHECK(errno == EINTR, "KV server: a send failed: ", std::strerror(errno));
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (!wait_ready(fd, POLLOUT, deadline)) return false;
+      } else if (errno != EINTR) {
+        return false;
+      }
       continue;
     }
     while (first < parts.size() && static_cast<size_t>(sent) >= parts[first].iov_len) {
@@ -81,6 +107,7 @@ void send_all(int fd, std::vector<iovec> parts) {
       parts[first].iov_len -= static_cast<size_t>(sent);
     }
   }
+  return true;
 }
 
 void set_plan(Debtor& debtor, const std::vector<int64_t>& metadata) {
@@ -117,8 +144,10 @@ void set_plan(Debtor& debtor, const std::vector<int64_t>& metadata) {
   debtor.has_plan = true;
 }
 
-void answer_query(Debtor& debtor, int64_t layer, const std::vector<char>& payload, const torch::Tensor& key_cache,
-                  const torch::Tensor& value_cache, int64_t num_q_heads, double scale) {
+// Store a debtor's new K/V, attend its queries and send the partials; false if the answer could not leave by
+// ``deadline``.
+bool answer_query(Debtor& debtor, int64_t layer, const std::vector<char>& payload, const torch::Tensor& key_cache,
+                  const torch::Tensor& value_cache, int64_t num_q_heads, double scale, Clock::time_point deadline) {
   TORCH_CHECK(debtor.has_plan, "KV server: ", debtor.name, " asked before sending its step's plan");
   const int64_t num_kv_heads = key_cache.size(2), block_size = key_cache.size(3), head_dim = key_cache.size(4);
   const int64_t query_size = debtor.num_queries * num_q_heads * head_dim;
@@ -155,25 +184,28 @@ void answer_query(Debtor& debtor, int64_t layer, const std::vector<char>& payloa
     out = partials[0];
     lse = partials[1];
   }
-  send_all(debtor.fd, {{out.data_ptr(), static_cast<size_t>(out.numel()) * sizeof(float)},
-                       {lse.data_ptr(), static_cast<size_t>(lse.numel()) * sizeof(float)}});
+  return send_all(debtor.fd, {{out.data_ptr(), static_cast<size_t>(out.numel()) * sizeof(float)},
+                              {lse.data_ptr(), static_cast<size_t>(lse.numel()) * sizeof(float)}},
+                  deadline);
 }
 
-void answer_fetch(const Debtor& debtor, const std::vector<int64_t>& block_ids, const torch::Tensor& key_cache,
-                  const torch::Tensor& value_cache) {
+bool answer_fetch(const Debtor& debtor, const std::vector<int64_t>& block_ids, const torch::Tensor& key_cache,
+                  const torch::Tensor& value_cache, Clock::time_point deadline) {
   auto ids = torch::from_blob(const_cast<int64_t*>(block_ids.data()), {static_cast<int64_t>(block_ids.size())},
                               torch::kLong);
   auto blocks = torch::stack({key_cache.index_select(1, ids), value_cache.index_select(1, ids)}).contiguous();
-  send_all(debtor.fd, {{blocks.data_ptr(), static_cast<size_t>(blocks.numel() * blocks.element_size())}});
+  return send_all(debtor.fd, {{blocks.data_ptr(), static_cast<size_t>(blocks.numel() * blocks.element_size())}},
+                  deadline);
 }
 
 }  // namespace
 
-// Answer every link in ``fds`` (the debtor rank of each named in ``names``) until each has sent its stop; the
-// empty string then, or the name of the first whose link ended between requests without one.
-// key_cache/value_cache: [layers, num_blocks, Hkv, block_size, D], contiguous; head_dim 64 or 128.
-std::string kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::Tensor key_cache,
-              torch::Tensor value_cache, int64_t num_q_heads, double scale) {
+// Answer every link in ``fds`` (the debtor rank of each named in ``names``) until each has sent its stop or is
+// lost: its link ended without a stop, or stalled mid-request for ``timeout`` seconds (the link is then shut).
+// Returns the names of the lost ones. key_cache/value_cache: [layers, num_blocks, Hkv, block_size, D],
+// contiguous; head_dim 64 or 128.
+std::vector<std::string> kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, torch::Tensor key_cache,
+                                  torch::Tensor value_cache, int64_t num_q_heads, double scale, double timeout) {
   TORCH_CHECK(fds.size() == names.size(), "kv_serve: one name per link");
   TORCH_CHECK(key_cache.dim() == 5 && value_cache.sizes() == key_cache.sizes() && key_cache.is_contiguous() &&
                   value_cache.is_contiguous() && value_cache.scalar_type() == key_cache.scalar_type(),
@@ -182,10 +214,19 @@ std::string kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, t
   std::vector<Debtor> debtors;
   for (size_t i = 0; i < fds.size(); ++i) debtors.push_back({static_cast<int>(fds[i]), names[i]});
   size_t num_open = debtors.size();
+  std::vector<std::string> lost;
   std::vector<char> payload;
   std::vector<int64_t> metadata;
   std::vector<pollfd> waiting;
   std::vector<Debtor*> waiting_debtors;
+  const auto close = [&](Debtor& debtor, bool is_lost) {
+    debtor.open = false;
+    --num_open;
+    if (is_lost) {
+      ::shutdown(debtor.fd, SHUT_RDWR);
+      lost.push_back(debtor.name);
+    }
+  };
   while (num_open > 0) {
     waiting.clear();
     waiting_debtors.clear();
@@ -201,42 +242,46 @@ std::string kv_serve(std::vector<int64_t> fds, std::vector<std::string> names, t
     for (size_t i = 0; i < waiting.size(); ++i) {
       if (waiting[i].revents == 0) continue;
       Debtor& debtor = *waiting_debtors[i];
+      const auto deadline = deadline_after(timeout);
       int64_t header[4];
-      const size_t received = receive_some(debtor.fd, reinterpret_cast<char*>(header), sizeof(header));
-      if (received == 0) return debtor.name;
-      receive_all(debtor.fd, debtor.name, reinterpret_cast<char*>(header) + received, sizeof(header) - received);
+      if (!receive_all(debtor.fd, reinterpret_cast<char*>(header), sizeof(header), deadline)) {
+        close(debtor, true);
+        continue;
+      }
       const int64_t kind = header[0], layer = header[1], metadata_size = header[2], payload_size = header[3];
       if (kind == kStop) {
-        debtor.open = false;
-        --num_open;
+        close(debtor, false);
         continue;
       }
       TORCH_CHECK((kind == kQuery || kind == kFetch) && metadata_size % 8 == 0 && metadata_size >= 0 &&
                       payload_size >= 0 && layer >= 0 && layer < key_cache.size(0),
                   "KV server: ", debtor.name, " sent a request this server does not know");
       metadata.resize(metadata_size / 8);
-      receive_all(debtor.fd, debtor.name, reinterpret_cast<char*>(metadata.data()), metadata_size);
       payload.resize(payload_size);
-      receive_all(debtor.fd, debtor.name, payload.data(), payload_size);
-      if (kind == kFetch) {
-        answer_fetch(debtor, metadata, key_cache, value_cache);
-        continue;
+      bool answered = receive_all(debtor.fd, reinterpret_cast<char*>(metadata.data()), metadata_size, deadline) &&
+                      receive_all(debtor.fd, payload.data(), payload_size, deadline);
+      if (answered && kind == kFetch) {
+        answered = answer_fetch(debtor, metadata, key_cache, value_cache, deadline);
+      } else if (answered) {
+        if (metadata_size > 0) set_plan(debtor, metadata);
+        answered = answer_query(debtor, layer, payload, key_cache, value_cache, num_q_heads, scale, deadline);
       }
-      if (metadata_size > 0) set_plan(debtor, metadata);
-      answer_query(debtor, layer, payload, key_cache, value_cache, num_q_heads, scale);
+      if (!answered) close(debtor, true);
     }
   }
-  return "";
+  return lost;
 }
 
 // The asking side's end of a layer: receive each creditor's answer on ``fds`` (the creditor ranks named in
 // ``names``) for the batch rows in ``rows`` (ascending), and merge them with the local partial local_out
 // [N, Hq, D] and local_lse [N, Hq] (fp32, contiguous) by log-sum-exp, local first and then the creditors in
 // order, exactly as merge_partials does over the stacked partials (a row a creditor did not see weighs 0).
-// Waiting and merging hold no GIL: the instance's own KV server thread may answer meanwhile.
+// A creditor whose answer has not come ``timeout`` seconds after the call, or whose link ended, is left out of
+// the merge; the third tensor says which answered (bool [num_creditors]). Waiting and merging hold no GIL: the
+// instance's own KV server thread may answer meanwhile.
 std::vector<torch::Tensor> kv_merge_answers(std::vector<int64_t> fds, std::vector<std::string> names,
                                             std::vector<std::vector<int64_t>> rows, torch::Tensor local_out,
-                                            torch::Tensor local_lse) {
+                                            torch::Tensor local_lse, double timeout) {
   TORCH_CHECK(fds.size() == names.size() && fds.size() == rows.size(),
               "kv_merge_answers: one name and rows per link");
   TORCH_CHECK(local_out.dim() == 3 && local_lse.dim() == 2 && local_lse.size(0) == local_out.size(0) &&
@@ -247,21 +292,26 @@ std::vector<torch::Tensor> kv_merge_answers(std::vector<int64_t> fds, std::vecto
   for (const auto& creditor_rows : rows)
     for (int64_t row : creditor_rows)
       TORCH_CHECK(0 <= row && row < num_rows, "kv_merge_answers: row ", row, " is out of range");
+  auto answered = torch::zeros({static_cast<int64_t>(fds.size())}, torch::kBool);
+  bool* answered_base = answered.data_ptr<bool>();
   pybind11::gil_scoped_release no_gil;
+  const auto deadline = deadline_after(timeout);
   std::vector<std::vector<float>> answers(fds.size());
   for (size_t i = 0; i < fds.size(); ++i) {
     const int64_t num_answered = static_cast<int64_t>(rows[i].size());
     answers[i].resize(num_answered * num_heads * (head_dim + 1));
     const int fd = static_cast<int>(fds[i]);
-    const auto poll_until = std::chrono::steady_clock::now() + kAnswerPoll;
+    const auto poll_until = Clock::now() + kAnswerPoll;
     pollfd answer{fd, POLLIN, 0};
-    while (::poll(&answer, 1, 0) == 0 && std::chrono::steady_clock::now() < poll_until) sched_yield();
-    receive_all(fd, names[i], reinterpret_cast<char*>(answers[i].data()), answers[i].size() * sizeof(float));
+    while (::poll(&answer, 1, 0) == 0 && Clock::now() < poll_until) sched_yield();
+    answered_base[i] = receive_all(fd, reinterpret_cast<char*>(answers[i].data()), answers[i].size() * sizeof(float),
+                                   deadline);
   }
-  // Per creditor, per batch row: the index of that row in its answer, or -1.
+  // Per creditor that answered, per batch row: the index of that row in its answer, or -1.
   std::vector<std::vector<int64_t>> slot(fds.size(), std::vector<int64_t>(num_rows, -1));
   for (size_t i = 0; i < fds.size(); ++i)
-    for (size_t j = 0; j < rows[i].size(); ++j) slot[i][rows[i][j]] = static_cast<int64_t>(j);
+    if (answered_base[i])
+      for (size_t j = 0; j < rows[i].size(); ++j) slot[i][rows[i][j]] = static_cast<int64_t>(j);
   auto out = torch::empty_like(local_out);
   auto lse = torch::empty_like(local_lse);
   const float* local_out_base = local_out.data_ptr<float>();
@@ -287,12 +337,14 @@ std::vector<torch::Tensor> kv_merge_answers(std::vector<int64_t> fds, std::vecto
                 out_base + row * head_dim, lse_base + row);
     }
   }
-  return {out, lse};
+  return {out, lse, answered};
 }
 
 // The asking side's request for one layer: the header, the metadata (the step's plan on its first layer, else
-// empty) and the payload tensors, in one sendmsg from their memory.
-void kv_send_query(int64_t fd, int64_t layer, std::string metadata, std::vector<torch::Tensor> payload) {
+// empty) and the payload tensors, in one sendmsg from their memory. False if the link failed, or its creditor
+// stopped reading for ``timeout`` seconds.
+bool kv_send_query(int64_t fd, int64_t layer, std::string metadata, std::vector<torch::Tensor> payload,
+                   double timeout) {
   std::vector<torch::Tensor> parts;
   int64_t payload_size = 0;
   for (const auto& tensor : payload) {
@@ -306,5 +358,5 @@ void kv_send_query(int64_t fd, int64_t layer, std::string metadata, std::vector<
   for (const auto& part : parts)
     if (part.numel() > 0) message.push_back({part.data_ptr(), static_cast<size_t>(part.numel() * part.element_size())});
   pybind11::gil_scoped_release no_gil;
-  send_all(static_cast<int>(fd), std::move(message));
+  return send_all(static_cast<int>(fd), std::move(message), deadline_after(timeout));
 }

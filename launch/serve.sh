@@ -10,5 +10,7 @@ config=${1:?usage: bash launch/serve.sh CONFIG.yaml [megakv serve options]}
 shift
 venv=${MEGAKV_VENV:-.venv}
 ranks=$("$venv/bin/python" launch/num_ranks.py "$config" "$@")
-exec "$venv/bin/mpirun" --allow-run-as-root --oversubscribe --bind-to none -n "$ranks" \
+# --with-ft ulfm: a rank that dies ends only its instance; the others and the front go on (megakv declares it
+# failed and runs its requests again elsewhere).
+exec "$venv/bin/mpirun" --allow-run-as-root --oversubscribe --bind-to none --with-ft ulfm -n "$ranks" \
   "$venv/bin/megakv" serve --config "$config" "$@"

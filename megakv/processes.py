@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,13 @@ DRAWS = 100
 # How long the processes of a job past its timeout have to print their stacks before they are killed.
 HANG_DUMP_SECONDS = 3.0
 _draw = random.SystemRandom()
+
+
+def mpirun_command(num_ranks: int, argv: Sequence[str]) -> list[str]:
+    """The mpirun (of this Python's environment) that starts ``num_ranks`` copies of ``argv`` on this machine as
+    launch/serve.sh does: ranks may share cores, and one whose instance fails leaves the others running (ULFM)."""
+    return [str(Path(sys.executable).parent / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to",
+            "none", "--with-ft", "ulfm", "-n", str(num_ranks), *argv]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megakv.processes import free_port, kill_session, run_session
+from megakv.processes import free_port, kill_session, mpirun_command, run_session
 
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, that is when a megakv.kernels module is
 # first imported: set it before any test imports one, so that without a GPU the kernels run in the interpreter.
@@ -37,18 +37,17 @@ def fresh_cpu_extension():
     cpu_linear.max_op_rows.cache_clear()
 
 
-def mpirun_command(num_ranks: int, argv: list[str]) -> list[str]:
-    """The mpirun command line that starts ``num_ranks`` copies of ``argv`` on this machine."""
-    return [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-            "-n", str(num_ranks), *argv]
-
-
 @pytest.fixture
 def run_mpi():
-    """Run ``argv`` on ``num_ranks`` MPI ranks; fail the test with its output if it exits non-zero."""
+    """Run ``argv`` on ``num_ranks`` MPI ranks; fail the test with its output if it exits non-zero, or with every
+    rank's stacks if it runs past ``timeout`` seconds."""
 
     def run(num_ranks: int, argv: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        proc = run_session(mpirun_command(num_ranks, argv), timeout, dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            proc = run_session(mpirun_command(num_ranks, argv), timeout, dict(os.environ, OMP_NUM_THREADS="1"))
+        except subprocess.TimeoutExpired as err:
+            pytest.fail(f"mpirun ran past {timeout} s\nstdout:\n{(err.stdout or '')[-4000:]}\n"
+                        f"stderr:\n{(err.stderr or '')[-30000:]}")
         if check and proc.returncode != 0:
             pytest.fail(f"mpirun exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                         f"stderr:\n{proc.stderr[-4000:]}")

@@ -40,9 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megakv.processes import run_session
+from megakv.processes import mpirun_command, run_session
 
-BIN_DIR = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 16
 NUM_LAYERS = 2
@@ -76,8 +75,7 @@ def run_worker(model: Path, instances: int, pool_blocks: int, prompt_len: int, n
             "--instances", str(instances), "--pool-blocks", str(pool_blocks), "--prompt-len", str(prompt_len),
             "--decode-tokens", str(new_tokens), "--mode", mode, *extra]
     if instances > 1:
-        argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                "-n", str(instances), *argv]
+        argv = mpirun_command(instances, argv)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = run_session(argv, 3600, env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -225,9 +223,10 @@ def round_trip(rank: int) -> None:
 
     import torch
 
+    from megakv.config import PEER_TIMEOUT_SECONDS
     from megakv.parallel.kv_links import KVLinks, receive_into, send_all, tensor_bytes
 
-    links = KVLinks()
+    links = KVLinks(PEER_TIMEOUT_SECONDS)
     message = tensor_bytes(torch.zeros(ROUND_TRIP_BYTES, dtype=torch.uint8))
     times = []
     for _ in range(NUM_ROUND_TRIPS):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from megakv.bench.server_metrics import scrape, total
-from megakv.processes import free_port, kill_session
+from megakv.processes import free_port, kill_session, mpirun_command
 
 BIN_DIR = Path(sys.executable).parent
 STARTUP_SECONDS = 300
@@ -41,8 +41,7 @@ class Server:
         argv = [str(BIN_DIR / "megakv"), "serve", "--model", str(model), "--instances", str(instances), *flags,
                 "--port", self.url.rsplit(":", 1)[1], "--served-model-name", model_name, "--log-level", "warning"]
         if instances > 1:
-            argv = [str(BIN_DIR / "mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                    "-n", str(instances), *argv]
+            argv = mpirun_command(instances, argv)
         self.log_path = log_path
         with open(log_path, "w") as log:
             # A session of its own, so that every rank can be found and ended.

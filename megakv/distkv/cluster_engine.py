@@ -16,27 +16,28 @@ from collections.abc import Callable
 import torch
 
 from megakv.checkpoint.format import CheckpointInfo
-from megakv.config import DistKVConfig, EngineConfig
+from megakv.config import EngineConfig
 from megakv.distkv.control import ControlTraffic
 from megakv.distkv.front import ClusterFront
 from megakv.distkv.instance_loop import InstanceLoop
 from megakv.distkv.instance_ranks import InstanceRanks
-from megakv.distkv.policy import ClusterAdmission
+from megakv.distkv.policy import ClusterAdmission, cluster_kv_capacity
 from megakv.distkv.remote_attention import KVServer
 from megakv.engine.core import InstanceCore
-from megakv.engine.limits import ContextLimit, KVCapacity
+from megakv.engine.limits import ContextLimit
 from megakv.engine.llm_engine import generate
 from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.stats import EngineStats
 from megakv.kvcache.rmanager import RManager
 from megakv.parallel import state
-from megakv.parallel.kv_links import PeerGone
-from megakv.parallel.messaging import split, world_comm
+from megakv.parallel.messaging import end_this_rank, members_fail_alone, split, world_comm
 
 # prctl option setting the calling thread's timer slack, in nanoseconds (linux/prctl.h), and the slack the
 # ranks ask for: a 50 us sleep then takes about 70 us instead of 120 (measured on the 2-vCPU VM).
 PR_SET_TIMERSLACK = 29
+# Tag of the leaders' free blocks, sent to the front for cluster_report.
+REPORT_TAG = 13
 TIMER_SLACK_NS = 1000
 
 
@@ -48,8 +49,10 @@ def _tighten_timer_slack() -> None:
         libc.prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
 
 
-def _abort_job_on_uncaught_exception(world) -> None:
-    """Make an exception that escapes on this rank end the whole job.
+def _end_rank_on_uncaught_exception(world) -> None:
+    """Make an exception that escapes on this rank end it at once: the front's ends the job (the service is gone
+    without it), another rank's ends only this rank where members fail alone (members_fail_alone), and the job
+    otherwise.
 
     Otherwise the rank would not even exit: its KV server thread stays blocked in a receive that the
     process group's teardown waits for, and the other ranks would wait for it forever.
@@ -58,18 +61,19 @@ def _abort_job_on_uncaught_exception(world) -> None:
 
     def hook(kind, value, traceback) -> None:
         previous(kind, value, traceback)
-        print(f"megakv: rank {world.Get_rank()} failed ({kind.__name__}: {value}): ending the job",
-              file=sys.stderr, flush=True)
-        world.Abort(1)
+        _end_rank(world, f"failed ({kind.__name__}: {value})")
 
     sys.excepthook = hook
 
 
-def cluster_kv_capacity(pool_blocks: int, num_instances: int, distkv: DistKVConfig) -> KVCapacity:
-    """The most blocks one request may hold: its pool of ``pool_blocks`` plus each other instance's lendable share
-    (every instance has the same pool and lending cap)."""
-    cap = distkv.lending_cap
-    return KVCapacity(pool_blocks, num_instances - 1, int(cap * pool_blocks), cap)
+def _end_rank(world, cause: str) -> None:
+    rank = world.Get_rank()
+    if rank != 0 and members_fail_alone():
+        print(f"megakv: rank {rank} {cause}: ending this rank; the cluster goes on without its instance",
+              file=sys.stderr, flush=True)
+        end_this_rank()
+    print(f"megakv: rank {rank} {cause}: ending the job", file=sys.stderr, flush=True)
+    world.Abort(1)
 
 
 class ClusterEngine:
@@ -100,10 +104,15 @@ class ClusterEngine:
         cache = self.core.model_runner.kv_cache
         self.kv_server = KVServer(cache.key_cache, cache.value_cache, info.model.num_attention_heads // tp,
                                   info.model.num_kv_heads_per_partition(tp), info.model.head_dim,
-                                  self._kv_server_failed) if self.num_instances > 1 else None
+                                  config.distkv.peer_timeout, self._kv_server_failed) \
+            if self.num_instances > 1 else None
         _tighten_timer_slack()
         if self.kv_server is not None:
-            _abort_job_on_uncaught_exception(world)
+            _end_rank_on_uncaught_exception(world)
+            if self.is_front and not members_fail_alone():
+                print("megakv: a failed rank ends this whole job: launch with `mpirun --with-ft ulfm` (as "
+                      "launch/serve.sh does) so that the cluster goes on without a failed instance",
+                      file=sys.stderr, flush=True)
         self.ranks = InstanceRanks(instance_comm, self.core.model_runner, info.model, self.kv_server)
         self.loop = self.front = None
         if self.is_leader:
@@ -115,6 +124,11 @@ class ClusterEngine:
         self._kv_server_stopped = False
 
     # -- the engine API, on the front ------------------------------------------------------------------
+
+    @property
+    def failed_instances(self) -> list[int]:
+        """Instances the gManager declared failed, in that order (on the front; [] elsewhere)."""
+        return self.front.failed if self.front is not None else []
 
     def _require_front(self) -> ClusterFront:
         if self.front is None:
@@ -193,20 +207,21 @@ class ClusterEngine:
         self._kv_server_stopped = True
 
     def _kv_server_failed(self, err: BaseException) -> None:
-        cause = f"{err}: ending this rank" if isinstance(err, PeerGone) else f"the KV server failed: {err!r}"
-        print(f"megakv: rank {self.world.Get_rank()}: {cause}", file=sys.stderr, flush=True)
-        self.world.Abort(1)
+        _end_rank(self.world, f"could not serve its KV: {err!r}")
 
     def cluster_report(self) -> dict | None:
-        """Ledger and pool state after serving (on the front; None elsewhere). Every leader calls it."""
+        """Ledger and pool state after serving (on the front; None elsewhere). Every live leader calls it."""
         if not self.is_leader:
             return None
-        free = self.leaders_comm.gather(self.rmanager.num_free_blocks, root=0)
         if not self.is_front:
+            self.leaders_comm.send(self.rmanager.num_free_blocks, dest=0, tag=REPORT_TAG)
             return None
+        free = {index: self.rmanager.num_free_blocks if index == self.instance_id
+                else self.leaders_comm.recv(source=index, tag=REPORT_TAG)
+                for index in self.front.live_instances}
         stats = self.stats()
         return {"instances": self.num_instances, "blocks_per_instance": self.rmanager.pool.num_blocks,
                 "borrow_events": stats.num_borrow_events, "blocks_borrowed": stats.num_blocks_borrowed,
                 "blocks_moved_by_dgfm": stats.num_blocks_moved, "blocks_swapped_by_dgfm": stats.num_blocks_swapped,
-                "ledger_outstanding": stats.ledger_outstanding,
-                "free_blocks": dict(enumerate(free))}
+                "ledger_outstanding": stats.ledger_outstanding, "failed": list(self.front.failed),
+                "free_blocks": free}

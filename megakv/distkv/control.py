@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room,
-                                    Settled, Swap, Swapped, Turn, WantRoom, Yield, Yielded, sender_of)
+                                    Settled, Swap, Swapped, Turn, Unresponsive, WantRoom, Yield, Yielded, sender_of)
 from megakv.kvcache.rmanager import RManager, Transfer
+from megakv.parallel.messaging import failed_peers
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
 INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled, Swap, Swapped, InstanceFailed)
-GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded)
+GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded, Unresponsive)
 # Marks a request that yielded: nothing is reported for it until it holds blocks again.
 _YIELDED = -1
 
@@ -140,6 +141,8 @@ class InstanceControl:
         """An instance failed: the blocks it held come home, the requests here that held blocks there recompute, no
         Recall waits for it, and the gManager hears again what each request still needs (a loan it counted may
         have died with the instance)."""
+        if failed in self.failed:
+            return  # this instance found it out first (InstanceLoop), and the gManager has now declared it
         self.failed.add(failed)
         self.on_lost(self.rmanager.forget_instance(failed))
         self._recall_answers = [(creditor, answer) for creditor, answer in self._recall_answers if creditor != failed]
@@ -273,36 +276,68 @@ class Mailbox:
     """Point-to-point control messages among the instances' leader ranks over their communicator (MPI's, or
     megakv.parallel.messaging's sockets where no mpirun started the job).
 
-    Sends never block: a leader may be mid-step when another writes to it.
+    Sends never block: a leader may be mid-step when another writes to it. A peer that MPI reports failed
+    (ULFM) joins ``failed``: what is posted to it is dropped, and the owner decides what its loss means.
     """
 
     def __init__(self, comm, traffic: ControlTraffic | None = None, tag: int = CONTROL_TAG) -> None:
         self.comm = comm
         self.traffic = traffic
         self.tag = tag
+        self.failed: set[int] = set()
         self._sends: list = []
 
+    def _survive(self, err: Exception) -> None:
+        """Record the failed peers an MPI error reports, or raise it if it reports something else."""
+        failed = failed_peers(self.comm, err)
+        if failed is None:
+            raise err
+        self.failed.update(failed)
+
+    def _pending_sends(self) -> list:
+        pending = []
+        for send in self._sends:
+            try:
+                if not send.Test():
+                    pending.append(send)
+            except Exception as err:  # sent to a peer that failed: it is gone with it
+                self._survive(err)
+        return pending
+
     def post(self, rank: int, message: object) -> None:
+        if rank in self.failed:
+            return
         if self.traffic is not None:
             self.traffic.record(message)
-        self._sends = [send for send in self._sends if not send.Test()]
-        self._sends.append(self.comm.isend(message, dest=rank, tag=self.tag))
+        self._sends = self._pending_sends()
+        try:
+            self._sends.append(self.comm.isend(message, dest=rank, tag=self.tag))
+        except Exception as err:
+            self._survive(err)
 
     def has_mail(self) -> bool:
-        return self.comm.iprobe(tag=self.tag)
+        try:
+            return self.comm.iprobe(tag=self.tag)
+        except Exception as err:
+            self._survive(err)
+            return True  # the caller's receive sees what is left
 
     def receive(self) -> list:
         """Every message that has arrived, in order of arrival per sender."""
         messages = []
-        while self.comm.iprobe(tag=self.tag):
-            messages.append(self.comm.recv(tag=self.tag))
-        return messages
+        while True:
+            try:
+                if not self.comm.iprobe(tag=self.tag):
+                    return messages
+                messages.append(self.comm.recv(tag=self.tag))
+            except Exception as err:
+                self._survive(err)
 
     def flush(self, timeout: float) -> None:
         """Wait (up to ``timeout`` seconds) until every posted message has left."""
         deadline = time.monotonic() + timeout
         while self._sends and time.monotonic() < deadline:
-            self._sends = [send for send in self._sends if not send.Test()]
+            self._sends = self._pending_sends()
             time.sleep(1e-3)
 
 

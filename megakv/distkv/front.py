@@ -4,7 +4,9 @@ It validates each request against the cluster's limit, routes it (to the instanc
 the one holding its longest cached prefix, or to the one with the most free KV room), keeps
 the request table, and streams each request's outputs as its instance reports them. It shares
 its rank with instance 0's leader loop, whose mail carries the other leaders' reports to it,
-and with the gManager service's thread, whose ledger it reads for monitoring.
+and with the gManager service's thread, whose ledger it reads for monitoring. When the gManager
+declares an instance failed, the front runs that instance's requests again elsewhere, from
+their prompts and the tokens already streamed, so that their clients see a pause, not an error.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from collections import Counter
 from megakv.config import EngineConfig
 from megakv.distkv.control import wait_quietly
 from megakv.distkv.instance_loop import InstanceLoop, Orders, Progress
+from megakv.distkv.messages import InstanceFailed
+from megakv.distkv.policy import cluster_kv_capacity
 from megakv.distkv.prefix_routing import PrefixDirectory, prefix_holder
 from megakv.engine.core import InstanceCore
 from megakv.engine.limits import ContextLimit
-from megakv.engine.request import Request, RequestOutput
+from megakv.engine.request import Request, RequestOutput, RequestStatus, max_kv_tokens
 from megakv.engine.sampling import SamplingParams
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.kvcache.prefix_cache import extend_block_hashes
@@ -59,6 +63,12 @@ class ClusterFront:
         self._ready: list[RequestOutput] = []
         self._progress: dict[int, Progress] = {}
         self._running_leaders: set[int] = set(range(1, num_instances))
+        # Instances the gManager declared failed, in that order, and the requests run again after a failure.
+        self.failed: list[int] = []
+        self.num_requests_recomputed = 0
+        # Requests aborted because the cluster left after a failure cannot hold them: request id -> the error their
+        # last output carries instead of the abort.
+        self._failing: dict[str, str] = {}
         # When the front last saw the cluster move on its own: a step of instance 0, a new request or an abort
         # (a message counts too: see InstanceLoop.last_message_at).
         self._last_activity = time.monotonic()
@@ -70,6 +80,8 @@ class ClusterFront:
                                      or not 0 <= instance < self.num_instances):
             raise ValueError(f"instance {instance!r} does not exist: the cluster has instances "
                              f"0 to {self.num_instances - 1}")
+        if instance in self.failed:
+            raise ValueError(f"instance {instance} has failed: the cluster serves on instances {self.live_instances}")
         if request_id is None:
             request_id = f"request-{next(self._request_counter)}"
         if request_id in self._where:
@@ -79,17 +91,26 @@ class ClusterFront:
         if self._prefixes is not None:
             extend_block_hashes(request.block_hashes, request.prompt_ids, len(request.prompt_ids),
                                 self.rmanager.block_size, params.cache_salt)
+        self._send(request, instance)
+        return request_id
+
+    @property
+    def live_instances(self) -> list[int]:
+        """The instances not declared failed."""
+        return [index for index in range(self.num_instances) if index not in self.failed]
+
+    def _send(self, request: Request, instance: int | None) -> None:
+        """Route the request (to ``instance``, if given) and hand it to its instance."""
         target = instance if instance is not None else self._route(request)
         if self._prefixes is not None:
             self._prefixes.record(request.block_hashes, target)
         self._last_activity = time.monotonic()
-        self._where[request_id] = target
-        self._routed[request_id] = request
+        self._where[request.request_id] = target
+        self._routed[request.request_id] = request
         if target == self.loop.instance_id:
             self.core.add(request)
         else:
             self.loop.post(target, Orders(requests=[request]))
-        return request_id
 
     def _route(self, request: Request) -> int:
         """With prefix caching, the instance that holds the longest cached prefix of the request, unless it is
@@ -107,9 +128,9 @@ class ClusterFront:
         if self._prefixes is not None:
             holder = prefix_holder(self._prefixes, request.block_hashes,
                                    [load[index] for index in range(self.num_instances)])
-            if holder is not None:
+            if holder is not None and holder not in self.failed:
                 return holder
-        return max(range(self.num_instances), key=lambda index: (free[index], -cached[index], -load[index], -index))
+        return max(self.live_instances, key=lambda index: (free[index], -cached[index], -load[index], -index))
 
     def abort(self, request_id: str) -> None:
         """Stop a request on its instance (before its next step) and release its blocks everywhere."""
@@ -138,23 +159,62 @@ class ClusterFront:
         self._collect()
         self._check_stalled()
         ready, self._ready = self._ready, []
-        for output in ready:
+        for index, output in enumerate(ready):
             if output.finished:
                 self._where.pop(output.request_id, None)
                 self._routed.pop(output.request_id, None)
+                error = self._failing.pop(output.request_id, None)
+                if error is not None:
+                    ready[index] = dataclasses.replace(output, finish_reason=RequestStatus.FINISHED_ERROR.finish_reason,
+                                                       error=error)
         return ready
 
     def _collect(self) -> None:
         """Take what instance 0's loop brought the front: its own outputs, and the other leaders' progress."""
         while self.loop.to_front:
             item = self.loop.to_front.popleft()
-            if not isinstance(item, Progress):
+            if isinstance(item, RequestOutput):
                 self._ready.append(item)
                 continue
+            if isinstance(item, InstanceFailed):
+                self._instance_failed(item.instance_id)
+                continue
+            if item.instance_id in self.failed:
+                continue  # sent before it failed: its requests run again elsewhere
             self._progress[item.instance_id] = item
             self._ready.extend(self._restore(output) for output in item.outputs)
             if item.stopped:
                 self._running_leaders.discard(item.instance_id)
+
+    def _instance_failed(self, failed: int) -> None:
+        """The gManager declared ``failed`` out of the cluster: its requests run again on the others, from their
+        prompts and the tokens streamed so far (greedy decoding gives the same tokens again). A request that the
+        smaller cluster cannot hold, wherever it runs, ends with an error naming the failure."""
+        if failed in self.failed:
+            return
+        self.failed.append(failed)
+        self._running_leaders.discard(failed)
+        self._progress.pop(failed, None)
+        capacity = cluster_kv_capacity(self.rmanager.pool.num_blocks, len(self.live_instances), self.config.distkv)
+        self.context_limit = dataclasses.replace(self.context_limit, capacity=capacity)
+        for request_id, where in list(self._where.items()):
+            request = self._routed[request_id]
+            needed = max_kv_tokens(len(request.prompt_ids), request.params.max_new_tokens)
+            if needed > self.context_limit.max_model_len:
+                error = (f"instance {failed} failed, and the {len(self.live_instances)} instance(s) left can hold "
+                         f"{self.context_limit.max_model_len} tokens of a request, fewer than its {needed}")
+                if where != failed:
+                    self._failing[request_id] = error
+                    self.abort(request_id)
+                    continue
+                self._where.pop(request_id)
+                self._ready.append(RequestOutput(request_id, request.prompt_ids, list(request.output_ids), [],
+                                                 RequestStatus.FINISHED_ERROR.finish_reason, instance=failed,
+                                                 error=error))
+            elif where == failed:
+                self.num_requests_recomputed += 1
+                self._send(Request(request_id, request.prompt_ids, request.params, list(request.output_ids),
+                                   arrival=request.arrival, block_hashes=list(request.block_hashes)), None)
 
     def _restore(self, output: RequestOutput) -> RequestOutput:
         """The front's full output from another instance's delta (see InstanceLoop.report_outputs)."""
@@ -181,7 +241,7 @@ class ClusterFront:
             f"({waits}; gManager: {self.gmanager_service.describe()})")
 
     def stats(self) -> EngineStats:
-        """Each instance's queues and pool as last reported (instance 0's as they are now), and the gManager's
+        """Each live instance's queues and pool as last reported (instance 0's as they are now), and the gManager's
         counters and ledger; blocks lent and borrowed are the ledger's debts."""
         service = self.gmanager_service
         with service.lock:
@@ -191,7 +251,7 @@ class ClusterFront:
                         gmanager.num_blocks_swapped, gmanager.outstanding())
         instances = []
         num_blocks = self.rmanager.pool.num_blocks
-        for index in range(self.num_instances):
+        for index in self.live_instances:
             if index == self.loop.instance_id:
                 progress = self.loop.progress_now()
             else:
@@ -206,7 +266,8 @@ class ClusterFront:
                 num_recalled=progress.num_recalled, num_cached_blocks=progress.num_cached_blocks,
                 num_prefix_cache_queries=progress.num_prefix_cache_queries,
                 num_prefix_cache_hits=progress.num_prefix_cache_hits))
-        return EngineStats(instances, *counters)
+        return EngineStats(instances, *counters, failed_instances=list(self.failed),
+                           num_requests_recomputed=self.num_requests_recomputed)
 
     def shutdown(self) -> None:
         """Stop every instance: each leader leaves its loop after the step it is in, then instance 0 stops."""

@@ -18,8 +18,8 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
-from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Room, Settled, Turn, WantRoom, Yield, Yielded,
-                                    sender_of)
+from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Room, Settled, Turn, Unresponsive, WantRoom,
+                                    Yield, Yielded, sender_of)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class GManager:
     def fail_instance(self, failed: int) -> list[tuple[int, object]]:
         """Take ``failed`` out of the cluster: its debts either way leave the ledger (its creditors take their
         blocks back, its debtors drop the blocks it held and recompute), its borrowers leave the queue, and every
-        other instance hears of it. Returns the messages to send."""
+        other instance hears of it, and so does ``failed``, in case it still runs. Returns the messages to send."""
         if failed in self.failed:
             return []
         self.failed.append(failed)
@@ -94,13 +94,15 @@ class GManager:
                        if borrower.debtor != failed}
         if self._asking is not None and self._asking[2] == failed:
             self._asking = None  # its Lent will never come
-        return [(instance, InstanceFailed(failed)) for instance in self.live_instances] + self._advance()
+        return [(instance, InstanceFailed(failed)) for instance in range(self.num_instances)] + self._advance()
 
     def handle(self, message: object) -> list[tuple[int, object]]:
         """Take one message from an rManager; returns (instance, message) pairs to send. A failed instance's
         messages are dropped."""
         if sender_of(message) in self.failed:
             return []
+        if isinstance(message, Unresponsive):
+            return self.fail_instance(message.instance_id)
         if isinstance(message, Borrow):
             self._on_borrow(message)
         elif isinstance(message, Lent):

@@ -45,6 +45,8 @@ class InProcessCluster:
     def deliver_one(self) -> None:
         """Deliver the oldest queued message."""
         instance_id, message = self.queue.popleft()
+        if not isinstance(message, GMANAGER_MESSAGES) and instance_id in self.gmanager.failed:
+            return  # it is dead
         if isinstance(message, GMANAGER_MESSAGES):
             self.queue.extend(self.gmanager.handle(message))
         else:

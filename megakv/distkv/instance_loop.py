@@ -14,6 +14,8 @@ current step ends. An instance with nothing to do sleeps until a message arrives
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from megakv.distkv.control import (GMANAGER_INSTANCE, GMANAGER_MESSAGES, GMANAGE
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.instance_ranks import InstanceRanks, StepPlan
-from megakv.distkv.messages import Left
+from megakv.distkv.messages import Alive, InstanceFailed, Left, Unresponsive
 from megakv.distkv.policy import ClusterAdmission
 from megakv.engine.core import InstanceCore
 from megakv.engine.request import Request, RequestOutput, RequestStatus, max_kv_tokens
@@ -33,6 +35,7 @@ from megakv.engine.sampling import SampledTokens
 from megakv.engine.scheduler import SchedulerOutput
 from megakv.kvcache.block_pool import num_blocks_for
 from megakv.kvcache.rmanager import Transfer
+from megakv.parallel.messaging import end_this_rank
 
 # How long a stopping leader waits for its last messages to leave.
 FLUSH_SECONDS = 5.0
@@ -88,8 +91,9 @@ class InstanceLoop:
         self._pacer = Pacer()
         # Messages this leader posted to itself, and (on the front) the gManager service's answers to it.
         self._local_mail: deque[object] = deque()
-        # On the front: instance 0's outputs and the other leaders' Progress, for the front to take.
-        self.to_front: deque[RequestOutput | Progress] = deque()
+        # On the front: instance 0's outputs, the other leaders' Progress and the failures the gManager declared,
+        # for the front to take.
+        self.to_front: deque[RequestOutput | Progress | InstanceFailed] = deque()
         # When this leader last received a message (the front's stall detector reads it).
         self.last_message_at = time.monotonic()
         # What this leader sent on the control plane, and in how many steps (count_traffic only).
@@ -99,13 +103,17 @@ class InstanceLoop:
         self.before_step: Callable[[], None] | None = None
         self.mailbox = Mailbox(leaders_comm, control_traffic)
         self.gmanager_service = self.gmanager_mailbox = None
+        self._stopped = threading.Event()
         if is_front:
             self.gmanager_service = GManagerService(GManager([self.rmanager.num_lendable_blocks] * num_instances),
-                                                    Mailbox(gmanager_comm, tag=GMANAGER_TAG), self._local_mail.append)
+                                                    Mailbox(gmanager_comm, tag=GMANAGER_TAG), self._local_mail.append,
+                                                    config.distkv.peer_timeout)
         else:
             self.gmanager_mailbox = Mailbox(gmanager_comm, control_traffic, GMANAGER_TAG)
+            threading.Thread(target=self._beat, args=(Mailbox(gmanager_comm, tag=GMANAGER_TAG),),
+                             name="megakv-heartbeat", daemon=True).start()
         self.control = InstanceControl(self.rmanager, self.post, self._yield, self._give_turn, self._recall,
-                                       self._swap_in, self._swapped)
+                                       self._swap_in, self._swapped, self._lost)
         # Requests of this instance that a creditor recalled blocks from: never recalled again, so that a long
         # request is not preempted over and over.
         self._recalled: set[str] = set()
@@ -141,9 +149,16 @@ class InstanceLoop:
         self._report(final=True)
         self.stop()
 
+    def _beat(self, mailbox: Mailbox) -> None:
+        """Tell the gManager this instance runs, every quarter of the peer timeout, whatever its step is doing (on a
+        thread of its own, with a mailbox of its own), until the leader stops."""
+        while not self._stopped.wait(self.config.distkv.peer_timeout / 4):
+            mailbox.post(GMANAGER_INSTANCE, Alive(self.instance_id))
+
     def stop(self) -> None:
         """The leader's end: its TP ranks stop and its last messages leave."""
         self.stopping = True
+        self._stopped.set()
         self.ranks.stop_followers()
         if self.gmanager_service is not None:
             self.gmanager_service.stop(FLUSH_SECONDS)
@@ -170,13 +185,18 @@ class InstanceLoop:
                 or (self.gmanager_mailbox is not None and self.gmanager_mailbox.has_mail()))
 
     def take_mail(self) -> bool:
-        """Handle every message that has arrived; True if there was one."""
+        """Handle every message that has arrived; True if there was one. A leader whose front (with the gManager)
+        failed ends: the service is gone."""
         handled = False
         while True:
             messages = [self._local_mail.popleft() for _ in range(len(self._local_mail))]
             messages += self.mailbox.receive()
             if self.gmanager_mailbox is not None:
                 messages += self.gmanager_mailbox.receive()
+                if GMANAGER_INSTANCE in self.mailbox.failed | self.gmanager_mailbox.failed:
+                    print(f"megakv: instance {self.instance_id}: the front and gManager (rank 0) failed: ending this "
+                          "instance", file=sys.stderr, flush=True)
+                    end_this_rank()
             if not messages:
                 return handled
             handled = True
@@ -194,6 +214,15 @@ class InstanceLoop:
             self.stopping = self.stopping or message.stop
         elif isinstance(message, Progress):
             self.to_front.append(message)
+        elif isinstance(message, InstanceFailed):
+            if message.instance_id == self.instance_id:
+                print(f"megakv: instance {self.instance_id} was declared failed by the gManager (it did not answer "
+                      f"within --peer-timeout, {self.config.distkv.peer_timeout:g} s): ending it",
+                      file=sys.stderr, flush=True)
+                end_this_rank()
+            self._instance_failed(message.instance_id)
+            if self.is_front:
+                self.to_front.append(message)
         else:
             self.control.handle(message)
 
@@ -228,10 +257,45 @@ class InstanceLoop:
             self.scheduler.preempt(request, RequestStatus.RECALLED)
         return freed
 
+    def _instance_failed(self, failed: int) -> None:
+        """Go on without ``failed``: the control plane forgets it (its requests' blocks there are lost, and they
+        recompute), and every rank of this instance shuts its links with it, dropping a swap that died with it."""
+        if failed in self.control.failed:
+            return
+        swapping = self.rmanager.swapping
+        self.control.handle(InstanceFailed(failed))
+        self.ranks.run_now(StepPlan(None, swap_writes=[] if swapping and not self.rmanager.swapping else None,
+                                    shut=[failed]))
+
+    def _run_plan(self, plan: StepPlan):
+        """Hand a plan to the TP ranks; the logits, or None when another instance failed to answer during it. Then
+        every block copied from that instance holds nothing, and a step that read its KV computed wrong rows: the
+        requests that hold those blocks or read that KV are preempted (the others compute their step again), and
+        the gManager hears of the failure."""
+        logits = self.ranks.run_now(plan)
+        failed = [instance for instance in self.ranks.failed_creditors if instance not in self.control.failed]
+        if not failed:
+            return logits
+        emptied = {transfer.dst_block for transfer in plan.pulls if transfer.creditor in failed}
+        self._lost(self.rmanager.holders(emptied))
+        for instance in failed:
+            print(f"megakv: instance {self.instance_id}: instance {instance} did not answer within --peer-timeout "
+                  f"({self.config.distkv.peer_timeout:g} s), or its link ended: going on without it",
+                  file=sys.stderr, flush=True)
+            self.post(GMANAGER_INSTANCE, Unresponsive(self.instance_id, instance))
+            self._instance_failed(instance)
+        return None
+
+    def _lost(self, request_ids: list[str]) -> None:
+        """A failed instance held blocks of these requests: their KV there is gone, so they compute it again here
+        (or wherever they get room), as after any preemption."""
+        for request_id in request_ids:
+            self.scheduler.preempt(self.scheduler.find(request_id))
+
     def _swap_in(self, moves: list[Transfer]) -> None:
         """A peer's Swap: copy its blocks' KV now, between two steps. Later, the blocks could be freed (the request
         aborted, yielded or recalled) and lent again before the copy overwrote them."""
-        self.ranks.run_now(StepPlan(None, moves))
+        self._run_plan(StepPlan(None, moves))
 
     def _swapped(self, writes: list[tuple[int, int]]) -> None:
         """The answer to this instance's Swap: write the KV copied out now, for the same reason."""
@@ -245,8 +309,9 @@ class InstanceLoop:
         if peer is None or not self.config.distkv.max_moves_per_step:
             return
         block_ids = self.rmanager.begin_swap(peer, self.config.distkv.max_moves_per_step)
-        self.ranks.run_now(StepPlan(None, swap_out=(peer, block_ids)))
-        self.control.offer_swap(peer, block_ids)
+        self._run_plan(StepPlan(None, swap_out=(peer, block_ids)))
+        if self.rmanager.swapping:  # unless the peer failed meanwhile
+            self.control.offer_swap(peer, block_ids)
 
     def _starving_head(self) -> tuple[Request, int, int, int] | None:
         """The first request waiting here, if lent room keeps it waiting and a recall would let it in: it fits this
@@ -365,8 +430,8 @@ class InstanceLoop:
         for chunk in ready.chunks:
             chunk.request.block_instances.update(rmanager.block_counts(chunk.request.request_id))
         plan = StepPlan(self.model_runner.prepare(ready) if ready.chunks else None, self._pulls)
-        logits = self.ranks.run_now(plan)
-        if plan.inputs is None:
+        logits = self._run_plan(plan)
+        if logits is None:
             return None
         self.num_steps += 1
         return self.model_runner.sample(ready, logits)

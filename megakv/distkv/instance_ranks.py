@@ -36,6 +36,8 @@ class StepPlan:
     # DGFM swap, answered: write the KV copied out into these blocks, as (index among those copied out, block);
     # then drop it.
     swap_writes: list[tuple[int, int]] | None = None
+    # Instances declared failed since the last plan: every rank shuts its links with them.
+    shut: list[int] = field(default_factory=list)
     stop: bool = False
 
 
@@ -50,6 +52,8 @@ class InstanceRanks:
         self.kv_server = kv_server
         # DGFM swap this instance started: the KV this rank copied out of the peer's blocks.
         self._swapped_out: torch.Tensor | None = None
+        # The instances that failed to answer a rank of this instance during the last plan, as every rank agrees.
+        self.failed_creditors: list[int] = []
 
     def run_now(self, plan: StepPlan) -> torch.Tensor | None:
         """The leader: hand the plan to this instance's other TP ranks and run it; the logits of its sampled
@@ -73,9 +77,14 @@ class InstanceRanks:
             self.run(plan)
 
     def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Every rank: the plan's copies, then its forward pass over this rank's shard."""
+        """Every rank: the plan's copies, then its forward pass over this rank's shard; the logits, or None
+        without inputs. Sets ``failed_creditors``."""
         cache = self.model_runner.kv_cache
         tp_group_size = self.instance_comm.Get_size()
+        for instance in plan.shut:
+            state.note_failed_peer()
+            self.kv_server.links.shut(instance)
+        failed: set[int] = set()
         if plan.swap_writes is not None:
             if plan.swap_writes:
                 write_blocks(self._swapped_out[:, :, [index for index, _ in plan.swap_writes]],
@@ -84,19 +93,36 @@ class InstanceRanks:
         if plan.swap_out is not None:
             peer, block_ids = plan.swap_out
             self._swapped_out = read_blocks(self.kv_server.links, peer, block_ids, cache.key_cache)
+            if self._swapped_out is None:
+                failed.add(peer)
             if tp_group_size > 1:
                 # The peer overwrites the blocks once it has the Swap: every TP rank must have copied them out.
                 dist.barrier(state.get_tensor_model_parallel_group())
         if plan.pulls:
-            fetch_blocks(self.kv_server.links, plan.pulls, cache.key_cache, cache.value_cache)
+            failed |= fetch_blocks(self.kv_server.links, plan.pulls, cache.key_cache, cache.value_cache)
             if plan.inputs is None and tp_group_size > 1:
                 # The leader hands the moved blocks back after this step: every TP rank must have copied them.
                 dist.barrier(state.get_tensor_model_parallel_group())
-        if plan.inputs is None:
-            return None
-        if plan.inputs.outgoing:
-            config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
-            plan.inputs.metadata.remote = KVLinkAttention(self.kv_server, plan.inputs.outgoing,
-                                                          plan.inputs.served_by_creditor,
-                                                          config.num_attention_heads // tp, config.head_dim)
-        return self.model_runner.forward(plan.inputs)
+        logits = None
+        if plan.inputs is not None:
+            remote = None
+            if plan.inputs.outgoing:
+                config, tp = self.model_config, state.get_tensor_model_parallel_world_size()
+                remote = KVLinkAttention(self.kv_server, plan.inputs.outgoing, plan.inputs.served_by_creditor,
+                                         config.num_attention_heads // tp, config.head_dim)
+                plan.inputs.metadata.remote = remote
+            logits = self.model_runner.forward(plan.inputs)
+            if remote is not None:
+                failed |= remote.failed
+        asked_others = plan.swap_out is not None or plan.pulls or (plan.inputs is not None and plan.inputs.outgoing)
+        if asked_others and tp_group_size > 1:
+            failed = self._agree(failed)
+        self.failed_creditors = sorted(failed)
+        return logits
+
+    def _agree(self, failed: set[int]) -> set[int]:
+        """The instances that failed any TP rank of this one: each rank saw only its own links."""
+        seen = torch.zeros(state.get_num_instances(), dtype=torch.int32)
+        seen[list(failed)] = 1
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=state.get_tensor_model_parallel_group())
+        return set(seen.nonzero().flatten().tolist())

@@ -131,6 +131,14 @@ class Room:
 
 
 @dataclass(frozen=True)
+class Alive:
+    """Instance leader -> gManager service, every quarter of the peer timeout from a thread of its own: the
+    instance runs, whatever its step is doing. An instance silent for the peer timeout is declared failed."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True)
 class Left:
     """Instance leader -> gManager service, its last message: it has stopped and will send nothing more."""
 
@@ -139,9 +147,19 @@ class Left:
 
 @dataclass(frozen=True)
 class InstanceFailed:
-    """gManager -> every other instance (and the front): ``instance_id`` is out of the cluster (it died, hung or was
-    cut off). Its loans leave the ledger either way, and nothing it sent from now on is read."""
+    """gManager -> every instance (and the front): ``instance_id`` is out of the cluster (it died, hung or was cut
+    off). Its loans leave the ledger either way, and nothing it sent from now on is read; if it still runs, it ends
+    when it reads this."""
 
+    instance_id: int
+
+
+@dataclass(frozen=True)
+class Unresponsive:
+    """Instance -> gManager: ``instance_id`` did not answer one of the reporter's ranks within the peer timeout, or
+    its link ended: declare it failed (the reporter already treats it so)."""
+
+    reporter: int
     instance_id: int
 
 
@@ -171,10 +189,12 @@ def sender_of(message: object) -> int | None:
     InstanceFailed)."""
     if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled)):
         return message.debtor
+    if isinstance(message, Unresponsive):
+        return message.reporter
     if isinstance(message, (Loan, Lent, Settled, Recall)):
         return message.creditor
     if isinstance(message, (Swap, Swapped)):
         return message.sender
-    if isinstance(message, (Room, Left)):
+    if isinstance(message, (Room, Left, Alive)):
         return message.instance_id
     return None

@@ -17,6 +17,8 @@ it (megakv.distkv.instance_loop). The scheduler consults the policy through ``ma
 """
 from __future__ import annotations
 
+from megakv.config import DistKVConfig
+from megakv.engine.limits import KVCapacity
 from megakv.engine.request import Request
 from megakv.kvcache.block_pool import num_blocks_for
 from megakv.kvcache.rmanager import RManager
@@ -61,3 +63,10 @@ class ClusterAdmission:
     def on_preempt(self, request: Request) -> None:
         """The scheduler gave the request's blocks back: it waits its turn in this instance's queue (one that
         holds a gManager turn keeps it)."""
+
+
+def cluster_kv_capacity(pool_blocks: int, num_instances: int, distkv: DistKVConfig) -> KVCapacity:
+    """The most blocks one request may hold: its pool of ``pool_blocks`` plus each other instance's lendable share
+    (every instance has the same pool and lending cap)."""
+    cap = distkv.lending_cap
+    return KVCapacity(pool_blocks, num_instances - 1, int(cap * pool_blocks), cap)

@@ -8,14 +8,19 @@ exactly with the local partial. The KV never travels, only queries and partials
 of each instance (the DistAttention group of TP rank t), so each rank handles
 the heads of its shard. Every rank answers in a KV server thread; the asking
 rank sends its queries, computes its local partial while they fly, then awaits
-the partials.
+the partials. Members fail alone: a KV server that loses a debtor's link
+serves the others, and a step whose creditor does not answer within the peer
+timeout leaves it out and names it (``failed``), for the instance to recompute
+the requests whose KV it held.
 """
 from __future__ import annotations
 
 import array
+import contextlib
 import selectors
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -26,7 +31,8 @@ from megakv.attention.remote import OutgoingQueries, ServedQueries
 from megakv.kernels.cpu_attention import native_kv_server
 from megakv.kernels.ops import merge_partials, micro_attention, store_kv
 from megakv.kvcache.rmanager import Transfer
-from megakv.parallel.kv_links import KVLinks, PeerGone, receive_into, send_all, tensor_bytes
+from megakv.parallel import state
+from megakv.parallel.kv_links import KVLinks, receive_into, send_all, tensor_bytes
 
 # The wire format of a request and its answer is described at the top of kernels/kv_server_cpu.cpp, the KV
 # server's loop on the CPU; KVServer's Python loop (other devices, or no C++ op) speaks the same.
@@ -95,14 +101,17 @@ class KVServer:
     below, on the same wire format. The KV it touches
     is disjoint from what the instance's own step touches: the slots it writes are lent, and a lent
     block is reused only after its debtor has handed it back, which it does only once it no longer asks.
-    Creating it sets up the links to the other instances, a collective over the DistAttention group.
+    A debtor whose link ends without a stop, or stalls mid-request for ``timeout`` seconds, is dropped and
+    the others are served. Creating it sets up the links to the other instances, a collective over the
+    DistAttention group.
     """
 
     def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int,
-                 head_dim: int, on_error: Callable[[BaseException], None]) -> None:
+                 head_dim: int, timeout: float, on_error: Callable[[BaseException], None]) -> None:
         self.key_cache, self.value_cache = key_cache, value_cache
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.links = KVLinks()
+        self.timeout = timeout
+        self.links = KVLinks(timeout)
         # The C++ module whose kv_serve loop answers here (None: the Python loop below).
         self.native = native_kv_server(key_cache, value_cache)
         self._on_error = on_error
@@ -111,11 +120,21 @@ class KVServer:
 
     def stop(self) -> None:
         """Tell the KV server of this TP rank in every other instance that this rank asks nothing more, and
-        wait for this one to hear the same from all of them."""
+        wait for this one to hear the same from all of them (from a failed one, a timeout's worth at most)."""
         for link in self.links.outgoing.values():
-            _ask(link, STOP, 0)
-        self._thread.join()
+            with contextlib.suppress(OSError):  # its peer failed: the link is shut or will time out
+                _ask(link, STOP, 0)
+        self._thread.join(self.timeout)
+        if self._thread.is_alive():
+            for instance in self.links.incoming:
+                self.links.shut(instance)
+            self._thread.join()
         self.links.close()
+
+    def _lost(self, peer: str) -> None:
+        print(f"megakv: the KV server of {self.links.peer_name(state.get_instance_id())} lost the link from {peer}: "
+              f"it ended without a goodbye or stalled for {self.timeout:g} s (the peer was killed, hung or cut off)",
+              file=sys.stderr, flush=True)
 
     def _run(self) -> None:
         try:
@@ -127,96 +146,126 @@ class KVServer:
     def _serve(self) -> None:
         if self.native is not None:
             debtors = list(self.links.incoming)
-            lost = self.native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
-                                        [self.links.peer_name(debtor) for debtor in debtors], self.key_cache,
-                                        self.value_cache, self.num_q_heads, self.head_dim ** -0.5)
-            if lost:
-                raise PeerGone(lost)
+            for peer in self.native.kv_serve([self.links.incoming[debtor].fileno() for debtor in debtors],
+                                             [self.links.peer_name(debtor) for debtor in debtors], self.key_cache,
+                                             self.value_cache, self.num_q_heads, self.head_dim ** -0.5,
+                                             self.timeout):
+                self._lost(peer)
             return
-        device = self.key_cache.device
         # Per debtor: the plan of its current step, sent with the first layer's queries.
         plans: dict[int, AttentionMetadata] = {}
         header = bytearray(_HEADER.size)
         # Payloads land here; it grows to the largest one and stays.
-        inbox = torch.empty(1 << 20, dtype=torch.uint8)
+        inbox = [torch.empty(1 << 20, dtype=torch.uint8)]
         with selectors.DefaultSelector() as waiting:
             for debtor, link in self.links.incoming.items():
                 waiting.register(link, selectors.EVENT_READ, debtor)
             while waiting.get_map():
                 for key, _ in waiting.select():
                     link, debtor = key.fileobj, key.data
-                    peer = self.links.peer_name(debtor)
-                    received = link.recv_into(header)
-                    if not received:
-                        raise PeerGone(peer)
-                    receive_into(link, memoryview(header)[received:], peer)
-                    kind, layer_index, metadata_size, payload_size = _HEADER.unpack(header)
-                    if kind == STOP:
+                    try:
+                        if not self._answer_one(link, debtor, plans, header, inbox):
+                            waiting.unregister(link)
+                    except OSError:  # ended, failed or stalled: only this debtor is lost
                         waiting.unregister(link)
-                        continue
-                    metadata = bytearray(metadata_size)
-                    receive_into(link, metadata, peer)
-                    if payload_size > inbox.numel():
-                        inbox = torch.empty(payload_size, dtype=torch.uint8)
-                    payload = inbox[:payload_size]
-                    receive_into(link, tensor_bytes(payload), peer)
-                    if kind == FETCH:
-                        block_ids = torch.frombuffer(metadata, dtype=torch.long).to(device)
-                        blocks = torch.stack([self.key_cache[:, block_ids], self.value_cache[:, block_ids]])
-                        send_all(link, [tensor_bytes(blocks.cpu())])
-                        continue
-                    if metadata_size:
-                        plans[debtor] = _decode_plan(metadata, device)
-                    out, lse = _answer(plans[debtor], payload.view(self.key_cache.dtype).to(device),
-                                       self.key_cache[layer_index], self.value_cache[layer_index],
-                                       self.num_q_heads, self.num_kv_heads, self.head_dim)
-                    send_all(link, [tensor_bytes(out.float().cpu()), tensor_bytes(lse.float().cpu())])
+                        self.links.shut(debtor)
+                        self._lost(self.links.peer_name(debtor))
+
+    def _answer_one(self, link: socket.socket, debtor: int, plans: dict[int, AttentionMetadata], header: bytearray,
+                    inbox: list[torch.Tensor]) -> bool:
+        """Read one request from ``debtor`` and answer it; False for its stop."""
+        device = self.key_cache.device
+        peer = self.links.peer_name(debtor)
+        receive_into(link, header, peer)
+        kind, layer_index, metadata_size, payload_size = _HEADER.unpack(header)
+        if kind == STOP:
+            return False
+        metadata = bytearray(metadata_size)
+        receive_into(link, metadata, peer)
+        if payload_size > inbox[0].numel():
+            inbox[0] = torch.empty(payload_size, dtype=torch.uint8)
+        payload = inbox[0][:payload_size]
+        receive_into(link, tensor_bytes(payload), peer)
+        if kind == FETCH:
+            block_ids = torch.frombuffer(metadata, dtype=torch.long).to(device)
+            blocks = torch.stack([self.key_cache[:, block_ids], self.value_cache[:, block_ids]])
+            send_all(link, [tensor_bytes(blocks.cpu())])
+            return True
+        if metadata_size:
+            plans[debtor] = _decode_plan(metadata, device)
+        out, lse = _answer(plans[debtor], payload.view(self.key_cache.dtype).to(device),
+                           self.key_cache[layer_index], self.value_cache[layer_index],
+                           self.num_q_heads, self.num_kv_heads, self.head_dim)
+        send_all(link, [tensor_bytes(out.float().cpu()), tensor_bytes(lse.float().cpu())])
+        return True
 
 
 class KVLinkAttention:
     """The debtor's side of one step, a RemoteAttention (megakv.attention.remote): each layer's queries go to
     the creditors' KV servers, the local micro-attention runs while they compute, and their partials merge
-    with it exactly."""
+    with it exactly. A creditor that fails to take the queries or to answer within the peer timeout joins
+    ``failed`` and is not asked again: the rows it held KV of are then wrong, and the instance recomputes them
+    (InstanceRanks.run names it to the leader)."""
 
     def __init__(self, kv_server: KVServer, outgoing: list[OutgoingQueries], served: dict[int, ServedQueries],
                  num_q_heads: int, head_dim: int) -> None:
         self.links = kv_server.links
+        self.timeout = kv_server.timeout
         # The C++ module that sends the queries and merges the answers where the KV server's loop is C++, else
         # None.
         self._native = kv_server.native
         self.outgoing = outgoing
-        self._link_args = ([self.links.outgoing[out.creditor].fileno() for out in outgoing],
-                           [self.links.peer_name(out.creditor) for out in outgoing],
-                           [out.query_indices for out in outgoing])
         self.num_q_heads, self.head_dim = num_q_heads, head_dim
         # Each creditor learns the step's block tables with the first layer's queries.
         self._metadata = {creditor: _encode_plan(queries) for creditor, queries in served.items()}
+        self.failed: set[int] = set()
+        self._link_args = self._native_link_args()
+
+    def _native_link_args(self) -> tuple[list[int], list[str], list[list[int]]]:
+        """kv_merge_answers' links, creditor names and rows, for the creditors still answering."""
+        live = [out for out in self.outgoing if out.creditor not in self.failed]
+        return ([self.links.outgoing[out.creditor].fileno() for out in live],
+                [self.links.peer_name(out.creditor) for out in live], [out.query_indices for out in live])
+
+    def _fail(self, creditor: int) -> None:
+        self.failed.add(creditor)
+        self.links.shut(creditor)
+        self._link_args = self._native_link_args()
 
     def attend(self, layer_index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                local_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One layer: query [T, Hq, D] and key/value [T, Hkv, D] are this step's new tokens."""
-        for out in self.outgoing:
+        live = [out for out in self.outgoing if out.creditor not in self.failed]
+        for out in live:
             link = self.links.outgoing[out.creditor]
             metadata = self._metadata[out.creditor] if layer_index == 0 else b""
             # Indices ascend without repeats (ModelRunner.prepare): as many as the rows means all of them,
             # which go without a copy.
             payload = [_rows(query, out.query_indices), _rows(key, out.write_indices), _rows(value, out.write_indices)]
             if self._native is not None:
-                self._native.kv_send_query(link.fileno(), layer_index, metadata, payload)
+                sent = self._native.kv_send_query(link.fileno(), layer_index, metadata, payload, self.timeout)
             else:
-                _ask(link, QUERY, layer_index, metadata, payload)
+                sent = _try(_ask, link, QUERY, layer_index, metadata, payload)
+            if not sent:
+                self._fail(out.creditor)
         local_out, local_lse = local_attention()
+        live = [out for out in live if out.creditor not in self.failed]
         if self._native is not None:
-            merged, _ = self._native.kv_merge_answers(*self._link_args, local_out.float().contiguous(),
-                                                      local_lse.float().contiguous())
+            merged, _, answered = self._native.kv_merge_answers(*self._link_args, local_out.float().contiguous(),
+                                                                local_lse.float().contiguous(), self.timeout)
+            for out, ok in zip(live, answered.tolist()):
+                if not ok:
+                    self._fail(out.creditor)
             return merged.to(local_out.dtype)
         # Partials merge in fp32 (the creditors send them so), and only the merged rows take the model's dtype.
         outs, lses = [local_out.float()], [local_lse]
-        for out_plan in self.outgoing:
+        for out_plan in live:
             num_queries = len(out_plan.query_indices)
             partial = torch.empty(num_queries * self.num_q_heads * (self.head_dim + 1), dtype=torch.float32)
-            receive_into(self.links.outgoing[out_plan.creditor], tensor_bytes(partial),
-                         self.links.peer_name(out_plan.creditor))
+            if not _try(receive_into, self.links.outgoing[out_plan.creditor], tensor_bytes(partial),
+                        self.links.peer_name(out_plan.creditor)):
+                self._fail(out_plan.creditor)
+                continue
             out_part, lse_part = partial.to(local_out.device).split([num_queries * self.num_q_heads * self.head_dim,
                                                                      num_queries * self.num_q_heads])
             out_part = out_part.view(num_queries, self.num_q_heads, self.head_dim)
@@ -233,14 +282,26 @@ class KVLinkAttention:
         return merged.to(local_out.dtype)
 
 
-def read_blocks(links: KVLinks, owner: int, block_ids: list[int], key_cache: torch.Tensor) -> torch.Tensor:
+def _try(operation: Callable[..., None], *args) -> bool:
+    """Run a send or receive on a link; False if the link ended, failed or stalled for its timeout."""
+    try:
+        operation(*args)
+    except OSError:
+        return False
+    return True
+
+
+def read_blocks(links: KVLinks, owner: int, block_ids: list[int], key_cache: torch.Tensor) -> torch.Tensor | None:
     """DGFM: the K and V of blocks of ``owner``'s pool (every layer, this rank's heads), from its KV server:
-    [2, num_layers, len(block_ids), Hkv, block_size, D] on the CPU."""
+    [2, num_layers, len(block_ids), Hkv, block_size, D] on the CPU; None if ``owner`` failed to answer within
+    the links' timeout (its links are then shut)."""
     link = links.outgoing[owner]
-    _ask(link, FETCH, 0, array.array("q", block_ids).tobytes())
     blocks = torch.empty((2, key_cache.shape[0], len(block_ids), *key_cache.shape[2:]), dtype=key_cache.dtype)
-    receive_into(link, tensor_bytes(blocks), links.peer_name(owner))
-    return blocks
+    if (_try(_ask, link, FETCH, 0, array.array("q", block_ids).tobytes())
+            and _try(receive_into, link, tensor_bytes(blocks), links.peer_name(owner))):
+        return blocks
+    links.shut(owner)
+    return None
 
 
 def write_blocks(blocks: torch.Tensor, block_ids: list[int], key_cache: torch.Tensor,
@@ -252,12 +313,18 @@ def write_blocks(blocks: torch.Tensor, block_ids: list[int], key_cache: torch.Te
 
 
 def fetch_blocks(links: KVLinks, transfers: list[Transfer], key_cache: torch.Tensor,
-                 value_cache: torch.Tensor) -> None:
+                 value_cache: torch.Tensor) -> set[int]:
     """DGFM: copy each transfer's block (every layer's K and V of this rank's heads) from its creditor's
-    KV server into this pool. key_cache/value_cache: [num_layers, num_blocks, Hkv, block_size, D]."""
+    KV server into this pool; returns the creditors that failed to answer (their transfers' blocks hold nothing).
+    key_cache/value_cache: [num_layers, num_blocks, Hkv, block_size, D]."""
     by_creditor: dict[int, list[Transfer]] = {}
     for transfer in transfers:
         by_creditor.setdefault(transfer.creditor, []).append(transfer)
+    failed = set()
     for creditor, moves in by_creditor.items():
         blocks = read_blocks(links, creditor, [move.src_block for move in moves], key_cache)
-        write_blocks(blocks, [move.dst_block for move in moves], key_cache, value_cache)
+        if blocks is None:
+            failed.add(creditor)
+        else:
+            write_blocks(blocks, [move.dst_block for move in moves], key_cache, value_cache)
+    return failed

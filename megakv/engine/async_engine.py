@@ -94,6 +94,11 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     @property
+    def failed_instances(self) -> list[int]:
+        """Instances of the cluster declared failed (read without waiting for a step)."""
+        return list(self._engine.failed_instances)
+
+    @property
     def error(self) -> BaseException | None:
         """What stopped the loop thread when the engine failed; None while it runs or after a shutdown."""
         return self._error

@@ -26,6 +26,8 @@ class Engine(Protocol):
 
     # What one request may hold; add_request refuses a longer one with its words.
     context_limit: ContextLimit
+    # Instances declared failed, in that order (a cluster goes on without them); any thread may read it.
+    failed_instances: list[int]
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     instance: int | None = None) -> str:
@@ -76,6 +78,7 @@ class LLMEngine:
         self.core = InstanceCore(info, config, dtype=dtype, device=device)
         self.model_config = info.model
         self.rmanager = self.core.rmanager
+        self.failed_instances: list[int] = []
         self.context_limit = ContextLimit(info.model.max_position_embeddings, config.cache.block_size,
                                           KVCapacity(self.rmanager.pool.num_blocks))
         self._request_counter = itertools.count()

@@ -43,3 +43,7 @@ class EngineStats:
     num_blocks_swapped: int = 0
     # Blocks owed in the gManager's ledger, as "debtor->creditor": blocks (empty when every debt is settled).
     ledger_outstanding: dict[str, int] = field(default_factory=dict)
+    # Instances the gManager declared failed (dead, hung or cut off), in that order, and the requests that ran
+    # again on other instances because theirs failed.
+    failed_instances: list[int] = field(default_factory=list)
+    num_requests_recomputed: int = 0

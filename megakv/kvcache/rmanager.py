@@ -283,6 +283,11 @@ class RManager:
             lent.remove(block_id)
         self.pool.free(block_ids)
 
+    def holders(self, block_ids: set[int]) -> list[str]:
+        """The requests whose tables hold any of these blocks of this pool."""
+        return [request_id for request_id, table in self._tables.items()
+                if any(ref.instance_id == self.instance_id and ref.block_id in block_ids for ref in table.refs)]
+
     def forget_instance(self, failed: int) -> list[str]:
         """Instance ``failed`` is out of the cluster: the blocks of this pool it held come home, nothing is handed
         back to it, and a swap with it ends. Returns the requests here that hold blocks of its pool: their KV is

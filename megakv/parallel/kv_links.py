@@ -11,10 +11,13 @@ for the job.
 
 Each ordered pair of instances has a link of its own, used by one thread at each end: the asking rank's
 step sends a request and reads its answer, and the lending rank's KV server reads the request and answers.
-A link therefore carries one exchange at a time and needs no tags. A link that ends means its peer is gone.
+A link therefore carries one exchange at a time and needs no tags. A link that ends means its peer is gone;
+one that stays silent mid-exchange for the peer timeout (every operation on a link is bounded by it) means
+its peer hung or was cut off. Either way the link is shut for good (``shut``), and only it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -30,13 +33,6 @@ from megakv.parallel import state
 
 # Connections a listener queues before accepting them: every other instance connects at once.
 _BACKLOG = 1024
-
-
-class PeerGone(ConnectionError):
-    """A link ended without the goodbye its peer sends when it stops: the peer was killed or failed."""
-
-    def __init__(self, peer: str) -> None:
-        super().__init__(f"{peer} is gone (its DistKV link closed without a goodbye; it was killed or failed)")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -57,7 +53,8 @@ def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None
 
 
 def receive_into(sock: socket.socket, buffer: bytearray | memoryview, peer: str) -> None:
-    """Fill the buffer from the socket; a link that ends first means the peer was killed or failed."""
+    """Fill the buffer from the socket; a link that ends first means the peer was killed or failed (and one silent
+    for the socket's timeout raises TimeoutError, an OSError too)."""
     view = memoryview(buffer).cast("B")
     while view:
         received = sock.recv_into(view)
@@ -66,12 +63,14 @@ def receive_into(sock: socket.socket, buffer: bytearray | memoryview, peer: str)
         view = view[received:]
 
 
-def _as_socket(connection: Connection) -> socket.socket:
-    """The socket under a connection that has passed the handshake; megakv frames its own messages on it."""
+def _as_socket(connection: Connection, timeout: float) -> socket.socket:
+    """The socket under a connection that has passed the handshake; megakv frames its own messages on it, each
+    send and receive bounded by ``timeout`` seconds."""
     sock = socket.socket(fileno=os.dup(connection.fileno()))
     connection.close()
     if sock.family != socket.AF_UNIX:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
     return sock
 
 
@@ -79,10 +78,12 @@ class KVLinks:
     """This rank's links with its counterparts in the other instances.
 
     ``outgoing[i]`` carries this rank's requests to instance i's KV server, ``incoming[i]`` instance i's
-    requests to this rank's KV server. Creating them is a collective over the DistAttention group.
+    requests to this rank's KV server. Creating them is a collective over the DistAttention group. Every
+    operation on a link gives up after ``timeout`` seconds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
         group, me = state.get_dist_attention_group(), state.get_instance_id()
         num_instances = state.get_num_instances()
         # Rank 0 of the world is TP rank 0 of instance 0, a member of only one DistAttention group.
@@ -105,7 +106,7 @@ class KVLinks:
             if instance != me:
                 connection = Client(address, authkey=authkey)
                 connection.send_bytes(me.to_bytes(4, "little"))
-                self.outgoing[instance] = _as_socket(connection)
+                self.outgoing[instance] = _as_socket(connection, timeout)
         accepting.join()
         listener.close()
         if len(self.incoming) != num_instances - 1:
@@ -119,13 +120,20 @@ class KVLinks:
                 instance = int.from_bytes(connection.recv_bytes(), "little")
             except (AuthenticationError, EOFError, ConnectionError):
                 continue  # a stranger without the job's key, or one that left during the handshake
-            self.incoming[instance] = _as_socket(connection)
+            self.incoming[instance] = _as_socket(connection, self.timeout)
 
     @staticmethod
     def peer_name(instance: int) -> str:
         """How errors name this rank's counterpart in ``instance``."""
         rank = instance * state.get_tensor_model_parallel_world_size() + state.get_tensor_model_parallel_rank()
         return f"rank {rank} (instance {instance})"
+
+    def shut(self, instance: int) -> None:
+        """End both links with ``instance`` (it failed): a wait on either returns at once, here and there."""
+        for links in (self.outgoing, self.incoming):
+            if instance in links:
+                with contextlib.suppress(OSError):
+                    links[instance].shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         for sock in (*self.outgoing.values(), *self.incoming.values()):

@@ -15,10 +15,12 @@ import atexit
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
@@ -219,6 +221,36 @@ def world_comm():
     if _world is None:
         _world = _create_socket_world()
     return _world
+
+
+def members_fail_alone() -> bool:
+    """Whether a rank's failure leaves the other ranks running: under mpirun only with ULFM (``mpirun --with-ft
+    ulfm``, which sets mpi_ft_enable for the ranks); elsewhere the launcher (deepspeed, torchrun) ends the job."""
+    return state.is_mpi_launch() and os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true")
+
+
+def end_this_rank() -> NoReturn:
+    """End this process at once, leaving the job's other ranks running where members fail alone. By SIGKILL rather
+    than a non-zero exit: under ``mpirun --with-ft ulfm``, Open MPI 5.0's runtime waits forever for a job one of
+    whose ranks exited with a non-zero status, while it goes on after a rank killed by a signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def failed_peers(comm, err: BaseException) -> list[int] | None:
+    """When ``err`` is MPI's report that peers of ``comm`` failed (ULFM), acknowledge it, so that receives from
+    any source go on, and return the ranks of ``comm`` that have failed so far; None for any other error."""
+    if not state.is_mpi_launch():
+        return None
+    from mpi4py import MPI
+    if not isinstance(err, MPI.Exception) or err.Get_error_class() not in (MPI.ERR_PROC_FAILED,
+                                                                           MPI.ERR_PROC_FAILED_PENDING):
+        return None
+    state.note_failed_peer()
+    comm.Ack_failed()
+    group = comm.Get_failed()
+    return sorted(MPI.Group.Translate_ranks(group, list(range(group.Get_size())), comm.Get_group()))
 
 
 def split(comm, color: int | None, key: int):

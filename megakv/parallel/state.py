@@ -16,6 +16,7 @@ process (world size 1, rank 0, group None), so single-process code needs no setu
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class _ParallelState:
 
 
 _state = _ParallelState()
+# Whether this rank has learnt that another rank of the job failed (see note_failed_peer).
+_peer_failed = False
 
 
 class RankLocalError(RuntimeError):
@@ -67,6 +70,20 @@ class RankLocalError(RuntimeError):
     is aborted, since the other ranks may be waiting for this one in a collective."""
 
     rank_local = True
+
+
+def note_failed_peer() -> None:
+    """This rank has learnt that another rank of the job failed: it will end without MPI_Finalize, a fence over
+    every rank, which Open MPI 5.0 under ULFM now and then leaves waiting for the failed one forever."""
+    global _peer_failed
+    _peer_failed = True
+
+
+def _finalize_mpi() -> None:
+    from mpi4py import MPI
+
+    if not _peer_failed and MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
 
 
 def is_mpi_launch() -> bool:
@@ -126,7 +143,11 @@ def init_distributed(backend: str | None = None, layout: tuple[int, int] | None 
         return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, "env", _default_device(local_rank))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if is_mpi_launch():
-        from mpi4py import MPI  # imported only under mpirun: MPI_Init is slow and noisy elsewhere
+        import mpi4py  # imported only under mpirun: MPI_Init is slow and noisy elsewhere
+
+        mpi4py.rc.finalize = False
+        from mpi4py import MPI
+        atexit.register(_finalize_mpi)
 
         comm = MPI.COMM_WORLD
         rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -213,6 +234,8 @@ def destroy_model_parallel() -> None:
                 if group is not None:
                     dist.destroy_process_group(group)
     _state = _ParallelState()
+# Whether this rank has learnt that another rank of the job failed (see note_failed_peer).
+_peer_failed = False
 
 
 def get_tensor_model_parallel_group() -> dist.ProcessGroup | None:

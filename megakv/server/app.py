@@ -208,11 +208,17 @@ def build_app(context: ServingContext) -> FastAPI:
                 "root": context.model_name, "parent": None, "max_model_len": context.max_model_len}
         return {"object": "list", "data": [card]}
 
-    @app.get("/health", response_class=Response, responses={200: {"description": "The engine loop runs (no body)"},
-                                                            **errors(503)})
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine loop runs: no body, or, when instances of the cluster have "
+                                             "failed and the others serve, {\"status\": \"degraded\", "
+                                             "\"failed_instances\": [...]}"}, **errors(503)})
     async def health() -> Response:
         if not context.engine.is_running:
             return JSONResponse(error_body("the engine loop stopped", 503), status_code=503)
+        failed = context.engine.failed_instances
+        if failed:
+            return JSONResponse({"status": "degraded", "failed_instances": failed,
+                                 "message": f"instance(s) {failed} failed; the other instances serve"})
         return Response(status_code=200)
 
     @app.api_route("/ping", methods=["GET", "POST"], response_class=Response,

@@ -73,7 +73,11 @@ class EngineStatsCollector:
                    ("blocks_borrowed", "rBlocks borrowed across instances", self.snapshot.num_blocks_borrowed),
                    ("dgfm_blocks_moved", "rBlocks moved home by DGFM", self.snapshot.num_blocks_moved),
                    ("dgfm_blocks_swapped", "rBlocks moved home by DGFM swaps (counted in dgfm_blocks_moved too)",
-                    self.snapshot.num_blocks_swapped)]
+                    self.snapshot.num_blocks_swapped),
+                   ("instance_failures", "Instances declared failed (dead, hung or cut off): the cluster goes on "
+                    "without them", len(self.snapshot.failed_instances)),
+                   ("requests_recomputed", "Requests run again on another instance because theirs failed",
+                    self.snapshot.num_requests_recomputed)]
         for name, documentation, value in cluster:
             family = CounterMetricFamily(f"megakv:{name}", documentation, labels=["model_name"])
             family.add_metric([self.model_name], value)

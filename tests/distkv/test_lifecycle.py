@@ -1,4 +1,4 @@
-"""A DistKV cluster's life under mpirun: idle without burning CPU; a killed rank, or a stall, ends the job."""
+"""A DistKV cluster's life under mpirun: idle without burning CPU; a killed front, or a stall, ends the job."""
 from __future__ import annotations
 
 import os
@@ -54,23 +54,19 @@ def test_idle_cluster_uses_almost_no_cpu(megakv_checkpoint, start_mpi, tmp_path)
 
 
 @pytest.mark.mpi
-def test_rank_killed_mid_run_ends_the_job_naming_it(megakv_checkpoint, start_mpi, tmp_path):
+def test_killed_front_ends_the_job_naming_it(megakv_checkpoint, start_mpi, tmp_path):
+    # Members fail alone (tests/distkv/test_fault_tolerance.py), but not the front: the service is gone with it.
     (tmp_path / "busy").touch()
     proc = start_mpi(NUM_RANKS, [sys.executable, str(WORKER), str(megakv_checkpoint("gqa", 1)), str(tmp_path)])
     wait_for(tmp_path / "pid-1", proc, timeout=120)
     time.sleep(3.0)
     assert proc.poll() is None
-    os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGKILL)
+    os.kill(int((tmp_path / "pid-0").read_text()), signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
-    print(f"killed rank: the job ended {time.monotonic() - killed:.1f} s later with status {proc.returncode}")
-    assert proc.returncode != 0
+    print(f"killed front: the job ended {time.monotonic() - killed:.1f} s later with status {proc.returncode}")
     assert time.monotonic() - killed < 30
-    # mpirun's line or, when rank 0 notices first, its own: its KV server lost the link from rank 1, or its step
-    # lost the link to rank 1 while waiting for an answer.
-    assert "rank 1" in stderr and ("signal 9" in stderr or "Killed" in stderr
-                                   or "rank 1 (instance 1) is gone (its DistKV link closed without a goodbye" in stderr
-                                   or "the DistKV link with rank 1 (instance 1) closed mid-exchange" in stderr), \
+    assert "megakv: instance 1: the front and gManager (rank 0) failed: ending this instance" in stderr, \
         stderr[-3000:]
 
 

@@ -11,63 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from megakv.checkpoint.format import read_checkpoint_info
-from megakv.config import CacheConfig, EngineConfig, SchedulerConfig
-from megakv.engine.llm_engine import LLMEngine
-from megakv.engine.sampling import SamplingParams
+from online_jobs import WORKER, check_served, random_prompt, run_online
 
 # Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
 pytestmark = pytest.mark.slow
-
-WORKER = Path(__file__).with_name("online_worker.py")
-
-
-def random_prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, 301, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@pytest.fixture(scope="module")
-def reference(megakv_checkpoint):
-    """(prompt, max_new_tokens) -> greedy tokens of the request alone on one instance with a large pool."""
-    engine = LLMEngine(read_checkpoint_info(megakv_checkpoint("gqa", 1)),
-                       EngineConfig(cache=CacheConfig(block_size=16, num_blocks=128),
-                                    scheduler=SchedulerConfig(max_num_batched_tokens=64)))
-
-    def tokens(prompt: list[int], max_new_tokens: int) -> list[int]:
-        return engine.generate([prompt], [SamplingParams(max_new_tokens=max_new_tokens)])[0].token_ids
-
-    return tokens
-
-
-def run_online(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, pool_blocks: int,
-               requests: list[dict], **options) -> dict:
-    job = dict(checkpoint=str(checkpoint), tp=tp, instances=instances, pool_blocks=pool_blocks, requests=requests,
-               **options)
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    run_mpi(tp * instances, [sys.executable, str(WORKER), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
-            timeout=240)
-    result = json.loads((tmp_path / "out.json").read_text())
-    report = result["report"]
-    assert result["ledger_before_shutdown"] == {} and report["ledger_outstanding"] == {}
-    assert report["free_blocks"] == {str(i): pool_blocks for i in range(instances)}
-    return result
-
-
-def check_served(results: list[dict], requests: list[dict], reference) -> None:
-    """Completed requests equal the reference; aborted ones stopped on a prefix of it; streams add up."""
-    for request, result in zip(requests, results):
-        final = result["final"]
-        assert final is not None, f"request never finished: {request}"
-        assert result["streamed"] == final["token_ids"]
-        expected = reference(request["prompt_ids"], request["max_new_tokens"])
-        if request.keys() & {"abort_step", "abort_after_tokens", "abort_after"}:
-            assert final["finish_reason"] == "abort"
-            assert final["token_ids"] == expected[:len(final["token_ids"])]
-        else:
-            assert final["finish_reason"] == "length" and final["token_ids"] == expected
-
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("tp,instances", [(1, 3), pytest.param(2, 2, marks=pytest.mark.slow)])

@@ -1,9 +1,9 @@
 """The request status machine: the scheduler makes every transition, in any sequence of what a cluster does.
 
 Two instances, each a real Scheduler with the cluster's admission policy over its rManager, and the
-control plane in one process (tests/distkv/control_plane.py) with messages crossing in any order a network allows: requests arrive, are
-scheduled (borrowing what their pool lacks), receive loans, yield and get their turn (from the gManager),
-are preempted, recalled by a creditor, aborted, and finish. After every operation each request's status
+control plane in one process (tests/distkv/control_plane.py) with messages crossing in any order a network
+allows: requests arrive, are scheduled (borrowing what their pool lacks), receive loans, yield and get their
+turn (from the gManager), are preempted, recalled by a creditor, aborted, and finish. After every operation each request's status
 is where the scheduler keeps it, and every status change was a legal one; at rest every block is accounted
 for, and at the end every pool is whole.
 """

@@ -19,7 +19,8 @@ if mode == "tcp":
 
 from megakv.parallel.kv_links import KVLinks, receive_into, send_all, tensor_bytes  # noqa: E402
 
-links = KVLinks()
+# A wait past this many seconds fails the test instead of hanging it.
+links = KVLinks(timeout=60.0)
 # Larger than a socket's buffer, so that a send takes several calls and the receiver reads it in pieces.
 SIZES = [3, 5 << 20]
 
