@@ -123,12 +123,12 @@ class GManagerService:
         self._send(sends)
 
     def _handle(self, message: object) -> None:
-        self._pacer.saw_message()
         sender = sender_of(message)
         if sender is not None:
             self._heard[sender] = time.monotonic()
         if isinstance(message, Alive):
-            return
+            return  # no burst of control traffic follows a heartbeat: the pace stays idle
+        self._pacer.saw_message()
         if isinstance(message, Left):
             self._left.add(message.instance_id)
             return
