@@ -132,10 +132,11 @@ class GManagerService:
         if isinstance(message, Left):
             self._left.add(message.instance_id)
             return
-        if isinstance(message, Unresponsive) and message.instance_id not in self.gmanager.failed:
-            print(f"megakv: the gManager declares instance {message.instance_id} failed (instance "
-                  f"{message.reporter} got no answer from it within {self.peer_timeout:g} s, or its link ended): "
-                  "its requests run again on the other instances", file=sys.stderr, flush=True)
+        if isinstance(message, Unresponsive):
+            if message.instance_id not in self.gmanager.failed:
+                self._declare(message.instance_id, f"instance {message.reporter} got no answer from it within "
+                                                   f"{self.peer_timeout:g} s, or its link ended")
+            return
         with self.lock:
             sends = self.gmanager.handle(message)
         self._send(sends)
