@@ -93,9 +93,9 @@ class ClusterEngine:
         self.num_instances = state.get_num_instances()
         self.is_leader = state.get_tensor_model_parallel_rank() == 0
         self.is_front = world.Get_rank() == 0
-        self.context_limit = ContextLimit(info.model.max_position_embeddings, config.cache.block_size,
-                                          cluster_kv_capacity(self.rmanager.pool.num_blocks, self.num_instances,
-                                                              config.distkv))
+        context_limit = ContextLimit(info.model.max_position_embeddings, config.cache.block_size,
+                                     cluster_kv_capacity(self.rmanager.pool.num_blocks, self.num_instances,
+                                                         config.distkv))
         instance_comm = split(world, self.instance_id, state.get_tensor_model_parallel_rank())
         self.leaders_comm = split(world, 0 if self.is_leader else None, self.instance_id)
         # The gManager service's own communicator: rank i is instance i's leader, and rank 0 the service.
@@ -120,10 +120,16 @@ class ClusterEngine:
             self.loop = InstanceLoop(self.core, config, self.ranks, self.instance_id, self.num_instances,
                                      self.is_front, self.leaders_comm, gmanager_comm, traffic)
         if self.is_front:
-            self.front = ClusterFront(self.loop, self.core, config, self.context_limit, self.num_instances)
+            self.front = ClusterFront(self.loop, self.core, config, context_limit, self.num_instances)
         self._kv_server_stopped = False
+        self._context_limit = context_limit
 
     # -- the engine API, on the front ------------------------------------------------------------------
+
+    @property
+    def context_limit(self) -> ContextLimit:
+        """What one request may hold: on the front, less once instances fail (they lend nothing)."""
+        return self.front.context_limit if self.front is not None else self._context_limit
 
     @property
     def failed_instances(self) -> list[int]:
@@ -148,6 +154,11 @@ class ClusterEngine:
         """True while a request runs anywhere in the cluster, has an output not yet returned, or blocks are
         still owed."""
         return self._require_front().has_unfinished()
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """Have ``wake`` called when the gManager service sends the front's instance a message (an instance
+        failed): the idle front is not stepped, and would hear of it only with the next request."""
+        self._require_front().loop.wake = wake
 
     def step(self) -> list[RequestOutput]:
         """Run one step of the front's own instance and collect what the other instances reported."""

@@ -195,7 +195,8 @@ class ClusterFront:
         self.failed.append(failed)
         self._running_leaders.discard(failed)
         self._progress.pop(failed, None)
-        capacity = cluster_kv_capacity(self.rmanager.pool.num_blocks, len(self.live_instances), self.config.distkv)
+        capacity = cluster_kv_capacity(self.rmanager.pool.num_blocks, self.num_instances, self.config.distkv,
+                                       self.failed)
         self.context_limit = dataclasses.replace(self.context_limit, capacity=capacity)
         for request_id, where in list(self._where.items()):
             request = self._routed[request_id]

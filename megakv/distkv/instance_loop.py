@@ -101,12 +101,15 @@ class InstanceLoop:
         self.num_steps = 0
         # Called before each step: tests stall an instance with it.
         self.before_step: Callable[[], None] | None = None
+        # Called after the gManager service delivers a message to the front's instance, which an idle front does not
+        # step (see ClusterEngine.set_waker).
+        self.wake: Callable[[], None] = lambda: None
         self.mailbox = Mailbox(leaders_comm, control_traffic)
         self.gmanager_service = self.gmanager_mailbox = None
         self._stopped = threading.Event()
         if is_front:
             self.gmanager_service = GManagerService(GManager([self.rmanager.num_lendable_blocks] * num_instances),
-                                                    Mailbox(gmanager_comm, tag=GMANAGER_TAG), self._local_mail.append,
+                                                    Mailbox(gmanager_comm, tag=GMANAGER_TAG), self._deliver_home,
                                                     config.distkv.peer_timeout)
         else:
             self.gmanager_mailbox = Mailbox(gmanager_comm, control_traffic, GMANAGER_TAG)
@@ -178,6 +181,10 @@ class InstanceLoop:
             self._local_mail.append(message)
         else:
             self.mailbox.post(instance_id, message)
+
+    def _deliver_home(self, message: object) -> None:
+        self._local_mail.append(message)
+        self.wake()
 
     def has_mail(self) -> bool:
         """Whether a message waits for this leader."""

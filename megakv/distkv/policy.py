@@ -17,6 +17,8 @@ it (megakv.distkv.instance_loop). The scheduler consults the policy through ``ma
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from megakv.config import DistKVConfig
 from megakv.engine.limits import KVCapacity
 from megakv.engine.request import Request
@@ -65,8 +67,9 @@ class ClusterAdmission:
         holds a gManager turn keeps it)."""
 
 
-def cluster_kv_capacity(pool_blocks: int, num_instances: int, distkv: DistKVConfig) -> KVCapacity:
-    """The most blocks one request may hold: its pool of ``pool_blocks`` plus each other instance's lendable share
-    (every instance has the same pool and lending cap)."""
+def cluster_kv_capacity(pool_blocks: int, num_instances: int, distkv: DistKVConfig,
+                        failed: Sequence[int] = ()) -> KVCapacity:
+    """The most blocks one request may hold: its pool of ``pool_blocks`` plus each other live instance's lendable
+    share (every instance has the same pool and lending cap), of ``num_instances`` of which ``failed`` are out."""
     cap = distkv.lending_cap
-    return KVCapacity(pool_blocks, num_instances - 1, int(cap * pool_blocks), cap)
+    return KVCapacity(pool_blocks, num_instances - 1 - len(failed), int(cap * pool_blocks), cap, tuple(failed))

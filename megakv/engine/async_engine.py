@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from megakv.engine.limits import ContextLimit
 from megakv.engine.llm_engine import Engine
 from megakv.engine.request import RequestOutput
 from megakv.engine.sampling import SamplingParams
@@ -30,7 +31,7 @@ class _Add:
     instance: int | None
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
-    # Resolves to the request id, or to the ValueError that rejected the request.
+    # Resolves to the request id, or to the RequestRejectedError that refused the request.
     added: concurrent.futures.Future
 
 
@@ -46,10 +47,16 @@ class _Stats:
 
 
 _STOP = object()
+# Work reached the engine other than through a command: step it if it has some.
+_WAKE = object()
 
 
 class EngineStoppedError(RuntimeError):
     """The engine loop stopped on an error: the request cannot go on, and no new one can start."""
+
+
+class RequestRejectedError(ValueError):
+    """The engine refused the request (a cluster that lost instances holds less than when it was checked)."""
 
 
 class AsyncEngine:
@@ -61,12 +68,13 @@ class AsyncEngine:
         # request id -> (event loop, queue) of its consumer; touched only by the loop thread.
         self._consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._error: BaseException | None = None
+        engine.set_waker(lambda: self._commands.put(_WAKE))
         self._thread = threading.Thread(target=self._run, name="megakv-engine-loop", daemon=True)
         self._thread.start()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        instance: int | None = None) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs until it finishes; raises ValueError if it is rejected."""
+        """Add a request and yield its outputs until it finishes; raises RequestRejectedError if it is refused."""
         if self._error is not None:
             raise EngineStoppedError(f"the engine loop stopped: {self._error}")
         loop = asyncio.get_running_loop()
@@ -92,6 +100,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         """False once the loop thread has stopped (shut down, or the engine failed)."""
         return self._thread.is_alive()
+
+    @property
+    def context_limit(self) -> ContextLimit:
+        """What one request may hold now (read without waiting for a step)."""
+        return self._engine.context_limit
 
     @property
     def failed_instances(self) -> list[int]:
@@ -128,6 +141,8 @@ class AsyncEngine:
         """Apply one queued command; False for the stop command."""
         if command is _STOP:
             return False
+        if command is _WAKE:
+            return True
         if isinstance(command, _Abort):
             self._engine.abort(command.request_id)
             return True
@@ -141,7 +156,7 @@ class AsyncEngine:
             request_id = self._engine.add_request(command.prompt_ids, command.params, command.request_id,
                                                   command.instance)
         except ValueError as err:
-            command.added.set_exception(err)
+            command.added.set_exception(RequestRejectedError(str(err)))
             return True
         self._consumers[request_id] = (command.loop, command.outputs)
         command.added.set_result(request_id)

@@ -19,6 +19,8 @@ class KVCapacity:
     # What each other instance may lend: its pool times lending_cap, rounded down.
     num_lendable_blocks_per_instance: int = 0
     lending_cap: float = 1.0
+    # Instances of the cluster declared failed: they lend nothing.
+    failed_instances: tuple[int, ...] = ()
 
     @property
     def num_lendable_elsewhere(self) -> int:
@@ -33,10 +35,15 @@ class KVCapacity:
         """Where the blocks come from, for a request that needs more."""
         local = f"its instance holds {self.num_local_blocks}"
         if self.num_other_instances == 0:
-            return local
+            return local + self.failures
         noun = "instance" if self.num_other_instances == 1 else "instances"
         return f"{local} and the other {self.num_other_instances} {noun} may lend {self.num_lendable_elsewhere} " \
-               f"(--lending-cap {self.lending_cap})"
+               f"(--lending-cap {self.lending_cap}){self.failures}"
+
+    @property
+    def failures(self) -> str:
+        """The failed instances, in words after what the others hold; "" when none failed."""
+        return f" (instances {list(self.failed_instances)} failed)" if self.failed_instances else ""
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class ContextLimit:
             return "the model's maximum position"
         blocks = f"{self.capacity.num_blocks} blocks of {self.block_size} tokens"
         if self.capacity.num_other_instances == 0:
-            return f"the KV memory it may use: {blocks}, its instance's pool"
+            return f"the KV memory it may use: {blocks}, its instance's pool{self.capacity.failures}"
         return f"the KV memory it may use: {blocks}, as {self.capacity.describe()}"
 
     def check(self, num_prompt_tokens: int, max_new_tokens: int, field: str = "max_new_tokens") -> None:

@@ -8,6 +8,7 @@ the benchmarks use only the calls of :class:`Engine`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,7 +25,8 @@ from megakv.engine.stats import EngineStats, InstanceStats
 class Engine(Protocol):
     """What every front (CLI, server, benchmarks) uses of an engine."""
 
-    # What one request may hold; add_request refuses a longer one with its words.
+    # What one request may hold; add_request refuses a longer one with its words. A cluster's shrinks when
+    # instances fail; any thread may read it.
     context_limit: ContextLimit
     # Instances declared failed, in that order (a cluster goes on without them); any thread may read it.
     failed_instances: list[int]
@@ -44,6 +46,10 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats:
         """Each instance's queues and pool, read between steps (the server's /metrics)."""
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """Have ``wake`` called, from any thread, when work reaches the idle engine other than through its methods
+        (a cluster hears that an instance failed), so that whoever stops stepping an idle engine steps it again."""
 
 
 def generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
@@ -138,6 +144,9 @@ class LLMEngine:
                                           num_cached_blocks=self.rmanager.pool.num_cached_blocks,
                                           num_prefix_cache_queries=scheduler.num_prefix_cache_queries,
                                           num_prefix_cache_hits=scheduler.num_prefix_cache_hits)])
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """Nothing reaches one instance but through its methods: ``wake`` is never needed."""
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Serve a batch of prompts to completion (see :func:`generate`)."""

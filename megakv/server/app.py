@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from megakv.engine.async_engine import EngineStoppedError
+from megakv.engine.async_engine import EngineStoppedError, RequestRejectedError
 from megakv.server.openapi import (ChatCompletionResponse, CompletionResponse, DetokenizeResponse, ModelList,
                                    TokenizeResponse, VersionResponse, errors, generation_route, install_openapi,
                                    request_body)
@@ -164,6 +164,10 @@ def build_app(context: ServingContext) -> FastAPI:
     @app.exception_handler(EngineStoppedError)
     async def engine_stopped(_: Request, err: EngineStoppedError) -> JSONResponse:
         return JSONResponse(error_body(str(err), 500), status_code=500)
+
+    @app.exception_handler(RequestRejectedError)
+    async def request_rejected(_: Request, err: RequestRejectedError) -> JSONResponse:
+        return JSONResponse(error_body(str(err), 400), status_code=400)
 
     @app.exception_handler(RequestFailedError)
     async def request_failed(_: Request, err: RequestFailedError) -> JSONResponse:

@@ -153,8 +153,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model_name = settings.served_model_name or args.model
         request_defaults = {key: options[key] for key in REQUEST_DEFAULTS
                             if key != "max_new_tokens" or is_set(args, key)}
-        context = ServingContext(async_engine, model_name, info.model.vocab_size, engine.context_limit, tokenizer,
-                                 chat, ServerMetrics(model_name), settings.request_limits, request_defaults,
+        context = ServingContext(async_engine, model_name, info.model.vocab_size, tokenizer, chat,
+                                 ServerMetrics(model_name), settings.request_limits, request_defaults,
                                  chat_stop_token_ids(tokenizer, chat), read_tokenizer_config(args.model),
                                  config.cache.enable_prefix_caching)
         for line in startup_lines(args.model, info, dtype, config, context):

@@ -19,7 +19,7 @@ from typing import Any
 
 from megakv.chat import ChatTemplate, special_tokens
 from megakv.config import RequestLimits
-from megakv.engine.async_engine import AsyncEngine
+from megakv.engine.async_engine import AsyncEngine, RequestRejectedError
 from megakv.engine.limits import ContextLimit
 from megakv.engine.sampling import SamplingParams, TokenLogprobs
 from megakv.server.logprobs import chat_logprobs, completion_logprobs
@@ -58,8 +58,6 @@ class ServingContext:
     engine: AsyncEngine
     model_name: str
     vocab_size: int
-    # The most tokens (prompt + generated) one request may hold, and what sets that bound: the engine's.
-    context_limit: ContextLimit
     tokenizer: TextTokenizer | None
     chat: ChatTemplate | None
     metrics: ServerMetrics
@@ -74,6 +72,12 @@ class ServingContext:
     prefix_caching: bool = False
     # Set when the server starts to stop: every open response ends at once (see streams.merge).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def context_limit(self) -> ContextLimit:
+        """The most tokens (prompt + generated) one request may hold, and what sets that bound: the engine's now,
+        which a cluster lowers when instances fail."""
+        return self.engine.context_limit
 
     @property
     def max_model_len(self) -> int:
@@ -455,7 +459,9 @@ class Completion:
                         yield sse({**self._header(chunk=True), "choices": [choice],
                                    **self._chunk_usage(index, token_ids[index])})
         except (RuntimeError, ValueError) as err:
-            yield sse(error_body(str(err), 503 if isinstance(err, ServerShuttingDownError) else 500))
+            status = 503 if isinstance(err, ServerShuttingDownError) else 400 if isinstance(err, RequestRejectedError) \
+                else 500
+            yield sse(error_body(str(err), status))
         else:
             if self.usage_in_chunks:
                 yield sse({**self._header(chunk=True), "choices": [], "usage": self._usage(token_ids)})

@@ -20,6 +20,16 @@ def test_kv_capacity_cluster_names_lenders_and_cap():
     assert nothing_lent.describe() == "its instance holds 40 and the other 2 instances may lend 0 (--lending-cap 0.0)"
 
 
+def test_kv_capacity_of_a_cluster_that_lost_instances_names_them():
+    two_left = KVCapacity(40, num_other_instances=1, num_lendable_blocks_per_instance=16, lending_cap=0.4,
+                          failed_instances=(2, 3))
+    assert two_left.num_blocks == 56
+    assert two_left.describe() == ("its instance holds 40 and the other 1 instance may lend 16 (--lending-cap 0.4) "
+                                   "(instances [2, 3] failed)")
+    alone = ContextLimit(max_positions=1024, block_size=16, capacity=KVCapacity(8, failed_instances=(1,)))
+    assert alone.reason == "the KV memory it may use: 8 blocks of 16 tokens, its instance's pool (instances [1] failed)"
+
+
 def test_context_limit_one_token_either_side_of_the_kv_bound():
     limit = ContextLimit(max_positions=1024, block_size=16, capacity=KVCapacity(8))
     assert limit.max_model_len == 128

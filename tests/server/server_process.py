@@ -32,9 +32,9 @@ SHUTDOWN_SECONDS = 30
 class ServerProcess:
     """A running ``megakv serve`` (or mpirun of it) whose output is collected as it comes."""
 
-    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+    def __init__(self, proc: subprocess.Popen, port: int, host: str = "127.0.0.1") -> None:
         self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.lines: list[str] = []
         self._readers = [threading.Thread(target=self._read, args=(pipe,), daemon=True)
                          for pipe in (proc.stdout, proc.stderr) if pipe is not None]
@@ -110,6 +110,24 @@ def spawn_server(checkpoint: Path, *flags: str) -> ServerProcess:
         server.kill()
         raise
     return server
+
+
+def wait_for_failed_instances(server: ServerProcess, instances: list[int], timeout: float) -> dict:
+    """/health's body once it names ``instances`` failed (a healthy server's has no body); each poll is bounded,
+    for the front may be busy."""
+    health: dict = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{server.url}/health", timeout=2)
+            health = response.json() if response.content else {}
+        except httpx.TransportError:
+            pass
+        if health.get("failed_instances") == instances:
+            return health
+        time.sleep(0.1)
+    pytest.fail(f"/health did not name instances {instances} failed within {timeout} s: {health}\n"
+                f"{server.output[-4000:]}")
 
 
 def wait_for_idle_pools(url: str, timeout: float = 30) -> list[Sample]:

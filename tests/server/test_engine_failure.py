@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from megakv.bench.server_metrics import total
 from megakv.processes import session_pids
 
-from server_process import SHUTDOWN_SECONDS, ServerProcess, wait_for_idle_pools
+from server_process import SHUTDOWN_SECONDS, ServerProcess, wait_for_failed_instances, wait_for_idle_pools
 
 SAMPLING_FAILURE = "sampling failed: probability tensor contains either `inf`, `nan` or element < 0"
 
@@ -174,6 +174,26 @@ def test_a_request_the_instances_left_cannot_hold_ends_with_an_error_naming_the_
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
     assert client.completions.create(model="tiny", prompt=[4, 5], max_tokens=2, temperature=0).choices
     assert total(wait_for_idle_pools(server.url), "megakv:kv_blocks_free") == 16
+    assert server.stop(signal.SIGTERM) == 0, server.output
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_an_idle_cluster_server_hears_of_a_killed_instance_and_holds_less(chat_model, start_server):
+    # Nothing runs when the rank dies: the front, which steps only while there is work, must still hear of it.
+    server = start_server(chat_model[1], "--instances", "2", "--num-blocks", "16", "--served-model-name", "tiny",
+                          ranks=2)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
+    assert client.models.list().data[0].max_model_len == 2 * 16 * 16
+    (other_rank,) = [pid for pid in rank_pids(server) if pid != server.front_pid()]
+    os.kill(other_rank, signal.SIGKILL)
+    wait_for_failed_instances(server, [1], 10)
+    assert client.models.list().data[0].max_model_len == 16 * 16
+    with pytest.raises(openai.BadRequestError, match=r"a request may hold at most 256 \(the KV memory it may use: 16 "
+                                                     r"blocks of 16 tokens, its instance's pool \(instances \[1\] "
+                                                     r"failed\)\)"):
+        client.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=30, temperature=0)
+    assert client.completions.create(model="tiny", prompt=[4, 5], max_tokens=2, temperature=0).choices
     assert server.stop(signal.SIGTERM) == 0, server.output
 
 
