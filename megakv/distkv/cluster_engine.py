@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,10 @@ class ClusterEngine:
                       "launch/serve.sh does) so that the cluster goes on without a failed instance",
                       file=sys.stderr, flush=True)
         self.ranks = InstanceRanks(instance_comm, self.core.model_runner, info.model, self.kv_server)
+        # A hung rank of this instance holds the others in their next collective, and nothing else would notice
+        # (its leader's heartbeats go on). A live peer may itself be waiting, up to the peer timeout, for
+        # another instance before it joins: twice that is the bound.
+        state.bound_tensor_parallel_waits(2 * config.distkv.peer_timeout)
         self.loop = self.front = None
         if self.is_leader:
             traffic = ControlTraffic() if count_traffic else None
@@ -174,11 +179,19 @@ class ClusterEngine:
         self._stop_kv_server()
 
     def serve_forever(self) -> None:
-        """Run this rank's roles (every rank but the front) until the front shuts the cluster down."""
-        if self.loop is None:
-            self.ranks.follow()
-        else:
-            self.loop.serve()
+        """Run this rank's roles (every rank but the front) until the front shuts the cluster down. A step that
+        fails here (a tensor-parallel peer that did not answer in time, a fault) ends this rank alone where
+        members fail alone: its instance is declared failed and the cluster goes on without it."""
+        try:
+            if self.loop is None:
+                self.ranks.follow()
+            else:
+                self.loop.serve()
+        except (ValueError, RuntimeError) as err:
+            if members_fail_alone():
+                traceback.print_exc()
+                _end_rank(self.world, f"failed in its instance's step ({type(err).__name__}: {err})")
+            raise
         self._stop_kv_server()
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams],

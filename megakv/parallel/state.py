@@ -20,9 +20,11 @@ import atexit
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from megakv.processes import free_port
 
@@ -215,6 +217,14 @@ def _create_groups(tp: int, num_instances: int) -> None:
         group = dist.new_group(dist_attention_ranks(tp_rank, tp, num_instances), backend="gloo")
         if tp_rank == _state.tp_rank:
             _state.dist_attention_group = group
+
+
+def bound_tensor_parallel_waits(seconds: float) -> None:
+    """Make every later collective of this rank's tensor-parallel group raise once it has waited ``seconds`` for a
+    peer. A group takes its timeout when it is made; start-up, where the ranks load their shards each at its own
+    pace, keeps torch's default (torch's own _set_pg_timeout changes it afterwards)."""
+    if _state.tp_group is not None and _state.tp_size > 1:
+        _set_pg_timeout(timedelta(seconds=seconds), _state.tp_group)
 
 
 def model_parallel_is_initialized() -> bool:

@@ -43,12 +43,12 @@ def unrelated_wait(result: dict) -> float:
 
 def run_with_fault(run_mpi, tmp_path, checkpoint, reference, requests: list[dict], signal: str, tp: int = 1,
                    rank: int = 2) -> dict:
-    """Global rank ``rank``, of instance 2, gets ``signal`` once the long request has streamed its first token;
-    every request still ends with the undisturbed tokens, and instance 2 is declared failed."""
+    """Global rank ``rank`` gets ``signal`` once the long request has streamed its first token; every request still
+    ends with the undisturbed tokens, and the rank's instance is declared failed."""
     result = run_online(run_mpi, tmp_path, checkpoint, tp, 3, POOL_BLOCKS, requests,
                         fault={"after": [LONG, 1], "rank": rank, "signal": signal}, peer_timeout=PEER_TIMEOUT)
     check_served(result["results"], requests, reference)
-    assert result["report"]["failed"] == [2]
+    assert result["report"]["failed"] == [rank // tp]
     return result
 
 
@@ -97,3 +97,16 @@ def test_a_killed_tensor_parallel_rank_takes_its_whole_instance_out(megakv_check
     times = result["fault_times"]
     print(f"SIGKILL of a TP rank of the creditor: declared failed after {times['declared'] - times['sent']:.2f} s")
     assert times["declared"] - times["sent"] < PEER_TIMEOUT
+
+
+def test_a_hung_tensor_parallel_rank_takes_its_whole_instance_out(megakv_checkpoint, reference, run_mpi, tmp_path):
+    # TP 2: instance 1's second rank (global rank 3) stops while instance 1 decodes the long request. Its leader's
+    # heartbeats go on, and its creditor hears from it only when it asks: the leader's next tensor-parallel
+    # collective gives up after twice the peer timeout and ends the leader, which MPI reports. The long request
+    # runs again on another instance.
+    result = run_with_fault(run_mpi, tmp_path, megakv_checkpoint("gqa", 2), reference,
+                            three_instance_job(long_on=1, neighbour_on=0), "STOP", tp=2, rank=3)
+    times = result["fault_times"]
+    print(f"SIGSTOP of a TP rank of the debtor: declared failed after {times['declared'] - times['sent']:.2f} s")
+    assert times["declared"] - times["sent"] < 2 * PEER_TIMEOUT + 2
+    assert result["results"][LONG]["final"]["instance"] != 1
