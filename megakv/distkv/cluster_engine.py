@@ -125,7 +125,8 @@ class ClusterEngine:
             self.loop = InstanceLoop(self.core, config, self.ranks, self.instance_id, self.num_instances,
                                      self.is_front, self.leaders_comm, gmanager_comm, traffic)
         if self.is_front:
-            self.front = ClusterFront(self.loop, self.core, config, context_limit, self.num_instances)
+            self.front = ClusterFront(self.loop, self.core, config, context_limit, self.num_instances,
+                                      self.leaders_comm, self.loop.control_traffic)
         self._kv_server_stopped = False
         self._context_limit = context_limit
 
@@ -161,12 +162,12 @@ class ClusterEngine:
         return self._require_front().has_unfinished()
 
     def set_waker(self, wake: Callable[[], None]) -> None:
-        """Have ``wake`` called when the gManager service sends the front's instance a message (an instance
-        failed): the idle front is not stepped, and would hear of it only with the next request."""
+        """Have ``wake`` called when the gManager declares an instance failed or instance 0's loop fails: the idle
+        front is not stepped, and would hear of it only with the next request."""
         self._require_front().loop.wake = wake
 
     def step(self) -> list[RequestOutput]:
-        """Run one step of the front's own instance and collect what the other instances reported."""
+        """Collect what the instances reported (instance 0 steps on a thread of its own)."""
         return self._require_front().step()
 
     def stats(self) -> EngineStats:

@@ -11,6 +11,7 @@ between ranks (megakv.distkv.in_process carries them within one process).
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -261,9 +262,13 @@ class ControlTraffic:
 # See Pacer.
 ACTIVE_SECONDS = 0.5
 ACTIVE_POLL_SECONDS = 5e-4
-# Tags of control messages between leaders, and between the leaders and the gManager service.
+DORMANT_AFTER_SECONDS = 1.0
+DORMANT_POLL_SECONDS = 0.02
+# Tags of control messages between leaders, between the leaders and the gManager service, and from the leaders
+# to the front.
 CONTROL_TAG = 11
 GMANAGER_TAG = 12
+FRONT_TAG = 14
 # How long a rank with nothing to do sleeps between checks for a message. After BACKOFF_AFTER_SECONDS
 # of waiting the sleep doubles up to the second bound, so that a long wait takes almost no CPU; a short
 # wait keeps the short sleep, which oversleeps the message by little.
@@ -342,10 +347,12 @@ class Mailbox:
 
 
 def wait_quietly(done: Callable[[], bool], timeout: float | None = None,
-                 max_pause: float = MAX_IDLE_POLL_SECONDS) -> bool:
+                 max_pause: float = MAX_IDLE_POLL_SECONDS, wakeup: threading.Event | None = None) -> bool:
     """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
     busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle.
-    ``max_pause`` bounds the sleep between two checks, so how late a wait may notice its message."""
+    ``max_pause`` bounds the sleep between two checks, so how late a wait may notice its message; ``wakeup``,
+    set by a thread of this process that brings what ``done`` waits for, ends a sleep at once (the waiter
+    clears it before it takes what came)."""
     pause = min(IDLE_POLL_SECONDS, max_pause)
     now = time.monotonic()
     backoff_at, deadline = now + BACKOFF_AFTER_SECONDS, None if timeout is None else now + timeout
@@ -353,7 +360,10 @@ def wait_quietly(done: Callable[[], bool], timeout: float | None = None,
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return False
-        time.sleep(pause)
+        if wakeup is None:
+            time.sleep(pause)
+        else:
+            wakeup.wait(pause)
         if now > backoff_at:
             pause = min(2 * pause, max_pause)
     return True
@@ -365,25 +375,32 @@ class Pacer:
     Control traffic comes in bursts (a long prompt borrows chunk after chunk, a finished request settles with
     every creditor, DGFM moves block after block): for ACTIVE_SECONDS after its last message a rank checks at
     least every ACTIVE_POLL_SECONDS, a few percent of a core; quiet for longer, it backs off to ``idle_pause``
-    between checks, which costs almost nothing.
+    between checks, which costs little; quiet for DORMANT_AFTER_SECONDS, to DORMANT_POLL_SECONDS, which costs
+    almost nothing (an idle server's ranks), and the first message after such a spell waits up to that long.
     """
 
-    def __init__(self, idle_pause: float = MAX_IDLE_POLL_SECONDS) -> None:
+    def __init__(self, idle_pause: float = MAX_IDLE_POLL_SECONDS, active_pause: float = ACTIVE_POLL_SECONDS) -> None:
         self._last_message = float("-inf")
-        self._idle_pause = idle_pause
+        # Until when (seconds of quiet) each pace holds; the dormant pace holds from then on.
+        self._phases = ((ACTIVE_SECONDS, active_pause), (DORMANT_AFTER_SECONDS, idle_pause))
+        self._dormant_pause = max(idle_pause, DORMANT_POLL_SECONDS)
 
     def saw_message(self) -> None:
         self._last_message = time.monotonic()
 
-    def wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+    def wait(self, done: Callable[[], bool], timeout: float | None = None,
+             wakeup: threading.Event | None = None) -> bool:
         """wait_quietly at this rank's pace: True once ``done()``, False after ``timeout`` seconds."""
-        active_left = self._last_message + ACTIVE_SECONDS - time.monotonic()
-        if active_left > 0:
-            window = active_left if timeout is None else min(timeout, active_left)
-            if wait_quietly(done, window, ACTIVE_POLL_SECONDS):
+        quiet = time.monotonic() - self._last_message
+        for ends_at, pause in self._phases:
+            if quiet >= ends_at:
+                continue
+            window = ends_at - quiet if timeout is None else min(timeout, ends_at - quiet)
+            if wait_quietly(done, window, pause, wakeup):
                 return True
             if timeout is not None:
                 timeout -= window
                 if timeout <= 0:
                     return False
-        return wait_quietly(done, timeout, self._idle_pause)
+            quiet = ends_at
+        return wait_quietly(done, timeout, self._dormant_pause, wakeup)

@@ -3,8 +3,10 @@
 It validates each request against the cluster's limit, routes it (to the instance named, to
 the one holding its longest cached prefix, or to the one with the most free KV room), keeps
 the request table, and streams each request's outputs as its instance reports them. It shares
-its rank with instance 0's leader loop, whose mail carries the other leaders' reports to it,
-and with the gManager service's thread, whose ledger it reads for monitoring. When the gManager
+its rank with instance 0's leader loop and with the gManager service, each on a thread of its
+own: the front treats instance 0 as any other instance (orders in, Progress out), so that it
+streams the other instances' tokens while instance 0's step waits, and reads the gManager's
+ledger for monitoring. When the gManager
 declares an instance failed, the front runs that instance's requests again elsewhere, from
 their prompts and the tokens already streamed, so that their clients see a pause, not an error.
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from collections import Counter
 
 from megakv.config import EngineConfig
-from megakv.distkv.control import wait_quietly
-from megakv.distkv.instance_loop import InstanceLoop, Orders, Progress
+from megakv.distkv.control import FRONT_TAG, ControlTraffic, Mailbox, Pacer
+from megakv.distkv.instance_loop import FLUSH_SECONDS, InstanceLoop, Orders, Progress
 from megakv.distkv.messages import InstanceFailed
 from megakv.distkv.policy import cluster_kv_capacity
 from megakv.distkv.prefix_routing import PrefixDirectory, prefix_holder
@@ -28,9 +31,12 @@ from megakv.engine.sampling import SamplingParams
 from megakv.engine.stats import EngineStats, InstanceStats
 from megakv.kvcache.prefix_cache import extend_block_hashes
 
-# The longest step() waits for the other instances' outputs when the front's own instance has nothing to run:
-# its caller (the server's engine loop) takes new requests between two steps.
+# The longest step() waits for the instances' outputs: its caller (the server's engine loop) takes new requests
+# between two steps.
 FRONT_WAIT_SECONDS = 0.02
+# See ClusterFront._pacer: a few percent of a decode step, as late as the old front, which took the other leaders'
+# Progress between two steps of instance 0, was on average.
+FRONT_ACTIVE_PAUSE_SECONDS = 2e-3
 
 
 class ClusterStalledError(RuntimeError):
@@ -38,10 +44,11 @@ class ClusterStalledError(RuntimeError):
 
 
 class ClusterFront:
-    """Requests in, outputs out, for the whole cluster; instance 0's leader loop runs beside it."""
+    """Requests in, outputs out, for the whole cluster; instance 0's leader loop runs beside it, on a thread that
+    the front starts."""
 
     def __init__(self, loop: InstanceLoop, core: InstanceCore, config: EngineConfig, context_limit: ContextLimit,
-                 num_instances: int) -> None:
+                 num_instances: int, leaders_comm, traffic: ControlTraffic | None = None) -> None:
         self.loop = loop
         self.core = core
         self.config = config
@@ -62,7 +69,7 @@ class ClusterFront:
         # yet confirmed the stop.
         self._ready: list[RequestOutput] = []
         self._progress: dict[int, Progress] = {}
-        self._running_leaders: set[int] = set(range(1, num_instances))
+        self._running_leaders: set[int] = set(range(num_instances))
         # Instances the gManager declared failed, in that order, and the requests run again after a failure.
         self.failed: list[int] = []
         self.num_requests_recomputed = 0
@@ -72,6 +79,24 @@ class ClusterFront:
         # When the front last saw the cluster move on its own: a step of instance 0, a new request or an abort
         # (a message counts too: see InstanceLoop.last_message_at).
         self._last_activity = time.monotonic()
+        # The other leaders' Progress comes to the front's own mailbox; its orders to them leave by another (the
+        # loop's mailbox belongs to instance 0's thread).
+        self.mailbox = Mailbox(leaders_comm, traffic, FRONT_TAG)
+        self._orders = Mailbox(leaders_comm, traffic)
+        # Instance 0's outputs wake the front at once (front_event); only the other leaders' Progress waits for its
+        # checks, which take the GIL from instance 0's step: FRONT_ACTIVE_PAUSE_SECONDS apart at most.
+        self._pacer = Pacer(active_pause=FRONT_ACTIVE_PAUSE_SECONDS)
+        self._instance_error: BaseException | None = None
+        self._instance_thread = threading.Thread(target=self._run_instance, name="megakv-instance-0", daemon=True)
+        self._instance_thread.start()
+
+    def _run_instance(self) -> None:
+        try:
+            self.loop.serve()
+        except BaseException as err:  # raised by the front's next step: the service cannot go on without it
+            self._instance_error = err
+            self.loop.front_event.set()
+            self.loop.wake()
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     instance: int | None = None) -> str:
@@ -107,22 +132,23 @@ class ClusterFront:
         self._last_activity = time.monotonic()
         self._where[request.request_id] = target
         self._routed[request.request_id] = request
-        if target == self.loop.instance_id:
-            self.core.add(request)
+        self._order(target, Orders(requests=[request]))
+
+    def _order(self, instance: int, orders: Orders) -> None:
+        if instance == self.loop.instance_id:
+            self.loop.post(instance, orders)
         else:
-            self.loop.post(target, Orders(requests=[request]))
+            self._orders.post(instance, orders)
 
     def _route(self, request: Request) -> int:
         """With prefix caching, the instance that holds the longest cached prefix of the request, unless it is
         much busier than the others (megakv.distkv.prefix_routing); else the instance with the most free blocks
         as last reported, then the fewest cached blocks (whose prefixes a request here would push out), then the
         fewest requests routed to it."""
-        here, pool = self.loop.instance_id, self.rmanager.pool.num_blocks
-        free = [self.rmanager.num_free_blocks if index == here else
-                self._progress[index].num_free_blocks if index in self._progress else pool
+        pool = self.rmanager.pool.num_blocks
+        free = [self._progress[index].num_free_blocks if index in self._progress else pool
                 for index in range(self.num_instances)]
-        cached = [self.rmanager.pool.num_cached_blocks if index == here else
-                  self._progress[index].num_cached_blocks if index in self._progress else 0
+        cached = [self._progress[index].num_cached_blocks if index in self._progress else 0
                   for index in range(self.num_instances)]
         load = Counter(self._where.values())
         if self._prefixes is not None:
@@ -136,26 +162,29 @@ class ClusterFront:
         """Stop a request on its instance (before its next step) and release its blocks everywhere."""
         self._last_activity = time.monotonic()
         target = self._where.get(request_id)
-        if target == self.loop.instance_id:
-            self.loop.abort_here(request_id)
-        elif target is not None:
-            self.loop.post(target, Orders(aborts=[request_id]))
+        if target is not None:
+            self._order(target, Orders(aborts=[request_id]))
 
     def has_unfinished(self) -> bool:
         """True while a request runs anywhere in the cluster, has an output not yet returned, or blocks are
         still owed: an idle front stops stepping, and the ledger settles only while it steps."""
         owed = self.rmanager.has_returns or self.gmanager_service.is_busy or self.loop.has_local_mail
-        return bool(self._where) or bool(self._ready) or bool(self.loop.to_front) or owed
+        return bool(self._where) or bool(self._ready) or self._has_news() or owed
+
+    def _has_news(self) -> bool:
+        return bool(self.loop.to_front) or self.mailbox.has_mail()
+
+    def _check_threads(self) -> None:
+        """Raise if instance 0's loop or the gManager service failed."""
+        self.gmanager_service.check()
+        if self._instance_error is not None:
+            raise RuntimeError(f"instance 0's loop failed: {self._instance_error!r}") from self._instance_error
 
     def step(self) -> list[RequestOutput]:
-        """Run one step of instance 0 and collect what the other instances reported; with nothing to run there,
-        wait up to FRONT_WAIT_SECONDS for their messages."""
-        self.gmanager_service.check()
-        if self.loop.step():
-            self._last_activity = time.monotonic()
-        elif not self._ready and not self.loop.to_front:
-            self.loop.wait_for_mail(FRONT_WAIT_SECONDS)
-            self.loop.take_mail()
+        """Collect what the instances reported, waiting up to FRONT_WAIT_SECONDS for it."""
+        self._check_threads()
+        if not self._ready and not self._has_news():
+            self._pacer.wait(self._has_news, FRONT_WAIT_SECONDS, self.loop.front_event)
         self._collect()
         self._check_stalled()
         ready, self._ready = self._ready, []
@@ -170,9 +199,13 @@ class ClusterFront:
         return ready
 
     def _collect(self) -> None:
-        """Take what instance 0's loop brought the front: its own outputs, and the other leaders' progress."""
-        while self.loop.to_front:
-            item = self.loop.to_front.popleft()
+        """Take what the instances reported: instance 0's outputs whole and its Progress, the other leaders'
+        Progress with their new tokens, and the failures the gManager declared."""
+        self.loop.front_event.clear()
+        items = [self.loop.to_front.popleft() for _ in range(len(self.loop.to_front))] + self.mailbox.receive()
+        if items:
+            self._pacer.saw_message()
+        for item in items:
             if isinstance(item, RequestOutput):
                 self._ready.append(item)
                 continue
@@ -231,8 +264,7 @@ class ClusterFront:
         if not self._where or quiet < self.config.distkv.stall_timeout:
             return
         holders = sorted(set(self._where.values()))
-        progress = {index: self.loop.progress_now() if index == self.loop.instance_id else self._progress.get(index)
-                    for index in holders}
+        progress = {index: self._progress.get(index) for index in holders}
         if any(report is None or not report.blocked for report in progress.values()):
             return
         waits = "; ".join(f"instance {index}: {report.num_running} running, {report.num_waiting} waiting"
@@ -242,8 +274,8 @@ class ClusterFront:
             f"({waits}; gManager: {self.gmanager_service.describe()})")
 
     def stats(self) -> EngineStats:
-        """Each live instance's queues and pool as last reported (instance 0's as they are now), and the gManager's
-        counters and ledger; blocks lent and borrowed are the ledger's debts."""
+        """Each live instance's queues and pool as last reported, and the gManager's counters and ledger; blocks lent
+        and borrowed are the ledger's debts."""
         service = self.gmanager_service
         with service.lock:
             gmanager = service.gmanager
@@ -253,10 +285,7 @@ class ClusterFront:
         instances = []
         num_blocks = self.rmanager.pool.num_blocks
         for index in self.live_instances:
-            if index == self.loop.instance_id:
-                progress = self.loop.progress_now()
-            else:
-                progress = self._progress.get(index, Progress(index, [], num_blocks, 0, 0, 0, 0, 0))
+            progress = self._progress.get(index, Progress(index, [], num_blocks, 0, 0, 0, 0, 0))
             instances.append(InstanceStats(
                 index, progress.num_running, progress.num_waiting, num_blocks=num_blocks,
                 num_free_blocks=progress.num_free_blocks,
@@ -271,11 +300,13 @@ class ClusterFront:
                            num_requests_recomputed=self.num_requests_recomputed)
 
     def shutdown(self) -> None:
-        """Stop every instance: each leader leaves its loop after the step it is in, then instance 0 stops."""
-        for index in self._running_leaders:
-            self.loop.post(index, Orders(stop=True))
+        """Stop every instance: each leader leaves its loop after the step it is in; instance 0's, last, stops the
+        gManager service once every other has left."""
+        for index in sorted(self._running_leaders, reverse=True):
+            self._order(index, Orders(stop=True))
         while self._running_leaders:
-            wait_quietly(self.loop.has_mail)
-            self.loop.take_mail()
+            self._pacer.wait(lambda: self._has_news() or self._instance_error is not None, None, self.loop.front_event)
+            self._check_threads()
             self._collect()
-        self.loop.stop()
+        self._orders.flush(FLUSH_SECONDS)
+        self._instance_thread.join()

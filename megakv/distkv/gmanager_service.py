@@ -49,6 +49,7 @@ class GManagerService:
         # Held while the thread handles a message, so that the front reads a ledger between two messages.
         self.lock = threading.Lock()
         self._home: deque[object] = deque()
+        self._home_event = threading.Event()
         self._left = {GMANAGER_INSTANCE}
         self._stopping = threading.Event()
         self.error: BaseException | None = None
@@ -59,6 +60,7 @@ class GManagerService:
     def submit(self, message: object) -> None:
         """A message from the home instance (any thread)."""
         self._home.append(message)
+        self._home_event.set()
 
     @property
     def is_busy(self) -> bool:
@@ -93,7 +95,8 @@ class GManagerService:
     def _serve(self) -> None:
         try:
             while not self._finished():
-                self._pacer.wait(self._has_work)
+                self._pacer.wait(self._has_work, None, self._home_event)
+                self._home_event.clear()
                 while self._home:
                     self._handle(self._home.popleft())
                 for message in self._mailbox.receive():

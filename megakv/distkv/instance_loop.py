@@ -6,7 +6,9 @@ the gManager and the other instances), schedule its batch, recall lent blocks fo
 its own that waited too long for them, tell the gManager what its requests need to borrow, pull
 remote blocks home when its pool has room, or swap blocks with an instance whose requests hold
 this pool's while this one's hold its (DGFM), hand the step to its TP ranks, and send the
-step's outputs to the front. A step waits for no other instance, except, layer by layer, for
+step's outputs to the front. Every leader runs its loop on a thread of its own, the front's too, so that
+the front streams every instance's tokens whatever instance 0's step waits for. A step waits for no other
+instance, except, layer by layer, for
 the KV servers of the instances holding its requests' blocks; those answer from a thread of
 their own. An instance that offered a swap runs no step until its peer answers, once the peer's
 current step ends. An instance with nothing to do sleeps until a message arrives.
@@ -22,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megakv.config import EngineConfig
-from megakv.distkv.control import (GMANAGER_INSTANCE, GMANAGER_MESSAGES, GMANAGER_TAG, ControlTraffic, InstanceControl,
-                                   Mailbox, Pacer)
+from megakv.distkv.control import (FRONT_TAG, GMANAGER_INSTANCE, GMANAGER_MESSAGES, GMANAGER_TAG, MAX_IDLE_POLL_SECONDS,
+                                   ControlTraffic, InstanceControl, Mailbox, Pacer)
 from megakv.distkv.gmanager import GManager
 from megakv.distkv.gmanager_service import GManagerService
 from megakv.distkv.instance_ranks import InstanceRanks, StepPlan
@@ -39,6 +41,11 @@ from megakv.parallel.messaging import end_this_rank
 
 # How long a stopping leader waits for its last messages to leave.
 FLUSH_SECONDS = 5.0
+# Between two checks for the other leaders' messages by the front's instance, quiet for a while (see Pacer). What
+# they send a quiet instance 0 (blocks given back, a swap's answer) can wait this long; what is urgent reaches it
+# from its own rank without waiting (the front's orders, the gManager's answers). Each check costs CPU on a rank
+# that hosts the gManager service too.
+QUIET_FRONT_INSTANCE_PAUSE_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,9 @@ class Progress:
 class InstanceLoop:
     """The leader of one instance: its control plane, its scheduling policy across the cluster, and its steps.
 
-    On the front's rank (instance 0) it also hosts the gManager service, and what it receives for the front
-    (the other leaders' Progress, and its own outputs) waits in ``to_front``.
+    On the front's rank (instance 0) it also hosts the gManager service, and what it has for the front (its
+    outputs and Progress, and the failures the gManager declared) waits in ``to_front``; the other leaders send
+    their Progress to the front's own mailbox.
     """
 
     def __init__(self, core: InstanceCore, config: EngineConfig, ranks: InstanceRanks, instance_id: int,
@@ -88,12 +96,17 @@ class InstanceLoop:
         self.model_runner, self.step_log = core.model_runner, core.step_log
         self.admission: ClusterAdmission = self.scheduler.admission
         self.instance_id, self.is_front = instance_id, is_front
-        self._pacer = Pacer()
-        # Messages this leader posted to itself, and (on the front) the gManager service's answers to it.
+        # The front's instance hears of its requests and of the gManager's answers at once (``_mail_event``), so
+        # only the other leaders' messages wait for its checks; see QUIET_FRONT_INSTANCE_PAUSE_SECONDS.
+        self._pacer = Pacer(QUIET_FRONT_INSTANCE_PAUSE_SECONDS if is_front else MAX_IDLE_POLL_SECONDS)
+        # Messages this leader posted to itself, and (on the front) the front's orders and the gManager service's
+        # answers to it; the event is set when one comes.
         self._local_mail: deque[object] = deque()
-        # On the front: instance 0's outputs, the other leaders' Progress and the failures the gManager declared,
-        # for the front to take.
+        self._mail_event = threading.Event()
+        # On the front's rank: instance 0's outputs and Progress, and the failures the gManager declared, for the
+        # front (another thread) to take.
         self.to_front: deque[RequestOutput | Progress | InstanceFailed] = deque()
+        self.front_event = threading.Event()
         # When this leader last received a message (the front's stall detector reads it).
         self.last_message_at = time.monotonic()
         # What this leader sent on the control plane, and in how many steps (count_traffic only).
@@ -101,10 +114,10 @@ class InstanceLoop:
         self.num_steps = 0
         # Called before each step: tests stall an instance with it.
         self.before_step: Callable[[], None] | None = None
-        # Called after the gManager service delivers a message to the front's instance, which an idle front does not
-        # step (see ClusterEngine.set_waker).
+        # Called when something waits in to_front: the idle front sleeps until it is (see ClusterEngine.set_waker).
         self.wake: Callable[[], None] = lambda: None
         self.mailbox = Mailbox(leaders_comm, control_traffic)
+        self.front_mailbox = None if is_front else Mailbox(leaders_comm, control_traffic, FRONT_TAG)
         self.gmanager_service = self.gmanager_mailbox = None
         self._stopped = threading.Event()
         if is_front:
@@ -142,10 +155,10 @@ class InstanceLoop:
 
     def wait_for_mail(self, timeout: float | None) -> bool:
         """Sleep until a message arrives (True) or ``timeout`` seconds pass, at this rank's pace."""
-        return self._pacer.wait(self.has_mail, timeout)
+        return self._pacer.wait(self.has_mail, timeout, self._mail_event)
 
     def serve(self) -> None:
-        """Run this instance (every leader but the front's) until the front stops it."""
+        """Run this instance until the front stops it."""
         while not self.stopping:
             if not self.step() and not self.stopping:
                 self.wait_for_mail(self._recall_due_in())
@@ -168,6 +181,7 @@ class InstanceLoop:
         else:
             self.gmanager_mailbox.post(GMANAGER_INSTANCE, Left(self.instance_id))
             self.gmanager_mailbox.flush(FLUSH_SECONDS)
+            self.front_mailbox.flush(FLUSH_SECONDS)
         self.mailbox.flush(FLUSH_SECONDS)
 
     def post(self, instance_id: int, message: object) -> None:
@@ -179,12 +193,21 @@ class InstanceLoop:
                 self.gmanager_mailbox.post(GMANAGER_INSTANCE, message)
         elif instance_id == self.instance_id:
             self._local_mail.append(message)
+            self._mail_event.set()
         else:
             self.mailbox.post(instance_id, message)
 
     def _deliver_home(self, message: object) -> None:
+        """The gManager service's message to instance 0; a declared failure goes to the front as well, at once."""
         self._local_mail.append(message)
-        self.wake()
+        self._mail_event.set()
+        if isinstance(message, InstanceFailed):
+            self._to_front(message)
+            self.wake()
+
+    def _to_front(self, *items: RequestOutput | Progress | InstanceFailed) -> None:
+        self.to_front.extend(items)
+        self.front_event.set()
 
     def has_mail(self) -> bool:
         """Whether a message waits for this leader."""
@@ -196,6 +219,7 @@ class InstanceLoop:
         failed ends: the service is gone."""
         handled = False
         while True:
+            self._mail_event.clear()
             messages = [self._local_mail.popleft() for _ in range(len(self._local_mail))]
             messages += self.mailbox.receive()
             if self.gmanager_mailbox is not None:
@@ -219,8 +243,6 @@ class InstanceLoop:
             for request_id in message.aborts:
                 self.abort_here(request_id)
             self.stopping = self.stopping or message.stop
-        elif isinstance(message, Progress):
-            self.to_front.append(message)
         elif isinstance(message, InstanceFailed):
             if message.instance_id == self.instance_id:
                 print(f"megakv: instance {self.instance_id} was declared failed by the gManager (it did not answer "
@@ -228,8 +250,6 @@ class InstanceLoop:
                       file=sys.stderr, flush=True)
                 end_this_rank()
             self._instance_failed(message.instance_id)
-            if self.is_front:
-                self.to_front.append(message)
         else:
             self.control.handle(message)
 
@@ -462,22 +482,24 @@ class InstanceLoop:
                         num_prefix_cache_hits=self.scheduler.num_prefix_cache_hits)
 
     def report_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Outputs go to the front: directly on the front, in a Progress elsewhere.
+        """Outputs go to the front: whole on the front's rank, in a Progress elsewhere.
 
         A Progress carries only each step's new tokens: with the prompt and every token so far, a long request
         would send its whole context to the front every step.
         """
         if self.is_front:
-            self.to_front.extend(outputs)
+            self._to_front(*outputs)
+            self._report()
         else:
             self._report([dataclasses.replace(output, prompt_ids=[], token_ids=[]) for output in outputs])
 
     def _report(self, outputs: list[RequestOutput] | None = None, final: bool = False) -> None:
         """Send the front a Progress when there are outputs, the queues changed, or this is the last one."""
-        if self.is_front:
-            return
         progress = self.progress_now(outputs, final)
         counters = dataclasses.astuple(dataclasses.replace(progress, outputs=[]))
         if outputs or final or counters != self._reported:
             self._reported = counters
-            self.post(0, progress)
+            if self.is_front:
+                self._to_front(progress)
+            else:
+                self.front_mailbox.post(0, progress)

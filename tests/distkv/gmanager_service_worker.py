@@ -2,9 +2,10 @@
 
 argv: checkpoint out.json hold_seconds. Three instances of one rank each, pools of 8 blocks of 16 tokens.
 Request P (220 tokens, instance 1) borrows first from instance 0, so the gManager then knows instance 0
-has less to lend than instance 2. Once that loan is in the ledger, the front adds request B (150 tokens,
-instance 1: more than its pool, so it borrows too) and holds its own instance's next step for
-``hold_seconds``: B's first loan must come from instance 2 during the hold. Rank 0 writes the hold's start
+has less to lend than instance 2. Once that loan is in the ledger, the front adds request H (20 tokens) to its
+own instance, whose step for it is held for ``hold_seconds``; once the hold has begun, the front adds request B
+(150 tokens, instance 1: more than its pool, so it borrows too): B's first loan must come from instance 2
+during the hold, for neither the gManager nor the front waits for instance 0's step. Rank 0 writes the hold's start
 and end and the outputs; rank 1 writes when each loan reached it, to ``out.json.rank1`` (every rank is on
 one host: one clock).
 """
@@ -60,21 +61,28 @@ def main() -> None:
     hold: dict[str, float] = {}
     added: set[str] = set()
 
-    def hold_once() -> None:
-        if "B" in added and not hold:
+    def hold_once() -> None:  # on instance 0's thread
+        if "H" in added and not hold:
             hold["start"] = time.time()
             time.sleep(hold_seconds)
             hold["end"] = time.time()
 
     engine.before_step = hold_once
-    requests = {"P": (prompt(220, 1), 4), "B": (prompt(150, 2), 8)}
-    engine.add_request(requests["P"][0], SamplingParams(max_new_tokens=requests["P"][1]), "P", instance=1)
+    requests = {"P": (prompt(220, 1), 4), "H": (prompt(20, 3), 2), "B": (prompt(150, 2), 8)}
+
+    def add(request_id: str, instance: int) -> None:
+        prompt_ids, max_new_tokens = requests[request_id]
+        added.add(request_id)
+        engine.add_request(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens), request_id, instance=instance)
+
+    add("P", 1)
     outputs = {}
     deadline = time.monotonic() + 120
-    while (len(outputs) < 2 or engine.has_unfinished()) and time.monotonic() < deadline:
-        if "B" not in added and "1->0" in engine.stats().ledger_outstanding:
-            engine.add_request(requests["B"][0], SamplingParams(max_new_tokens=requests["B"][1]), "B", instance=1)
-            added.add("B")
+    while (len(outputs) < len(requests) or engine.has_unfinished()) and time.monotonic() < deadline:
+        if "H" not in added and "1->0" in engine.stats().ledger_outstanding:
+            add("H", 0)
+        if "B" not in added and "start" in hold:
+            add("B", 1)
         for output in engine.step():
             if output.finished:
                 outputs[output.request_id] = output.token_ids

@@ -156,7 +156,7 @@ def test_gmanager_lends_while_the_front_instance_is_held_in_a_step(megakv_checkp
     loans = json.loads(Path(f"{out}.rank1").read_text())
     hold = result["hold"]
     assert hold["end"] - hold["start"] >= hold_seconds
-    # Hosted in instance 0's step loop, the gManager would answer B's Borrow only after the hold.
+    # Were the gManager or the front driven by instance 0's step loop, B would borrow only after the hold.
     loans_of_b = [loan for loan in loans if loan["request_id"] == "B"]
     assert loans_of_b and loans_of_b[0]["creditor"] == 2
     assert hold["start"] < loans_of_b[0]["time"] < hold["end"] - hold_seconds / 2
