@@ -114,11 +114,8 @@ class ClusterEngine:
                 print("megakv: a failed rank ends this whole job: launch with `mpirun --with-ft ulfm` (as "
                       "launch/serve.sh does) so that the cluster goes on without a failed instance",
                       file=sys.stderr, flush=True)
-        self.ranks = InstanceRanks(instance_comm, self.core.model_runner, info.model, self.kv_server)
-        # A hung rank of this instance holds the others in their next collective, and nothing else would notice
-        # (its leader's heartbeats go on). A live peer may itself be waiting, up to the peer timeout, for
-        # another instance before it joins: twice that is the bound.
-        state.bound_tensor_parallel_waits(2 * config.distkv.peer_timeout)
+        self.ranks = InstanceRanks(instance_comm, self.core.model_runner, info.model, self.kv_server,
+                                   2 * config.distkv.peer_timeout)
         self.loop = self.front = None
         if self.is_leader:
             traffic = ControlTraffic() if count_traffic else None

@@ -76,8 +76,8 @@ class ClusterFront:
         # Requests aborted because the cluster left after a failure cannot hold them: request id -> the error their
         # last output carries instead of the abort.
         self._failing: dict[str, str] = {}
-        # When the front last saw the cluster move on its own: a step of instance 0, a new request or an abort
-        # (a message counts too: see InstanceLoop.last_message_at).
+        # When the front last saw the cluster move: a report, a new request or an abort (a message to instance 0
+        # counts too: see InstanceLoop.last_message_at).
         self._last_activity = time.monotonic()
         # The other leaders' Progress comes to the front's own mailbox; its orders to them leave by another (the
         # loop's mailbox belongs to instance 0's thread).
@@ -167,7 +167,8 @@ class ClusterFront:
 
     def has_unfinished(self) -> bool:
         """True while a request runs anywhere in the cluster, has an output not yet returned, or blocks are
-        still owed: an idle front stops stepping, and the ledger settles only while it steps."""
+        still owed: the front's caller keeps collecting reports (and /metrics stays current) until the ledger
+        settles."""
         owed = self.rmanager.has_returns or self.gmanager_service.is_busy or self.loop.has_local_mail
         return bool(self._where) or bool(self._ready) or self._has_news() or owed
 
@@ -205,6 +206,7 @@ class ClusterFront:
         items = [self.loop.to_front.popleft() for _ in range(len(self.loop.to_front))] + self.mailbox.receive()
         if items:
             self._pacer.saw_message()
+            self._last_activity = time.monotonic()
         for item in items:
             if isinstance(item, RequestOutput):
                 self._ready.append(item)

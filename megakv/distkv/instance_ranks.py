@@ -8,6 +8,7 @@ reaching the same TP rank of the other instances (DistKV-LLM section 4.2).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -41,12 +42,24 @@ class StepPlan:
     stop: bool = False
 
 
+class TensorParallelPeerTimeout(RuntimeError):
+    """Another TP rank of this instance did not take its part of a step in time: the instance cannot go on."""
+
+
 class InstanceRanks:
-    """This rank's part of its instance's steps: the leader's hand-off of each plan, and running it."""
+    """This rank's part of its instance's steps: the leader's hand-off of each plan, and running it.
+
+    A hung rank holds the others of its instance, and nothing else would notice (its leader's heartbeats go
+    on): every wait on another TP rank of the instance (a plan's hand-off, a collective) gives up after
+    ``tp_timeout`` seconds, and the rank that waited raises. A live peer may itself be waiting up to the peer
+    timeout for another instance before it joins: the cluster gives twice that.
+    """
 
     def __init__(self, instance_comm, model_runner: ModelRunner, model_config: ModelConfig,
-                 kv_server: KVServer | None) -> None:
+                 kv_server: KVServer | None, tp_timeout: float) -> None:
         self.instance_comm = instance_comm
+        self.tp_timeout = tp_timeout
+        state.bound_tensor_parallel_waits(tp_timeout)
         self.model_runner = model_runner
         self.model_config = model_config
         self.kv_server = kv_server
@@ -58,14 +71,25 @@ class InstanceRanks:
     def run_now(self, plan: StepPlan) -> torch.Tensor | None:
         """The leader: hand the plan to this instance's other TP ranks and run it; the logits of its sampled
         rows, or None without inputs."""
-        for tp_rank in range(1, self.instance_comm.Get_size()):
-            self.instance_comm.send(plan, dest=tp_rank, tag=PLAN_TAG)
+        self._hand(plan)
         return self.run(plan)
 
     def stop_followers(self) -> None:
-        """The leader: the other TP ranks leave their loop."""
-        for tp_rank in range(1, self.instance_comm.Get_size()):
-            self.instance_comm.send(StepPlan(None, stop=True), dest=tp_rank, tag=PLAN_TAG)
+        """The leader: the other TP ranks leave their loop (a hung one is left behind)."""
+        try:
+            self._hand(StepPlan(None, stop=True))
+        except TensorParallelPeerTimeout as err:
+            print(f"megakv: {err}: stopping without it", file=sys.stderr, flush=True)
+
+    def _hand(self, plan: StepPlan) -> None:
+        """Send the plan to the other TP ranks; TensorParallelPeerTimeout if one has not taken it within the
+        bound (a large plan waits for its receiver)."""
+        sends = [self.instance_comm.isend(plan, dest=tp_rank, tag=PLAN_TAG)
+                 for tp_rank in range(1, self.instance_comm.Get_size())]
+        if not wait_quietly(lambda: all(send.Test() for send in sends), self.tp_timeout):
+            raise TensorParallelPeerTimeout(
+                f"instance {state.get_instance_id()}: a tensor-parallel rank did not take its step plan within "
+                f"{self.tp_timeout:g} s (twice --peer-timeout): it hung or was cut off")
 
     def follow(self) -> None:
         """A TP rank other than the leader: run the leader's plans until it says stop."""
