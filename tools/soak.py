@@ -13,9 +13,9 @@ the end it waits until no request runs and reads /metrics and /health.
 
 Prints one JSON object (also written to ``--output``): the requests completed, aborted and failed (with the
 first errors; apart, those that the instances left after a failure cannot hold), each rank's memory and
-descriptors after the warm-up (the first fifth of the run) and at the end, and whether every live pool is whole
-(every block free, the ledger empty). A server that leaks shows growth between the two samples; one that loses
-blocks shows pools that are not whole.
+descriptors after the warm-up (the first fifth of the run) and at the end, its memory at every sample, and whether
+every live pool is whole (every block free, the ledger empty). A server that leaks shows memory that keeps
+growing; one that loses blocks shows pools that are not whole.
 """
 from __future__ import annotations
 
@@ -192,7 +192,9 @@ async def soak(args: argparse.Namespace, server: Server) -> dict:
     warm = next(figures for seconds, figures in samples if seconds >= elapsed / 5)
     last = samples[-1][1]
     ranks = {rank: {"after_warm_up": warm[rank], "end": last[rank],
-                    "peak_rss_mib": max(figures[rank]["rss_mib"] for _, figures in samples if rank in figures)}
+                    "peak_rss_mib": max(figures[rank]["rss_mib"] for _, figures in samples if rank in figures),
+                    "rss_mib_series": [[round(seconds), figures[rank]["rss_mib"]] for seconds, figures in samples
+                                       if rank in figures]}
              for rank in sorted(last) if rank in warm}
     return {"seconds": round(elapsed, 1), "requests": load.counts, "errors": load.errors,
             "killed": None if killed_at is None else {"rank": args.kill_rank, "at_s": round(killed_at, 1)},
