@@ -347,13 +347,14 @@ class Mailbox:
 
 
 def wait_quietly(done: Callable[[], bool], timeout: float | None = None,
-                 max_pause: float = MAX_IDLE_POLL_SECONDS, wakeup: threading.Event | None = None) -> bool:
+                 max_pause: float = MAX_IDLE_POLL_SECONDS, wakeup: threading.Event | None = None,
+                 first_pause: float = IDLE_POLL_SECONDS) -> bool:
     """Wait until ``done()`` (True) or ``timeout`` seconds (False) without spinning: MPI's blocking calls
     busy-poll, which takes a core from the instances still computing and burns one while the cluster is idle.
-    ``max_pause`` bounds the sleep between two checks, so how late a wait may notice its message; ``wakeup``,
-    set by a thread of this process that brings what ``done`` waits for, ends a sleep at once (the waiter
-    clears it before it takes what came)."""
-    pause = min(IDLE_POLL_SECONDS, max_pause)
+    The sleep between two checks starts at ``first_pause`` and, after BACKOFF_AFTER_SECONDS, doubles up to
+    ``max_pause``, which bounds how late a wait may notice its message. ``wakeup``, set by a thread of this
+    process after it brings what ``done`` waits for, ends a sleep at once."""
+    pause = min(first_pause, max_pause)
     now = time.monotonic()
     backoff_at, deadline = now + BACKOFF_AFTER_SECONDS, None if timeout is None else now + timeout
     while not done():
@@ -362,8 +363,9 @@ def wait_quietly(done: Callable[[], bool], timeout: float | None = None,
             return False
         if wakeup is None:
             time.sleep(pause)
-        else:
-            wakeup.wait(pause)
+        elif wakeup.wait(pause):
+            # Cleared here too: a producer may set it after its item was taken, and a set event never sleeps.
+            wakeup.clear()
         if now > backoff_at:
             pause = min(2 * pause, max_pause)
     return True
@@ -379,8 +381,10 @@ class Pacer:
     almost nothing (an idle server's ranks), and the first message after such a spell waits up to that long.
     """
 
-    def __init__(self, idle_pause: float = MAX_IDLE_POLL_SECONDS, active_pause: float = ACTIVE_POLL_SECONDS) -> None:
+    def __init__(self, idle_pause: float = MAX_IDLE_POLL_SECONDS, active_pause: float = ACTIVE_POLL_SECONDS,
+                 first_pause: float = IDLE_POLL_SECONDS) -> None:
         self._last_message = float("-inf")
+        self._first_pause = first_pause
         # Until when (seconds of quiet) each pace holds; the dormant pace holds from then on.
         self._phases = ((ACTIVE_SECONDS, active_pause), (DORMANT_AFTER_SECONDS, idle_pause))
         self._dormant_pause = max(idle_pause, DORMANT_POLL_SECONDS)
@@ -396,11 +400,11 @@ class Pacer:
             if quiet >= ends_at:
                 continue
             window = ends_at - quiet if timeout is None else min(timeout, ends_at - quiet)
-            if wait_quietly(done, window, pause, wakeup):
+            if wait_quietly(done, window, pause, wakeup, self._first_pause):
                 return True
             if timeout is not None:
                 timeout -= window
                 if timeout <= 0:
                     return False
             quiet = ends_at
-        return wait_quietly(done, timeout, self._dormant_pause, wakeup)
+        return wait_quietly(done, timeout, self._dormant_pause, wakeup, self._first_pause)

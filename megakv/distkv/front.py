@@ -17,6 +17,7 @@ import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from megakv.config import EngineConfig
 from megakv.distkv.control import FRONT_TAG, ControlTraffic, Mailbox, Pacer
@@ -84,8 +85,8 @@ class ClusterFront:
         self.mailbox = Mailbox(leaders_comm, traffic, FRONT_TAG)
         self._orders = Mailbox(leaders_comm, traffic)
         # Instance 0's outputs wake the front at once (front_event); only the other leaders' Progress waits for its
-        # checks, which take the GIL from instance 0's step: FRONT_ACTIVE_PAUSE_SECONDS apart at most.
-        self._pacer = Pacer(active_pause=FRONT_ACTIVE_PAUSE_SECONDS)
+        # checks, which take the GIL from instance 0's step: FRONT_ACTIVE_PAUSE_SECONDS apart, from the first.
+        self._pacer = Pacer(active_pause=FRONT_ACTIVE_PAUSE_SECONDS, first_pause=FRONT_ACTIVE_PAUSE_SECONDS)
         self._instance_error: BaseException | None = None
         self._instance_thread = threading.Thread(target=self._run_instance, name="megakv-instance-0", daemon=True)
         self._instance_thread.start()
@@ -170,7 +171,9 @@ class ClusterFront:
         still owed: the front's caller keeps collecting reports (and /metrics stays current) until the ledger
         settles."""
         owed = self.rmanager.has_returns or self.gmanager_service.is_busy or self.loop.has_local_mail
-        return bool(self._where) or bool(self._ready) or self._has_news() or owed
+        # A failed thread must reach step(), which raises it, even with nothing to serve.
+        broken = self._instance_error is not None or self.gmanager_service.error is not None
+        return bool(self._where) or bool(self._ready) or self._has_news() or owed or broken
 
     def _has_news(self) -> bool:
         return bool(self.loop.to_front) or self.mailbox.has_mail()
@@ -302,13 +305,20 @@ class ClusterFront:
                            num_requests_recomputed=self.num_requests_recomputed)
 
     def shutdown(self) -> None:
-        """Stop every instance: each leader leaves its loop after the step it is in; instance 0's, last, stops the
-        gManager service once every other has left."""
-        for index in sorted(self._running_leaders, reverse=True):
+        """Stop every instance: each leader leaves its loop after the step it is in; instance 0's, once every other
+        has stopped, for it then stops the gManager service, which must not outlast their last messages."""
+        here = self.loop.instance_id
+        for index in self._running_leaders - {here}:
             self._order(index, Orders(stop=True))
-        while self._running_leaders:
+        self._wait_for_stops(lambda: self._running_leaders <= {here})
+        self._order(here, Orders(stop=True))
+        self._wait_for_stops(lambda: not self._running_leaders)
+        self._orders.flush(FLUSH_SECONDS)
+        self._instance_thread.join()
+
+    def _wait_for_stops(self, stopped: Callable[[], bool]) -> None:
+        """Collect reports until ``stopped()``: leaders confirm their stop, or the gManager declares them failed."""
+        while not stopped():
             self._pacer.wait(lambda: self._has_news() or self._instance_error is not None, None, self.loop.front_event)
             self._check_threads()
             self._collect()
-        self._orders.flush(FLUSH_SECONDS)
-        self._instance_thread.join()

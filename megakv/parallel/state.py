@@ -222,8 +222,9 @@ def _create_groups(tp: int, num_instances: int) -> None:
 def bound_tensor_parallel_waits(seconds: float) -> None:
     """Make every later collective of this rank's tensor-parallel group raise once it has waited ``seconds`` for a
     peer. A group takes its timeout when it is made; start-up, where the ranks load their shards each at its own
-    pace, keeps torch's default (torch's own _set_pg_timeout changes it afterwards)."""
-    if _state.tp_group is not None and _state.tp_size > 1:
+    pace, keeps torch's default (torch's own _set_pg_timeout changes it afterwards). Gloo's groups only: NCCL's
+    watchdog would not raise but end the process, and would count a long kernel as a wait."""
+    if _state.tp_group is not None and _state.tp_size > 1 and dist.get_backend(_state.tp_group) == "gloo":
         _set_pg_timeout(timedelta(seconds=seconds), _state.tp_group)
 
 
