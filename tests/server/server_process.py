@@ -63,6 +63,15 @@ class ServerProcess:
             time.sleep(0.2)
         pytest.fail(f"server not ready after {STARTUP_SECONDS} s:\n{self.output[-4000:]}")
 
+    def ready(self) -> ServerProcess:
+        """wait_ready, killing every process of the server if it fails; the server."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
     def front_pid(self) -> int:
         """The pid of the process that serves HTTP (rank 0), as uvicorn logs it."""
         match = re.search(r"megakv serve: .* \(pid (\d+)\)", self.output)
@@ -103,13 +112,7 @@ def spawn_server(checkpoint: Path, *flags: str) -> ServerProcess:
     port = free_port()
     proc = subprocess.Popen(serve_argv(checkpoint, port, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
-    server = ServerProcess(proc, port)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-    return server
+    return ServerProcess(proc, port).ready()
 
 
 def wait_for_failed_instances(server: ServerProcess, instances: list[int], timeout: float) -> dict:

@@ -127,13 +127,7 @@ def start_cluster(machines: TwoMachines, checkpoint: Path, tmp_path: Path) -> Se
     proc = subprocess.Popen([str(SSH), machines.front, shlex.join(command)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1", MEGAKV_MPIRUN_ARGS=mpirun_args))
-    server = ServerProcess(proc, port, machines.client_address)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-    return server
+    return ServerProcess(proc, port, machines.client_address).ready()
 
 
 def machine_of(instance: int) -> int:
