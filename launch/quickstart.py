@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Loading the model on every rank, and on a first run building the CPU attention op (30-40 s), come first.
 STARTUP_SECONDS = 600
 SHUTDOWN_SECONDS = 30
-# How long the cluster may take to hand every borrowed block home once the last answer is in.
+# How long the cluster may take to hand every borrowed block home (but the kept loans) once the last answer is in.
 SETTLE_SECONDS = 30
 
 
@@ -127,12 +127,14 @@ def ask(client: OpenAI, model: str, record: dict) -> None:
 
 
 def report_cluster(url: str) -> None:
-    """Print the cluster's DistKV counters once every borrowed block is home (or after SETTLE_SECONDS)."""
+    """Print the cluster's DistKV counters once every borrowed block is home but the kept loans (borrowed blocks of
+    cached prefixes that no request holds), or after SETTLE_SECONDS."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         samples = scrape(url)
-        settled = total(samples, "megakv:ledger_outstanding_blocks") == 0 and \
-            total(samples, "megakv:kv_blocks_free") == total(samples, "megakv:kv_blocks_total")
+        kept = total(samples, "megakv:ledger_kept_blocks")
+        settled = total(samples, "megakv:ledger_outstanding_blocks") == kept and \
+            total(samples, "megakv:kv_blocks_free") + kept == total(samples, "megakv:kv_blocks_total")
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -143,8 +145,9 @@ def report_cluster(url: str) -> None:
           f"{total(samples, 'megakv:blocks_borrowed_total'):.0f} blocks borrowed, "
           f"{total(samples, 'megakv:remote_micro_attentions_total'):.0f} remote micro-attentions, "
           f"{total(samples, 'megakv:dgfm_blocks_moved_total'):.0f} blocks moved by DGFM; now "
-          f"{total(samples, 'megakv:ledger_outstanding_blocks'):.0f} blocks owed in the ledger, free blocks per "
-          f"instance {', '.join(free)} of {total(samples, 'megakv:kv_blocks_total') / len(free):.0f}", flush=True)
+          f"{total(samples, 'megakv:ledger_outstanding_blocks'):.0f} blocks owed in the ledger ({kept:.0f} of them "
+          f"kept loans: borrowed blocks of cached prefixes that no request holds), free blocks per instance "
+          f"{', '.join(free)} of {total(samples, 'megakv:kv_blocks_total') / len(free):.0f}", flush=True)
 
 
 def main() -> int:

@@ -32,7 +32,9 @@ BLOCK_SIZE = 16
 MODES = {"cached": "--enable-prefix-caching", "uncached": "--no-enable-prefix-caching"}
 SERVER_COUNTERS = {"megakv:prefix_cache_queries_total": "prefix_cache_queries",
                    "megakv:prefix_cache_hits_total": "prefix_cache_hits",
-                   "megakv:blocks_borrowed_total": "blocks_borrowed", "megakv:num_preemptions_total": "preemptions"}
+                   "megakv:blocks_borrowed_total": "blocks_borrowed", "megakv:num_preemptions_total": "preemptions",
+                   # a gauge, 0 on the fresh server: the blocks kept on loan for cached prefixes at the end
+                   "megakv:ledger_kept_blocks": "kept_blocks"}
 
 
 def parse_args() -> argparse.Namespace:

@@ -245,5 +245,6 @@ class ClusterEngine:
         return {"instances": self.num_instances, "blocks_per_instance": self.rmanager.pool.num_blocks,
                 "borrow_events": stats.num_borrow_events, "blocks_borrowed": stats.num_blocks_borrowed,
                 "blocks_moved_by_dgfm": stats.num_blocks_moved, "blocks_swapped_by_dgfm": stats.num_blocks_swapped,
-                "ledger_outstanding": stats.ledger_outstanding, "failed": list(self.front.failed),
+                "ledger_outstanding": stats.ledger_outstanding, "ledger_kept": stats.ledger_kept,
+                "failed": list(self.front.failed),
                 "free_blocks": free}

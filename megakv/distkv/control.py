@@ -2,8 +2,8 @@
 
 An instance talks to the gManager only when its requests need blocks or stop needing them, when it
 lends or takes blocks back, and when the gManager has asked it to report room; to a creditor only to
-hand blocks back and answer its recalls, and to a debtor only to recall blocks for a request of its own
-that waits for them. Nothing here is collective, so no instance waits for another's step, and what an
+hand blocks back, answer its recalls and say how many of its blocks it keeps for a cached prefix, and to
+a debtor only to recall blocks for a request of its own that waits for them. Nothing here is collective, so no instance waits for another's step, and what an
 instance sends per step does not grow with the number of instances. ``InstanceControl`` and
 ``GManager`` are plain state machines over a ``post`` function: the mailbox carries their messages
 between ranks (megakv.distkv.in_process carries them within one process).
@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Loan, Recall, Recalled, ReturnBlocks, Room,
-                                    Settled, Swap, Swapped, Turn, Unresponsive, WantRoom, Yield, Yielded, sender_of)
+from megakv.distkv.messages import (Borrow, InstanceFailed, Kept, KeptLoans, Lend, Lent, Loan, Recall, Recalled,
+                                    ReturnBlocks, Room, Settled, Swap, Swapped, Turn, Unresponsive, WantRoom, Yield,
+                                    Yielded, sender_of)
 from megakv.kvcache.rmanager import RManager, Transfer
 from megakv.parallel.messaging import failed_peers
 
 GMANAGER_INSTANCE = 0
 # Messages an instance's control handles; the rest go to the gManager (or, on the front, to the front).
-INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled, Swap, Swapped, InstanceFailed)
-GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded, Unresponsive)
+INSTANCE_MESSAGES = (Lend, Loan, ReturnBlocks, Yield, Turn, WantRoom, Recall, Recalled, Swap, Swapped, InstanceFailed,
+                     Kept)
+GMANAGER_MESSAGES = (Borrow, Lent, Settled, Room, Yielded, Unresponsive, KeptLoans)
 # Marks a request that yielded: nothing is reported for it until it holds blocks again.
 _YIELDED = -1
 
@@ -63,6 +65,10 @@ class InstanceControl:
         self._arrivals: Mapping[str, int] = {}
         self._room_wanted = False
         self._room_reported: int | None = None
+        # The kept loans the gManager and their creditors were last told of (KeptLoans, Kept), and the debtors that
+        # keep loans of this pool: debtor -> blocks.
+        self._kept_reported: dict[int, int] = {}
+        self.kept_by: dict[int, int] = {}
 
     @property
     def instance_id(self) -> int:
@@ -111,12 +117,23 @@ class InstanceControl:
             if not self.on_turn(message.request_id):
                 self._correct(message.request_id)
         elif isinstance(message, WantRoom):
+            # No instance can lend to the first borrower: kept loans go back, to lend again.
+            if message.wanted:
+                rmanager.drop_kept()
             self._room_wanted = message.wanted
             self._room_reported = None
             self.report_room()
         elif isinstance(message, Recall):
-            freed = self.on_recall(message.creditor, message.num_blocks)
+            freed = rmanager.drop_kept(message.creditor, message.num_blocks)
+            if freed < message.num_blocks and not message.kept_only:
+                freed += self.on_recall(message.creditor, message.num_blocks - freed)
+                # The preempted requests' cached blocks of the creditor became kept loans: they go back too.
+                rmanager.drop_kept(message.creditor)
             self._recall_answers.append((message.creditor, Recalled(me, freed)))
+        elif isinstance(message, Kept):
+            self.kept_by[message.debtor] = message.num_blocks
+            if not message.num_blocks:
+                del self.kept_by[message.debtor]
         elif isinstance(message, Recalled):
             request_id, num_asked, _ = self._recall
             self._recall = None
@@ -145,6 +162,7 @@ class InstanceControl:
         if failed in self.failed:
             return  # this instance found it out first (InstanceLoop), and the gManager has now declared it
         self.failed.add(failed)
+        self.kept_by.pop(failed, None)
         self.on_lost(self.rmanager.forget_instance(failed))
         self._recall_answers = [(creditor, answer) for creditor, answer in self._recall_answers if creditor != failed]
         if self._recall is not None and self._recall[2] == failed:
@@ -190,8 +208,18 @@ class InstanceControl:
         """
         rmanager, me = self.rmanager, self.instance_id
         self._arrivals = arrivals
+        if self._room_wanted:
+            rmanager.drop_kept()  # see WantRoom: loans kept since then go back too
         for creditor, (block_ids, num_moved) in rmanager.take_returns().items():
             self.post(creditor, ReturnBlocks(me, block_ids, num_moved))
+        # Before the answers to Recalls: a creditor reads an answer knowing what this instance still keeps.
+        kept = rmanager.kept_counts()
+        if kept != self._kept_reported:
+            for creditor in kept.keys() | self._kept_reported.keys():
+                if kept.get(creditor, 0) != self._kept_reported.get(creditor, 0):
+                    self.post(creditor, Kept(me, kept.get(creditor, 0)))
+            self._kept_reported = kept
+            self.post(GMANAGER_INSTANCE, KeptLoans(me, kept))
         # On the same channel as the returns, so that a creditor reads an answer only once it has the blocks.
         # Blocks a recalled request held in this instance's swap go back only when the swap ends.
         if not rmanager.swapping:
@@ -212,10 +240,10 @@ class InstanceControl:
                 del self._asked[request_id]
         self.report_room()
 
-    def recall(self, request_id: str, debtor: int, num_blocks: int, need: int) -> bool:
-        """Ask ``debtor`` to give ``num_blocks`` of this pool back, for ``request_id`` of this instance, which needs
-        ``need`` blocks in all; False when ``debtor`` holds none, or while an earlier Recall awaits its answer
-        (one at a time).
+    def recall(self, request_id: str, debtor: int, num_blocks: int, need: int, kept_only: bool = False) -> bool:
+        """Ask ``debtor`` to give ``num_blocks`` of this pool back (``kept_only``: of its kept loans only), for
+        ``request_id`` of this instance, which needs ``need`` blocks in all; False when ``debtor`` holds none, or
+        while an earlier Recall awaits its answer (one at a time).
 
         Until the request ends, the blocks it does not hold yet are kept out of lending: on the front, the
         gManager's next Lend is handled with the returns, before the scheduler could admit the request, and a
@@ -227,7 +255,7 @@ class InstanceControl:
             return False
         self.rmanager.reserve(request_id, need)
         self._recall = (request_id, num_blocks, debtor)
-        self.post(debtor, Recall(self.instance_id, num_blocks))
+        self.post(debtor, Recall(self.instance_id, num_blocks, kept_only))
         return True
 
     def offer_swap(self, peer: int, block_ids: list[int]) -> None:

@@ -286,7 +286,7 @@ class ClusterFront:
             gmanager = service.gmanager
             debts = {pair: n for pair, n in gmanager.debts.items() if n}
             counters = (gmanager.num_borrow_events, gmanager.num_blocks_borrowed, gmanager.num_blocks_moved,
-                        gmanager.num_blocks_swapped, gmanager.outstanding())
+                        gmanager.num_blocks_swapped, gmanager.outstanding(), gmanager.kept_loans())
         instances = []
         num_blocks = self.rmanager.pool.num_blocks
         for index in self.live_instances:

@@ -7,7 +7,8 @@ lendable blocks. When no instance can lend to the first borrower, every later bo
 waiting for blocks is asked to yield: they hold blocks while making no progress, and two
 such requests on two instances would otherwise wait for each other forever. They run again
 in arrival order, each when its turn comes. Meanwhile the instances report their room as it
-frees up. An instance declared failed leaves the ledger and the queue, and the others hear of it.
+frees up, and give back the loans they keep for a cached prefix. An instance declared failed
+leaves the ledger and the queue, and the others hear of it.
 
 The gManager is a plain state machine: ``handle`` takes one message and returns what to send,
 so the in-process tests and the MPI cluster drive the same code.
@@ -18,8 +19,8 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
-from megakv.distkv.messages import (Borrow, InstanceFailed, Lend, Lent, Room, Settled, Turn, Unresponsive, WantRoom,
-                                    Yield, Yielded, sender_of)
+from megakv.distkv.messages import (Borrow, InstanceFailed, KeptLoans, Lend, Lent, Room, Settled, Turn, Unresponsive,
+                                    WantRoom, Yield, Yielded, sender_of)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class GManager:
     def __init__(self, lendable_blocks: list[int]) -> None:
         self.num_instances = len(lendable_blocks)
         self.debts: dict[tuple[int, int], int] = defaultdict(int)
+        # Of the debts, the blocks each debtor keeps for their cached content with no request holding them, as it
+        # last said (KeptLoans): owed, but by nobody's request.
+        self.kept: dict[tuple[int, int], int] = {}
         self.num_borrow_events = 0
         self.num_blocks_borrowed = 0
         self.num_blocks_moved = 0
@@ -61,6 +65,11 @@ class GManager:
         """Non-zero debts, as "debtor->creditor": blocks."""
         return {f"{d}->{c}": n for (d, c), n in sorted(self.debts.items()) if n}
 
+    def kept_loans(self) -> dict[str, int]:
+        """Debts that are kept loans (see ``kept``), as "debtor->creditor": blocks."""
+        return {f"{d}->{c}": min(n, self.debts.get((d, c), 0)) for (d, c), n in sorted(self.kept.items())
+                if min(n, self.debts.get((d, c), 0))}
+
     def describe(self) -> str:
         """The borrowers' queue and the Lend in flight, for a report on a stalled cluster."""
         waiting = ", ".join(f"{b.request_id} of instance {b.debtor} " +
@@ -72,8 +81,10 @@ class GManager:
 
     @property
     def is_busy(self) -> bool:
-        """True while a debt is outstanding, a borrower waits, or a Lend is in flight."""
-        return bool(self.outstanding() or self._queue or self._asking is not None)
+        """True while a block is owed for a request (kept loans are not), a borrower waits, or a Lend is in
+        flight."""
+        return (any(n > self.kept.get(pair, 0) for pair, n in self.debts.items())
+                or bool(self._queue) or self._asking is not None)
 
     @property
     def live_instances(self) -> list[int]:
@@ -89,6 +100,7 @@ class GManager:
         self.failed.append(failed)
         for pair in [pair for pair in self.debts if failed in pair]:
             del self.debts[pair]
+        self.kept = {pair: n for pair, n in self.kept.items() if failed not in pair}
         self._lendable[failed] = 0
         self._queue = {request_id: borrower for request_id, borrower in self._queue.items()
                        if borrower.debtor != failed}
@@ -133,6 +145,11 @@ class GManager:
             self._lendable[message.creditor] = message.num_lendable_blocks
         elif isinstance(message, Room):
             self._lendable[message.instance_id] = message.num_lendable_blocks
+        elif isinstance(message, KeptLoans):
+            self.kept = {pair: n for pair, n in self.kept.items() if pair[0] != message.debtor}
+            self.kept.update({(message.debtor, creditor): n for creditor, n in message.counts.items()
+                              if creditor not in self.failed})
+            return []
         elif isinstance(message, Yielded):
             borrower = self._queue.get(message.request_id)
             if borrower is None:

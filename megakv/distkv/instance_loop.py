@@ -340,25 +340,47 @@ class InstanceLoop:
         if self.rmanager.swapping:  # unless the peer failed meanwhile
             self.control.offer_swap(peer, block_ids)
 
+    def _head_lacking_room(self) -> tuple[Request, int, int] | None:
+        """The first request waiting here, if it fits this pool to its last token and its blocks so far do not fit
+        the free ones; with the blocks it lacks and the blocks it needs to its last token."""
+        rmanager, waiting = self.rmanager, self.scheduler.waiting
+        if not waiting:
+            return None
+        head = waiting[0]
+        lacking = num_blocks_for(head.num_tokens, rmanager.block_size) - rmanager.num_free_blocks
+        lifetime = num_blocks_for(max_kv_tokens(len(head.prompt_ids), head.params.max_new_tokens),
+                                  rmanager.block_size)
+        if lifetime > rmanager.pool.num_blocks or lacking <= 0:
+            return None
+        return head, lacking, lifetime
+
     def _starving_head(self) -> tuple[Request, int, int, int] | None:
-        """The first request waiting here, if lent room keeps it waiting and a recall would let it in: it fits this
-        pool to its last token, has not recalled yet, and would be admitted with the blocks that the largest
+        """The first request waiting here, if lent room keeps it waiting and a recall would let it in: it lacks room
+        (``_head_lacking_room``), has not recalled yet, and would be admitted with the blocks that the largest
         debtor holds. Returns it with that debtor, the blocks it lacks and the blocks it needs to its last token.
 
         Only a request that never borrows recalls: one that outgrows the pool would borrow, and could then be asked
         to yield while its reservation kept the gManager's first borrower waiting for this pool."""
-        rmanager, waiting = self.rmanager, self.scheduler.waiting
-        head = waiting[0] if waiting else None
-        debtor = rmanager.largest_debtor()
-        if head is None or debtor is None or head.request_id in self._recalled_for:
+        lacking_room = self._head_lacking_room()
+        debtor = self.rmanager.largest_debtor()
+        if lacking_room is None or debtor is None or lacking_room[0].request_id in self._recalled_for:
             return None
-        free = rmanager.num_free_blocks
-        need = num_blocks_for(head.num_tokens, rmanager.block_size)
-        lifetime = num_blocks_for(max_kv_tokens(len(head.prompt_ids), head.params.max_new_tokens),
-                                  rmanager.block_size)
-        if lifetime > rmanager.pool.num_blocks or not free < need <= free + len(rmanager.lent_to(debtor)):
+        head, lacking, lifetime = lacking_room
+        if lacking > len(self.rmanager.lent_to(debtor)):
             return None
-        return head, debtor, need - free, lifetime
+        return head, debtor, lacking, lifetime
+
+    def _reclaim_kept(self) -> None:
+        """A waiting head that lacks room (``_head_lacking_room``) takes this pool's blocks that another instance
+        keeps for a cached prefix back at once (no request holds them, so no ``recall_after`` wait), from the
+        instance that keeps the most."""
+        keepers = self.control.kept_by
+        lacking_room = self._head_lacking_room() if keepers and not self.control.awaiting_recall else None
+        if lacking_room is None:
+            return
+        head, lacking, lifetime = lacking_room
+        debtor = max(keepers, key=lambda debtor: (keepers[debtor], -debtor))
+        self.control.recall(head.request_id, debtor, min(lacking, keepers[debtor]), lifetime, kept_only=True)
 
     def _recall_for_starving(self) -> None:
         """Lending must not starve the lender: a starving head (``_starving_head``) that has waited
@@ -429,9 +451,10 @@ class InstanceLoop:
         return outputs is not None
 
     def ready(self, scheduled: SchedulerOutput) -> SchedulerOutput:
-        """StepDriver: recall lent room for a starving request, fill waiting slots from freed blocks, tell the
-        control plane; the chunks whose blocks are all here or lent run."""
+        """StepDriver: take kept loans back and recall lent room for a starving request, fill waiting slots from
+        freed blocks, tell the control plane; the chunks whose blocks are all here or lent run."""
         rmanager, scheduler = self.rmanager, self.scheduler
+        self._reclaim_kept()
         self._recall_for_starving()
         # Blocks freed since a request went PENDING serve it before any creditor does.
         spare = rmanager.num_free_blocks - sum(not rmanager.has_pending(r.request_id) for r in scheduler.running)
@@ -477,7 +500,7 @@ class InstanceLoop:
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
                         self.scheduler.num_waiting, self.scheduler.num_preemptions,
                         self.model_runner.num_remote_micro_attentions, self.num_recalled, self._blocked,
-                        stopped=final, num_cached_blocks=self.rmanager.pool.num_cached_blocks,
+                        stopped=final, num_cached_blocks=self.rmanager.num_cached_blocks,
                         num_prefix_cache_queries=self.scheduler.num_prefix_cache_queries,
                         num_prefix_cache_hits=self.scheduler.num_prefix_cache_hits)
 

@@ -72,12 +72,32 @@ class Settled:
 
 
 @dataclass(frozen=True)
+class KeptLoans:
+    """Debtor -> gManager: of its debts, the blocks it keeps on loan for their cached content while no request holds
+    them, by creditor (all of them, whenever they change). They go back when asked, so they keep nobody busy."""
+
+    debtor: int
+    counts: dict[int, int]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Debtor -> creditor: how many blocks of the creditor's pool it keeps on loan for their cached content, no
+    request holding them (whenever that changes): the creditor may take them back at once (Recall, kept_only)."""
+
+    debtor: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
 class Recall:
     """Creditor -> debtor: a request of the creditor's own waits for room that it lent you; give back up to
-    ``num_blocks`` by preempting requests that hold them (none that was recalled before)."""
+    ``num_blocks``, kept loans first, then (unless ``kept_only``) by preempting requests that hold them (none that
+    was recalled before)."""
 
     creditor: int
     num_blocks: int
+    kept_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,7 +207,7 @@ class Swapped:
 def sender_of(message: object) -> int | None:
     """The instance that sent a control message; None for the gManager's own (Lend, Yield, Turn, WantRoom,
     InstanceFailed)."""
-    if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled)):
+    if isinstance(message, (Borrow, ReturnBlocks, Yielded, Recalled, KeptLoans, Kept)):
         return message.debtor
     if isinstance(message, Unresponsive):
         return message.reporter

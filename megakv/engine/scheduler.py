@@ -180,10 +180,10 @@ class Scheduler:
         if len(request.block_hashes) < num_lookup:
             extend_block_hashes(request.block_hashes, request.prompt_ids, num_lookup * block_size, block_size,
                                 request.params.cache_salt)
-        block_ids = self.rmanager.cached_prefix(request.block_hashes[:num_lookup])
-        if block_ids:
-            self.rmanager.share_cached(request.request_id, block_ids)
-        request.num_computed_tokens = request.num_cached_blocks = len(block_ids)
+        refs = self.rmanager.cached_prefix(request.block_hashes[:num_lookup])
+        if refs:
+            self.rmanager.share_cached(request.request_id, refs)
+        request.num_computed_tokens = request.num_cached_blocks = len(refs)
         request.num_computed_tokens *= block_size
         if not request.output_ids:
             request.num_cached_tokens = request.num_computed_tokens

@@ -24,8 +24,8 @@ class InstanceStats:
     num_remote_micro_attentions: int = 0
     # Requests of this instance preempted because a creditor recalled its blocks (megakv.distkv), since start.
     num_recalled: int = 0
-    # Prefix caching: blocks of the pool whose content is cached (held or free), and the prompt tokens looked
-    # up and found at admission since start.
+    # Prefix caching: blocks whose content is cached (held or free; of the pool, or borrowed), and the prompt
+    # tokens looked up and found at admission since start.
     num_cached_blocks: int = 0
     num_prefix_cache_queries: int = 0
     num_prefix_cache_hits: int = 0
@@ -41,8 +41,10 @@ class EngineStats:
     num_blocks_moved: int = 0
     # Of those, the blocks moved by DGFM swaps between two instances holding each other's blocks.
     num_blocks_swapped: int = 0
-    # Blocks owed in the gManager's ledger, as "debtor->creditor": blocks (empty when every debt is settled).
+    # Blocks owed in the gManager's ledger, as "debtor->creditor": blocks (empty when every debt is settled), and
+    # of them the kept loans: blocks a debtor keeps for their cached prefix while none of its requests holds them.
     ledger_outstanding: dict[str, int] = field(default_factory=dict)
+    ledger_kept: dict[str, int] = field(default_factory=dict)
     # Instances the gManager declared failed (dead, hung or cut off), in that order, and the requests that ran
     # again on other instances because theirs failed.
     failed_instances: list[int] = field(default_factory=list)

@@ -89,6 +89,10 @@ class BlockPool:
             self._cached[block_hash] = block_id
             self._hash_of[block_id] = block_hash
 
+    def cached_block(self, block_hash: bytes) -> int | None:
+        """The block holding the content ``block_hash`` names, if it is cached."""
+        return self._cached.get(block_hash)
+
     def cached_prefix(self, block_hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest prefix of ``block_hashes`` that is cached, in order."""
         block_ids = []

@@ -5,15 +5,20 @@ recorded as PENDING and borrowed through the gManager; the request runs again
 once they arrive, or earlier if its own pool frees up. An rManager lends only
 blocks of its own pool, up to ``lending_cap`` of it, so a borrowed block is never
 lent onward (no borrowing chains). When a request ends, its local blocks go back
-to the pool and its remote blocks back to their creditors; DGFM moves remote
-blocks home when the pool has room, and two instances that hold each other's
-blocks swap them, which needs no room at all.
+to the pool and its remote blocks back to their creditors, except those that
+hold a cached prefix: the debtor keeps them on loan (the ledger counts each once,
+however many requests share it), so that a follow-up about a long document
+attends to the document's blocks where they are. A kept block no request holds
+goes back when its creditor recalls blocks, when the gManager wants room, or is
+reused by this instance's own growth. DGFM moves remote blocks home when the
+pool has room, and two instances that hold each other's blocks swap them, which
+needs no room at all.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
@@ -120,6 +125,14 @@ class RManager:
         self._released_in_swap: set[int] = set()
         # Instances out of the cluster (forget_instance): blocks there are dropped, not handed back.
         self._failed: set[int] = set()
+        # Borrowed blocks that hold a cached prefix: block hash <-> block, how many tables hold each, and those no
+        # table holds (kept on loan for a later request), least recently released first. ``_num_extra_holds``:
+        # the holds beyond the first, so that a shared block counts once among the borrowed ones.
+        self._remote_cached: dict[bytes, BlockRef] = {}
+        self._remote_hash_of: dict[BlockRef, bytes] = {}
+        self._remote_holds: dict[BlockRef, int] = {}
+        self._kept: OrderedDict[BlockRef, None] = OrderedDict()
+        self._num_extra_holds = 0
 
     # -- what the scheduler uses ---------------------------------------------------------------------------
 
@@ -168,12 +181,14 @@ class RManager:
         return max(0, num_lendable_elsewhere - self.num_pending_blocks - self.num_borrowed_blocks)
 
     def can_grow(self, request_id: str, num_tokens: int, num_borrowable: int = 0) -> bool:
-        """True when the local pool's free blocks, plus ``num_borrowable`` from other instances, cover the growth."""
-        return self.num_new_blocks(request_id, num_tokens) <= self.pool.num_free_blocks + num_borrowable
+        """True when the local pool's free blocks, the kept loans no request holds, and ``num_borrowable`` from
+        other instances cover the growth."""
+        return (self.num_new_blocks(request_id, num_tokens)
+                <= self.pool.num_free_blocks + len(self._kept) + num_borrowable)
 
     def grow(self, request_id: str, num_tokens: int, num_borrowable: int = 0) -> list[BlockRef]:
-        """Extend the table to hold num_tokens: local blocks first, then up to ``num_borrowable`` PENDING until
-        borrowed."""
+        """Extend the table to hold num_tokens: local blocks first, then kept loans (their cached content is given
+        up: the instance holds them already), then up to ``num_borrowable`` PENDING until borrowed."""
         if not self.can_grow(request_id, num_tokens, num_borrowable):
             raise KVCacheExhaustedError(f"instance {self.instance_id}: no room for request {request_id} to grow "
                                         f"to {num_tokens} tokens")
@@ -184,7 +199,8 @@ class RManager:
         table = self._tables[request_id]
         if num_new:
             new_refs = [BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local)]
-            table.extend(new_refs + [PENDING] * (num_new - num_local), next(self._versions))
+            new_refs += self._take_kept(num_new - num_local)
+            table.extend(new_refs + [PENDING] * (num_new - len(new_refs)), next(self._versions))
         return table.refs
 
     def free(self, request_id: str) -> None:
@@ -201,32 +217,107 @@ class RManager:
             elif ref.instance_id in self._failed:
                 continue
             elif self._swap is not None and ref.instance_id == self._swap[0] and ref.block_id in self._swap[1]:
+                self._uncache_remote(ref)
                 self._released_in_swap.add(ref.block_id)
+            elif ref in self._remote_holds:
+                self._release_remote(ref)
             else:
                 self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
 
     # -- prefix cache -------------------------------------------------------------------------------------
 
-    def cached_prefix(self, block_hashes: list[bytes]) -> list[int]:
-        """Blocks of this pool holding the longest cached prefix of ``block_hashes``."""
-        return self.pool.cached_prefix(block_hashes)
+    def cached_prefix(self, block_hashes: list[bytes]) -> list[BlockRef]:
+        """The blocks, of this pool or borrowed, holding the longest cached prefix of ``block_hashes``."""
+        refs = []
+        for block_hash in block_hashes:
+            block_id = self.pool.cached_block(block_hash)
+            ref = BlockRef(self.instance_id, block_id) if block_id is not None else self._remote_cached.get(block_hash)
+            if ref is None:
+                break
+            refs.append(ref)
+        return refs
 
-    def share_cached(self, request_id: str, block_ids: list[int]) -> None:
-        """Start the table of a request that holds no blocks with cached blocks of this pool (a cache hit)."""
+    def share_cached(self, request_id: str, refs: list[BlockRef]) -> None:
+        """Start the table of a request that holds no blocks with cached blocks (a cache hit)."""
         assert request_id not in self._tables, f"request {request_id} already holds blocks"
-        self.pool.share(block_ids)
+        for ref in refs:
+            if ref.instance_id == self.instance_id:
+                self.pool.share([ref.block_id])
+            else:
+                self._hold_remote(ref)
         table = BlockTable(next(self._versions), self._totals)
-        table.extend([BlockRef(self.instance_id, block_id) for block_id in block_ids], next(self._versions))
+        table.extend(refs, next(self._versions))
         self._tables[request_id] = table
 
     def cache_blocks(self, request_id: str, block_hashes: list[bytes], first: int) -> None:
         """Record what the request's full blocks ``first:len(block_hashes)`` hold: block i holds the content
-        ``block_hashes[i]`` names. Only this pool's blocks are cached; a borrowed block goes back to its creditor
-        when the request ends."""
+        ``block_hashes[i]`` names. Content already cached keeps its block."""
         refs = self.block_table(request_id)
         for ref, block_hash in zip(refs[first:len(block_hashes)], block_hashes[first:]):
             if ref.instance_id == self.instance_id:
                 self.pool.cache(ref.block_id, block_hash)
+            elif (ref != PENDING and block_hash not in self._remote_cached and ref not in self._remote_hash_of
+                  and self.pool.cached_block(block_hash) is None):
+                self._remote_cached[block_hash] = ref
+                self._remote_hash_of[ref] = block_hash
+                self._remote_holds[ref] = 1
+
+    def _hold_remote(self, ref: BlockRef) -> None:
+        """One more table holds a cached borrowed block."""
+        holds = self._remote_holds[ref]
+        if holds:
+            self._num_extra_holds += 1
+        else:
+            del self._kept[ref]
+        self._remote_holds[ref] = holds + 1
+
+    def _release_remote(self, ref: BlockRef) -> None:
+        """A table lets go of a cached borrowed block; the last one keeps it on loan, cached."""
+        holds = self._remote_holds[ref] - 1
+        self._remote_holds[ref] = holds
+        if holds:
+            self._num_extra_holds -= 1
+        else:
+            self._kept[ref] = None
+
+    def _uncache_remote(self, ref: BlockRef) -> bytes | None:
+        """A borrowed block stops being cached (it goes back, moves home, or takes other content); its hash."""
+        block_hash = self._remote_hash_of.pop(ref, None)
+        if block_hash is not None:
+            del self._remote_cached[block_hash]
+            self._num_extra_holds -= max(0, self._remote_holds.pop(ref) - 1)
+            self._kept.pop(ref, None)
+        return block_hash
+
+    def _take_kept(self, max_blocks: int) -> list[BlockRef]:
+        """Up to ``max_blocks`` kept loans, least recently released first, for new content."""
+        taken = list(itertools.islice(self._kept, max_blocks))
+        for ref in taken:
+            self._uncache_remote(ref)
+        return taken
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks whose content is cached: of this pool (held or free) and borrowed (held or kept)."""
+        return self.pool.num_cached_blocks + len(self._remote_hash_of)
+
+    @property
+    def num_kept_blocks(self) -> int:
+        """Borrowed blocks kept on loan for their cached content, which no request holds."""
+        return len(self._kept)
+
+    def kept_counts(self) -> dict[int, int]:
+        """Creditor -> kept loans of its pool (see num_kept_blocks)."""
+        return dict(Counter(ref.instance_id for ref in self._kept))
+
+    def drop_kept(self, creditor: int | None = None, max_blocks: int | None = None) -> int:
+        """Hand back kept loans (of ``creditor``'s pool, or of every pool), least recently released first, up to
+        ``max_blocks``; they go with the next returns. Returns how many."""
+        kept = [ref for ref in self._kept if creditor is None or ref.instance_id == creditor][:max_blocks]
+        for ref in kept:
+            self._uncache_remote(ref)
+            self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
+        return len(kept)
 
     # -- lending side -----------------------------------------------------------------------------------
 
@@ -294,6 +385,8 @@ class RManager:
         lost, and the caller preempts them (freeing drops those blocks)."""
         self._failed.add(failed)
         self.pool.free(sorted(self._lent.pop(failed, set())))
+        for ref in [ref for ref in self._remote_hash_of if ref.instance_id == failed]:
+            self._uncache_remote(ref)
         self._returns.pop(failed, None)
         self._moved.pop(failed, None)
         if self._swap is not None and self._swap[0] == failed:
@@ -316,32 +409,41 @@ class RManager:
         return block_ids[len(slots):]
 
     def fill_pending_locally(self, request_id: str, max_blocks: int) -> int:
-        """Put up to ``max_blocks`` free blocks of this pool into the request's PENDING slots; returns how many."""
+        """Put up to ``max_blocks`` free blocks of this pool, then kept loans, into the request's PENDING slots;
+        returns how many blocks of this pool it took."""
         table = self._tables.get(request_id)
-        if table is None or max_blocks <= 0:
+        if table is None or not table.num_pending:
             return 0
-        slots = [i for i, ref in enumerate(table.refs) if ref == PENDING][:min(max_blocks, self.pool.num_free_blocks)]
-        for slot, block_id in zip(slots, self.pool.allocate(len(slots))):
-            table.set(slot, BlockRef(self.instance_id, block_id), next(self._versions))
-        return len(slots)
+        slots = [i for i, ref in enumerate(table.refs) if ref == PENDING]
+        num_local = max(0, min(max_blocks, self.pool.num_free_blocks, len(slots)))
+        refs = [BlockRef(self.instance_id, block_id) for block_id in self.pool.allocate(num_local)]
+        refs += self._take_kept(len(slots) - num_local)
+        for slot, ref in zip(slots, refs):
+            table.set(slot, ref, next(self._versions))
+        return num_local
 
     @property
     def num_borrowed_blocks(self) -> int:
-        """Blocks of other pools that this instance's requests hold (released ones until handed back)."""
+        """Blocks of other pools that this instance holds: for its requests (a shared one once), kept for their
+        cached content, and released ones until handed back."""
         held = sum(count for instance_id, count in self._totals.items()
                    if instance_id not in (PENDING.instance_id, self.instance_id))
-        return held + sum(len(block_ids) for block_ids in self._returns.values())
+        return (held - self._num_extra_holds + len(self._kept)
+                + sum(len(block_ids) for block_ids in self._returns.values()))
 
     def remote_block_counts(self) -> dict[int, int]:
-        """Creditor -> blocks of this instance's requests it holds (what the ledger should say)."""
-        counts: dict[int, int] = {}
+        """Creditor -> its blocks this instance holds (what the ledger should say): by its requests, each once,
+        kept for their cached content, or released and not yet handed back."""
+        counts: Counter[int] = Counter(ref.instance_id for ref in self._kept)
         for table in self._tables.values():
             for instance_id, count in table.counts.items():
                 if instance_id not in (PENDING.instance_id, self.instance_id):
-                    counts[instance_id] = counts.get(instance_id, 0) + count
+                    counts[instance_id] += count
+        for ref, holds in self._remote_holds.items():
+            counts[ref.instance_id] -= max(0, holds - 1)
         for creditor, block_ids in self._returns.items():
-            counts[creditor] = counts.get(creditor, 0) + len(block_ids)
-        return counts
+            counts[creditor] += len(block_ids)
+        return {creditor: count for creditor, count in counts.items() if count}
 
     @property
     def has_returns(self) -> bool:
@@ -370,14 +472,26 @@ class RManager:
             for logical_index, ref in enumerate(table.refs):
                 if len(transfers) >= budget:
                     return transfers
-                if ref.instance_id in (self.instance_id, PENDING.instance_id):
+                if ref.instance_id in (self.instance_id, PENDING.instance_id) or self._is_shared(ref):
                     continue
                 home = self.pool.allocate(1)[0]
+                self._carry_hash(ref, home)
                 table.set(logical_index, BlockRef(self.instance_id, home), next(self._versions))
                 transfers.append(Transfer(ref.instance_id, ref.block_id, home))
                 self._returns.setdefault(ref.instance_id, []).append(ref.block_id)
                 self._moved[ref.instance_id] = self._moved.get(ref.instance_id, 0) + 1
         return transfers
+
+    def _is_shared(self, ref: BlockRef) -> bool:
+        """Whether several tables hold this borrowed block: DGFM leaves it where it is until they are fewer (its
+        transfers and swaps move one table's block)."""
+        return self._remote_holds.get(ref, 0) > 1
+
+    def _carry_hash(self, ref: BlockRef, home: int) -> None:
+        """The held block of this pool ``home`` takes the KV of borrowed block ``ref``, and its cached content."""
+        block_hash = self._uncache_remote(ref)
+        if block_hash is not None:
+            self.pool.cache(home, block_hash)
 
     def swap_partner(self) -> int | None:
         """A peer to swap blocks with (see begin_swap): one that holds blocks of this instance's requests while
@@ -386,8 +500,13 @@ class RManager:
         if self._swap is not None:
             return None
         peers = [peer for peer, lent in self._lent.items()
-                 if peer > self.instance_id and lent and self._totals[peer]]
+                 if peer > self.instance_id and lent and self._totals[peer] and self._swappable(peer)]
         return min(peers) if peers else None
+
+    def _swappable(self, peer: int) -> bool:
+        """Whether this instance's requests hold a block of ``peer``'s pool that no other request shares."""
+        return any(ref.instance_id == peer and not self._is_shared(ref)
+                   for table in self._tables.values() if peer in table.counts for ref in table.refs)
 
     def begin_swap(self, peer: int, max_blocks: int) -> list[int]:
         """Start a DGFM swap with ``peer``: up to ``max_blocks`` of its blocks that this instance's requests hold
@@ -395,7 +514,7 @@ class RManager:
         step until ``end_swap``: the peer overwrites them."""
         num_blocks = min(max_blocks, len(self._lent[peer]), self._totals[peer])
         block_ids = [ref.block_id for table in self._tables.values() for ref in table.refs
-                     if ref.instance_id == peer][:num_blocks]
+                     if ref.instance_id == peer and not self._is_shared(ref)][:num_blocks]
         if block_ids:
             self._swap = (peer, block_ids)
         return block_ids
@@ -409,13 +528,14 @@ class RManager:
         free_slots = iter(block_ids)
         for table in self._tables.values():
             for logical_index, ref in enumerate(table.refs):
-                if ref.instance_id != peer:
+                if ref.instance_id != peer or self._is_shared(ref):
                     continue
                 home = next(free_slots, None)
                 if home is None:
                     return transfers
                 assert home in lent, f"instance {peer} offered block {home}, which it does not hold"
                 lent.remove(home)
+                self._carry_hash(ref, home)
                 table.set(logical_index, BlockRef(self.instance_id, home), next(self._versions))
                 transfers.append(Transfer(peer, ref.block_id, home))
         return transfers
@@ -432,6 +552,7 @@ class RManager:
             for logical_index, ref in enumerate(table.refs):
                 if ref.instance_id == peer and ref.block_id in swapped:
                     home = swapped[ref.block_id]
+                    self._carry_hash(ref, home)
                     table.set(logical_index, BlockRef(self.instance_id, home), next(self._versions))
                     writes.append((offered.index(ref.block_id), home))
         for block_id, home in pairs:

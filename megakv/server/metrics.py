@@ -51,8 +51,8 @@ class EngineStatsCollector:
                                         "layers together", "num_remote_micro_attentions"),
             "num_recalled": (CounterMetricFamily, "Requests of this instance preempted because the instance that "
                              "lent them blocks recalled them for a request of its own", "num_recalled"),
-            "kv_blocks_cached": (GaugeMetricFamily, "rBlocks of the instance's pool whose content the prefix cache "
-                                 "holds (in use or free)", "num_cached_blocks"),
+            "kv_blocks_cached": (GaugeMetricFamily, "rBlocks whose content the instance's prefix cache holds (in use "
+                                 "or free; of its pool, or borrowed)", "num_cached_blocks"),
             "prefix_cache_queries": (CounterMetricFamily, "Prompt tokens looked up in the prefix cache",
                                      "num_prefix_cache_queries"),
             "prefix_cache_hits": (CounterMetricFamily, "Prompt tokens whose KV the prefix cache gave",
@@ -86,6 +86,11 @@ class EngineStatsCollector:
                                         labels=["model_name"])
         outstanding.add_metric([self.model_name], sum(self.snapshot.ledger_outstanding.values()))
         yield outstanding
+        kept = GaugeMetricFamily("megakv:ledger_kept_blocks", "rBlocks owed in the gManager's ledger that a debtor "
+                                 "keeps for their cached prefix, no request holding them (given back on demand)",
+                                 labels=["model_name"])
+        kept.add_metric([self.model_name], sum(self.snapshot.ledger_kept.values()))
+        yield kept
 
 
 class ServerMetrics:

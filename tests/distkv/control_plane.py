@@ -26,13 +26,15 @@ QUEUED = {RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.RECALLED
 
 class ScheduledCluster:
     """Instances whose schedulers answer the gManager's Yields and Turns, the creditors' Recalls and a failed
-    instance's lost blocks as the cluster engine does."""
+    instance's lost blocks as the cluster engine does. With ``prefix_caching``, the schedulers cache the blocks
+    their requests fill, as the engine core does, and requests share prompt prefixes (every prompt counts up
+    from 0), so blocks of one pool or lent ones are shared, kept and recalled."""
 
-    def __init__(self, pool_sizes: list[int], block_size: int) -> None:
+    def __init__(self, pool_sizes: list[int], block_size: int, prefix_caching: bool = False) -> None:
         self.rmanagers = [RManager(i, BlockPool(size), block_size) for i, size in enumerate(pool_sizes)]
         self.admissions = [ClusterAdmission(rm, sum(pool_sizes) - rm.pool.num_blocks) for rm in self.rmanagers]
-        self.schedulers = [Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), rm, admission)
-                           for rm, admission in zip(self.rmanagers, self.admissions)]
+        self.schedulers = [Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), rm, admission,
+                                     prefix_caching) for rm, admission in zip(self.rmanagers, self.admissions)]
         self.control = InProcessCluster(self.rmanagers, self._yield, self._turn, self._recall, self._lost)
         self.gmanager = self.control.gmanager
         self.requests: dict[str, tuple[int, Request]] = {}
@@ -111,15 +113,22 @@ class ScheduledCluster:
             if rmanager.has_pending(request.request_id):
                 continue
             request.num_computed_tokens += chunk.num_tokens
+            scheduler.cache_computed_blocks(request)
             if not chunk.samples_next_token:
                 continue
             request.output_ids.append(0)
             if stop:
-                scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+                self._finish(instance, request, RequestStatus.FINISHED_STOPPED)
                 stop = False
             elif len(request.output_ids) >= request.params.max_new_tokens:
-                scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
+                self._finish(instance, request, RequestStatus.FINISHED_LENGTH)
         self.control.nodes[instance].sync(self.arrivals)
+
+    def _finish(self, instance: int, request: Request, status: RequestStatus) -> None:
+        """As the instance loop: the request ends, and its control plane and admission forget it."""
+        self.schedulers[instance].finish(request, status)
+        self.control.nodes[instance].forget(request.request_id)
+        self.admissions[instance].forget(request.request_id)
 
     def abort(self, request_id: str) -> None:
         instance, _ = self.requests[request_id]
@@ -142,32 +151,58 @@ class ScheduledCluster:
                 f"yielded={in_yielded}"
             if request.status in FINISHED or request.status == RequestStatus.YIELDED:
                 assert not self.rmanagers[instance].block_table(request_id), f"{request_id} still holds blocks"
+            self._check_cached_content(self.rmanagers[instance], request)
+
+    @staticmethod
+    def _check_cached_content(rm: RManager, request: Request) -> None:
+        """Every cached block in a request's table holds the content of the request's own tokens there."""
+        for index, ref in enumerate(rm.block_table(request.request_id)[:len(request.block_hashes)]):
+            block_hash = (rm.pool._hash_of.get(ref.block_id) if ref.instance_id == rm.instance_id
+                          else rm._remote_hash_of.get(ref))
+            assert block_hash in (None, request.block_hashes[index]), \
+                f"{request.request_id} holds a block of other content at {index}"
 
 
 def check_invariants(cluster) -> None:
-    """At rest (nothing in flight): every block of a live instance has one owner, loans match tables, the ledger
-    matches both, and no table points to a failed instance."""
+    """At rest (nothing in flight): every block of a live instance has one owner (requests of one instance may
+    share a cached block; a debtor may keep a cached loan that no request holds), loans match tables, the ledger
+    matches both, and no table or cache points to a failed instance."""
     failed = getattr(cluster.gmanager, "failed", [])
     rmanagers = [rm for rm in cluster.rmanagers if rm.instance_id not in failed]
     for rm in rmanagers:
         for request_id in rm.request_ids:
             assert not set(rm.block_counts(request_id)) & set(failed), f"{request_id} holds a failed instance's block"
+        assert not {ref.instance_id for ref in rm._remote_hash_of} & set(failed), "a failed instance's block cached"
     for creditor in rmanagers:
-        owners: dict[int, str] = {}
+        # block of the creditor's pool -> (the instance holding it, what holds it there)
+        owners: dict[int, tuple[int, list[str]]] = {}
         for rm in rmanagers:
+            holders: dict[int, list[str]] = {}
             for request_id in rm.request_ids:
                 table = rm.block_table(request_id)
                 assert rm.block_counts(request_id) == Counter(ref.instance_id for ref in table), "stale counts"
                 for ref in table:
                     if ref.instance_id == creditor.instance_id:
-                        assert ref.block_id not in owners, "block owned twice"
-                        owners[ref.block_id] = f"{rm.instance_id}/{request_id}"
+                        holders.setdefault(ref.block_id, []).append(request_id)
                         if rm is not creditor:
                             assert ref.block_id in creditor.lent_to(rm.instance_id), "remote block not on loan"
             # Blocks of a request that yielded while messages were delivered go back with the next sync.
             for block_id in rm._returns.get(creditor.instance_id, []):
-                assert block_id not in owners, "returned block still in use"
-                owners[block_id] = "returning"
+                holders.setdefault(block_id, []).append("returning")
+            for ref in rm._kept:
+                if ref.instance_id == creditor.instance_id:
+                    holders.setdefault(ref.block_id, []).append("kept")
+            for block_id, names in holders.items():
+                assert block_id not in owners, f"block {block_id} owned by instances {owners[block_id][0]} and " \
+                                               f"{rm.instance_id}"
+                owners[block_id] = (rm.instance_id, names)
+                if len(names) > 1:
+                    cached = (creditor.pool._hash_of if rm is creditor else
+                              {ref.block_id for ref in rm._remote_hash_of if ref.instance_id == creditor.instance_id})
+                    assert block_id in cached and not {"returning", "kept"} & set(names), \
+                        f"block {block_id} shared by {names} but not cached"
+                if rm is creditor:
+                    assert creditor.pool._ref_counts[block_id] == len(names), f"block {block_id}: wrong hold count"
         for debtor, lent in creditor._lent.items():
             assert lent <= set(owners), "a lent block is owned by nobody"
         for block_id in range(creditor.pool.num_blocks):
@@ -177,11 +212,14 @@ def check_invariants(cluster) -> None:
         # The running totals that scheduling reads agree with a rescan of the tables.
         assert debtor.num_borrowed_blocks == sum(counts.values()), "stale borrowed count"
         assert debtor.num_pending_blocks == sum(debtor.pending_needs().values()), "stale pending count"
+        kept = debtor.kept_counts()
         for creditor in rmanagers:
             if creditor is not debtor:
+                pair = debtor.instance_id, creditor.instance_id
                 expected = counts.get(creditor.instance_id, 0)
-                assert cluster.gmanager.debts[debtor.instance_id, creditor.instance_id] == expected, "ledger drift"
+                assert cluster.gmanager.debts[pair] == expected, "ledger drift"
                 assert len(creditor.lent_to(debtor.instance_id)) == expected
+                assert cluster.gmanager.kept.get(pair, 0) == kept.get(creditor.instance_id, 0), "kept loans drift"
 
 
 def channel(destination: int, message: object) -> tuple:
@@ -256,7 +294,8 @@ def run_random_operations(cluster: ScheduledCluster, rng: random.Random, operati
             head = scheduler.waiting[0] if scheduler.waiting else None
             if head is not None and debtor is not None:
                 need = num_blocks_for(head.num_tokens, rmanager.block_size)
-                cluster.control.nodes[instance].recall(head.request_id, debtor, amount % 4 + 1, need)
+                cluster.control.nodes[instance].recall(head.request_id, debtor, amount % 4 + 1, need,
+                                                       kept_only=amount % 2 == 0)
         elif op == "abort" and scheduler.unfinished():
             cluster.abort(rng.choice(scheduler.unfinished()).request_id)
         elif op == "deliver":
@@ -266,9 +305,22 @@ def run_random_operations(cluster: ScheduledCluster, rng: random.Random, operati
         cluster.check_statuses()
 
 
+def hand_back_kept_loans(cluster, choose: Callable[[list[int]], int]) -> None:
+    """With no request left: the gManager is not busy for kept loans; once every debtor hands them back (as when
+    the gManager wants room), the ledger is empty."""
+    quiesce(cluster, choose)
+    assert not cluster.gmanager.is_busy, cluster.gmanager.describe()
+    assert sum(cluster.gmanager.debts.values()) == sum(cluster.gmanager.kept.values())
+    for rm in cluster.rmanagers:
+        if rm.instance_id in cluster.gmanager.live_instances:
+            rm.drop_kept()
+    quiesce(cluster, choose)
+    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.kept_loans()
+
+
 def end_every_request(cluster: ScheduledCluster, rng: random.Random) -> None:
     """Let the control plane settle and check the bookkeeping, abort every request, and check that every live
-    pool is whole and the ledger empty."""
+    pool is whole and the ledger empty once the kept loans go back."""
     quiesce(cluster, rng.choice)
     cluster.check_statuses()
     check_invariants(cluster)
@@ -278,6 +330,7 @@ def end_every_request(cluster: ScheduledCluster, rng: random.Random) -> None:
     cluster.check_statuses()
     check_invariants(cluster)
     assert all(request.status in FINISHED for _, request in cluster.requests.values())
-    assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    hand_back_kept_loans(cluster, rng.choice)
+    check_invariants(cluster)
     assert all(cluster.rmanagers[instance].pool.num_free_blocks == cluster.rmanagers[instance].pool.num_blocks
                for instance in cluster.live_instances)

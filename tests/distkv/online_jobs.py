@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from settled import assert_settled
 
 WORKER = Path(__file__).with_name("online_worker.py")
 
@@ -16,7 +17,8 @@ def random_prompt(length: int, seed: int) -> list[int]:
 
 def run_online(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, pool_blocks: int,
                requests: list[dict], **options) -> dict:
-    """Run the job; afterwards the ledger is empty and every pool of a live instance whole."""
+    """Run the job; afterwards, and before the shutdown, no block is owed but kept loans, and every pool of a live
+    instance is whole but for them."""
     job = dict(checkpoint=str(checkpoint), tp=tp, instances=instances, pool_blocks=pool_blocks, requests=requests,
                **options)
     (tmp_path / "job.json").write_text(json.dumps(job))
@@ -24,8 +26,10 @@ def run_online(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, poo
             timeout=240)
     result = json.loads((tmp_path / "out.json").read_text())
     report = result["report"]
-    assert result["ledger_before_shutdown"] == {} and report["ledger_outstanding"] == {}
-    assert report["free_blocks"] == {str(i): pool_blocks for i in range(instances) if i not in report["failed"]}
+    assert result["ledger_before_shutdown"] == result["ledger_kept_before_shutdown"]
+    assert report["blocks_per_instance"] == pool_blocks
+    assert sorted(report["free_blocks"]) == [str(i) for i in range(instances) if i not in report["failed"]]
+    assert_settled(report)
     return result
 
 

@@ -95,13 +95,14 @@ def main() -> None:
             break
     # Every block must be home while the cluster still runs, not only after the shutdown's last round.
     stats = engine.stats()
-    ledger_before_shutdown = stats.ledger_outstanding
+    ledger_before_shutdown, ledger_kept_before_shutdown = stats.ledger_outstanding, stats.ledger_kept
     recalled = [instance.num_recalled for instance in stats.instances]
     if fault is not None and fault["signal"] == "STOP":
         os.kill(int((pids / str(fault["rank"])).read_text()), signal.SIGCONT)
     engine.shutdown()
     report = engine.cluster_report()
     json.dump({"results": results, "report": report, "steps": step, "ledger_before_shutdown": ledger_before_shutdown,
+               "ledger_kept_before_shutdown": ledger_kept_before_shutdown,
                "recalled": recalled, "fault_times": fault_times,
                "requests_recomputed": engine.front.num_requests_recomputed},
               open(sys.argv[2], "w"))

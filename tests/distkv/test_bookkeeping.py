@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import random
 
-from control_plane import check_invariants, deliver_at, deliver_in_any_order, drawn, quiesce
+import pytest
+from control_plane import check_invariants, deliver_at, deliver_in_any_order, drawn, hand_back_kept_loans, quiesce
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +15,8 @@ from megakv.kvcache.block_pool import BlockPool
 from megakv.kvcache.rmanager import PENDING, RManager
 
 BLOCK_SIZE = 4
+# The content of every request's logical blocks when the "cache" operation caches them: one shared document.
+DOCUMENT = [bytes([index]) * 32 for index in range(64)]
 
 
 class Cluster:
@@ -78,6 +82,20 @@ class Cluster:
             self.homes[request_id] = instance
             self.grow(instance, request_id, target)
 
+    def cache(self, instance: int, request_id: str) -> None:
+        """The request's blocks so far hold the shared document (as full computed blocks do)."""
+        rm = self.rmanagers[instance]
+        rm.cache_blocks(request_id, DOCUMENT[:len(rm.block_table(request_id))], 0)
+
+    def hit(self, instance: int, request_id: str, num_blocks: int) -> None:
+        """A request that holds nothing starts with the document's longest cached prefix, up to ``num_blocks``."""
+        rm = self.rmanagers[instance]
+        refs = [] if rm.block_table(request_id) or rm.swapping else rm.cached_prefix(DOCUMENT[:num_blocks])
+        if refs:
+            self.arrivals.setdefault(request_id, len(self.arrivals))
+            self.homes[request_id] = instance
+            rm.share_cached(request_id, refs)
+
     def free_all(self) -> None:
         """Every request ends."""
         for request_id, instance in self.homes.items():
@@ -137,6 +155,52 @@ def test_bookkeeping_random_operations_keep_invariants(num_instances, pool_sizes
     cluster.sync()
     check_invariants(cluster)
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
+    assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
+
+
+CACHE_OPERATIONS = ["grow"] * 4 + ["sync"] * 3 + ["cache"] * 3 + ["hit"] * 3 + ["free"] * 2 + ["pull", "swap", "recall",
+                                                                                         "local"]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_cached_blocks_shared_kept_moved_and_recalled_keep_invariants(seed):
+    """The prefix cache with lending: requests share one document's cached blocks of their own pool and borrowed
+    ones, the debtor keeps cached loans when they end and reuses them, DGFM pulls and swaps cached blocks (their
+    content goes with them), and creditors recall; at rest every block has its owners and the ledger matches, and
+    once the kept loans go back every pool is whole."""
+    rng = random.Random(seed)
+    first_channel = min
+    cluster = Cluster([rng.randint(2, 10) for _ in range(rng.randint(2, 4))])
+    for _ in range(300):
+        op, request_id = rng.choice(CACHE_OPERATIONS), f"r{rng.randrange(6)}"
+        rm = cluster.home(request_id, rng.randrange(len(cluster.rmanagers)))
+        if op == "grow":
+            cluster.grow_if_room(rm.instance_id, request_id, rng.randint(1, 24))
+        elif op == "free":
+            cluster.free(rm.instance_id, request_id)
+        elif op == "pull" and not rm.num_pending_blocks and not rm.swapping:
+            rm.pull_home(rng.randint(1, 4))
+        elif op == "swap":
+            cluster.swap(rng.randint(1, 4))
+        elif op == "local":
+            rm.fill_pending_locally(request_id, rng.randint(0, 4))
+        elif op == "recall":
+            debtor = rm.largest_debtor()
+            if rm.block_table(request_id) and debtor is not None:
+                cluster.control.nodes[rm.instance_id].recall(request_id, debtor, rng.randint(1, 4), 2,
+                                                             kept_only=rng.random() < 0.5)
+        elif op == "cache":
+            cluster.cache(rm.instance_id, request_id)
+        elif op == "hit":
+            cluster.hit(rm.instance_id, request_id, rng.randint(1, 24))
+        else:
+            quiesce(cluster, first_channel)
+            check_invariants(cluster)
+    cluster.free_all()
+    quiesce(cluster, first_channel)
+    check_invariants(cluster)
+    hand_back_kept_loans(cluster, first_channel)
+    check_invariants(cluster)
     assert all(rm.pool.num_free_blocks == rm.pool.num_blocks for rm in cluster.rmanagers)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from settled import assert_settled
 
 # Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
 pytestmark = pytest.mark.slow
@@ -38,8 +39,9 @@ def run_cluster(run_mpi, tmp_path, checkpoint: Path, tp: int, instances: int, re
 
 
 def assert_cluster_clean(report: dict, instances: int, pool_blocks: int = POOL_BLOCKS) -> None:
-    assert report["ledger_outstanding"] == {}
-    assert report["free_blocks"] == {str(i): pool_blocks for i in range(instances)}
+    assert report["blocks_per_instance"] == pool_blocks and sorted(report["free_blocks"]) == \
+        [str(i) for i in range(instances)]
+    assert_settled(report)
 
 
 @pytest.mark.mpi
@@ -83,8 +85,7 @@ def test_cluster_mixed_batch_borrows_both_ways_keeping_tokens(kind, hf_llama, me
         expected = hf_greedy(hf_dir, [record["prompt_ids"]], record.get("max_new_tokens", MAX_NEW_TOKENS))[0]
         assert result["token_ids"] == expected
     assert 1 in results[1]["block_instances"] and 0 in results[2]["block_instances"]
-    assert report["ledger_outstanding"] == {}
-    assert report["free_blocks"] == {"0": 14, "1": 14}
+    assert_cluster_clean(report, 2, 14)
 
 
 @pytest.mark.mpi
@@ -106,8 +107,7 @@ def test_cluster_dgfm_pulls_borrowed_blocks_home_keeping_tokens(kind, hf_llama, 
         assert result["token_ids"] == hf_greedy(hf_dir, [record["prompt_ids"]], record["max_new_tokens"])[0]
     assert results[1]["block_instances"] == [0, 1]
     assert report["blocks_moved_by_dgfm"] > 0
-    assert report["ledger_outstanding"] == {}
-    assert report["free_blocks"] == {"0": 14, "1": 14}
+    assert_cluster_clean(report, 2, 14)
 
 
 @pytest.mark.mpi

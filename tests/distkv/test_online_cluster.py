@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from online_jobs import WORKER, check_served, random_prompt, run_online
+from settled import assert_settled
 
 # Every test here starts subprocesses, servers or models: the full run's, not the quick one's.
 pytestmark = pytest.mark.slow
@@ -163,4 +164,5 @@ def test_gmanager_lends_while_the_front_instance_is_held_in_a_step(megakv_checkp
     for request_id, (prompt_ids, max_new_tokens) in result["prompts"].items():
         assert result["outputs"][request_id] == reference(prompt_ids, max_new_tokens)
     report = result["report"]
-    assert report["ledger_outstanding"] == {} and report["free_blocks"] == {str(i): 8 for i in range(3)}
+    assert report["blocks_per_instance"] == 8 and len(report["free_blocks"]) == 3
+    assert_settled(report)

@@ -4,6 +4,7 @@ gives the tokens of one without it."""
 from __future__ import annotations
 
 import pytest
+from settled import assert_settled
 
 from megakv.distkv.prefix_routing import MAX_EXTRA_LOAD, PrefixDirectory, prefix_holder
 
@@ -50,4 +51,30 @@ def test_cluster_follow_ups_reuse_their_document_and_keep_the_uncached_tokens(me
     assert [record["instance"] for record in cached[3:]] == [record["instance"] for record in cached[:3]]
     assert [record["num_cached_tokens"] for record in cached] == [0, 0, 0, 64, 64, 64]
     assert all(record["num_cached_tokens"] == 0 for record in uncached)
-    assert report["ledger_outstanding"] == {}
+    assert_settled(report)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_follow_up_attends_to_its_document_on_three_instances_without_computing_it(megakv_checkpoint, run_mpi,
+                                                                                   tmp_path):
+    """A document of 21 blocks on pools of 8: its first question borrows from both other instances. The blocks
+    it borrowed stay on loan, cached, when it ends; the follow-up reuses all 20 full blocks where they are
+    (8 at home, 12 lent) and computes only its own tokens, with the tokens of a cluster without the cache."""
+    checkpoint = megakv_checkpoint("gqa", 1)
+    document = random_prompt(330, 4)
+    records = [{"prompt_ids": document + [5, 6, 7], "max_new_tokens": 8},
+               {"prompt_ids": document + [9, 10], "max_new_tokens": 8}]
+    flags = ("--max-num-seqs", "1")
+    cached, report, _ = run_cluster(run_mpi, tmp_path, checkpoint, 1, 3, records, *flags, pool_blocks=8)
+    uncached, _, _ = run_cluster(run_mpi, tmp_path, checkpoint, 1, 3, records, *flags, "--no-enable-prefix-caching",
+                                 pool_blocks=8)
+    assert [record["token_ids"] for record in cached] == [record["token_ids"] for record in uncached]
+    first, follow_up = cached
+    assert first["block_instances"] == [0, 1, 2] and follow_up["instance"] == first["instance"]
+    assert follow_up["block_instances"] == [0, 1, 2]
+    assert [record["num_cached_tokens"] for record in cached] == [0, 320]
+    # Kept on loan at the end, and nothing else owed: the document's 12 borrowed blocks and the follow-up's 21st
+    # block (the end of the document and its question; the first question's 21st, which it reused).
+    assert sum(report["ledger_kept"].values()) == 13
+    assert_settled(report)

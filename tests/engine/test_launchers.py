@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from settled import assert_settled
 
 BIN_DIR = Path(sys.executable).parent
 
@@ -38,4 +39,4 @@ def test_deepspeed_launcher_runs_a_distkv_cluster_whose_long_prompt_borrows(mega
     *outputs, report = [json.loads(line) for line in launched.stdout.splitlines()]
     assert [output["token_ids"] for output in outputs] == hf_greedy(hf_llama("gqa"), prompts, 10)
     assert outputs[0]["num_remote_blocks"] > 0 and outputs[0]["block_instances"] == [0, 1]
-    assert report["cluster"]["ledger_outstanding"] == {} and report["cluster"]["free_blocks"] == {"0": 8, "1": 8}
+    assert_settled(report["cluster"])
