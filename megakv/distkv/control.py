@@ -2,11 +2,12 @@
 
 An instance talks to the gManager only when its requests need blocks or stop needing them, when it
 lends or takes blocks back, and when the gManager has asked it to report room; to a creditor only to
-hand blocks back, answer its recalls and say how many of its blocks it keeps for a cached prefix, and to
-a debtor only to recall blocks for a request of its own that waits for them. Nothing here is collective, so no instance waits for another's step, and what an
-instance sends per step does not grow with the number of instances. ``InstanceControl`` and
-``GManager`` are plain state machines over a ``post`` function: the mailbox carries their messages
-between ranks (megakv.distkv.in_process carries them within one process).
+hand blocks back, answer its recalls and say how many of its blocks it keeps for a cached prefix,
+and to a debtor only to recall blocks for a request of its own that waits for them. Nothing here is
+collective, so no instance waits for another's step, and what an instance sends per step does not
+grow with the number of instances. ``InstanceControl`` and ``GManager`` are plain state machines
+over a ``post`` function: the mailbox carries their messages between ranks (megakv.distkv.in_process
+carries them within one process).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class InstanceControl:
         # request id -> arrival, of the unfinished requests as of the last sync
         self._arrivals: Mapping[str, int] = {}
         self._room_wanted = False
-        self._room_reported: int | None = None
+        self._room_reported: tuple[int, int] | None = None
         # The kept loans the gManager and their creditors were last told of (KeptLoans, Kept), and the debtors that
         # keep loans of this pool: debtor -> blocks.
         self._kept_reported: dict[int, int] = {}
@@ -82,12 +83,12 @@ class InstanceControl:
         if isinstance(message, InstanceFailed):
             self._forget_instance(message.instance_id)
         elif isinstance(message, Lend):
-            num_blocks = min(message.num_blocks, rmanager.num_lendable_blocks)
+            num_blocks = min(message.num_blocks, rmanager.num_fresh_lendable_blocks if message.fresh_only
+                             else rmanager.num_lendable_blocks)
             block_ids = rmanager.lend(message.debtor, num_blocks) if num_blocks else []
             if block_ids:
                 self.post(message.debtor, Loan(me, message.request_id, block_ids))
-            self._tell_gmanager(Lent(me, message.debtor, message.request_id, num_blocks,
-                                     rmanager.num_lendable_blocks))
+            self._tell_gmanager(Lent(me, message.debtor, message.request_id, num_blocks, *self._room()))
         elif isinstance(message, Loan):
             unused = rmanager.fill_pending(message.request_id, message.creditor, message.block_ids)
             if unused:
@@ -105,7 +106,7 @@ class InstanceControl:
         elif isinstance(message, ReturnBlocks):
             rmanager.take_back(message.debtor, message.block_ids)
             self._tell_gmanager(Settled(me, message.debtor, len(message.block_ids), message.num_moved,
-                                        rmanager.num_lendable_blocks))
+                                        *self._room()))
         elif isinstance(message, Yield):
             if self.on_yield(message.request_id):
                 self._asked[message.request_id] = _YIELDED
@@ -185,20 +186,24 @@ class InstanceControl:
 
     def _settle_swap(self, peer: int, num_blocks: int) -> None:
         """The ledger drops this instance's loans to ``peer`` that a swap brought home (the peer settles its own)."""
-        self._tell_gmanager(Settled(self.instance_id, peer, num_blocks, num_moved=num_blocks,
-                                    num_lendable_blocks=self.rmanager.num_lendable_blocks, num_swapped=num_blocks))
+        self._tell_gmanager(Settled(self.instance_id, peer, num_blocks, num_blocks, *self._room(),
+                                    num_swapped=num_blocks))
+
+    def _room(self) -> tuple[int, int]:
+        """What this instance may lend, and of that the blocks that hold no cached prefix."""
+        return self.rmanager.num_lendable_blocks, self.rmanager.num_fresh_lendable_blocks
 
     def _tell_gmanager(self, message: Lent | Settled) -> None:
         """Lent and Settled tell the gManager this instance's room too."""
-        self._room_reported = message.num_lendable_blocks
+        self._room_reported = message.num_lendable_blocks, message.num_fresh_blocks
         self.post(GMANAGER_INSTANCE, message)
 
     def report_room(self) -> None:
         """While the gManager wants room, tell it whenever what this instance may lend changed."""
-        lendable = self.rmanager.num_lendable_blocks
-        if self._room_wanted and lendable != self._room_reported:
-            self._room_reported = lendable
-            self.post(GMANAGER_INSTANCE, Room(self.instance_id, lendable))
+        room = self._room()
+        if self._room_wanted and room != self._room_reported:
+            self._room_reported = room
+            self.post(GMANAGER_INSTANCE, Room(self.instance_id, *room))
 
     def sync(self, arrivals: Mapping[str, int]) -> None:
         """Hand released blocks back, tell the gManager what each request now needs, report room.

@@ -144,20 +144,20 @@ class ClusterFront:
     def _route(self, request: Request) -> int:
         """With prefix caching, the instance that holds the longest cached prefix of the request, unless it is
         much busier than the others (megakv.distkv.prefix_routing); else the instance with the most free blocks
-        as last reported, then the fewest cached blocks (whose prefixes a request here would push out), then the
-        fewest requests routed to it."""
+        that hold no cached prefix as last reported (a request elsewhere would push prefixes out), then the most
+        free blocks, then the fewest requests routed to it."""
         pool = self.rmanager.pool.num_blocks
         free = [self._progress[index].num_free_blocks if index in self._progress else pool
                 for index in range(self.num_instances)]
-        cached = [self._progress[index].num_cached_blocks if index in self._progress else 0
-                  for index in range(self.num_instances)]
+        fresh = [self._progress[index].num_fresh_blocks if index in self._progress else pool
+                 for index in range(self.num_instances)]
         load = Counter(self._where.values())
         if self._prefixes is not None:
             holder = prefix_holder(self._prefixes, request.block_hashes,
                                    [load[index] for index in range(self.num_instances)])
             if holder is not None and holder not in self.failed:
                 return holder
-        return max(self.live_instances, key=lambda index: (free[index], -cached[index], -load[index], -index))
+        return max(self.live_instances, key=lambda index: (fresh[index], free[index], -load[index], -index))
 
     def abort(self, request_id: str) -> None:
         """Stop a request on its instance (before its next step) and release its blocks everywhere."""

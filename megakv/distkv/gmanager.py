@@ -1,14 +1,15 @@
 """gManager (DistKV-LLM section 4.3): the cluster's debt ledger and its borrowers' queue.
 
-Coordination only: no KV passes through it, and it hears from an instance only when that
-instance borrows, lends, returns or reports room it was asked for. Borrowers are served first
-come, first served, one Lend in flight at a time, each from the instance with the most
-lendable blocks. When no instance can lend to the first borrower, every later borrower still
-waiting for blocks is asked to yield: they hold blocks while making no progress, and two
-such requests on two instances would otherwise wait for each other forever. They run again
-in arrival order, each when its turn comes. Meanwhile the instances report their room as it
-frees up, and give back the loans they keep for a cached prefix. An instance declared failed
-leaves the ledger and the queue, and the others hear of it.
+Coordination only: no KV passes through it, and it hears from an instance only when that instance
+borrows, lends, returns or reports room it was asked for. Borrowers are served first come, first
+served, one Lend in flight at a time, each from the instance with the most lendable blocks that hold
+no cached prefix (then, when no instance has such blocks, with the most lendable blocks), so that a
+loan pushes a prefix out only when nothing else is left. When no instance can lend to the first
+borrower, every later borrower still waiting for blocks is asked to yield: they hold blocks while
+making no progress, and two such requests on two instances would otherwise wait for each other
+forever. They run again in arrival order, each when its turn comes. Meanwhile the instances report
+their room as it frees up, and give back the loans they keep for a cached prefix. An instance
+declared failed leaves the ledger and the queue, and the others hear of it.
 
 The gManager is a plain state machine: ``handle`` takes one message and returns what to send,
 so the in-process tests and the MPI cluster drive the same code.
@@ -49,8 +50,10 @@ class GManager:
         self.num_blocks_borrowed = 0
         self.num_blocks_moved = 0
         self.num_blocks_swapped = 0
-        # What each instance may lend, as it last said (every pool starts empty).
+        # What each instance may lend, and of that the blocks without a cached prefix, as it last said (every pool
+        # starts empty).
         self._lendable = list(lendable_blocks)
+        self._fresh = list(lendable_blocks)
         # Borrowers in arrival order, by request id.
         self._queue: dict[str, _Borrower] = {}
         # The request whose Lend awaits its creditor's answer, the version of its need that the Lend served, and
@@ -101,7 +104,7 @@ class GManager:
         for pair in [pair for pair in self.debts if failed in pair]:
             del self.debts[pair]
         self.kept = {pair: n for pair, n in self.kept.items() if failed not in pair}
-        self._lendable[failed] = 0
+        self._lendable[failed] = self._fresh[failed] = 0
         self._queue = {request_id: borrower for request_id, borrower in self._queue.items()
                        if borrower.debtor != failed}
         if self._asking is not None and self._asking[2] == failed:
@@ -121,7 +124,7 @@ class GManager:
             assert self._asking is not None, "a Lent answers the one Lend in flight"
             _, asked_version, _ = self._asking
             self._asking = None
-            self._lendable[message.creditor] = message.num_lendable_blocks
+            self._set_room(message.creditor, message.num_lendable_blocks, message.num_fresh_blocks)
             if message.debtor in self.failed:
                 return self._advance()  # the creditor took the loan back when it heard of the failure
             self.debts[message.debtor, message.creditor] += message.num_blocks
@@ -136,15 +139,15 @@ class GManager:
                 if borrower.num_blocks <= 0:
                     del self._queue[message.request_id]
         elif isinstance(message, Settled) and message.debtor in self.failed:
-            self._lendable[message.creditor] = message.num_lendable_blocks
+            self._set_room(message.creditor, message.num_lendable_blocks, message.num_fresh_blocks)
         elif isinstance(message, Settled):
             self.debts[message.debtor, message.creditor] -= message.num_blocks
             assert self.debts[message.debtor, message.creditor] >= 0, "ledger went negative"
             self.num_blocks_moved += message.num_moved
             self.num_blocks_swapped += message.num_swapped
-            self._lendable[message.creditor] = message.num_lendable_blocks
+            self._set_room(message.creditor, message.num_lendable_blocks, message.num_fresh_blocks)
         elif isinstance(message, Room):
-            self._lendable[message.instance_id] = message.num_lendable_blocks
+            self._set_room(message.instance_id, message.num_lendable_blocks, message.num_fresh_blocks)
         elif isinstance(message, KeptLoans):
             self.kept = {pair: n for pair, n in self.kept.items() if pair[0] != message.debtor}
             self.kept.update({(message.debtor, creditor): n for creditor, n in message.counts.items()
@@ -159,6 +162,9 @@ class GManager:
         else:
             raise TypeError(f"the gManager got an unexpected message: {message!r}")
         return self._advance()
+
+    def _set_room(self, instance: int, num_lendable_blocks: int, num_fresh_blocks: int) -> None:
+        self._lendable[instance], self._fresh[instance] = num_lendable_blocks, num_fresh_blocks
 
     def _on_borrow(self, message: Borrow) -> None:
         borrower = self._queue.get(message.request_id)
@@ -188,9 +194,13 @@ class GManager:
         first, *later = self._queue.values()
         creditors = [c for c in self.live_instances if c != first.debtor and self._lendable[c] > 0]
         if not first.yielded and creditors:
-            creditor = max(creditors, key=lambda c: (self._lendable[c], -c))
+            creditor = max(creditors, key=lambda c: (self._fresh[c], self._lendable[c], -c))
             self._asking = (first.request_id, first.version, creditor)
-            return [(creditor, Lend(first.debtor, first.request_id, min(first.num_blocks, self._lendable[creditor])))]
+            # Its fresh blocks as it last said: if it has none by now, its Lent says so, and the next Lend goes to
+            # another instance.
+            fresh = self._fresh[creditor] > 0
+            offer = self._fresh[creditor] if fresh else self._lendable[creditor]
+            return [(creditor, Lend(first.debtor, first.request_id, min(first.num_blocks, offer), fresh))]
         if first.yielded and not first.turn_sent:
             first.turn_sent = True
             sends.append((first.debtor, Turn(first.request_id)))

@@ -74,7 +74,8 @@ class Progress:
     blocked: bool = False
     # The leader's last message: it has stopped.
     stopped: bool = False
-    # Prefix caching (see InstanceStats).
+    # Prefix caching (see InstanceStats), and the free blocks that hold no cached prefix (for routing).
+    num_fresh_blocks: int = 0
     num_cached_blocks: int = 0
     num_prefix_cache_queries: int = 0
     num_prefix_cache_hits: int = 0
@@ -500,7 +501,8 @@ class InstanceLoop:
         return Progress(self.instance_id, outputs or [], self.rmanager.num_free_blocks, len(self.scheduler.running),
                         self.scheduler.num_waiting, self.scheduler.num_preemptions,
                         self.model_runner.num_remote_micro_attentions, self.num_recalled, self._blocked,
-                        stopped=final, num_cached_blocks=self.rmanager.num_cached_blocks,
+                        stopped=final, num_fresh_blocks=self.rmanager.pool.num_fresh_blocks,
+                        num_cached_blocks=self.rmanager.num_cached_blocks,
                         num_prefix_cache_queries=self.scheduler.num_prefix_cache_queries,
                         num_prefix_cache_hits=self.scheduler.num_prefix_cache_hits)
 

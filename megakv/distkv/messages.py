@@ -21,11 +21,13 @@ class Borrow:
 
 @dataclass(frozen=True)
 class Lend:
-    """gManager -> creditor: lend up to ``num_blocks`` to ``debtor`` for its request ``request_id``."""
+    """gManager -> creditor: lend up to ``num_blocks`` to ``debtor`` for its request ``request_id`` (``fresh_only``:
+    only blocks that hold no cached prefix)."""
 
     debtor: int
     request_id: str
     num_blocks: int
+    fresh_only: bool
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Lent:
     request_id: str
     num_blocks: int
     num_lendable_blocks: int
+    # Of those, the blocks that hold no cached prefix (RManager.num_fresh_lendable_blocks).
+    num_fresh_blocks: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Settled:
     num_blocks: int
     num_moved: int
     num_lendable_blocks: int
+    num_fresh_blocks: int
     # How many of the moved blocks a DGFM swap moved.
     num_swapped: int = 0
 
@@ -144,10 +149,11 @@ class WantRoom:
 
 @dataclass(frozen=True)
 class Room:
-    """Instance -> gManager: the blocks it may lend now."""
+    """Instance -> gManager: the blocks it may lend now, and of those the blocks that hold no cached prefix."""
 
     instance_id: int
     num_lendable_blocks: int
+    num_fresh_blocks: int
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ class BlockPool:
         return len(self._free) + len(self._free_cached)
 
     @property
+    def num_fresh_blocks(self) -> int:
+        """Free blocks without content: taken before any cached one."""
+        return len(self._free)
+
+    @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 

@@ -333,6 +333,11 @@ class RManager:
         return max(0, min(self.pool.num_free_blocks - self.reserved_blocks, cap - self.num_lent_blocks))
 
     @property
+    def num_fresh_lendable_blocks(self) -> int:
+        """Of the lendable blocks, those that hold no cached prefix (a loan takes them first)."""
+        return min(self.num_lendable_blocks, self.pool.num_fresh_blocks)
+
+    @property
     def reserved_blocks(self) -> int:
         """Blocks kept out of lending: what the requests holding a reservation still need."""
         return sum(max(0, num_blocks - len(self.block_table(request_id)))

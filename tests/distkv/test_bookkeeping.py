@@ -217,6 +217,21 @@ def test_rmanager_borrows_from_the_most_lendable_instances_first():
     assert cluster.gmanager.outstanding() == {} and not cluster.gmanager.is_busy
 
 
+def test_loans_take_blocks_without_a_cached_prefix_first():
+    """Instance 1's pool holds a cached document, instance 2's nothing: a borrower gets instance 2's blocks,
+    although instance 1 may lend more, and instance 1's cached blocks only once instance 2 has no other."""
+    cluster = Cluster([2, 6, 3])
+    cluster.grow(1, "document", 6 * BLOCK_SIZE)
+    cluster.cache(1, "document")
+    cluster.free(1, "document")
+    cluster.grow(0, "long", 7 * BLOCK_SIZE)
+    cluster.sync()
+    # The gManager believed instance 1's blocks fresh until its first Lent said otherwise.
+    assert cluster.gmanager.outstanding() == {"0->1": 2, "0->2": 3}
+    assert cluster.rmanagers[1].cached_prefix(DOCUMENT[:6]) == [(1, block_id) for block_id in range(4)]
+    assert cluster.gmanager.num_borrow_events == 2
+
+
 def test_rmanager_lending_cap_limits_loans():
     cluster = Cluster([4, 10], lending_cap=0.3)
     cluster.grow(0, "r", 7 * BLOCK_SIZE)  # 4 local, and 3 of the other pool's 10 may be lent
