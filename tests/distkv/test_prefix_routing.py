@@ -61,12 +61,13 @@ def test_follow_ups_attend_to_their_document_on_three_instances_without_computin
     """A document of 21 blocks on pools of 8: its first question borrows from both other instances. The blocks
     it borrowed stay on loan, cached, when it ends; a follow-up reuses all 20 full blocks where they are (8 at
     home, 12 lent) and computes only its own tokens. Then prompts sharing the document up to lengths around
-    block boundaries, near home and among the borrowed blocks: every answer is the uncached cluster's."""
+    block boundaries, near home and among the borrowed blocks: every answer is the uncached cluster's. All run on
+    instance 0, one at a time: a request on a lender would take its kept loans back for room of its own."""
     checkpoint = megakv_checkpoint("gqa", 1)
     document = random_prompt(330, 4)
     shared = [330, 319, 320, 321, 127, 128, 129, 15, 16, 17]
-    records = [{"prompt_ids": document + [5, 6, 7], "max_new_tokens": 8}]
-    records += [{"prompt_ids": document[:length] + [9, 10], "max_new_tokens": 8} for length in shared]
+    records = [{"prompt_ids": document + [5, 6, 7], "max_new_tokens": 8, "instance": 0}]
+    records += [{"prompt_ids": document[:length] + [9, 10], "max_new_tokens": 8, "instance": 0} for length in shared]
     flags = ("--max-num-seqs", "1")
     cached, report, _ = run_cluster(run_mpi, tmp_path, checkpoint, 1, 3, records, *flags, pool_blocks=8)
     uncached, _, _ = run_cluster(run_mpi, tmp_path, checkpoint, 1, 3, records, *flags, "--no-enable-prefix-caching",
@@ -74,7 +75,7 @@ def test_follow_ups_attend_to_their_document_on_three_instances_without_computin
     assert [record["token_ids"] for record in cached] == [record["token_ids"] for record in uncached]
     first, follow_up, *others = cached
     assert first["block_instances"] == [0, 1, 2] and first["num_cached_tokens"] == 0
-    assert follow_up["instance"] == first["instance"] and follow_up["block_instances"] == [0, 1, 2]
+    assert follow_up["block_instances"] == [0, 1, 2]
     assert follow_up["num_cached_tokens"] == 320
     # The others reuse whole blocks of the document, at most its blocks before their last token (growth may have
     # taken some of the cached ones since: least recently released first, as vLLM's pool).
