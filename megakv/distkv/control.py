@@ -39,14 +39,15 @@ class InstanceControl:
     keep it out of the queue (True), or return False for one that needs nothing more or is not here;
     ``on_turn(request_id)`` lets it be admitted again, returning False if it had not yielded;
     ``on_recall(creditor, num_blocks)`` preempts requests holding blocks of ``creditor`` to free up to
-    ``num_blocks`` of them, returning how many it freed. DGFM swaps: ``on_swap_in(moves)`` copies each move's KV
+    ``num_blocks`` of them (the Recall's answer counts the blocks that really go back: a cached block another
+    request shares stays). DGFM swaps: ``on_swap_in(moves)`` copies each move's KV
     from the peer into this pool, and ``on_swapped(writes)`` writes the KV this instance copied out for its own
     swap (RManager.end_swap's writes), both before they return. ``on_lost(request_ids)`` preempts requests whose
     blocks on a failed instance are lost, to recompute them.
     """
 
     def __init__(self, rmanager: RManager, post: Callable[[int, object], None], on_yield: Callable[[str], bool],
-                 on_turn: Callable[[str], bool], on_recall: Callable[[int, int], int],
+                 on_turn: Callable[[str], bool], on_recall: Callable[[int, int], None],
                  on_swap_in: Callable[[list[Transfer]], None],
                  on_swapped: Callable[[list[tuple[int, int]]], None],
                  on_lost: Callable[[list[str]], None]) -> None:
@@ -125,11 +126,13 @@ class InstanceControl:
             self._room_reported = None
             self.report_room()
         elif isinstance(message, Recall):
+            returning = rmanager.num_returning(message.creditor)
             freed = rmanager.drop_kept(message.creditor, message.num_blocks)
             if freed < message.num_blocks and not message.kept_only:
-                freed += self.on_recall(message.creditor, message.num_blocks - freed)
+                self.on_recall(message.creditor, message.num_blocks - freed)
                 # The preempted requests' cached blocks of the creditor became kept loans: they go back too.
                 rmanager.drop_kept(message.creditor)
+            freed = rmanager.num_returning(message.creditor) - returning
             self._recall_answers.append((message.creditor, Recalled(me, freed)))
         elif isinstance(message, Kept):
             self.kept_by[message.debtor] = message.num_blocks

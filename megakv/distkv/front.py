@@ -143,9 +143,9 @@ class ClusterFront:
 
     def _route(self, request: Request) -> int:
         """With prefix caching, the instance that holds the longest cached prefix of the request, unless it is
-        much busier than the others (megakv.distkv.prefix_routing); else the instance with the most free blocks
-        that hold no cached prefix as last reported (a request elsewhere would push prefixes out), then the most
-        free blocks, then the fewest requests routed to it."""
+        much busier than the others (megakv.distkv.prefix_routing); else the instance with the most free blocks as
+        last reported, those that hold a cached prefix counted half (a request there would push the prefix out),
+        then the most free blocks, then the fewest requests routed to it."""
         pool = self.rmanager.pool.num_blocks
         free = [self._progress[index].num_free_blocks if index in self._progress else pool
                 for index in range(self.num_instances)]
@@ -157,7 +157,8 @@ class ClusterFront:
                                    [load[index] for index in range(self.num_instances)])
             if holder is not None and holder not in self.failed:
                 return holder
-        return max(self.live_instances, key=lambda index: (fresh[index], free[index], -load[index], -index))
+        return max(self.live_instances,
+                   key=lambda index: (free[index] + fresh[index], free[index], -load[index], -index))
 
     def abort(self, request_id: str) -> None:
         """Stop a request on its instance (before its next step) and release its blocks everywhere."""

@@ -18,7 +18,7 @@ class InProcessCluster:
     """A whole cluster's control plane in one process, for tests: messages queue until ``deliver``."""
 
     def __init__(self, rmanagers: list[RManager], on_yield: Callable[[int, str], bool],
-                 on_turn: Callable[[int, str], bool], on_recall: Callable[[int, int, int], int],
+                 on_turn: Callable[[int, str], bool], on_recall: Callable[[int, int, int], None],
                  on_lost: Callable[[int, list[str]], None] | None = None) -> None:
         """The callbacks are InstanceControl's, each with the instance it is called on first. A DGFM swap moves
         no KV here."""

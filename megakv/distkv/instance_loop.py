@@ -269,10 +269,10 @@ class InstanceLoop:
         self.admission.give_turn(request_id)
         return True
 
-    def _recall(self, creditor: int, num_blocks: int) -> int:
-        """A creditor's Recall: preempt the latest requests holding its blocks, none recalled before, until
-        ``num_blocks`` of them are free; returns how many were freed. A preempted request waits first in line and
-        recomputes, as after any preemption."""
+    def _recall(self, creditor: int, num_blocks: int) -> None:
+        """A creditor's Recall: preempt the latest requests holding its blocks, none recalled before, until they
+        held ``num_blocks`` of them. A preempted request waits first in line and recomputes, as after any
+        preemption."""
         freed = 0
         holders = [request for request in self.scheduler.running if request.request_id not in self._recalled
                    and creditor in self.rmanager.block_counts(request.request_id)]
@@ -283,7 +283,6 @@ class InstanceLoop:
             self._recalled.add(request.request_id)
             self.num_recalled += 1
             self.scheduler.preempt(request, RequestStatus.RECALLED)
-        return freed
 
     def _instance_failed(self, failed: int) -> None:
         """Go on without ``failed``: the control plane forgets it (its requests' blocks there are lost, and they
@@ -305,6 +304,8 @@ class InstanceLoop:
         if not failed:
             return logits
         emptied = {transfer.dst_block for transfer in plan.pulls if transfer.creditor in failed}
+        # A pulled block took its cached content's hash before the copy (RManager.pull_home): it holds nothing.
+        self.rmanager.pool.uncache(emptied)
         self._lost(self.rmanager.holders(emptied))
         for instance in failed:
             print(f"megakv: instance {self.instance_id}: instance {instance} did not answer within --peer-timeout "
@@ -333,7 +334,7 @@ class InstanceLoop:
         """DGFM without room: with an instance that holds blocks of this one's requests while its requests hold
         blocks of this pool, exchange them, so that both requests' KV comes home and no free block is needed.
         Every TP rank copies its heads' KV of the peer's blocks out; then the peer may overwrite them."""
-        peer = self.rmanager.swap_partner()
+        peer = self.rmanager.swap_partner(self.control.kept_by)
         if peer is None or not self.config.distkv.max_moves_per_step:
             return
         block_ids = self.rmanager.begin_swap(peer, self.config.distkv.max_moves_per_step)
@@ -381,7 +382,9 @@ class InstanceLoop:
             return
         head, lacking, lifetime = lacking_room
         debtor = max(keepers, key=lambda debtor: (keepers[debtor], -debtor))
-        self.control.recall(head.request_id, debtor, min(lacking, keepers[debtor]), lifetime, kept_only=True)
+        # All it lacks: an answer of fewer blocks (the debtor kept fewer) ends the reservation at once, so that the
+        # pool lends again while the head still waits.
+        self.control.recall(head.request_id, debtor, lacking, lifetime, kept_only=True)
 
     def _recall_for_starving(self) -> None:
         """Lending must not starve the lender: a starving head (``_starving_head``) that has waited

@@ -94,6 +94,16 @@ class BlockPool:
             self._cached[block_hash] = block_id
             self._hash_of[block_id] = block_hash
 
+    def uncache(self, block_ids: set[int]) -> None:
+        """These blocks lost their content (a copy into them failed): no request may reuse them."""
+        for block_id in block_ids:
+            block_hash = self._hash_of.pop(block_id, None)
+            if block_hash is not None:
+                del self._cached[block_hash]
+                if block_id in self._free_cached:
+                    del self._free_cached[block_id]
+                    self._free[block_id] = None
+
     def cached_block(self, block_hash: bytes) -> int | None:
         """The block holding the content ``block_hash`` names, if it is cached."""
         return self._cached.get(block_hash)

@@ -123,6 +123,9 @@ class RManager:
         # them whose request has been released since (they go back, or become the peer's own, at end_swap).
         self._swap: tuple[int, list[int]] | None = None
         self._released_in_swap: set[int] = set()
+        # Peer -> (its blocks held here, this pool's blocks lent to it) when it last took nothing of a swap: its
+        # own requests share the blocks of this pool they hold (RManager._is_shared), or keep them for a cache.
+        self._declined: dict[int, tuple[int, int]] = {}
         # Instances out of the cluster (forget_instance): blocks there are dropped, not handed back.
         self._failed: set[int] = set()
         # Borrowed blocks that hold a cached prefix: block hash <-> block, how many tables hold each, and those no
@@ -394,6 +397,7 @@ class RManager:
             self._uncache_remote(ref)
         self._returns.pop(failed, None)
         self._moved.pop(failed, None)
+        self._declined.pop(failed, None)
         if self._swap is not None and self._swap[0] == failed:
             self._swap, self._released_in_swap = None, set()
         return [request_id for request_id, table in self._tables.items() if table.counts.get(failed)]
@@ -450,6 +454,10 @@ class RManager:
             counts[creditor] += len(block_ids)
         return {creditor: count for creditor, count in counts.items() if count}
 
+    def num_returning(self, creditor: int) -> int:
+        """Blocks of ``creditor``'s pool released here and not yet handed back."""
+        return len(self._returns.get(creditor, []))
+
     @property
     def has_returns(self) -> bool:
         """Whether released remote blocks wait to be handed back."""
@@ -498,14 +506,16 @@ class RManager:
         if block_hash is not None:
             self.pool.cache(home, block_hash)
 
-    def swap_partner(self) -> int | None:
+    def swap_partner(self, kept_by: Mapping[int, int]) -> int | None:
         """A peer to swap blocks with (see begin_swap): one that holds blocks of this instance's requests while
-        its own requests hold blocks of this pool. Only the lower instance of the two starts a swap, so that the
-        two never offer to each other at once."""
+        its own requests hold blocks of this pool (beyond the ``kept_by`` it keeps for a cached prefix, which a
+        swap does not move). Only the lower instance of the two starts a swap, so that the two never offer to each
+        other at once; and not again with a peer that took nothing while neither side's loans changed."""
         if self._swap is not None:
             return None
         peers = [peer for peer, lent in self._lent.items()
-                 if peer > self.instance_id and lent and self._totals[peer] and self._swappable(peer)]
+                 if peer > self.instance_id and len(lent) > kept_by.get(peer, 0) and self._totals[peer]
+                 and self._declined.get(peer) != (self._totals[peer], len(lent)) and self._swappable(peer)]
         return min(peers) if peers else None
 
     def _swappable(self, peer: int) -> bool:
@@ -568,6 +578,8 @@ class RManager:
         unswapped = [block_id for block_id in offered if block_id in self._released_in_swap and block_id not in swapped]
         if unswapped:
             self._returns.setdefault(peer, []).extend(unswapped)
+        if not pairs:
+            self._declined[peer] = (self._totals[peer], len(lent))
         self._swap, self._released_in_swap = None, set()
         return writes
 

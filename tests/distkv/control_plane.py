@@ -64,7 +64,7 @@ class ScheduledCluster:
         self.admissions[instance].give_turn(request_id)
         return True
 
-    def _recall(self, instance: int, creditor: int, num_blocks: int) -> int:
+    def _recall(self, instance: int, creditor: int, num_blocks: int) -> None:
         scheduler, freed = self.schedulers[instance], 0
         for request in reversed([r for r in scheduler.running if creditor in self.rmanagers[instance].block_counts(
                 r.request_id)]):
@@ -72,7 +72,6 @@ class ScheduledCluster:
                 break
             freed += self.rmanagers[instance].block_counts(request.request_id)[creditor]
             scheduler.preempt(request, RequestStatus.RECALLED)
-        return freed
 
     def _lost(self, instance: int, request_ids: list[str]) -> None:
         for request_id in request_ids:

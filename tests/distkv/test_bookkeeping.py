@@ -52,7 +52,7 @@ class Cluster:
         self.turns.append((instance, request_id))
         return (instance, request_id) in self.yielded
 
-    def _on_recall(self, instance: int, creditor: int, num_blocks: int) -> int:
+    def _on_recall(self, instance: int, creditor: int, num_blocks: int) -> None:
         """As the cluster engine: preempt the latest requests holding the creditor's blocks, none twice."""
         rm, freed = self.rmanagers[instance], 0
         holders = [rid for rid in rm.request_ids if creditor in rm.block_counts(rid)
@@ -63,7 +63,6 @@ class Cluster:
             freed += rm.block_counts(request_id)[creditor]
             self.recalled.append((instance, request_id))
             rm.free(request_id)
-        return freed
 
     def grow(self, instance: int, request_id: str, num_tokens: int) -> None:
         self.arrivals.setdefault(request_id, len(self.arrivals))
@@ -109,7 +108,7 @@ class Cluster:
         """DGFM: every instance offers a swap to a peer whose requests and its own hold each other's blocks, if
         it has one."""
         for rm in self.rmanagers:
-            peer = rm.swap_partner()
+            peer = rm.swap_partner(self.control.nodes[rm.instance_id].kept_by)
             if peer is not None:
                 self.control.nodes[rm.instance_id].offer_swap(peer, rm.begin_swap(peer, max_blocks))
 
@@ -312,13 +311,13 @@ def test_dgfm_swaps_blocks_between_two_full_instances_that_hold_each_others():
     assert cluster.gmanager.outstanding() == {"0->1": 2, "1->0": 2}
     rm0, rm1 = cluster.rmanagers
     assert rm0.num_free_blocks == rm1.num_free_blocks == 0 and rm0.pull_home(8) == []
-    assert rm1.swap_partner() is None and rm0.swap_partner() == 1
+    assert rm1.swap_partner({}) is None and rm0.swap_partner({}) == 1
     a_remote = [ref for ref in rm0.block_table("a") if ref.instance_id == 1]
     cluster.swap(8)
     assert rm0.swapping
     cluster.control.deliver()
     check_invariants(cluster)
-    assert not rm0.swapping and rm0.swap_partner() is None
+    assert not rm0.swapping and rm0.swap_partner({}) is None
     assert cluster.gmanager.outstanding() == {} and cluster.gmanager.num_blocks_moved == 4
     assert {ref.instance_id for ref in rm0.block_table("a")} == {0}
     assert {ref.instance_id for ref in rm1.block_table("b")} == {1}
@@ -440,6 +439,37 @@ def test_a_recall_frees_the_creditors_blocks_and_keeps_what_its_request_needs_fr
     cluster.sync()
     cluster.sync()
     assert cluster.recalled == [(0, "long")] and cluster.rmanagers[1].reserved_blocks == 0
+
+
+def test_a_recall_counts_only_the_blocks_that_go_back():
+    """Request b of the debtor holds 6 blocks of the creditor's pool, 2 of them shared with request a (cached): a
+    Recall of 6 preempts b, which gives back 4 (the other 2 stay with a). The answer says 4, so the creditor's
+    reservation ends rather than keeping its pool from lending while its request cannot start. A Recall of kept
+    loans only takes those, never a running request."""
+    cluster = Cluster([2, 8])
+    debtor, creditor = cluster.control.nodes
+    cluster.grow(0, "first", 6 * BLOCK_SIZE)  # 2 local blocks, 4 of instance 1's
+    cluster.sync()
+    cluster.cache(0, "first")
+    cluster.free(0, "first")
+    cluster.sync()
+    cluster.hit(0, "a", 6)
+    cluster.hit(0, "b", 6)
+    cluster.rmanagers[0].free("a")
+    cluster.hit(0, "a", 4)  # holds the first 4 blocks: 2 local, 2 lent
+    cluster.grow(0, "b", 8 * BLOCK_SIZE)  # 2 more of instance 1's, its own
+    cluster.sync()
+    assert cluster.gmanager.outstanding() == {"0->1": 6} and not cluster.gmanager.kept_loans()
+    assert creditor.recall("own", 0, 2, 3, kept_only=True)
+    cluster.sync()
+    cluster.sync()
+    assert cluster.recalled == [] and cluster.rmanagers[1].reserved_blocks == 0  # nothing kept: nothing back
+    assert creditor.recall("own", 0, 6, 8)
+    cluster.sync()
+    cluster.sync()
+    assert cluster.recalled == [(0, "b")]
+    assert cluster.gmanager.outstanding() == {"0->1": 2} and cluster.rmanagers[1].reserved_blocks == 0
+    check_invariants(cluster)
 
 
 def deliver_next(cluster: Cluster, kind: type) -> None:

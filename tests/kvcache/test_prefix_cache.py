@@ -66,6 +66,22 @@ def test_pool_shares_cached_blocks_keeps_them_while_free_and_gives_them_up_last(
         pool.free(first[:1])
 
 
+def test_a_block_whose_copy_failed_leaves_the_cache():
+    """DGFM pulls a cached block home under its hash before its KV is copied; if the copy fails, the block holds
+    nothing: uncache drops the hash, held or free, and a free one counts as a block without content."""
+    pool = BlockPool(3)
+    held, free = pool.allocate(2)
+    first, second = hashes_of(list(range(8)))
+    pool.cache(held, first)
+    pool.cache(free, second)
+    pool.free([free])
+    assert pool.num_fresh_blocks == 1 and pool.cached_prefix([first, second]) == [held, free]
+    pool.uncache({held, free})
+    assert pool.cached_prefix([first]) == [] and pool.num_cached_blocks == 0 and pool.num_fresh_blocks == 2
+    pool.free([held])
+    assert pool.allocate(3) == [2, free, held]
+
+
 def test_pool_takes_blocks_without_content_before_cached_ones():
     pool = BlockPool(3)
     cached, plain = pool.allocate(2)
