@@ -2,11 +2,12 @@
 
 Coordination only: no KV passes through it, and it hears from an instance only when that instance
 borrows, lends, returns or reports room it was asked for. Borrowers are served first come, first
-served, one Lend in flight at a time, each from the instance with the most lendable blocks, those
-that hold a cached prefix counted half, and of its blocks those without a cached prefix first, so
-that a loan pushes a prefix out only where little else is left. When no instance can lend to the first
-borrower, every later borrower still waiting for blocks is asked to yield: they hold blocks while
-making no progress, and two such requests on two instances would otherwise wait for each other
+served, one Lend in flight at a time, each from the instance with the most lendable blocks that hold
+no cached prefix, and only when no instance has such blocks from the one with the most lendable
+blocks: a loan pushes a prefix out only when nothing else is left (a prefix whose first blocks are
+gone is lost whole, its later blocks on other instances with it). When no instance can lend to the
+first borrower, every later borrower still waiting for blocks is asked to yield: they hold blocks
+while making no progress, and two such requests on two instances would otherwise wait for each other
 forever. They run again in arrival order, each when its turn comes. Meanwhile the instances report
 their room as it frees up, and give back the loans they keep for a cached prefix. An instance
 declared failed leaves the ledger and the queue, and the others hear of it.
@@ -194,7 +195,7 @@ class GManager:
         first, *later = self._queue.values()
         creditors = [c for c in self.live_instances if c != first.debtor and self._lendable[c] > 0]
         if not first.yielded and creditors:
-            creditor = max(creditors, key=lambda c: (self._lendable[c] + self._fresh[c], self._fresh[c], -c))
+            creditor = max(creditors, key=lambda c: (self._fresh[c], self._lendable[c], -c))
             self._asking = (first.request_id, first.version, creditor)
             # Its fresh blocks as it last said: if it has none by now, its Lent says so, and the next Lend goes to
             # another instance.
