@@ -79,8 +79,10 @@ def test_bench_serve_sends_on_the_seeded_poisson_schedule(server):
                    "fixed:2", "--ignore-eos", "--request-rate", str(rate), "--seed", "11")
     assert result["completed"] == num
     offsets = arrival_offsets(num, rate, seed=11)
-    lateness = [sent - planned for sent, planned in zip(result["send_times"], offsets)]
-    assert min(lateness) >= -1e-3 and max(lateness) < 0.25, lateness
+    lateness = sorted(sent - planned for sent, planned in zip(result["send_times"], offsets))
+    # Never early, on time as a rule; a few sends may be late when the 2-core host runs another test's processes
+    # beside this client (CI once saw a send 0.57 s late, the first six it printed within 1.2 ms).
+    assert lateness[0] >= -1e-3 and lateness[num // 2] < 0.05 and lateness[-3] < 0.25, lateness
     # The span of 39 exponential gaps of mean 50 ms: 1.95 s, standard deviation 0.31 s; four of them either side.
     span = result["send_times"][-1] - result["send_times"][0]
     assert abs(span - (num - 1) / rate) < 4 * (num - 1) ** 0.5 / rate
