@@ -25,19 +25,21 @@ links = KVLinks(timeout=60.0)
 SIZES = [3, 5 << 20]
 
 
-def serve() -> None:
-    """Answer each instance's requests: a size (int64), that many int32, answered with them plus 1000 x me."""
+def serve(peer: int, link: socket.socket) -> None:
+    """Answer one instance's requests: a size (int64), that many int32, answered with them plus 1000 x me. A thread
+    per instance: one server for all would wait on one instance's request while its answer to another fills the
+    socket, unread until that instance has sent all its requests (three instances can wait on each other so)."""
     for _ in SIZES:
-        for peer, link in links.incoming.items():
-            size = torch.zeros(1, dtype=torch.long)
-            receive_into(link, tensor_bytes(size), f"instance {peer}")
-            request = torch.empty(int(size), dtype=torch.int32)
-            receive_into(link, tensor_bytes(request), f"instance {peer}")
-            send_all(link, [tensor_bytes(request + 1000 * me)])
+        size = torch.zeros(1, dtype=torch.long)
+        receive_into(link, tensor_bytes(size), f"instance {peer}")
+        request = torch.empty(int(size), dtype=torch.int32)
+        receive_into(link, tensor_bytes(request), f"instance {peer}")
+        send_all(link, [tensor_bytes(request + 1000 * me)])
 
 
-server = threading.Thread(target=serve)
-server.start()
+servers = [threading.Thread(target=serve, args=(peer, link)) for peer, link in links.incoming.items()]
+for server in servers:
+    server.start()
 for size in SIZES:
     for peer, link in links.outgoing.items():
         request = torch.arange(size, dtype=torch.int32) + me
@@ -46,7 +48,8 @@ for size in SIZES:
         answer = torch.empty(size, dtype=torch.int32)
         receive_into(link, tensor_bytes(answer), f"instance {peer}")
         assert torch.equal(answer, torch.arange(size, dtype=torch.int32) + me + 1000 * peer), (me, peer, size)
-server.join()
+for server in servers:
+    server.join()
 families = {link.family for link in (*links.outgoing.values(), *links.incoming.values())}
 assert sorted(links.outgoing) == sorted(links.incoming) == [peer for peer in range(3) if peer != me]
 links.close()
